@@ -1,0 +1,12 @@
+"""svdadapt: LoRA adapters initialized from the structure of a model's own weights and activations.
+
+``svdadapt.wrap(model, method=..., rank=...)`` returns an ordinary ``peft.PeftModel``.
+"""
+
+from .linalg import randomized_svd, truncated_svd
+from .methods import METHODS, MethodSpec
+from .wrap import resolve_targets, wrap
+
+__version__ = "0.1.0"
+
+__all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__"]

@@ -1,0 +1,219 @@
+"""Shared machinery for the benchmarks: isolated runs, Markdown tables, JSON results.
+
+Every configuration runs in a fresh Python subprocess so that its peak resident memory
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) belongs to it alone and one row's allocator state or warm
+caches cannot help the next one. A job is any importable function ``module:function`` that takes keyword
+arguments (JSON-able) and returns a JSON-able dict; it times the part it cares about with :class:`Stopwatch`
+(model loading is then excluded from ``wall_s`` but included in the process's peak RSS, which is reported
+next to the RSS at the start of the timed part).
+
+Typical use from a benchmark script::
+
+    from _common import run_job, markdown_table, write_results
+    row = run_job("bench_init:job", model="smollm2", impl="svdadapt")
+    print(markdown_table([row], [("impl", "impl", "{}"), ("wall_s", "wall (s)", "{:.2f}")]))
+    write_results("bench_init", {"rows": [row]})
+
+Run a single job by hand: ``python benchmarks/_common.py bench_init:job '{"model": "smollm2"}'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = [
+    "BENCH_DIR",
+    "RESULTS_DIR",
+    "Stopwatch",
+    "peak_rss_mb",
+    "current_rss_mb",
+    "run_job",
+    "markdown_table",
+    "machine_info",
+    "write_results",
+    "random_llama",
+    "smollm2",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+_RESULT_ENV = "SVDADAPT_BENCH_RESULT"
+
+
+# --------------------------------------------------------------------------------------------- memory, time
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def current_rss_mb() -> float:
+    """Current resident set size in MiB (from /proc on Linux; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+class Stopwatch:
+    """Times named sections of a job: ``with sw("init"): ...`` records ``init_s`` and the RSS at its start.
+
+    ``sw.results()`` returns ``{"<name>_s": seconds, "<name>_rss_start_mb": MiB, ...}``.
+    """
+
+    def __init__(self) -> None:
+        self._out: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._out[f"{name}_rss_start_mb"] = current_rss_mb()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._out[f"{name}_s"] = time.perf_counter() - t0
+
+    def results(self) -> dict[str, float]:
+        return dict(self._out)
+
+
+# --------------------------------------------------------------------------------------------- subprocess
+def _resolve(target: str) -> Callable[..., dict[str, Any]]:
+    module, _, func = target.partition(":")
+    if not module or not func:
+        raise ValueError(f"job target must look like 'module:function', got {target!r}")
+    return getattr(importlib.import_module(module), func)
+
+
+def _child(target: str, kwargs_json: str) -> None:
+    """Entry point in the subprocess: run the job, add wall time and peak RSS, write JSON where the parent said."""
+    fn = _resolve(target)
+    kwargs = json.loads(kwargs_json)
+    t0 = time.perf_counter()
+    out = dict(fn(**kwargs) or {})
+    out.setdefault("job_s", time.perf_counter() - t0)
+    out["peak_rss_mb"] = peak_rss_mb()
+    path = os.environ.get(_RESULT_ENV)
+    text = json.dumps(out, default=float)
+    if path:
+        Path(path).write_text(text)
+    else:
+        print(text)
+
+
+def run_job(target: str, *, timeout: float | None = None, env: dict[str, str] | None = None,
+            **kwargs: Any) -> dict[str, Any]:
+    """Run ``target`` (``"module:function"``, importable from ``benchmarks/``) with ``kwargs`` in a fresh
+    Python process and return its dict plus ``peak_rss_mb`` (the child's peak RSS) and ``job_s``.
+
+    The child's stdout/stderr (progress bars) pass through; a failing child raises ``RuntimeError`` with
+    the target and exit code.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        child_env = dict(os.environ, **(env or {}))
+        child_env[_RESULT_ENV] = str(result)
+        # benchmarks/ first on the path, so jobs import each other and this module as top-level modules
+        child_env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        cmd = [sys.executable, str(Path(__file__).resolve()), target, json.dumps(kwargs)]
+        proc = subprocess.run(cmd, env=child_env, cwd=str(BENCH_DIR.parent), timeout=timeout)
+        if proc.returncode != 0 or not result.exists():
+            raise RuntimeError(f"benchmark job {target} {kwargs} failed with exit code {proc.returncode}")
+        return json.loads(result.read_text())
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A GitHub Markdown table: ``columns`` are ``(key, header, format)``; a missing or None value prints "—".
+
+    Numeric columns (format other than ``"{}"``) are right-aligned.
+    """
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        v = row.get(key)
+        if v is None:
+            return "—"
+        try:
+            return fmt.format(v)
+        except (ValueError, TypeError):
+            return str(v)
+
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" if f == "{}" else "---:" for _, _, f in columns) + "|"
+    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when the numbers were taken, including the 1-minute load average (other processes count)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for pkg in ("transformers", "peft"):
+        with contextlib.suppress(Exception):
+            info[pkg] = importlib.import_module(pkg).__version__
+    return info
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` plus ``machine_info()`` to ``benchmarks/results/<name>.json``; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=float) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- models
+def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 4, heads: int = 32,
+                 kv_heads: int | None = None, vocab: int = 32000, seed: int = 0):
+    """A random-weight ``LlamaForCausalLM`` (fp32, eval) built from a config, seeded without touching the
+    global RNG's state for the caller. The default is the 4-layer, hidden-2048 model of the init benchmark."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads, max_position_embeddings=2048)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+def smollm2():
+    """``(model, tokenizer)``: the real SmolLM2-135M-Instruct, fp32, eval (via ``svdadapt.loading``)."""
+    from svdadapt.loading import load_smollm2
+
+    return load_smollm2()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python benchmarks/_common.py module:function '<json kwargs>'")
+    sys.path.insert(0, str(BENCH_DIR))
+    _child(sys.argv[1], sys.argv[2])

@@ -6,7 +6,10 @@
 from .linalg import randomized_svd, truncated_svd
 from .methods import METHODS, MethodSpec
 from .wrap import resolve_targets, wrap
+from . import compress
+from .calibration import Covariances, collect_covariances, text_batches
 
 __version__ = "0.1.0"
 
-__all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__"]
+__all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__",
+           "Covariances", "collect_covariances", "text_batches", "compress"]

@@ -1,0 +1,167 @@
+"""Simulated compression for EoRA studies: round-to-nearest group quantization and magnitude pruning.
+
+Both functions return a compressed *deep copy* of the model (the original is untouched) whose targeted
+Linear weights are replaced by their compressed values, still stored as ordinary floating-point tensors
+("fake quantization"): this is the W_c that EoRA compensates, without any packed kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .wrap import resolve_targets
+
+__all__ = ["quantize", "quantize_weight", "prune", "prune_weight"]
+
+
+@torch.no_grad()
+def quantize_weight(W: torch.Tensor, bits: int, group_size: int | None = 128, symmetric: bool = False) -> torch.Tensor:
+    """Round-to-nearest quantization of ``W`` (out, in) in groups of ``group_size`` consecutive input columns
+    (the last group of a row is shorter when ``group_size`` does not divide ``in``; ``None`` = whole rows).
+
+    With ``q_max = 2^bits − 1`` and, per group, ``lo = min(min W, 0)``, ``hi = max(max W, 0)`` (so that 0 is
+    on the grid, as in GPTQ):
+
+    - asymmetric (default): ``scale = (hi − lo) / q_max``, integer zero point ``z = round(−lo / scale)``,
+      ``Ŵ = (clamp(round(W / scale) + z, 0, q_max) − z) · scale``;
+    - symmetric: ``a = max(|lo|, hi)``, ``scale = 2a / q_max``, ``z = 2^(bits−1)`` (GPTQ's convention: the
+      codes −2^(bits−1) … 2^(bits−1)−1 times ``scale``).
+
+    Every group uses at most 2^bits distinct values; asymmetric error is at most ``scale / 2`` per entry.
+    Computed in fp32, returned in ``W``'s dtype. Returns a new tensor of ``W``'s shape.
+    """
+    out_f, in_f = W.shape
+    g = in_f if group_size is None else group_size
+    Wf = W.to(torch.float32)
+    q_max = 2**bits - 1
+    pieces = []
+    full = (in_f // g) * g
+    spans = [(0, full, g)] if full else []
+    if full < in_f:
+        spans.append((full, in_f, in_f - full))
+    for start, stop, width in spans:
+        x = Wf[:, start:stop].reshape(out_f, -1, width)  # (out, groups, width)
+        lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+        hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+        if symmetric:
+            a = torch.maximum(-lo, hi)
+            scale = 2 * a / q_max
+            zero = torch.full_like(scale, 2 ** (bits - 1))
+        else:
+            scale = (hi - lo) / q_max
+        # an all-zero group: any scale reproduces it exactly; 1 avoids 0/0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if not symmetric:
+            zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, q_max)
+        pieces.append(((q - zero) * scale).reshape(out_f, stop - start))
+    return torch.cat(pieces, dim=1).to(W.dtype)
+
+
+def _check_bits(bits: int, group_size: int | None) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (one group per row), got {group_size!r}")
+
+
+def _copy_targets(model: nn.Module, target_modules: str | Iterable[str]) -> tuple[nn.Module, dict[str, nn.Linear]]:
+    resolve_targets(model, target_modules)  # fail on the original, before copying
+    clone = copy.deepcopy(model)
+    return clone, resolve_targets(clone, target_modules)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, bits: int, group_size: int | None = 128, symmetric: bool = False,
+             target_modules: str | Iterable[str] = "all-linear") -> nn.Module:
+    """A deep copy of ``model`` whose targeted Linear weights are k-bit round-to-nearest quantized
+    (``quantize_weight``: groups of ``group_size`` input columns, asymmetric min/max by default).
+
+    Args:
+        bits: 2 … 8. group_size: columns per group (``None``: one group per row).
+        symmetric: GPTQ-style symmetric grid instead of the asymmetric one.
+        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear but the output head).
+    """
+    _check_bits(bits, group_size)
+    clone, targets = _copy_targets(model, target_modules)
+    for name, m in targets.items():
+        if not torch.is_floating_point(m.weight):
+            raise TypeError(f"module {name!r} has a non-float weight of dtype {m.weight.dtype}; cannot quantize it")
+        m.weight.data = quantize_weight(m.weight.data, bits, group_size, symmetric)
+    return clone
+
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@torch.no_grad()
+def prune_weight(W: torch.Tensor, *, pattern: str | None = None, sparsity: float | None = None,
+                 input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the lowest-scoring entries of ``W`` (out, in); score ``|W|`` or, with ``input_norm`` (in,) =
+    √diag(C), the activation-aware ``|W|·‖x_j‖`` (Wanda).
+
+    ``pattern="N:M"`` keeps the N highest of every M consecutive input columns of each row (M − N zeros);
+    ``sparsity=p`` zeros ``round(p·in)`` entries of every row. Ties go to the lower column index (a stable
+    sort), so the result is deterministic. Returns a new tensor.
+    """
+    out_f, in_f = W.shape
+    score = W.abs().to(torch.float32)
+    if input_norm is not None:
+        score = score * input_norm.to(device=W.device, dtype=torch.float32)[None, :]
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if pattern is not None:
+        n, m = (int(v) for v in _PATTERN.match(pattern).groups())
+        s = score.reshape(out_f, in_f // m, m)
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n]
+        keep = keep.reshape(out_f, in_f // m, m).scatter_(-1, order, True).reshape(out_f, in_f)
+    else:
+        k = in_f - int(round(sparsity * in_f))  # entries kept per row
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
+        keep.scatter_(-1, order, True)
+    return W * keep.to(W.dtype)
+
+
+@torch.no_grad()
+def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | None = None,
+          calibration: Mapping[str, torch.Tensor] | None = None,
+          target_modules: str | Iterable[str] = "all-linear") -> nn.Module:
+    """A deep copy of ``model`` with its targeted Linear weights pruned (see :func:`prune_weight`).
+
+    Args:
+        pattern: ``"N:M"`` semi-structured sparsity along the input dimension (``"2:4"``, the default when
+            ``sparsity`` is not given: exactly 2 zeros in every 4 consecutive weights of a row).
+        sparsity: fraction of each row's weights set to zero, in [0, 1); excludes ``pattern``.
+        calibration: a :class:`~svdadapt.Covariances` (or mapping name -> C): score by |W|·√diag(C)
+            (Wanda) instead of |W|.
+        target_modules: as in :func:`svdadapt.wrap`.
+    """
+    if sparsity is not None:
+        if pattern is not None:
+            raise ValueError(f"pass either pattern= or sparsity=, not both (got pattern={pattern!r}, sparsity={sparsity!r})")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    else:
+        pattern = "2:4" if pattern is None else pattern
+        match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
+        if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
+            raise ValueError(f"pattern must look like 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    targets = resolve_targets(model, target_modules)
+    for name, m in targets.items():
+        if pattern is not None and m.in_features % int(pattern.split(":")[1]) != 0:
+            raise ValueError(f"module {name!r} has in_features={m.in_features}, not a multiple of M in pattern {pattern!r}")
+        if calibration is not None:
+            if name not in calibration:
+                raise ValueError(f"calibration has no covariance for targeted module {name!r}")
+            if tuple(calibration[name].shape) != (m.in_features, m.in_features):
+                raise ValueError(f"covariance for {name!r} has shape {tuple(calibration[name].shape)}, "
+                                 f"expected ({m.in_features}, {m.in_features})")
+    clone, targets = _copy_targets(model, target_modules)
+    for name, m in targets.items():
+        norm = None if calibration is None else calibration[name].diagonal().clamp_min(0).sqrt()
+        m.weight.data = prune_weight(m.weight.data, pattern=pattern, sparsity=sparsity, input_norm=norm)
+    return clone

@@ -169,7 +169,7 @@ def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e
             L, info = torch.linalg.cholesky_ex(C + shift * torch.eye(d, dtype=C.dtype, device=C.device))
             if info.item() == 0:
                 return L, lam
-        lam *= 2
+        lam = lam * 2 if lam > 0 else 1e-6  # damping=0 that fails must still grow
     raise ValueError(f"could not damp the covariance to a condition number below {max_cond:g}")
 
 

@@ -190,6 +190,8 @@ def wrap(
         raise ValueError(f"method {method!r} needs calibration=: a svdadapt.Covariances or an iterable of batches")
     if spec.needs_reference and reference is None:
         raise ValueError(f"method {method!r} needs reference=: the uncompressed model or its state dict")
+    if not (isinstance(damping, (int, float)) and 0 <= damping < float("inf")) or isinstance(damping, bool):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     if calibrate_on not in ("compressed", "reference"):
         raise ValueError(f"calibrate_on must be 'compressed' or 'reference', got {calibrate_on!r}")
     largest = not (method == "milora" or mode == "kpa")
@@ -207,7 +209,12 @@ def wrap(
     if spec.needs_calibration:
         from .calibration import as_covariances
 
-        hook_model = reference if (calibrate_on == "reference" and isinstance(reference, nn.Module)) else model
+        hook_model = model
+        if calibrate_on == "reference" and spec.needs_reference:
+            if not isinstance(reference, nn.Module) and not isinstance(calibration, (Mapping, str)):
+                raise ValueError("calibrate_on='reference' collects on the reference model: pass reference= as an "
+                                 "nn.Module (not a state dict), or pass precomputed Covariances")
+            hook_model = reference
         covs = as_covariances(calibration, hook_model, names, progress=progress)
         for n in names:
             if n not in covs:
@@ -217,7 +224,12 @@ def wrap(
                 raise ValueError(f"covariance for {n!r} has shape {tuple(c.shape)}, expected ({d}, {d})")
             if not torch.isfinite(c).all():
                 raise ValueError(f"covariance for {n!r} contains NaN or inf")
+            if not c.diagonal().sum() > 0:  # checked before any weight is touched
+                raise ValueError(f"covariance for {n!r} is zero: calibration saw no signal for this layer")
 
+    from .export import attach, weight_checksum
+
+    base_checksums = {n: weight_checksum(m.weight) for n, m in targets.items()}  # W before any rewrite, for export
     if task_type is None and type(model).__name__.endswith("ForCausalLM"):
         task_type = "CAUSAL_LM"
     config = LoraConfig(
@@ -236,6 +248,7 @@ def wrap(
     opts = dict(svd=svd, niter=niter, oversample=oversample)
     modules = dict(peft_model.base_model.model.named_modules())
     prepared: dict[int, dict[str, Any]] = {}
+    keep_alive: list[torch.Tensor] = []
     report: dict[str, dict[str, Any]] = {}
     init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in tqdm(names, desc=f"svdadapt {method}", disable=not progress, unit="layer"):
@@ -248,7 +261,11 @@ def wrap(
             C = covs[name]
             key = id(C)  # layers that read the same input share one covariance tensor and its preparation
             if key not in prepared:
-                prepared[key] = spec.prepare(C.to(W.device), damping=damping)
+                try:
+                    prepared[key] = spec.prepare(C.to(W.device), damping=damping)
+                except ValueError as e:
+                    raise ValueError(f"covariance for {name!r}: {e}") from e
+                keep_alive.append(C)  # a mapping that builds tensors on access must not let the id be reused
             kw["prepared"] = prepared[key]
         if spec.needs_reference:
             kw["reference"] = refs[name].detach().to(device=W.device, dtype=torch.float32)
@@ -271,4 +288,5 @@ def wrap(
         "init_factors": init_factors,
         "report": report,
     }
+    attach(peft_model, peft_model.svdadapt, base_checksums)  # save_pretrained guard, see export.py
     return peft_model

@@ -134,8 +134,9 @@ def _current_factors(peft_model: nn.Module, names: list[str], state_dict: Mappin
 @torch.no_grad()
 def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
                      init: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                     current: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, resume: bool = True) -> Path:
-    """Write the portable adapter (and, if ``resume``, the svdadapt resume files) into ``directory``.
+                     current: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, resume: bool = True,
+                     portable: bool = True) -> Path:
+    """Write the portable adapter (if ``portable``) and the svdadapt resume files (if ``resume``) into ``directory``.
 
     ``meta`` is the svdadapt.json record (``method``, ``rank``, ``alpha``, ``options``, ``targets``,
     ``rewrites_base``, ``lora_config`` (rank-r PEFT config dict), ``base_checksums`` ...); ``init`` and ``current``
@@ -148,17 +149,18 @@ def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
         raise ValueError(f"{str(d)!r} is a file; svdadapt writes a directory")
     d.mkdir(parents=True, exist_ok=True)
     rewrites = bool(meta["rewrites_base"])
-    cfg = _config_from_dict(meta["lora_config"])
-    weights: dict[str, torch.Tensor] = {}
-    for n in meta["targets"]:
-        A, B = current[n]
-        if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
-            A0, B0 = init[n]
-            A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
-        weights[_key(n, "A")] = A.contiguous().clone()
-        weights[_key(n, "B")] = B.contiguous().clone()
-    save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    _portable_config(cfg, rewrites).save_pretrained(str(d))
+    if portable:
+        cfg = _config_from_dict(meta["lora_config"])
+        weights: dict[str, torch.Tensor] = {}
+        for n in meta["targets"]:
+            A, B = current[n]
+            if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
+                A0, B0 = init[n]
+                A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
+            weights[_key(n, "A")] = A.contiguous().clone()
+            weights[_key(n, "B")] = B.contiguous().clone()
+        save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _portable_config(cfg, rewrites).save_pretrained(str(d))
     if resume:
         state = {}
         for n in meta["targets"]:

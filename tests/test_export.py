@@ -1,0 +1,318 @@
+"""save / load / export_lora / unwrap and the save_pretrained guard, on the tiny Llama (issue 4, "What must hold" 1-2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+import svdadapt
+from svdadapt.compress import quantize
+from svdadapt.export import META_FILE, STATE_FILE, weight_checksum
+
+from conftest import make_tiny_llama
+
+RANK = 4
+SEED = 3  # weights of the tiny Llama
+
+
+def _tokens(seed: int, rows: int = 2, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 128, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+X = _tokens(100)
+CALIB = [_tokens(200 + i, rows=4, seq=16) for i in range(3)]  # model(batch) on token tensors
+
+
+def _wrap(method: str, model=None, **kw):
+    model = make_tiny_llama(SEED) if model is None else model
+    if method in ("corda",):
+        kw.setdefault("calibration", CALIB)
+    return svdadapt.wrap(model, method, rank=RANK, progress=False, **kw)
+
+
+def _train(pm, steps: int = 5, lr: float = 2e-2):
+    """A few AdamW steps on a fixed batch; the adapter moves well away from its init."""
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = pm(X, labels=X).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    return pm
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    return model(X).logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module", params=["pissa", "milora", "corda"])
+def trained(request, tmp_path_factory):
+    """(method, trained wrapped model, its logits, save dir)."""
+    method = request.param
+    pm = _train(_wrap(method))
+    d = tmp_path_factory.mktemp(f"save-{method}")
+    svdadapt.save(pm, d)
+    return method, pm, _logits(pm), d
+
+
+# --------------------------------------------------------------------------------------------- save -> vanilla PEFT
+
+
+def test_vanilla_peft_loads_export_on_original_base(trained):
+    method, pm, want, d = trained
+    torch.manual_seed(12345)  # a different global RNG state, as in a fresh process
+    base = make_tiny_llama(SEED)
+    orig_logits = _logits(base)
+    assert _rel(want, orig_logits) > 1e-2  # training changed the model (else the check below is empty)
+    vanilla = PeftModel.from_pretrained(base, d)
+    assert _rel(_logits(vanilla), want) < 1e-4
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (2 * RANK, 2 * RANK, True)
+    sd = load_file(d / "adapter_model.safetensors")
+    name = pm.svdadapt["targets"][0]
+    A0, B0 = pm.svdadapt["init_factors"][name]
+    A = sd[f"base_model.model.{name}.lora_A.weight"]
+    B = sd[f"base_model.model.{name}.lora_B.weight"]
+    assert A.shape == (2 * RANK, A0.shape[1]) and B.shape == (B0.shape[0], 2 * RANK)
+    assert torch.equal(A[RANK:], A0) and torch.equal(B[:, RANK:], -B0)
+
+
+def test_raw_rank_r_adapter_would_be_wrong_on_original_base(trained, tmp_path):
+    """What the guard prevents: PEFT's own save_pretrained (rank r) applied to the original W."""
+    _, pm, want, _ = trained
+    PeftModel.save_pretrained(pm, tmp_path)  # the unguarded PEFT method
+    raw = PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)
+    assert _rel(_logits(raw), want) > 1e-2
+
+
+def test_load_is_bit_identical_whatever_the_global_rng(trained):
+    method, pm, want, d = trained
+    torch.manual_seed(999)
+    re = svdadapt.load(make_tiny_llama(SEED), d, progress=False)
+    a, b = pm.state_dict(), re.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert torch.equal(_logits(re), want)
+    assert {n for n, p in re.named_parameters() if p.requires_grad} == {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert re.svdadapt["method"] == method and re.svdadapt["base_checksums"] == pm.svdadapt["base_checksums"]
+    for n, (A0, B0) in pm.svdadapt["init_factors"].items():
+        assert torch.equal(re.svdadapt["init_factors"][n][0], A0) and torch.equal(re.svdadapt["init_factors"][n][1], B0)
+
+
+def test_load_then_save_round_trips(trained, tmp_path):
+    _, pm, _, d = trained
+    re = svdadapt.load(make_tiny_llama(SEED), d, progress=False)
+    svdadapt.save(re, tmp_path)
+    for f in ("adapter_model.safetensors", STATE_FILE):
+        x, y = load_file(d / f), load_file(tmp_path / f)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    mx, my = json.loads((d / META_FILE).read_text()), json.loads((tmp_path / META_FILE).read_text())
+    assert mx == my
+
+
+def test_export_lora_writes_only_the_plain_adapter(trained, tmp_path):
+    _, pm, want, d = trained
+    svdadapt.export_lora(pm, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    x, y = load_file(d / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ----------------------------------------------------------------------------------------------------------- unwrap
+
+
+def test_unwrap_gives_the_original_weights(trained):
+    _, pm, _, _ = trained
+    original = make_tiny_llama(SEED)
+    u = svdadapt.unwrap(copy.deepcopy(pm))
+    assert not any(isinstance(m, BaseTunerLayer) for m in u.modules())
+    so, su = original.state_dict(), u.state_dict()
+    assert list(so) == list(su)
+    eps = torch.finfo(torch.float32).eps
+    for k in so:
+        # within fp32 rounding of the weight: a few ulps of its largest entry
+        assert (su[k] - so[k]).abs().max() <= 4 * eps * so[k].abs().max(), k
+    # PEFT's disable_adapter() would give W_res instead: far from W
+    with pm.disable_adapter():
+        assert _rel(_logits(pm), _logits(original)) > 1e-2
+    assert _rel(_logits(u), _logits(original)) < 1e-6
+
+
+def test_unwrap_merge_gives_the_trained_model(trained):
+    _, pm, want, _ = trained
+    m = svdadapt.unwrap(copy.deepcopy(pm), merge=True)
+    assert not any(isinstance(x, BaseTunerLayer) for x in m.modules())
+    assert _rel(_logits(m), want) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------- checksum
+
+
+def test_load_rejects_another_base_naming_the_first_module(trained):
+    _, pm, _, d = trained
+    with pytest.raises(ValueError, match=r"base weights do not match .*: first mismatch at module "
+                                         r"'model\.layers\.0\.self_attn\.q_proj' \(weight \(64, 64\) torch\.float32"):
+        svdadapt.load(make_tiny_llama(SEED + 1), d, progress=False)
+
+
+def test_load_names_a_single_changed_module(trained):
+    _, _, _, d = trained
+    base = make_tiny_llama(SEED)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6  # one entry, far below anything visible in outputs
+    with pytest.raises(ValueError, match=r"first mismatch at module 'model\.layers\.1\.mlp\.down_proj'"):
+        svdadapt.load(base, d, progress=False)
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())  # checked before anything was touched
+
+
+def test_load_recognizes_the_rewritten_base(trained):
+    _, pm, _, d = trained
+    residual = copy.deepcopy(pm).unload()  # W_res, what `svdadapt init` writes to DIR/base
+    with pytest.raises(ValueError, match=r"this is the REWRITTEN base .*svdadapt\.load needs the original model"):
+        svdadapt.load(residual, d, progress=False)
+
+
+def test_load_rejects_plain_peft_dir_and_peft_model(trained, tmp_path):
+    _, pm, _, d = trained
+    PeftModel.save_pretrained(pm, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"has no svdadapt\.json / svdadapt_state\.safetensors: it was not "
+                                                r"written by svdadapt\.save"):
+        svdadapt.load(make_tiny_llama(SEED), tmp_path)
+    with pytest.raises(TypeError, match=r"base_model is already a PEFT model"):
+        svdadapt.load(pm, d)
+
+
+def test_save_needs_a_wrapped_model(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    plain = get_peft_model(make_tiny_llama(SEED), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"svdadapt\.save needs a model returned by svdadapt\.wrap or svdadapt\.load"):
+        svdadapt.save(plain, tmp_path)
+    with pytest.raises(TypeError, match=r"svdadapt\.unwrap needs a model returned by svdadapt\.wrap"):
+        svdadapt.unwrap(plain)
+
+
+def test_weight_checksum_is_bit_exact():
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    assert weight_checksum(w) == weight_checksum(w.clone())
+    v = w.clone()
+    v[0, 0] = torch.nextafter(v[0, 0], torch.tensor(math.inf))
+    assert weight_checksum(v) != weight_checksum(w)
+    assert weight_checksum(w.to(torch.float64)) != weight_checksum(w)  # dtype is part of it
+    assert weight_checksum(w.reshape(4, 8)) != weight_checksum(w)  # and the shape
+
+
+# ------------------------------------------------------------------------------------------------------------ guard
+
+
+def test_save_pretrained_is_svdadapt_save(trained, tmp_path):
+    _, pm, want, d = trained
+    pm.save_pretrained(tmp_path)
+    for f in ("adapter_model.safetensors", STATE_FILE):
+        x, y = load_file(d / f), load_file(tmp_path / f)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert _rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
+    with pytest.raises(ValueError, match=r"path_initial_model_for_weight_conversion is not needed on an svdadapt model"):
+        pm.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    pm.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()
+
+
+def test_save_pretrained_takes_the_trainers_state_dict(trained, tmp_path):
+    """The Trainer passes state_dict= (gathered under FSDP / DeepSpeed): the factors come from it."""
+    _, pm, _, _ = trained
+    sd = {k: v.clone() for k, v in pm.state_dict().items()}
+    name = pm.svdadapt["targets"][0]
+    key = f"base_model.model.{name}.lora_A.default.weight"
+    sd[key] = torch.zeros_like(sd[key])
+    pm.save_pretrained(tmp_path, state_dict=sd)
+    st = load_file(tmp_path / STATE_FILE)
+    assert torch.equal(st[f"{name}.A"], sd[key])
+    assert not torch.equal(st[f"{name}.A"], pm.state_dict()[key])
+
+
+def test_load_adapter_restores_a_checkpoint_for_resuming(tmp_path):
+    """Trainer(resume_from_checkpoint=...) calls model.load_adapter(ckpt, 'default', is_trainable=True)."""
+    pm = _train(_wrap("pissa"), steps=3)
+    pm.save_pretrained(tmp_path)
+    saved = {k: v.clone() for k, v in pm.state_dict().items()}
+    _train(pm, steps=2)
+    assert not all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
+    pm.load_adapter(str(tmp_path), "default", is_trainable=True)
+    assert all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
+    other = _wrap("pissa", model=make_tiny_llama(SEED + 1))  # different initial factors
+    with pytest.raises(ValueError, match=r"was trained from different initial factors \(first at module "):
+        other.load_adapter(str(tmp_path), "default", is_trainable=True)
+
+
+def test_guard_survives_deepcopy(tmp_path):
+    pm = _wrap("pissa")
+    pm2 = copy.deepcopy(pm)
+    assert pm2.save_pretrained.__self__ is pm2
+    pm2.save_pretrained(tmp_path)
+    assert (tmp_path / META_FILE).is_file()
+
+
+def test_rslora_export_keeps_the_scaling(tmp_path):
+    pm = _train(_wrap("pissa", alpha=6.0, use_rslora=True))
+    want = _logits(pm)
+    svdadapt.save(pm, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * RANK and cfg["use_rslora"] is True
+    assert cfg["lora_alpha"] == pytest.approx(6.0 * math.sqrt(2), rel=1e-15)
+    assert _rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------------- EoRA
+
+
+def test_eora_save_is_an_ordinary_lora_for_the_compressed_base(tmp_path):
+    original = make_tiny_llama(SEED)
+    compressed = quantize(original, bits=3, group_size=16)
+    pm = _train(svdadapt.wrap(copy.deepcopy(compressed), "eora", rank=RANK, calibration=CALIB, reference=original,
+                              progress=False))
+    want = _logits(pm)
+    svdadapt.save(pm, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (RANK, RANK)  # no conversion, alpha = rank
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    peft_sd = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
+    assert sd.keys() == peft_sd.keys() and all(torch.equal(sd[k], peft_sd[k]) for k in sd)
+    assert _rel(_logits(PeftModel.from_pretrained(copy.deepcopy(compressed), tmp_path)), want) < 1e-6
+    re = svdadapt.load(copy.deepcopy(compressed), tmp_path, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(re.state_dict().values(), pm.state_dict().values()))
+    with pytest.raises(ValueError, match=r"first mismatch at module 'model\.layers\.0\.self_attn\.q_proj'"):
+        svdadapt.load(make_tiny_llama(SEED), tmp_path, progress=False)  # the uncompressed model is not its base
+    u = svdadapt.unwrap(re)  # EoRA's base is W_c, untouched
+    assert all(torch.equal(a, b) for a, b in zip(u.state_dict().values(), compressed.state_dict().values()))
+
+
+def test_load_warns_when_residual_is_not_bit_identical(trained, tmp_path):
+    """A different BLAS / device may round the rebuilt residual differently: the weights matched, so it warns."""
+    _, _, _, d = trained
+    meta = json.loads((d / META_FILE).read_text())
+    name = meta["targets"][0]
+    meta["residual_checksums"][name] = "0" * 64
+    for f in d.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=rf"rebuilt residual of 1 module\(s\) \(first '{name}'\) is not bit-identical"):
+        svdadapt.load(make_tiny_llama(SEED), tmp_path, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        svdadapt.load(make_tiny_llama(SEED), d, progress=False)

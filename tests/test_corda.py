@@ -1,0 +1,227 @@
+"""CorDA (IPA / KPA): exact at init, s·B·A·C_d is the rank-r truncation of W·C_d, C = I reduces to
+PiSSA / MiLoRA, parity with PEFT's own CorDA on the same covariance, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import svdadapt
+from svdadapt import methods
+
+from conftest import make_tiny_llama
+
+RANK, ALPHA = 4, 8  # scaling s = 2, so a forgotten s would show
+
+
+def _batches(seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(2)]
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    return [{"input_ids": i, "attention_mask": mask} for i in ids]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_tiny_llama()
+    covs = svdadapt.collect_covariances(model, _batches(), progress=False)
+    return model, covs
+
+
+def _modules(peft_model) -> dict[str, torch.nn.Module]:
+    return dict(peft_model.base_model.model.named_modules())
+
+
+def _product(layer) -> torch.Tensor:
+    """s·B·A of a PEFT LoRA layer, in fp64 (out, in)."""
+    s = layer.scaling["default"]
+    return (s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+def test_exact_at_init(setup, mode):
+    model, covs = setup
+    ids = _batches(7)[0]["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+        peft_model = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode,
+                                   calibration=covs, progress=False)
+        out = peft_model(ids).logits
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert peft_model.svdadapt["options"]["mode"] == mode
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+def test_adapter_times_cd_is_truncation_of_w_cd(setup, mode):
+    """s·B·A·C_d = [W·C_d]_r (top r for IPA, bottom r for KPA), and the base is W − s·B·A."""
+    model, covs = setup
+    peft_model = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode,
+                               calibration=covs, progress=False)
+    mods = _modules(peft_model)
+    worst = 0.0
+    for name, C in covs.items():
+        lam = peft_model.svdadapt["report"][name]["damping"]
+        assert lam == 0.01  # every covariance here is well conditioned after the first damping
+        C = C.double()
+        Cd = C + lam * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
+        W = model.get_submodule(name).weight.double()
+        U, S, Vh = torch.linalg.svd(W @ Cd, full_matrices=False)
+        keep = slice(0, RANK) if mode == "ipa" else slice(S.shape[0] - RANK, S.shape[0])
+        truncation = (U[:, keep] * S[keep]) @ Vh[keep]
+        P = _product(mods[name])
+        worst = max(worst, float((P @ Cd - truncation).norm() / truncation.norm()))
+        base = mods[name].get_base_layer().weight.double()
+        assert (base + P - W).abs().max() <= 1e-6 * W.abs().max()
+    # fp32 SVD of W·C_d: the random tiny model has close singular values, hence 1e-4-ish, not 1e-7
+    assert worst <= (1e-3 if mode == "ipa" else 5e-3), worst
+
+
+def test_ipa_top_kpa_bottom_energy(setup):
+    """IPA's adapter holds the most of W·C_d's energy, KPA's the least (what each mode is for)."""
+    model, covs = setup
+    ipa = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, mode="ipa", calibration=covs, progress=False)
+    kpa = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, mode="kpa", calibration=covs, progress=False)
+    for name in covs:
+        e_ipa, e_kpa = ipa.svdadapt["report"][name]["energy"], kpa.svdadapt["report"][name]["energy"]
+        out_f, in_f = model.get_submodule(name).weight.shape
+        k = min(out_f, in_f)
+        assert e_ipa >= RANK / k >= e_kpa  # top-r holds at least its share of the energy, bottom-r at most
+
+
+@pytest.mark.parametrize("mode,plain", [("ipa", "pissa"), ("kpa", "milora")])
+def test_identity_covariance_reduces_to_pissa_milora(mode, plain):
+    model = make_tiny_llama()
+    names = list(svdadapt.resolve_targets(model))
+    eye = {n: torch.eye(model.get_submodule(n).in_features) for n in names}
+    ref = svdadapt.wrap(copy.deepcopy(model), plain, rank=RANK, alpha=ALPHA, svd="full", progress=False)
+    # undamped, C_d = I exactly: the very same factors
+    und = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode, calibration=eye,
+                        damping=0.0, svd="full", progress=False)
+    # damped (C_d = 1.01·I): the same adapter product and residual; the factors differ by √1.01
+    dmp = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode, calibration=eye,
+                        svd="full", progress=False)
+    r, u, d = _modules(ref), _modules(und), _modules(dmp)
+    for n in names:
+        A0, B0 = ref.svdadapt["init_factors"][n]
+        A1, B1 = und.svdadapt["init_factors"][n]
+        torch.testing.assert_close(A1, A0, rtol=0, atol=1e-6 * A0.abs().max().item())
+        torch.testing.assert_close(B1, B0, rtol=0, atol=1e-6 * B0.abs().max().item())
+        P0 = _product(r[n])
+        # fp32 SVD of 1.01·W vs of W: the close singular values of a random model move the subspace ~1e-5
+        torch.testing.assert_close(_product(d[n]), P0, rtol=0, atol=1e-4 * P0.abs().max().item())
+        W0 = r[n].get_base_layer().weight
+        # the residual differs from PiSSA's by exactly the product's float noise
+        torch.testing.assert_close(d[n].get_base_layer().weight, W0, rtol=0, atol=1e-4 * P0.abs().max().item())
+
+
+@pytest.mark.parametrize("mode,peft_method", [("ipa", "ipm"), ("kpa", "kpm")])
+def test_parity_with_peft_corda(setup, tmp_path, mode, peft_method):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    model, covs = setup
+    ours = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode, calibration=covs,
+                         progress=False)
+    cov_file = os.path.join(tmp_path, "cov.pt")
+    torch.save({n: covs[n].clone() for n in covs}, cov_file)  # PEFT reads the same covariance from its file
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="corda",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        corda_config=CordaConfig(covariance_file=cov_file, corda_method=peft_method))
+    theirs_model = copy.deepcopy(model)
+    preprocess_corda(theirs_model, config)
+    theirs = get_peft_model(theirs_model, config)
+    a, b = _modules(ours), _modules(theirs)
+    worst_p = worst_w = 0.0
+    for n in covs:
+        Pa, Pb = _product(a[n]), _product(b[n])
+        worst_p = max(worst_p, float((Pa - Pb).norm() / Pb.norm()))
+        Wa, Wb = a[n].get_base_layer().weight, b[n].get_base_layer().weight
+        worst_w = max(worst_w, float((Wa - Wb).abs().max() / Wb.abs().max()))
+    # PEFT inverts C_d explicitly in fp32, we solve in fp64: both sit ~1e-4 (IPA) / ~6e-4 (KPA) from an
+    # all-fp64 reference on this model, so they agree to about that
+    assert worst_p <= (1e-3 if mode == "ipa" else 5e-3), worst_p
+    assert worst_w <= 1e-3, worst_w
+
+
+def test_prepare_runs_once_per_shared_input(setup, monkeypatch):
+    model, covs = setup
+    calls: list[int] = []
+    spec = methods.METHODS["corda"]
+
+    def counting(C, **kw):
+        calls.append(C.shape[0])
+        return spec.prepare(C, **kw)
+
+    monkeypatch.setitem(methods.METHODS, "corda", dataclasses.replace(spec, prepare=counting))
+    svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, calibration=covs, progress=False)
+    assert calls == [64, 64, 64, 128] * 2  # q/k/v once, o, gate/up once, down: per layer
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+def _raises(exc, message, **kw):
+    with pytest.raises(exc) as e:
+        svdadapt.wrap(make_tiny_llama(), "corda", rank=RANK, progress=False, **kw)
+    assert str(e.value) == message
+
+
+def test_errors(setup):
+    _, covs = setup
+    _raises(ValueError, "method 'corda' needs calibration=: a svdadapt.Covariances or an iterable of batches")
+    _raises(ValueError, "corda mode must be 'ipa' or 'kpa', got 'top'", mode="top", calibration=covs)
+    _raises(ValueError, "damping must be a finite number >= 0, got -0.1", damping=-0.1, calibration=covs)
+    bad = dict(covs)
+    bad["model.layers.1.mlp.down_proj"] = torch.eye(64)
+    _raises(ValueError, "covariance for 'model.layers.1.mlp.down_proj' has shape (64, 64), expected (128, 128)",
+            calibration=bad)
+    missing = svdadapt.Covariances({n: covs[n] for n in list(covs)[:-1]})
+    _raises(ValueError, "calibration has no covariance for targeted module 'model.layers.1.mlp.down_proj' "
+            "(1 of 14 targets missing)", calibration=missing)
+    nan = dict(covs)
+    nan["model.layers.0.self_attn.o_proj"] = torch.full((64, 64), float("nan"))
+    _raises(ValueError, "covariance for 'model.layers.0.self_attn.o_proj' contains NaN or inf", calibration=nan)
+    zero = dict(covs)
+    zero["model.layers.0.self_attn.o_proj"] = torch.zeros(64, 64)
+    _raises(ValueError, "covariance for 'model.layers.0.self_attn.o_proj' is zero: calibration saw no signal for "
+            "this layer", calibration=zero)
+    with pytest.raises(ValueError, match=r"^svd='randomized' cannot find the smallest singular triplets"):
+        svdadapt.wrap(make_tiny_llama(), "corda", rank=RANK, mode="kpa", svd="randomized", calibration=covs)
+
+
+def test_error_leaves_model_untouched(setup):
+    """A bad covariance is caught before any weight is rewritten or any PEFT layer injected."""
+    model, covs = setup
+    target = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    zero = dict(covs)
+    zero["model.layers.1.mlp.down_proj"] = torch.zeros(128, 128)
+    with pytest.raises(ValueError):
+        svdadapt.wrap(target, "corda", rank=RANK, calibration=zero, progress=False)
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_corda_on_smollm2_real_text(smollm2):
+    """Real model, real text: calibration through the tokenizer, CorDA-KPA on the first block, exact at init."""
+    from pydoc_data.topics import topics
+
+    model, tok = smollm2
+    texts = [topics[k] for k in sorted(topics)[:4]]
+    batches = svdadapt.text_batches(tok, texts, seq_len=64, batch_size=2, max_batches=2)
+    ids = svdadapt.text_batches(tok, [topics[k] for k in sorted(topics)[-2:]], seq_len=32, batch_size=1,
+                                max_batches=1)[0]
+    with torch.no_grad():
+        ref = model(**ids).logits
+    peft_model = svdadapt.wrap(model, "corda", rank=8, mode="kpa", calibration=batches, progress=False,
+                               target_modules=r"model\.layers\.0\..*_proj")
+    assert len(peft_model.svdadapt["targets"]) == 7
+    with torch.no_grad():
+        out = peft_model(**ids).logits
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert all(r["damping"] >= 0.01 for r in peft_model.svdadapt["report"].values())

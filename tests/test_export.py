@@ -316,3 +316,27 @@ def test_load_warns_when_residual_is_not_bit_identical(trained, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         svdadapt.load(make_tiny_llama(SEED), d, progress=False)
+
+
+def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
+    """HF Trainer saves checkpoints through save_pretrained (the guard: portable + resumable) and resumes through
+    load_adapter (the guard restores the rank-r factors): a resumed run ends where the uninterrupted one did."""
+    from transformers import Trainer, TrainingArguments
+
+    data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))]
+
+    def run(out, resume=None):
+        pm = _wrap("pissa")
+        args = TrainingArguments(output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, logging_strategy="no", seed=0,
+                                 disable_tqdm=True)
+        Trainer(model=pm, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return pm
+
+    full = run(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-1"
+    assert (ckpt / META_FILE).is_file() and json.loads((ckpt / "adapter_config.json").read_text())["r"] == 2 * RANK
+    resumed = run(tmp_path / "resumed", resume=str(ckpt))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(k for k in a if "lora_A" in k)], full.svdadapt["init_factors"][full.svdadapt["targets"][0]][0])

@@ -165,9 +165,20 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _is_number(c: str) -> bool:
+    try:
+        float(c)
+    except ValueError:
+        return False
+    return True
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns of numbers right-aligned (headers too), text left-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    numeric = [bool(rows) and all(_is_number(str(r[i])) for r in rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if num else str(c).ljust(w)  # noqa: E731
+                               for c, w, num in zip(r, widths, numeric)).rstrip()
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 

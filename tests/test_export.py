@@ -340,3 +340,20 @@ def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[next(k for k in a if "lora_A" in k)], full.svdadapt["init_factors"][full.svdadapt["targets"][0]][0])
+
+
+def test_bf16_export_is_as_close_as_the_dtype_allows_and_load_stays_exact(tmp_path):
+    """In bf16 the trained model runs on bf16(W_res), the export on bf16(W): they differ by one rounding of the
+    base, the same order as casting the model to bf16 at all. load() stays bit-identical."""
+    bf = torch.bfloat16
+    pm = _train(_wrap("pissa", model=make_tiny_llama(SEED, dtype=bf)), steps=3)
+    want = _logits(pm).float()
+    svdadapt.save(pm, tmp_path)
+    got = _logits(PeftModel.from_pretrained(make_tiny_llama(SEED, dtype=bf), tmp_path)).float()
+    cast_error = _rel(_logits(make_tiny_llama(SEED, dtype=bf)).float(), _logits(make_tiny_llama(SEED)))
+    assert _rel(got, want) < 2 * cast_error
+    re = svdadapt.load(make_tiny_llama(SEED, dtype=bf), tmp_path, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(re.state_dict().values(), pm.state_dict().values()))
+    u, o = svdadapt.unwrap(re).state_dict(), make_tiny_llama(SEED, dtype=bf).state_dict()
+    ulp = 2.0 ** -8  # bf16 spacing relative to the largest entry's binade, at most
+    assert all((u[k].float() - o[k].float()).abs().max() <= ulp * o[k].float().abs().max() for k in o)

@@ -131,6 +131,9 @@ def test_train_then_export_loads_on_the_original_model(tiny_dir, pissa_init, tmp
     # the export is also a svdadapt.save directory: load resumes the trained rank-r model bit-exactly
     re = svdadapt.load(load_model(tiny_dir), tmp_path / "lora", progress=False)
     assert _same_state(re.state_dict(), pm.state_dict())
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "lora")]) == 0  # a save directory carries the report too
+    assert capsys.readouterr().out.splitlines()[0] == f"pissa, rank {RANK}, alpha {RANK}, 14 layers"
 
 
 def test_export_of_an_adapter_trained_in_place(tiny_dir, tiny_dir_copy_init, tmp_path):

@@ -248,20 +248,20 @@ def test_save_pretrained_takes_the_trainers_state_dict(trained, tmp_path):
 
 def test_load_adapter_restores_a_checkpoint_for_resuming(tmp_path):
     """Trainer(resume_from_checkpoint=...) calls model.load_adapter(ckpt, 'default', is_trainable=True)."""
-    pm = _train(_wrap("pissa"), steps=3)
+    pm = _train(_wrap("pissa", target_modules=["q_proj", "down_proj"]), steps=3)
     pm.save_pretrained(tmp_path)
     saved = {k: v.clone() for k, v in pm.state_dict().items()}
     _train(pm, steps=2)
     assert not all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
     pm.load_adapter(str(tmp_path), "default", is_trainable=True)
     assert all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
-    other = _wrap("pissa", model=make_tiny_llama(SEED + 1))  # different initial factors
+    other = _wrap("pissa", model=make_tiny_llama(SEED + 1), target_modules=["q_proj", "down_proj"])  # other A0, B0
     with pytest.raises(ValueError, match=r"was trained from different initial factors \(first at module "):
         other.load_adapter(str(tmp_path), "default", is_trainable=True)
 
 
 def test_guard_survives_deepcopy(tmp_path):
-    pm = _wrap("pissa")
+    pm = _wrap("pissa", target_modules=["q_proj"])
     pm2 = copy.deepcopy(pm)
     assert pm2.save_pretrained.__self__ is pm2
     pm2.save_pretrained(tmp_path)
@@ -326,7 +326,7 @@ def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
     data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))]
 
     def run(out, resume=None):
-        pm = _wrap("pissa")
+        pm = _wrap("pissa", target_modules=["q_proj", "v_proj", "down_proj"])
         args = TrainingArguments(output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=2,
                                  learning_rate=1e-2, report_to=[], use_cpu=True, logging_strategy="no", seed=0,
                                  disable_tqdm=True)

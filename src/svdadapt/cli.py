@@ -242,7 +242,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from . import loading
-    from .export import STATE_FILE, _meta, write_checkpoint  # noqa: F401 - same package, shared format
+    from .export import _meta, write_checkpoint
     from .wrap import wrap
 
     progress = not args.no_progress

@@ -104,7 +104,7 @@ def test_progress_prints_one_line_summary(capsys):
     svdadapt.collect_covariances(model, [_padded_batch()], progress=True)
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["svdadapt calibration: 14 layers, 8 unique inputs (4 shared by several layers), 22 tokens, "
-                   "224.0 KiB float32 from 1 batches"]
+                   "224.0 KiB float32 from 1 batch"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -162,7 +162,7 @@ def test_no_tokens():
     b["attention_mask"] = torch.zeros_like(b["attention_mask"])
     with pytest.raises(ValueError) as e:
         svdadapt.collect_covariances(model, [b], progress=False)
-    assert str(e.value) == msg.replace("(0 batches)", "(1 batches)")
+    assert str(e.value) == msg.replace("(0 batches)", "(1 batch)")
     assert _no_hooks(model)
 
 

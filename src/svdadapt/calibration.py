@@ -227,6 +227,10 @@ class _Collector:
         self.seen = {}
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es"
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -271,7 +275,7 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
         model.train(was_training)
 
     if n_batches == 0 or not state.count or max(state.count.values()) == 0:
-        raise ValueError(f"calibration saw no tokens ({n_batches} batches): pass non-empty batches whose "
+        raise ValueError(f"calibration saw no tokens ({_plural(n_batches, 'batch')}): pass non-empty batches whose "
                          "attention_mask is not all zero")
     missing = [n for n in targets if n not in state.key_of or state.count.get(state.key_of[n], 0) == 0]
     if missing:
@@ -281,7 +285,7 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
     covs = Covariances({n: mean[state.key_of[n]] for n in targets},
                        {n: state.count[state.key_of[n]] for n in targets})
     if progress:
-        print(f"svdadapt calibration: {covs.summary()} from {n_batches} batches")
+        print(f"svdadapt calibration: {covs.summary()} from {_plural(n_batches, 'batch')}")
     return covs
 
 

@@ -145,9 +145,11 @@ def test_tensor_batches_on_toy_sequential():
 
 def test_eval_and_no_grad_and_training_flag_restored():
     model = make_tiny_llama(attention_dropout=0.5).train()  # dropout would make the inputs random in train mode
+    model.model.layers[1].eval()  # a submodule the user froze in eval mode stays so
     a = svdadapt.collect_covariances(model, [_padded_batch()], progress=False)
     b = svdadapt.collect_covariances(model, [_padded_batch()], progress=False)
-    assert model.training and _no_hooks(model)
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+    assert _no_hooks(model)
     for n in a:
         assert torch.equal(a[n], b[n]) and not a[n].requires_grad
 

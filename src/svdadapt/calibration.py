@@ -243,7 +243,7 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
         raise ValueError(f"covariances accumulate in torch.float32 or torch.float64, got dtype={dtype}")
     state = _Collector(dtype)
     device = _model_device(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: model.train() would flip all
     handles = []
     n_batches = 0
     try:
@@ -272,7 +272,8 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
     finally:  # hooks must never outlive the collection, also when the model raises
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
     if n_batches == 0 or not state.count or max(state.count.values()) == 0:
         raise ValueError(f"calibration saw no tokens ({_plural(n_batches, 'batch')}): pass non-empty batches whose "

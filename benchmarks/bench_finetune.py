@@ -1,0 +1,333 @@
+"""Does SVD-based initialization pay off? Fine-tuning SmolLM2-135M on a small task, five ways, on this CPU.
+
+Task: 2-digit addition with a 3-digit sum (``"47+58=105"``, see ``examples/_tasks.py``); the base model scores 0 %.
+Held-out exact match on 256 never-seen items (test) and 128 more (validation, used only to pick learning rates).
+Knowledge probe: 60 capital-city cloze items the base model mostly passes, scored before and after fine-tuning.
+
+Methods, all at the same rank, alpha = rank, all linear layers, so the same trainable-parameter count:
+
+* ``lora``       PEFT's default init (B = 0, A Kaiming-uniform), seeded
+* ``pissa``      top-r singular triplets of W
+* ``milora``     bottom-r singular triplets of W
+* ``corda-ipa``  CorDA, top-r of W·C with C from task items (the training split)
+* ``corda-kpa``  CorDA, bottom-r of W·C with C from knowledge text disjoint from the probe items
+
+Protocol: every method runs every learning rate of a shared sweep on seed 0; the learning rate with the best
+validation accuracy (ties: lower mean training loss over the last 20 steps) then runs on the remaining seeds. Each
+finished run is written to ``benchmarks/results/bench_finetune.json`` at once; rerunning skips runs already
+there with the same configuration (``--fresh`` starts over), so the benchmark can be stopped and resumed.
+``--report-only`` rebuilds the table and the PNG from the JSON.
+
+    python benchmarks/bench_finetune.py                       # the full protocol (see benchmarks/README.md)
+    python benchmarks/bench_finetune.py --steps 20 --lrs 1e-3 --seeds 0 --methods lora,pissa   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent / "examples"))
+
+import _tasks  # noqa: E402
+from _common import RESULTS_DIR, machine_info, markdown_table, write_results  # noqa: E402
+
+NAME = "bench_finetune"
+METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
+
+
+# --------------------------------------------------------------------------------------------------- set-up
+def load_base(model_path: str | None):
+    """(model, tokenizer), fp32 eval: the bundled SmolLM2-135M-Instruct, or ``model_path`` (dir or .gguf)."""
+    from svdadapt.loading import load_model, load_smollm2, load_tokenizer
+
+    if model_path:
+        return load_model(model_path), load_tokenizer(model_path)
+    return load_smollm2()
+
+
+@torch.no_grad()
+def calibrations(base, tok, train_pairs, methods, progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """Covariances for the CorDA variants, collected once on the unmodified base model.
+
+    IPA: 512 training items (the task the adapter should learn), KPA: ``_tasks.KNOWLEDGE_TEXTS`` (facts to keep,
+    none of them a probe item). Returns ({"corda-ipa": Covariances, ...}, {"corda-ipa": seconds, ...}).
+    """
+    import svdadapt
+
+    texts = {"corda-ipa": _tasks.task_texts(train_pairs[:512]), "corda-kpa": _tasks.KNOWLEDGE_TEXTS}
+    covs, secs = {}, {}
+    for m in methods:
+        if m in texts:
+            t0 = time.perf_counter()
+            batches = svdadapt.text_batches(tok, texts[m], seq_len=64, batch_size=8)
+            covs[m] = svdadapt.collect_covariances(base, batches, progress=progress)
+            secs[m] = time.perf_counter() - t0
+    return covs, secs
+
+
+def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], progress: bool):
+    """A fresh deep copy of ``base`` wrapped for ``method`` (all linear layers, alpha = rank)."""
+    import svdadapt
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(base)
+    if method == "lora":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # PEFT draws A from the global RNG: seed it, leave the caller's RNG alone
+            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
+                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if method in ("pissa", "milora"):
+        return svdadapt.wrap(model, method, rank, seed=seed, progress=progress)
+    mode = method.split("-")[1]
+    return svdadapt.wrap(model, "corda", rank, mode=mode, calibration=covs[method], seed=seed, progress=progress)
+
+
+def one_run(base, tok, data, covs, *, method: str, lr: float, seed: int, cfg: dict, progress: bool) -> dict:
+    """Wrap, train, evaluate one (method, lr, seed); returns the JSON row."""
+    t0 = time.perf_counter()
+    model = make_model(base, method, cfg["rank"], seed, covs, progress=False)
+    init_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    at_init = _tasks.knowledge_probe(model, tok)
+    out = _tasks.train_addition(model, data["train"], steps=cfg["steps"], lr=lr, batch_size=cfg["batch_size"],
+                                seed=1000 + seed, eval_ids=data["val"], eval_every=cfg["eval_every"],
+                                progress=progress, desc=f"{method} lr={lr:g} seed={seed}")
+    test = _tasks.addition_eval(model, data["test"])
+    after = _tasks.knowledge_probe(model, tok)
+    losses = out["losses"]
+    return {
+        "method": method, "lr": lr, "seed": seed, "trainable": trainable,
+        "init_s": init_s, "train_s": out["train_s"], "s_per_step": out["train_s"] / len(losses),
+        "losses": losses, "curve": out["curve"],
+        "val_accuracy": out["curve"][-1][1], "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "final_train_loss": statistics.fmean(losses[-20:]),
+        "steps_to_target": _tasks.steps_to(losses, cfg["target_loss"]),
+        "probe_at_init": at_init, "probe_after": after,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- protocol
+def best_lr(runs: list[dict], method: str) -> float | None:
+    """The sweep (seed 0) learning rate with the highest validation accuracy; ties: lower final training loss."""
+    cands = [r for r in runs if r["method"] == method and r["seed"] == 0]
+    if not cands:
+        return None
+    return min(cands, key=lambda r: (-r["val_accuracy"], r["final_train_loss"]))["lr"]
+
+
+def _stats(xs: list[float | None]) -> tuple[float | None, float | None, float | None]:
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return None, None, None
+    return statistics.fmean(vals), min(vals), max(vals)
+
+
+def summarize(runs: list[dict], methods, probe_before: dict) -> list[dict]:
+    """One row per method at its best learning rate: means and min–max over seeds."""
+    rows = []
+    for m in methods:
+        lr = best_lr(runs, m)
+        rs = [r for r in runs if r["method"] == m and r["lr"] == lr]
+        if not rs:
+            continue
+        acc, acc_lo, acc_hi = _stats([r["test_accuracy"] for r in rs])
+        st = [r["steps_to_target"] for r in rs]
+        steps, st_lo, st_hi = _stats(st)
+        plp, plp_lo, plp_hi = _stats([r["probe_after"]["logprob"] for r in rs])
+        pacc, _, _ = _stats([r["probe_after"]["accuracy"] for r in rs])
+        rows.append({
+            "method": m, "lr": lr, "seeds": len(rs), "trainable": rs[0]["trainable"],
+            "test_acc": acc, "test_acc_range": f"{acc_lo:.3f}–{acc_hi:.3f}",
+            "steps_to_target": steps, "steps_range": "—" if steps is None else f"{st_lo:.0f}–{st_hi:.0f}",
+            "not_reached": sum(s is None for s in st),
+            "final_train_loss": statistics.fmean(r["final_train_loss"] for r in rs),
+            "test_loss": statistics.fmean(r["test_loss"] for r in rs),
+            "probe_lp_before": probe_before["logprob"], "probe_lp_after": plp,
+            "probe_lp_range": f"{plp_lo:.3f}–{plp_hi:.3f}",
+            "probe_acc_before": probe_before["accuracy"], "probe_acc_after": pacc,
+            "init_s": statistics.fmean(r["init_s"] for r in rs), "train_s": statistics.fmean(r["train_s"] for r in rs),
+        })
+    return rows
+
+
+COLUMNS = [
+    ("method", "method", "{}"), ("lr", "best lr", "{:g}"), ("seeds", "seeds", "{:d}"),
+    ("test_acc", "held-out acc (mean)", "{:.3f}"), ("test_acc_range", "acc min–max", "{}"),
+    ("steps_to_target", "steps to loss", "{:.0f}"), ("steps_range", "steps min–max", "{}"),
+    ("final_train_loss", "final train loss", "{:.3f}"),
+    ("probe_lp_before", "probe logp before", "{:.3f}"), ("probe_lp_after", "probe logp after", "{:.3f}"),
+    ("probe_acc_before", "probe acc before", "{:.3f}"), ("probe_acc_after", "probe acc after", "{:.3f}"),
+    ("init_s", "init (s)", "{:.1f}"), ("train_s", "train (s)", "{:.0f}"),
+]
+SWEEP_COLUMNS = [("method", "method", "{}"), ("lr", "lr", "{:g}"), ("val_accuracy", "val acc", "{:.3f}"),
+                 ("test_accuracy", "test acc", "{:.3f}"), ("final_train_loss", "final train loss", "{:.3f}"),
+                 ("steps_to_target", "steps to loss", "{}"), ("s_per_step", "s/step", "{:.2f}")]
+
+
+def plot(payload: dict, path: Path) -> None:
+    """One PNG: training-loss curves (10-step moving average; line = seed mean, band = seed min–max) and held-out
+    accuracy during training, for every method at its best learning rate; the probe before/after as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, cfg = payload["runs"], payload["config"]
+    methods = [m for m in cfg["methods"] if best_lr(runs, m) is not None]
+    fig, (ax_l, ax_a, ax_p) = plt.subplots(1, 3, figsize=(17, 5))
+    colors = dict(zip(METHODS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    for m in methods:
+        lr = best_lr(runs, m)
+        rs = [r for r in runs if r["method"] == m and r["lr"] == lr]
+        curves = torch.tensor([_tasks.smooth(r["losses"]) for r in rs])
+        x = range(1, curves.shape[1] + 1)
+        label = f"{m} (lr {lr:g}, {len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        ax_l.plot(x, curves.mean(0), color=colors.get(m), label=label)
+        ax_l.fill_between(x, curves.min(0).values, curves.max(0).values, color=colors.get(m), alpha=0.2)
+        acc = torch.tensor([[c[1] for c in r["curve"]] for r in rs])
+        xs = [c[0] for c in rs[0]["curve"]]
+        ax_a.plot(xs, acc.mean(0), marker="o", color=colors.get(m), label=m)
+        ax_a.fill_between(xs, acc.min(0).values, acc.max(0).values, color=colors.get(m), alpha=0.2)
+    ax_l.axhline(cfg["target_loss"], color="grey", ls=":", lw=1)
+    ax_l.set(yscale="log", xlabel="step", ylabel="training loss (answer tokens, 10-step avg)",
+             title=f"SmolLM2-135M, r={cfg['rank']}, batch {cfg['batch_size']}")
+    ax_l.legend(fontsize=8)
+    ax_a.set(xlabel="step", ylabel="validation exact match", ylim=(-0.02, 1.02), title="held-out addition accuracy")
+    ax_a.legend(fontsize=8)
+    rows = summarize(runs, methods, payload["probe_before"])
+    ax_p.bar([-0.6], [payload["probe_before"]["logprob"]], width=0.5, color="grey", label="base model")
+    for i, r in enumerate(rows):
+        ax_p.bar([i], [r["probe_lp_after"]], width=0.5, color=colors.get(r["method"]))
+    ax_p.set_xticks([-0.6, *range(len(rows))], ["base", *[r["method"] for r in rows]], rotation=30)
+    ax_p.set(ylabel="mean answer log-prob (higher = more kept)", title="knowledge probe after fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(payload: dict) -> str:
+    runs, cfg = payload["runs"], payload["config"]
+    sweep = sorted([r for r in runs if r["seed"] == 0], key=lambda r: (cfg["methods"].index(r["method"]), r["lr"]))
+    rows = summarize(runs, cfg["methods"], payload["probe_before"])
+    return (f"learning-rate sweep (seed 0):\n{markdown_table(sweep, SWEEP_COLUMNS)}\n\n"
+            f"best learning rate per method, over seeds (steps to loss = first step whose 10-step average training "
+            f"loss is <= {cfg['target_loss']}):\n{markdown_table(rows, COLUMNS)}")
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="shared learning-rate sweep, run on seed 0")
+    p.add_argument("--seeds", default="0,1", help="seed 0 sweeps; the others run each method's best lr")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--target-loss", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--out", default=str(RESULTS_DIR / f"{NAME}.json"))
+    p.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
+    p.add_argument("--report-only", action="store_true", help="print the tables and redraw the PNG from --out")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    if args.report_only:
+        payload = json.loads(out.read_text())
+        print(report(payload))
+        plot(payload, out.with_suffix(".png"))
+        return payload
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if 0 not in seeds:
+        p.error("--seeds must include 0 (the sweep seed)")
+    cfg = dict(methods=methods, lrs=lrs, seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+               eval_every=args.eval_every, target_loss=args.target_loss, model=args.model or "SmolLM2-135M-Instruct",
+               target_modules="all-linear", alpha="rank", n_val=128, n_test=256)
+    # a run is reused only if everything that shapes it is unchanged
+    key_cfg = {k: cfg[k] for k in ("steps", "batch_size", "rank", "eval_every", "target_loss", "model")}
+    runs: list[dict] = []
+    if out.exists() and not args.fresh:
+        old = json.loads(out.read_text())
+        if {k: old.get("config", {}).get(k) for k in key_cfg} == key_cfg:
+            runs = [r for r in old.get("runs", []) if r["method"] in methods]
+            print(f"resuming: {len(runs)} finished runs in {out}")
+        else:
+            print(f"{out} holds another configuration; starting over (it will be overwritten)")
+    progress = not args.no_progress
+
+    t_load = time.perf_counter()
+    base, tok = load_base(args.model)
+    base.requires_grad_(False)
+    load_s = time.perf_counter() - t_load
+    train_pairs, held = _tasks.addition_split(n_test=cfg["n_val"] + cfg["n_test"], seed=0)
+    data = {"train": _tasks.encode_addition(tok, train_pairs),
+            "val": _tasks.encode_addition(tok, held[:cfg["n_val"]]),
+            "test": _tasks.encode_addition(tok, held[cfg["n_val"]:])}
+    probe_before = _tasks.knowledge_probe(base, tok)
+    base_task = _tasks.addition_eval(base, data["test"])
+    covs, calib_s = calibrations(base, tok, train_pairs, methods, progress)
+    print(f"base model: held-out addition accuracy {base_task['accuracy']:.3f}, knowledge probe "
+          f"logp {probe_before['logprob']:.3f} acc {probe_before['accuracy']:.3f}")
+
+    payload: dict[str, Any] = {"config": cfg, "probe_before": probe_before, "base_task": base_task,
+                               "calibration_s": calib_s, "load_s": load_s, "runs": runs}
+    json_path = out
+
+    def save() -> None:
+        payload["summary"] = summarize(runs, methods, probe_before)
+        payload["best_lr"] = {m: best_lr(runs, m) for m in methods}
+        if json_path.resolve() == (RESULTS_DIR / f"{NAME}.json").resolve():
+            write_results(NAME, payload)
+        else:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=float) + "\n")
+
+    def have(m: str, lr: float, s: int) -> bool:
+        return any(r["method"] == m and r["lr"] == lr and r["seed"] == s for r in runs)
+
+    t_all = time.perf_counter()
+    plan = [(m, lr, 0) for m in methods for lr in lrs]
+    for phase in ("sweep", "seeds"):
+        if phase == "seeds":
+            plan = [(m, best_lr(runs, m), s) for m in methods for s in seeds if s != 0]
+        for m, lr, s in plan:
+            if have(m, lr, s):
+                continue
+            row = one_run(base, tok, data, covs, method=m, lr=lr, seed=s, cfg=cfg, progress=progress)
+            row["loadavg_1m"] = machine_info().get("loadavg_1m")  # other processes slow a run down: keep the load
+            row["torch_threads"] = torch.get_num_threads()
+            runs.append(row)
+            save()
+            print(f"{m:10s} lr={lr:<7g} seed={s}: test acc {row['test_accuracy']:.3f}, final loss "
+                  f"{row['final_train_loss']:.3f}, probe logp {row['probe_after']['logprob']:.3f}, "
+                  f"{row['train_s']:.0f} s", flush=True)
+    payload["bench_s_this_invocation"] = time.perf_counter() - t_all
+    save()
+    print(report(payload))
+    plot(payload, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""CorDA-KPA: keep world knowledge while fine-tuning. Calibrate on knowledge text, fine-tune on a task, probe.
+
+CorDA's knowledge-preserved adaptation decomposes W·C, with C the input covariance of text whose knowledge should
+survive, and puts the *bottom* r directions in the adapter: the directions that this text uses most stay frozen in
+the residual. Here the knowledge is capital cities and general facts (``_tasks.KNOWLEDGE_TEXTS``), the task is
+2-digit addition, and the probe is 60 capital-city cloze items *disjoint* from the calibration text. Plain LoRA
+(PEFT's default init) runs the same recipe for comparison.
+
+    python examples/corda_knowledge.py                       # KPA and LoRA, 150 steps each, ~6 minutes here
+    python examples/corda_knowledge.py --methods corda-kpa --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tasks  # noqa: E402
+
+DEFAULT_LR = {"corda-kpa": 1e-3, "lora": 1e-3}
+
+
+def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
+    """Run the example; ``model``/``tokenizer`` may be passed in (tests; not modified), else ``--model`` or the
+    bundled SmolLM2. Returns ``{method: numbers}``."""
+    import svdadapt
+    from peft import LoraConfig, get_peft_model
+
+    p = argparse.ArgumentParser(description="CorDA-KPA vs LoRA: task accuracy and knowledge kept.")
+    p.add_argument("--methods", default="corda-kpa,lora")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
+    p.add_argument("--n-test", type=int, default=256)
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in DEFAULT_LR:
+            p.error(f"unknown method {m!r}; choose from {', '.join(DEFAULT_LR)}")
+
+    if model is None:
+        from svdadapt.loading import load_model, load_smollm2, load_tokenizer
+
+        model, tokenizer = (load_model(args.model), load_tokenizer(args.model)) if args.model else load_smollm2()
+    model.requires_grad_(False)
+    train_pairs, test_pairs = _tasks.addition_split(n_test=args.n_test)
+    train_ids, test_ids = _tasks.encode_addition(tokenizer, train_pairs), _tasks.encode_addition(tokenizer, test_pairs)
+
+    probe_before = _tasks.knowledge_probe(model, tokenizer)
+    task_before = _tasks.addition_eval(model, test_ids)
+    covs = None
+    if "corda-kpa" in methods:
+        t0 = time.perf_counter()
+        batches = svdadapt.text_batches(tokenizer, _tasks.KNOWLEDGE_TEXTS, seq_len=64, batch_size=8)
+        covs = svdadapt.collect_covariances(model, batches)
+        print(f"knowledge calibration: {covs.tokens} tokens in {time.perf_counter() - t0:.1f} s")
+
+    results = {}
+    for m in methods:
+        work = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if m == "lora":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                peft_model = get_peft_model(work, LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+        else:
+            peft_model = svdadapt.wrap(work, "corda", args.rank, mode="kpa", calibration=covs, seed=args.seed)
+        init_s = time.perf_counter() - t0
+        at_init = _tasks.knowledge_probe(peft_model, tokenizer)  # exact init: equals the base model's probe
+        lr = args.lr if args.lr is not None else DEFAULT_LR[m]
+        out = _tasks.train_addition(peft_model, train_ids, steps=args.steps, lr=lr, batch_size=args.batch_size,
+                                    seed=1000 + args.seed, desc=m)
+        task = _tasks.addition_eval(peft_model, test_ids)
+        probe = _tasks.knowledge_probe(peft_model, tokenizer)
+        results[m] = {"lr": lr, "init_s": init_s, "train_s": out["train_s"], "probe_at_init": at_init,
+                      "probe_after": probe, "task_after": task, "final_train_loss": sum(out["losses"][-10:]) /
+                      len(out["losses"][-10:])}
+        del peft_model, work
+
+    print(f"\nbase model: held-out addition acc {task_before['accuracy']:.3f}; knowledge probe (60 items) "
+          f"logp {probe_before['logprob']:.3f}, acc {probe_before['accuracy']:.3f}\n")
+    print("| method | lr | addition acc after | probe logp before | after | probe acc before | after | train (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m, r in results.items():
+        print(f"| {m} | {r['lr']:g} | {r['task_after']['accuracy']:.3f} | {probe_before['logprob']:.3f} | "
+              f"{r['probe_after']['logprob']:.3f} | {probe_before['accuracy']:.3f} | {r['probe_after']['accuracy']:.3f} "
+              f"| {r['train_s']:.0f} |")
+    return {"probe_before": probe_before, "task_before": task_before, "methods": results}
+
+
+if __name__ == "__main__":
+    main()

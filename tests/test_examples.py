@@ -1,0 +1,116 @@
+"""The examples and the fine-tuning benchmark, shortened to a handful of steps on the real SmolLM2, so they never rot.
+
+Each runs its ``main()`` on the session's model (passed in, never reloaded) and checks numbers the example promises:
+exact init (the knowledge probe at init equals the base model's), the exported plain LoRA reproducing the
+fine-tuned model on the original weights, EoRA beating plain SVD of ΔW on held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import _tasks
+
+    return _tasks
+
+
+# ------------------------------------------------------------------------------------------- fast: the task data
+def test_addition_items_have_fixed_layout_and_disjoint_split(tasks):
+    train, test = tasks.addition_split(n_test=256)
+    assert len(train) + len(test) == 4095  # all 2-digit pairs with a 3-digit sum
+    assert not set(train) & set(test)
+    assert all(100 <= a + b <= 198 for a, b in train + test)
+    assert tasks.addition_split(n_test=256) == (train, test)  # deterministic
+
+
+def test_knowledge_calibration_text_is_disjoint_from_probe(tasks):
+    import re
+
+    words = list(tasks.PROBE_CAPITALS) + list(tasks.PROBE_CAPITALS.values())
+    for text in tasks.KNOWLEDGE_TEXTS:
+        for w in words:
+            assert not re.search(rf"\b{re.escape(w)}\b", text), (w, text)
+    assert len(tasks.probe_items()) == 2 * len(tasks.PROBE_CAPITALS) == 60
+
+
+def test_smooth_and_steps_to(tasks):
+    vals = [4.0, 2.0, 0.0, 0.0]
+    assert tasks.smooth(vals, window=2) == [4.0, 3.0, 1.0, 0.0]
+    assert tasks.steps_to(vals, 1.0, window=2) == 3
+    assert tasks.steps_to(vals, -1.0, window=2) is None
+
+
+# ------------------------------------------------------------------------------------------- slow: real model
+@pytest.mark.slow
+def test_addition_tokens_and_exact_match_equals_greedy(tasks, smollm2):
+    model, tok = smollm2
+    _, test = tasks.addition_split(n_test=16)
+    ids = tasks.encode_addition(tok, test)
+    assert ids.shape == (16, 9)
+    assert tok.decode(ids[0]) == f"{test[0][0]}+{test[0][1]}={sum(test[0])}"
+    # teacher-forced argmax of all answer digits == greedy completion of the prompt
+    with torch.no_grad():
+        gen = model.generate(ids[:, :6], max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+    greedy = (gen[:, 6:9] == ids[:, 6:9]).all(-1).float().mean().item()
+    assert tasks.addition_eval(model, ids)["accuracy"] == greedy
+
+
+@pytest.mark.slow
+def test_finetune_example_trainer_save_export(smollm2, tmp_path):
+    model, tok = smollm2
+    ex = _load(ROOT / "examples" / "finetune.py", "ex_finetune")
+    res = ex.main(["--method", "pissa", "--max-steps", "4", "--batch-size", "4", "--n-test", "32",
+                   "--output-dir", str(tmp_path)], model=model, tokenizer=tok)
+    assert res["gradient_checkpointing"] is True
+    assert res["loss_after"] < res["loss_before"]  # 4 Trainer steps move the answer loss
+    # the exported rank-2r LoRA on the ORIGINAL model reproduces the fine-tuned model
+    assert res["reload_max_logit_diff"] < 1e-3
+    assert res["reload_acc"] == res["acc_after"]
+    assert (tmp_path / "svdadapt" / "svdadapt.json").is_file()
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 16  # 2 × rank
+
+
+@pytest.mark.slow
+def test_corda_knowledge_example(smollm2):
+    model, tok = smollm2
+    ex = _load(ROOT / "examples" / "corda_knowledge.py", "ex_corda_knowledge")
+    res = ex.main(["--methods", "corda-kpa", "--steps", "3", "--batch-size", "4", "--n-test", "32"],
+                  model=model, tokenizer=tok)
+    r = res["methods"]["corda-kpa"]
+    # CorDA-KPA is exact at init: the probe equals the base model's (the base was not modified either)
+    assert r["probe_at_init"]["accuracy"] == res["probe_before"]["accuracy"]
+    assert abs(r["probe_at_init"]["logprob"] - res["probe_before"]["logprob"]) < 1e-4
+    assert res["probe_before"]["accuracy"] >= 0.6  # the probe tests knowledge the model has
+    assert 0.0 <= r["task_after"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_eora_example_beats_plain_svd(smollm2):
+    model, tok = smollm2
+    ex = _load(ROOT / "examples" / "eora_compensate.py", "ex_eora")
+    res = ex.main(["--compress", "q3", "--ranks", "16", "--calib-seqs", "8", "--eval-seqs", "4",
+                   "--seq-len", "128"], model=model, tokenizer=tok)
+    ppl = {r["config"]: r["ppl"] for r in res["rows"]}
+    assert ppl["original"] < ppl["q3 compressed"]
+    assert ppl["q3 + EoRA"] < ppl["q3 + SVD of ΔW"] < ppl["q3 compressed"]

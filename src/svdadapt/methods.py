@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .linalg import TruncatedSVD, damped_cholesky, truncated_svd, whitening
+from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
 
 __all__ = ["Init", "MethodSpec", "METHODS", "get_method", "pissa", "milora", "corda", "eora", "finish"]
 
@@ -46,8 +46,9 @@ def _svd_options(svd: str, niter: int, oversample: int, generator: torch.Generat
 
 
 @torch.no_grad()
-def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", niter: int = 4, oversample: int = 16,
-          generator: torch.Generator | None = None, largest: bool = True, **_: Any) -> Init:
+def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", niter: int = DEFAULT_NITER,
+          oversample: int = DEFAULT_OVERSAMPLE, generator: torch.Generator | None = None, largest: bool = True,
+          **_: Any) -> Init:
     """PiSSA: the top-``rank`` singular triplets of ``W`` (out, in); s·B·A = [W]_r."""
     t = truncated_svd(W, rank, largest=largest, **_svd_options(svd, niter, oversample, generator))
     A, B = _factors(t, scaling)
@@ -72,8 +73,8 @@ def prepare_corda(C: torch.Tensor, damping: float = 0.01, **_: Any) -> dict[str,
 
 @torch.no_grad()
 def corda(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], mode: str = "ipa",
-          svd: str = "auto", niter: int = 4, oversample: int = 16, generator: torch.Generator | None = None,
-          **_: Any) -> Init:
+          svd: str = "auto", niter: int = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
+          generator: torch.Generator | None = None, **_: Any) -> Init:
     """CorDA: SVD of W·C_d (out, in); IPA keeps the top ``rank`` triplets, KPA the bottom.
 
     With V̂ᵀ = Vᵀ·C_d⁻¹ (a Cholesky solve, no explicit inverse), W = U·S·V̂ᵀ exactly and
@@ -97,8 +98,8 @@ def prepare_eora(C: torch.Tensor, rtol: float | None = None, **_: Any) -> dict[s
 
 @torch.no_grad()
 def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], reference: torch.Tensor,
-         svd: str = "auto", niter: int = 4, oversample: int = 16, generator: torch.Generator | None = None,
-         **_: Any) -> Init:
+         svd: str = "auto", niter: int = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
+         generator: torch.Generator | None = None, **_: Any) -> Init:
     """EoRA: the rank-``rank`` M minimizing ‖(ΔW − M)·X‖_F, ΔW = reference − W (out, in).
 
     M* = [ΔW·S]_r·S⁺ with S·Sᵀ = C; the base (the compressed ``W``) is left untouched. If C has fewer

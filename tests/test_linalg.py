@@ -1,0 +1,235 @@
+"""linalg.py: block-Krylov and exact truncated SVDs, the "auto" rule, whitening and damped Cholesky."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from svdadapt.linalg import (
+    DEFAULT_NITER,
+    DEFAULT_OVERSAMPLE,
+    choose_svd,
+    damped_cholesky,
+    full_svd,
+    randomized_svd,
+    truncated_svd,
+    whitening,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
+    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def known(m: int, n: int, s: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M fp32 (m, n), U (m, k), V (n, k)) with M = U·diag(s)·Vᵀ exactly in fp64, k = len(s)."""
+    g = torch.Generator().manual_seed(seed)
+    k = s.numel()
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return ((U * s.double()) @ V.mT).float(), U, V
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def product(t) -> torch.Tensor:
+    return (t.U.double() * t.S.double()) @ t.Vh.double()
+
+
+def sin_max_angle(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Sine of the largest principal angle between the column spaces of A and B (both orthonormal):
+    ‖(I − B·Bᵀ)·A‖₂, which keeps its digits where 1 − cos² would cancel."""
+    A, B = A.double(), B.double()
+    return float(torch.linalg.matrix_norm(A - B @ (B.mT @ A), ord=2))
+
+
+# ------------------------------------------------------------------------------------------ randomized
+@pytest.mark.parametrize("m,n", [(700, 400), (400, 700)])  # tall and wide
+def test_randomized_matches_exact_on_decaying_spectrum(m: int, n: int) -> None:
+    r = 16
+    # a decaying spectrum with a gap after the 16th value, so that the top subspaces are well defined
+    s = torch.cat([torch.linspace(1, 0.5, r), 0.4 * torch.logspace(0, -2, min(m, n) - r)]).double()
+    M, U, V = known(m, n, s)
+    t = randomized_svd(M, r, generator=gen())
+    assert t.U.shape == (m, r) and t.S.shape == (r,) and t.Vh.shape == (r, n)
+    best = (U[:, :r] * s[:r]) @ V[:, :r].mT
+    assert float((product(t) - best).norm() / best.norm()) < 1e-4
+    assert float((t.S.double() - s[:r]).abs().max()) < 1e-5
+    assert sin_max_angle(t.U, U[:, :r]) < 1e-3
+    assert sin_max_angle(t.Vh.mT, V[:, :r]) < 1e-3
+    eye = torch.eye(r)
+    assert float((t.U.mT @ t.U - eye).abs().max()) < 1e-5
+    assert float((t.Vh @ t.Vh.mT - eye).abs().max()) < 1e-5
+
+
+def test_randomized_energy_on_flat_spectrum_beats_subspace_iteration() -> None:
+    """A Gaussian matrix has the flattest spectrum there is (Marchenko-Pastur): the hard case."""
+    r = 16
+    M = torch.randn(1200, 600, generator=gen(3)) * 0.02
+    optimum = float(torch.linalg.svdvals(M.double())[:r].pow(2).sum())
+    ours = float(randomized_svd(M, r, generator=gen()).S.double().pow(2).sum()) / optimum
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _, S_peft, _ = torch.svd_lowrank(M, q=r, niter=16)  # what PEFT's pissa_niter_16 runs
+    theirs = float(S_peft.double().pow(2).sum()) / optimum
+    assert ours >= 0.995
+    assert ours <= 1 + 1e-6  # a Ritz approximation never beats the optimum
+    assert ours > theirs
+
+
+def test_ritz_values_never_exceed_singular_values() -> None:
+    s = torch.linspace(1.0, 0.2, 500, dtype=torch.float64)
+    M, _, _ = known(800, 500, s, seed=1)
+    t = randomized_svd(M, 12, niter=3, oversample=4, generator=gen())
+    assert bool((t.S.double() <= s[:12] * (1 + 1e-5)).all())
+    assert bool((t.S[:-1] >= t.S[1:]).all())  # descending
+
+
+def test_randomized_is_deterministic_and_leaves_global_rng_alone() -> None:
+    M = torch.randn(900, 500, generator=gen(5))
+    state = torch.get_rng_state()
+    a = randomized_svd(M, 16, generator=gen(7))
+    b = randomized_svd(M, 16, generator=gen(7))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+    c = randomized_svd(M, 16, generator=gen(8))
+    assert not torch.equal(a.Vh, c.Vh)  # the seed matters...
+    assert float((a.S - c.S).abs().max() / a.S[0]) < 0.05  # ...but not much
+
+
+def test_randomized_wide_is_the_transpose_of_tall() -> None:
+    M = torch.randn(800, 450, generator=gen(2))
+    tall = randomized_svd(M, 8, generator=gen(1))
+    wide = randomized_svd(M.mT, 8, generator=gen(1))
+    assert torch.equal(wide.U, tall.Vh.mT) and torch.equal(wide.S, tall.S) and torch.equal(wide.Vh, tall.U.mT)
+
+
+def test_randomized_falls_back_to_exact_when_basis_covers_the_short_side() -> None:
+    M = torch.randn(300, 100, generator=gen(4))
+    t = randomized_svd(M, 8, niter=9, oversample=2, generator=gen())  # basis 100 = short side
+    e = full_svd(M, 8)
+    assert torch.equal(t.S, e.S) and torch.equal(t.U, e.U)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_randomized_on_rank_deficient_matrix(transpose: bool) -> None:
+    """Rank 5 < rank 16 < basis: the exact low-rank part comes back, the rest as exact zeros."""
+    s = torch.cat([torch.linspace(2, 1, 5), torch.zeros(395)]).double()
+    M, U, V = known(600, 400, s, seed=6)
+    if transpose:
+        M = M.mT
+    t = randomized_svd(M, 16, generator=gen())
+    assert float((t.S[:5].double() - s[:5]).abs().max()) < 1e-5
+    assert torch.equal(t.S[5:], torch.zeros(11))
+    assert bool(torch.isfinite(t.U).all() and torch.isfinite(t.Vh).all())
+    assert float((product(t) - M.double()).norm() / M.double().norm()) < 1e-5
+
+
+def test_randomized_on_zero_matrix() -> None:
+    t = randomized_svd(torch.zeros(500, 300), 4, generator=gen())
+    assert torch.equal(t.S, torch.zeros(4))
+    assert torch.equal(product(t), torch.zeros(500, 300, dtype=torch.float64))
+
+
+def test_randomized_keeps_fp64() -> None:
+    s = torch.logspace(0, -1, 300, dtype=torch.float64)
+    M, U, V = known(500, 300, s)
+    t = randomized_svd(M.double(), 8, generator=gen())
+    assert t.U.dtype == t.S.dtype == t.Vh.dtype == torch.float64
+    assert float((t.S - s[:8]).abs().max()) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ full
+@pytest.mark.parametrize("m,n", [(60, 40), (40, 60)])
+def test_full_svd_top_and_bottom(m: int, n: int) -> None:
+    s = torch.linspace(3, 0.5, min(m, n), dtype=torch.float64)
+    M, U, V = known(m, n, s, seed=9)
+    top = full_svd(M, 5)
+    bottom = full_svd(M, 5, largest=False)
+    assert float((top.S.double() - s[:5]).abs().max()) < 1e-5
+    assert float((bottom.S.double() - s[-5:]).abs().max()) < 1e-5
+    best_top = (U[:, :5] * s[:5]) @ V[:, :5].mT
+    best_bottom = (U[:, -5:] * s[-5:]) @ V[:, -5:].mT
+    assert float((product(top) - best_top).norm() / best_top.norm()) < 1e-5
+    assert float((product(bottom) - best_bottom).norm() / best_bottom.norm()) < 1e-5
+    assert top.U.shape == (m, 5) and top.Vh.shape == (5, n)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def test_truncated_svd_dispatch_and_errors() -> None:
+    M = torch.randn(80, 50, generator=gen())
+    exact = full_svd(M, 4)
+    assert torch.equal(truncated_svd(M, 4, svd="full").S, exact.S)
+    assert torch.equal(truncated_svd(M, 4, svd="auto").S, exact.S)  # short side 50: exact
+    with pytest.raises(ValueError, match=r"svd='randomized' cannot compute the smallest singular triplets"):
+        truncated_svd(M, 4, largest=False, svd="randomized")
+    with pytest.raises(ValueError, match=r"svd must be 'auto', 'full' or 'randomized', got 'lanczos'"):
+        truncated_svd(M, 4, svd="lanczos")
+
+
+def test_choose_svd_rule() -> None:
+    d = dict(niter=DEFAULT_NITER, oversample=DEFAULT_OVERSAMPLE)
+    assert choose_svd((576, 1536), 16, True, **d) == "randomized"  # SmolLM2 MLP
+    assert choose_svd((2048, 5632), 16, True, **d) == "randomized"
+    assert choose_svd((576, 1536), 16, False, **d) == "full"  # bottom triplets: always exact
+    assert choose_svd((192, 576), 16, True, **d) == "full"  # short side <= 256
+    short = 1000
+    basis = (DEFAULT_NITER + 1) * (16 + DEFAULT_OVERSAMPLE)
+    assert choose_svd((short, 4000), 16, True, **d) == ("randomized" if 4 * basis <= 3 * short else "full")
+    assert choose_svd((400, 4000), 64, True, **d) == "full"  # basis would cover more than 3/4 of 400
+
+
+# ------------------------------------------------------------------------------------------ covariances
+def test_whitening_full_rank() -> None:
+    X = torch.randn(200, 12, generator=gen(1), dtype=torch.float64)
+    C = X.mT @ X
+    S, S_pinv = whitening(C)
+    assert S.dtype == torch.float64 and S.shape == (12, 12)
+    assert float((S @ S.mT - C).abs().max() / C.abs().max()) < 1e-12
+    assert float((S_pinv @ S - torch.eye(12, dtype=torch.float64)).abs().max()) < 1e-10
+
+
+def test_whitening_rank_deficient_drops_directions() -> None:
+    X = torch.randn(50, 3, generator=gen(2), dtype=torch.float64) @ torch.randn(3, 10, generator=gen(3),
+                                                                                dtype=torch.float64)
+    C = (X.mT @ X).float()  # rank 3 of 10, in fp32 as calibration produces it
+    S, S_pinv = whitening(C)
+    assert S.shape == (10, 3) and S_pinv.shape == (3, 10)
+    assert bool(torch.isfinite(S_pinv).all())
+    assert float((S @ S.mT - C.double()).abs().max() / C.abs().max()) < 1e-6
+    assert float((S_pinv @ S - torch.eye(3, dtype=torch.float64)).abs().max()) < 1e-8
+    with pytest.raises(ValueError, match="covariance is zero"):
+        whitening(torch.zeros(4, 4))
+
+
+def test_damped_cholesky() -> None:
+    X = torch.randn(100, 8, generator=gen(4), dtype=torch.float64)
+    C = X.mT @ X
+    L, lam = damped_cholesky(C, damping=0.01)
+    assert lam == 0.01  # well conditioned already: the first damping is kept
+    Cd = C + lam * C.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    assert float((L @ L.mT - Cd).abs().max() / Cd.abs().max()) < 1e-12
+    assert bool((L.triu(1) == 0).all())
+
+    # a badly conditioned covariance: λ doubles until cond(C_d) <= max_cond
+    D = torch.diag(torch.tensor([1.0, 1e-9, 1e-9, 1.0], dtype=torch.float64))
+    L, lam = damped_cholesky(D, damping=1e-6, max_cond=1e3)
+    k = math.log2(lam / 1e-6)
+    assert k == int(k) and k > 0
+    Dd = L @ L.mT
+    evals = torch.linalg.eigvalsh(Dd)
+    assert float(evals[-1] / evals[0]) <= 1e3
+    assert float(evals[-1] / evals[0]) > 1e3 / 2.1  # and not damped further than needed (one doubling less fails)
+
+    with pytest.raises(ValueError, match="non-positive or non-finite mean diagonal"):
+        damped_cholesky(torch.zeros(3, 3, dtype=torch.float64))

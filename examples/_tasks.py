@@ -28,7 +28,7 @@ from torch import nn
 __all__ = [
     "ANSWER_LEN", "PROMPT_LEN", "addition_split", "encode_addition", "addition_loss", "addition_eval",
     "task_texts", "PROBE_CAPITALS", "CALIB_CAPITALS", "KNOWLEDGE_TEXTS", "probe_items", "knowledge_probe",
-    "pydoc_texts", "perplexity", "train_addition", "smooth", "steps_to",
+    "pydoc_texts", "perplexity", "train_addition", "smooth", "steps_to", "parse_targets",
 ]
 
 PROMPT_LEN, ANSWER_LEN = 6, 3  # "47+58=" and "105"
@@ -37,7 +37,7 @@ PROMPT_LEN, ANSWER_LEN = 6, 3  # "47+58=" and "105"
 
 
 def addition_split(n_test: int = 256, seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """All pairs (a, b) of 2-digit numbers with a 3-digit sum (4095 pairs), shuffled with ``seed`` and split
+    """All pairs (a, b) of 2-digit numbers with a 3-digit sum (4860 pairs), shuffled with ``seed`` and split
     into ``(train, test)``; ``test`` holds ``n_test`` held-out pairs never seen in training."""
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a + b >= 100]
     random.Random(seed).shuffle(pairs)
@@ -216,6 +216,17 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], pro
 
 
 # ----------------------------------------------------------------------------------------------- training
+
+
+def parse_targets(spec: str) -> str | list[str]:
+    """``--targets`` of the examples: ``"all-linear"`` or comma-separated module-name suffixes (``"q_proj,v_proj"``),
+    in the form ``svdadapt.wrap``, ``peft.LoraConfig`` and ``svdadapt.compress`` all accept."""
+    if spec.strip().lower() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--targets must be 'all-linear' or comma-separated module names, got {spec!r}")
+    return names
 
 
 def train_addition(model: nn.Module, train_ids: torch.Tensor, *, steps: int, lr: float, batch_size: int = 16,

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p.add_argument("--methods", default="corda-kpa,lora")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--targets", default="all-linear",
+                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
     p.add_argument("--n-test", type=int, default=256)
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
 
         model, tokenizer = (load_model(args.model), load_tokenizer(args.model)) if args.model else load_smollm2()
     model.requires_grad_(False)
+    targets = _tasks.parse_targets(args.targets)
     train_pairs, test_pairs = _tasks.addition_split(n_test=args.n_test)
     train_ids, test_ids = _tasks.encode_addition(tokenizer, train_pairs), _tasks.encode_addition(tokenizer, test_pairs)
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     if "corda-kpa" in methods:
         t0 = time.perf_counter()
         batches = svdadapt.text_batches(tokenizer, _tasks.KNOWLEDGE_TEXTS, seq_len=64, batch_size=8)
-        covs = svdadapt.collect_covariances(model, batches)
+        covs = svdadapt.collect_covariances(model, batches, target_modules=targets)
         print(f"knowledge calibration: {covs.tokens} tokens in {time.perf_counter() - t0:.1f} s")
 
     results = {}
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
                 peft_model = get_peft_model(work, LoraConfig(r=args.rank, lora_alpha=args.rank,
-                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                             target_modules=targets, task_type="CAUSAL_LM"))
         else:
-            peft_model = svdadapt.wrap(work, "corda", args.rank, mode="kpa", calibration=covs, seed=args.seed)
+            peft_model = svdadapt.wrap(work, "corda", args.rank, mode="kpa", calibration=covs, seed=args.seed,
+                                       target_modules=targets)
         init_s = time.perf_counter() - t0
         at_init = _tasks.knowledge_probe(peft_model, tokenizer)  # exact init: equals the base model's probe
         lr = args.lr if args.lr is not None else DEFAULT_LR[m]

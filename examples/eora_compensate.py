@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tasks  # noqa: E402
 
 
-def compress(model, how: str, covs):
+def compress(model, how: str, covs, targets="all-linear"):
     """A compressed copy: ``q<bits>`` (RTN, groups of 64 input columns) or ``N:M`` pruning (Wanda scores)."""
     import svdadapt
 
     if how.startswith("q") and how[1:].isdigit():
-        return svdadapt.compress.quantize(model, bits=int(how[1:]), group_size=64)
+        return svdadapt.compress.quantize(model, bits=int(how[1:]), group_size=64, target_modules=targets)
     if ":" in how:
-        return svdadapt.compress.prune(model, how, calibration=covs)
+        return svdadapt.compress.prune(model, how, calibration=covs, target_modules=targets)
     raise ValueError(f"--compress must look like q4 / q3 (bits) or 2:4 (N:M pruning), got {how!r}")
 
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p = argparse.ArgumentParser(description="Compress, compensate with EoRA, compare perplexity.")
     p.add_argument("--compress", default="q3", help="q<bits> (RTN g64) or N:M pruning (default q3)")
     p.add_argument("--ranks", default="16,64")
+    p.add_argument("--targets", default="all-linear",
+                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
     p.add_argument("--calib-seqs", type=int, default=32)
     p.add_argument("--eval-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p.add_argument("--plot", default=None, help="write a PNG of perplexity vs rank here")
     args = p.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
+    targets = _tasks.parse_targets(args.targets)
 
     if model is None:
         from svdadapt.loading import load_model, load_smollm2, load_tokenizer
@@ -62,20 +65,20 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
                                   max_batches=-(-args.eval_seqs // 8))
 
     rows = [{"config": "original", "rank": 0, "ppl": _tasks.perplexity(model, evalb, progress=True)}]
-    orig_covs = svdadapt.collect_covariances(model, calib) if ":" in args.compress else None
+    orig_covs = svdadapt.collect_covariances(model, calib, target_modules=targets) if ":" in args.compress else None
     t0 = time.perf_counter()
-    compressed = compress(model, args.compress, orig_covs)
+    compressed = compress(model, args.compress, orig_covs, targets)
     rows.append({"config": f"{args.compress} compressed", "rank": 0, "ppl": _tasks.perplexity(compressed, evalb),
                  "time_s": time.perf_counter() - t0})
     # EoRA whitens by the inputs the compressed model actually sees (wrap's default calibrate_on="compressed")
-    covs = svdadapt.collect_covariances(compressed, calib)
+    covs = svdadapt.collect_covariances(compressed, calib, target_modules=targets)
     eyes: dict[int, torch.Tensor] = {}  # one identity per width, shared like the covariances
     identity = {n: eyes.setdefault(c.shape[0], torch.eye(c.shape[0], dtype=c.dtype)) for n, c in covs.items()}
     for rank in ranks:
         for label, cal in (("SVD of ΔW", identity), ("EoRA", covs)):
             t0 = time.perf_counter()
             pm = svdadapt.wrap(copy.deepcopy(compressed), "eora", rank, calibration=cal, reference=model,
-                               progress=False)
+                               target_modules=targets, progress=False)
             init_s = time.perf_counter() - t0
             rows.append({"config": f"{args.compress} + {label}", "rank": rank, "ppl": _tasks.perplexity(pm, evalb),
                          "time_s": init_s})

@@ -43,19 +43,19 @@ class AdditionDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": labels}
 
 
-def wrap_model(model, tok, method: str, rank: int, train_pairs, seed: int = 0):
+def wrap_model(model, tok, method: str, rank: int, train_pairs, seed: int = 0, targets="all-linear"):
     """``method`` applied to ``model`` (modified in place); ``lora`` is PEFT's own default init, for comparison."""
     import svdadapt
     from peft import LoraConfig, get_peft_model
 
     if method == "lora":
         torch.manual_seed(seed)
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
                                                 task_type="CAUSAL_LM"))
     if method == "corda":  # instruction-previewed: calibrate on the task's own training items
         batches = svdadapt.text_batches(tok, _tasks.task_texts(train_pairs[:512]), seq_len=64, batch_size=8)
-        return svdadapt.wrap(model, "corda", rank, mode="ipa", calibration=batches, seed=seed)
-    return svdadapt.wrap(model, method, rank, seed=seed)
+        return svdadapt.wrap(model, "corda", rank, mode="ipa", calibration=batches, seed=seed, target_modules=targets)
+    return svdadapt.wrap(model, method, rank, seed=seed, target_modules=targets)
 
 
 def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p.add_argument("--method", choices=["lora", "pissa", "milora", "corda"], default="pissa")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--targets", default="all-linear",
+                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
     p.add_argument("--n-test", type=int, default=256)
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     train_ids, test_ids = _tasks.encode_addition(tokenizer, train_pairs), _tasks.encode_addition(tokenizer, test_pairs)
 
     t0 = time.perf_counter()
-    peft_model = wrap_model(model, tokenizer, args.method, args.rank, train_pairs, args.seed)
+    peft_model = wrap_model(model, tokenizer, args.method, args.rank, train_pairs, args.seed,
+                            _tasks.parse_targets(args.targets))
     init_s = time.perf_counter() - t0
     before = _tasks.addition_eval(peft_model, test_ids)
 

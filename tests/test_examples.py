@@ -37,7 +37,7 @@ def tasks():
 # ------------------------------------------------------------------------------------------- fast: the task data
 def test_addition_items_have_fixed_layout_and_disjoint_split(tasks):
     train, test = tasks.addition_split(n_test=256)
-    assert len(train) + len(test) == 4095  # all 2-digit pairs with a 3-digit sum
+    assert len(train) + len(test) == 4860  # all 2-digit pairs with a 3-digit sum
     assert not set(train) & set(test)
     assert all(100 <= a + b <= 198 for a, b in train + test)
     assert tasks.addition_split(n_test=256) == (train, test)  # deterministic
@@ -80,7 +80,7 @@ def test_finetune_example_trainer_save_export(smollm2, tmp_path):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "finetune.py", "ex_finetune")
     res = ex.main(["--method", "pissa", "--max-steps", "4", "--batch-size", "4", "--n-test", "32",
-                   "--output-dir", str(tmp_path)], model=model, tokenizer=tok)
+                   "--targets", "q_proj,v_proj", "--output-dir", str(tmp_path)], model=model, tokenizer=tok)
     assert res["gradient_checkpointing"] is True
     assert res["loss_after"] < res["loss_before"]  # 4 Trainer steps move the answer loss
     # the exported rank-2r LoRA on the ORIGINAL model reproduces the fine-tuned model
@@ -95,13 +95,14 @@ def test_finetune_example_trainer_save_export(smollm2, tmp_path):
 def test_corda_knowledge_example(smollm2):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "corda_knowledge.py", "ex_corda_knowledge")
-    res = ex.main(["--methods", "corda-kpa", "--steps", "3", "--batch-size", "4", "--n-test", "32"],
+    res = ex.main(["--methods", "corda-kpa", "--steps", "3", "--batch-size", "4", "--n-test", "32",
+                   "--targets", "q_proj,v_proj"],
                   model=model, tokenizer=tok)
     r = res["methods"]["corda-kpa"]
     # CorDA-KPA is exact at init: the probe equals the base model's (the base was not modified either)
     assert r["probe_at_init"]["accuracy"] == res["probe_before"]["accuracy"]
     assert abs(r["probe_at_init"]["logprob"] - res["probe_before"]["logprob"]) < 1e-4
-    assert res["probe_before"]["accuracy"] >= 0.6  # the probe tests knowledge the model has
+    assert res["probe_before"]["accuracy"] >= 0.9  # the probe tests knowledge the model has (58 of 60)
     assert 0.0 <= r["task_after"]["accuracy"] <= 1.0
 
 
@@ -110,7 +111,7 @@ def test_eora_example_beats_plain_svd(smollm2):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "eora_compensate.py", "ex_eora")
     res = ex.main(["--compress", "q3", "--ranks", "16", "--calib-seqs", "8", "--eval-seqs", "4",
-                   "--seq-len", "128"], model=model, tokenizer=tok)
+                   "--seq-len", "128", "--targets", "q_proj,k_proj,v_proj,o_proj"], model=model, tokenizer=tok)
     ppl = {r["config"]: r["ppl"] for r in res["rows"]}
     assert ppl["original"] < ppl["q3 compressed"]
     assert ppl["q3 + EoRA"] < ppl["q3 + SVD of ΔW"] < ppl["q3 compressed"]

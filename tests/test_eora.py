@@ -119,15 +119,16 @@ def test_tiny_llama_end_to_end_and_calibrate_on():
     calib = [{"input_ids": torch.randint(0, 128, (4, 32), generator=g)} for _ in range(2)]
     held_out = torch.randint(0, 128, (4, 32), generator=g)
     peft_model = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=calib,
-                               progress=False)
+                               calibrate_on="compressed", progress=False)
     with torch.no_grad():
         ref, q, comp = model(held_out).logits, qmodel(held_out).logits, peft_model(held_out).logits
     assert (comp - ref).norm() < 0.8 * (q - ref).norm()
 
-    for on, source in (("compressed", qmodel), ("reference", model)):
+    for on, source in (("compressed", qmodel), ("reference", model), (None, model)):  # None: the default
         covs = svdadapt.collect_covariances(source, calib, progress=False)
+        kw = {} if on is None else {"calibrate_on": on}
         collected = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=calib,
-                                  calibrate_on=on, progress=False)
+                                  progress=False, **kw)
         given = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=covs,
                               progress=False)
         for n, (A, B) in given.svdadapt["init_factors"].items():
@@ -149,16 +150,17 @@ def test_errors():
     _raises(ValueError, "method 'eora' needs calibration=: a svdadapt.Covariances or an iterable of batches",
             reference=ref, calibration=None)
     _raises(ValueError, "reference weight for '0' has shape (32, 40), the model's has (32, 48)",
-            reference={"0.weight": torch.zeros(OUT, 40)})
+            reference={"0.weight": torch.zeros(OUT, 40)}, calibrate_on="compressed")
     _raises(ValueError, "reference has no weight for targeted module '0' (looked for '0.weight')",
-            reference={"layer.weight": torch.zeros(OUT, IN)})
+            reference={"layer.weight": torch.zeros(OUT, IN)}, calibrate_on="compressed")
     _raises(ValueError, "reference has no weight for targeted module '0' (looked for '0.weight')",
             reference=nn.Sequential(nn.Identity()))
     _raises(TypeError, "reference must be an nn.Module or a state dict, got Tensor", reference=torch.zeros(OUT, IN))
     _raises(ValueError, "calibrate_on must be 'compressed' or 'reference', got 'both'", reference=ref,
             calibrate_on="both")
-    _raises(ValueError, "calibrate_on='reference' collects on the reference model: pass reference= as an nn.Module "
-            "(not a state dict), or pass precomputed Covariances", reference=ref.state_dict(), calibrate_on="reference")
+    _raises(ValueError, "calibrate_on='reference' (the default) collects on the reference model: pass reference= "
+            "as an nn.Module (not a state dict), pass precomputed Covariances, or set calibrate_on='compressed'",
+            reference=ref.state_dict())
     _raises(ValueError, "mode='ipa' only applies to method='corda', not 'eora'", reference=ref, mode="ipa")
     _raises(ValueError, "covariance for '0' has shape (40, 40), expected (48, 48)", reference=ref,
             calibration={"0": torch.eye(40)})

@@ -132,7 +132,7 @@ def wrap(
     damping: float = 0.01,
     calibration: Any = None,
     reference: Any = None,
-    calibrate_on: str = "compressed",
+    calibrate_on: str = "reference",
     task_type: str | None = None,
 ):
     """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``.
@@ -157,7 +157,10 @@ def wrap(
         calibration: CorDA/EoRA: a ``Covariances`` (or mapping name -> (in, in) tensor), or an iterable of
             batches to collect one from (dicts passed as ``model(**batch)``, tensors as ``model(batch)``).
         reference: EoRA: the uncompressed model, or its state dict.
-        calibrate_on: EoRA with batches: collect inputs on the ``"compressed"`` model or the ``"reference"``.
+        calibrate_on: EoRA with batches: collect inputs on the ``"reference"`` (uncompressed) model, the
+            default, or on the ``"compressed"`` one. The reference's inputs gave lower perplexity in 5 of 6
+            settings on SmolLM2 (benchmarks/bench_eora.py, README), plausibly because the compensated model's
+            activations are closer to the original's than to those of the uncompensated compressed model.
         task_type: PEFT task type; None picks ``"CAUSAL_LM"`` for ``*ForCausalLM`` models.
 
     Returns:
@@ -212,8 +215,9 @@ def wrap(
         hook_model = model
         if calibrate_on == "reference" and spec.needs_reference:
             if not isinstance(reference, nn.Module) and not isinstance(calibration, (Mapping, str)):
-                raise ValueError("calibrate_on='reference' collects on the reference model: pass reference= as an "
-                                 "nn.Module (not a state dict), or pass precomputed Covariances")
+                raise ValueError("calibrate_on='reference' (the default) collects on the reference model: pass "
+                                 "reference= as an nn.Module (not a state dict), pass precomputed Covariances, or "
+                                 "set calibrate_on='compressed'")
             hook_model = reference
         covs = as_covariances(calibration, hook_model, names, progress=progress)
         for n in names:

@@ -164,5 +164,5 @@ def finish(W: torch.Tensor, init: Init, scaling: float, adapter_dtype: torch.dty
     if not rewrite:
         return A, B, None
     compute = torch.float64 if W.dtype == torch.float64 else torch.float32
-    base = W.to(compute) - scaling * (B.to(compute) @ A.to(compute))
+    base = torch.addmm(W.to(compute), B.to(compute), A.to(compute), alpha=-scaling)  # one pass over W
     return A, B, base.to(base_dtype)

@@ -148,7 +148,8 @@ def wrap(
         use_rslora: scaling alpha/√r instead of alpha/r.
         svd: ``"auto"`` (per matrix: block-Krylov sketch for top-r of large matrices, else exact),
             ``"full"`` (exact LAPACK) or ``"randomized"``.
-        niter, oversample: block-Krylov power steps and extra sketch columns.
+        niter, oversample: Krylov blocks beyond the first (default 11) and extra columns per block
+            (default 0; a block is at least 16 columns wide), see ``svdadapt.linalg.randomized_svd``.
         seed: seeds the sketches (a private generator per layer; the global RNG is left as it was).
         progress: show a progress bar over layers.
         mode: CorDA only, ``"ipa"`` (instruction-previewed: top-r, default) or ``"kpa"`` (knowledge-preserved:

@@ -1,0 +1,347 @@
+"""wrap() with PiSSA and MiLoRA: exact at init, the right components, parity with PEFT, determinism,
+trainability, target matching and errors (issue 2, "What must hold" 1-5)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import svdadapt
+from svdadapt import METHODS, wrap
+
+RANK = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
+    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def toy(seed: int = 0, sizes: tuple[int, ...] = (24, 40, 32, 16), dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Linears with a nonlinearity between them, weights from a private generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.GELU()] if i < len(sizes) - 2 else [])
+        return nn.Sequential(*layers).to(dtype).eval()
+
+
+def toy_input(sizes: tuple[int, ...] = (24, 40, 32, 16), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(5, sizes[0], generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@torch.no_grad()
+def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.long:
+        return model(input_ids=x).logits.float()
+    return model(x).float()
+
+
+def lora_layers(peft_model: PeftModel) -> dict[str, nn.Module]:
+    return {n: m for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def delta(layer: nn.Module) -> torch.Tensor:
+    """s·B·A of a PEFT LoRA layer, fp64 (out, in)."""
+    A = layer.lora_A["default"].weight.detach().double()
+    B = layer.lora_B["default"].weight.detach().double()
+    return layer.scaling["default"] * (B @ A)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+# ------------------------------------------------------------------------------- 1. exact at init
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_exact_at_init_fp32_tiny_llama(tiny_llama, method: str) -> None:
+    model = tiny_llama(seed=0)
+    x = ids()
+    before = out(model, x)
+    peft_model = wrap(model, method, RANK, progress=False)
+    after = out(peft_model, x)
+    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    assert len(lora_layers(peft_model)) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_exact_at_init_fp32_toy_linears(method: str) -> None:
+    model = toy()
+    x = toy_input()
+    before = out(model, x)
+    peft_model = wrap(model, method, RANK, progress=False)
+    after = out(peft_model, x)
+    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+
+
+def test_exact_at_init_fp32_randomized_path() -> None:
+    """Matrices large enough that svd='auto' takes the block-Krylov sketch."""
+    sizes = (300, 420, 300)
+    model = toy(sizes=sizes)
+    x = toy_input(sizes)
+    before = out(model, x)
+    peft_model = wrap(model, "pissa", 16, progress=False)
+    after = out(peft_model, x)
+    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+
+
+MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+SUBNORMAL_SPACING = {torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}
+
+
+def half_ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` numbers around |v| (fp64 tensor in, fp64 out)."""
+    _, e = torch.frexp(v.abs())  # |v| = m·2^e, m in [0.5, 1)
+    spacing = torch.pow(2.0, (e - 1 - MANTISSA[dtype]).double())
+    return 0.5 * torch.maximum(spacing, torch.full_like(spacing, SUBNORMAL_SPACING[dtype]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_half_precision_change_no_larger_than_casting(tiny_llama, dtype: torch.dtype, method: str) -> None:
+    """A bf16/fp16 model: the residual base is the fp32 residual W − s·B·A rounded once (to nearest), so the
+    effective weight base + s·B·A moves off the model's weight by one rounding of the residual: no more than
+    casting the fp32 weights to the dtype moved them. PiSSA's residual is smaller than W, so its rounding
+    error is clearly smaller; MiLoRA's is W less its smallest components, the same size as W, so the two
+    roundings are equally distributed and agree up to their sampling noise."""
+    W32 = linear_weights(tiny_llama(seed=1))
+    model = tiny_llama(seed=1, dtype=dtype)
+    peft_model = wrap(model, method, RANK, progress=False)
+    wrap_sq = cast_sq = 0.0
+    n = 0
+    for name, layer in lora_layers(peft_model).items():
+        base = layer.get_base_layer().weight.detach()
+        assert base.dtype == dtype and layer.lora_A["default"].weight.dtype == torch.float32
+        Wd = W32[name].to(dtype).double()  # the weight the wrapped model started from
+        d = delta(layer)
+        residual = Wd - d  # what the base should hold, before rounding
+        err = base.double() - residual
+        # one round-to-nearest, plus the fp32 noise of forming the residual (relative to its operands)
+        fp32_noise = 2.0 ** -22 * (Wd.abs() + d.abs())
+        assert bool((err.abs() <= half_ulp(residual, dtype) + fp32_noise).all()), name
+        wrap_sq += float(err.pow(2).sum())  # = ‖(base + s·B·A) − W_dtype‖²
+        cast_sq += float((Wd - W32[name].double()).pow(2).sum())
+        n += err.numel()
+    ratio = math.sqrt(wrap_sq / cast_sq)
+    if method == "pissa":
+        assert ratio <= 1.0
+    else:
+        # the RMS of n uniform rounding errors fluctuates by about 0.63/√n relative: allow 3 of those
+        assert ratio <= 1.0 + 3 * 0.63 / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------- 2. right components
+@pytest.mark.parametrize("method,alpha", [("pissa", None), ("pissa", 16.0), ("milora", None), ("milora", 2.0)])
+def test_adapter_is_the_truncated_svd(tiny_llama, method: str, alpha: float | None) -> None:
+    model = tiny_llama(seed=2)
+    W0 = linear_weights(model)
+    peft_model = wrap(model, method, RANK, alpha=alpha, svd="full", progress=False)
+    for name, layer in lora_layers(peft_model).items():
+        W = W0[name].double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        keep = slice(0, RANK) if method == "pissa" else slice(S.numel() - RANK, S.numel())
+        best = (U[:, keep] * S[keep]) @ Vh[keep]
+        assert rel(delta(layer), best) <= 1e-5, name
+        base = layer.get_base_layer().weight.double()
+        assert rel(base + delta(layer), W) <= 1e-6, name  # residual + adapter = W
+        expected_scaling = 1.0 if alpha is None else alpha / RANK
+        assert layer.scaling["default"] == expected_scaling
+
+
+# ------------------------------------------------------------------------------- 3. parity with PEFT
+@pytest.mark.parametrize("alpha,use_rslora", [(RANK, False), (3 * RANK, False), (RANK / 2, False), (2 * RANK, True)])
+def test_parity_with_peft_pissa(tiny_llama, alpha: float, use_rslora: bool) -> None:
+    ours = wrap(tiny_llama(seed=3), "pissa", RANK, alpha=alpha, use_rslora=use_rslora, svd="full", progress=False)
+    config = LoraConfig(r=RANK, lora_alpha=alpha, use_rslora=use_rslora, target_modules="all-linear",
+                        init_lora_weights="pissa", task_type="CAUSAL_LM")
+    theirs = get_peft_model(tiny_llama(seed=3), config)
+    mine, peft_layers = lora_layers(ours), lora_layers(theirs)
+    assert set(mine) == set(peft_layers)
+    scaling = alpha / math.sqrt(RANK) if use_rslora else alpha / RANK
+    for name in mine:
+        a, b = mine[name], peft_layers[name]
+        assert a.scaling["default"] == pytest.approx(scaling) and b.scaling["default"] == pytest.approx(scaling)
+        assert rel(delta(a), delta(b)) <= 1e-4, name
+        assert rel(a.get_base_layer().weight, b.get_base_layer().weight) <= 1e-4, name
+        # the same split of √(σ/s) between A and B: factors agree up to the sign of each component
+        assert rel(a.lora_A["default"].weight.norm(dim=1), b.lora_A["default"].weight.norm(dim=1)) <= 1e-4
+        assert rel(a.lora_B["default"].weight.norm(dim=0), b.lora_B["default"].weight.norm(dim=0)) <= 1e-4
+
+
+# ------------------------------------------------------------------------------- 4. deterministic
+def test_deterministic_and_global_rng_untouched() -> None:
+    sizes = (300, 420, 300)  # randomized path: the seed matters
+    state = torch.get_rng_state()
+    first = wrap(toy(sizes=sizes), "pissa", 8, seed=5, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = wrap(toy(sizes=sizes), "pissa", 8, seed=5, progress=False)
+    other = wrap(toy(sizes=sizes), "pissa", 8, seed=6, progress=False)
+    for name, layer in lora_layers(first).items():
+        twin = lora_layers(second)[name]
+        for get in (lambda m: m.lora_A["default"].weight, lambda m: m.lora_B["default"].weight,
+                    lambda m: m.get_base_layer().weight):
+            assert torch.equal(get(layer), get(twin)), name
+        assert not torch.equal(layer.lora_A["default"].weight, lora_layers(other)[name].lora_A["default"].weight)
+    record = first.svdadapt
+    assert record["method"] == "pissa" and record["rank"] == 8 and record["alpha"] == 8
+    assert record["options"]["seed"] == 5
+    for name, (A0, B0) in record["init_factors"].items():
+        assert torch.equal(A0, lora_layers(first)[name].lora_A["default"].weight)
+        assert torch.equal(B0, lora_layers(first)[name].lora_B["default"].weight)
+
+
+def test_deterministic_tiny_llama(tiny_llama) -> None:
+    a = wrap(tiny_llama(seed=4), "milora", RANK, progress=False)
+    b = wrap(tiny_llama(seed=4), "milora", RANK, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------- trainable like any LoRA
+def test_only_lora_factors_train(tiny_llama) -> None:
+    peft_model = wrap(tiny_llama(seed=5), "pissa", RANK, progress=False)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * len(lora_layers(peft_model))
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    x = ids()
+    loss = peft_model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert set(grads) == trainable
+    assert all(float(g.abs().max()) > 0 for g in grads.values())  # PiSSA: A and B both get gradient at init
+
+
+# ------------------------------------------------------------------------------- target_modules
+@pytest.mark.parametrize("targets", [
+    "all-linear",
+    ["q_proj", "v_proj"],
+    ["self_attn.o_proj", "down_proj"],
+    r".*\.mlp\.(gate|up)_proj",
+    "model.layers.1.self_attn.k_proj",
+])
+def test_target_modules_match_peft(tiny_llama, targets) -> None:
+    ours = wrap(tiny_llama(seed=6), "pissa", RANK, target_modules=targets, progress=False)
+    theirs = get_peft_model(tiny_llama(seed=6), LoraConfig(r=RANK, target_modules=targets, init_lora_weights=False,
+                                                           task_type="CAUSAL_LM"))
+    assert set(lora_layers(ours)) == set(lora_layers(theirs))
+    assert ours.svdadapt["targets"] == sorted(ours.svdadapt["targets"], key=list(lora_layers(ours)).index)
+    assert "lm_head" not in lora_layers(ours)
+
+
+def test_all_linear_on_toy_takes_every_linear() -> None:
+    """A plain nn.Sequential has no output embedding to exclude (PEFT refuses all-linear there)."""
+    peft_model = wrap(toy(), "pissa", RANK, progress=False)
+    assert set(lora_layers(peft_model)) == {"0", "2", "4"}
+
+
+def test_methods_registry() -> None:
+    assert list(METHODS)[:2] == ["pissa", "milora"]
+    assert svdadapt.METHODS is METHODS
+    assert not METHODS["pissa"].needs_calibration and not METHODS["pissa"].needs_reference
+    assert METHODS["pissa"].rewrites_base and METHODS["milora"].rewrites_base
+    assert METHODS["corda"].needs_calibration and METHODS["eora"].needs_reference
+    assert not METHODS["eora"].rewrites_base
+
+
+# ------------------------------------------------------------------------------- 5. errors
+def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """A refused call leaves the model as it was: no LoRA layers, same weights."""
+    assert not any("lora_" in n for n, _ in model.named_modules())
+    after = linear_weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_error_unknown_method(tiny_llama) -> None:
+    model = tiny_llama()
+    before = linear_weights(model)
+    with pytest.raises(ValueError, match=r"^unknown method 'lora'; valid methods are: pissa, milora, corda, eora$"):
+        wrap(model, "lora", RANK, progress=False)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_error_bad_rank(tiny_llama, rank) -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=rf"^rank must be a positive integer, got {rank!r}$"):
+        wrap(model, "pissa", rank, progress=False)
+
+
+def test_error_rank_above_min_dimension(tiny_llama) -> None:
+    model = tiny_llama()  # k_proj and v_proj are (32, 64): 2 kv heads x head_dim 16
+    before = linear_weights(model)
+    with pytest.raises(ValueError, match=r"^rank=33 exceeds min\(out, in\) = 32 of module "
+                                         r"'model\.layers\.0\.self_attn\.k_proj' with weight \(32, 64\)$"):
+        wrap(model, "pissa", 33, progress=False)
+    assert_untouched(model, before)
+    # the limit itself is fine
+    wrap(model, "pissa", 32, target_modules=["k_proj"], progress=False)
+
+
+def test_error_no_module_matched(tiny_llama) -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"^target_modules=\['qkv'\] matched no nn\.Linear in LlamaForCausalLM; "
+                                         r"Linear modules are: model\.layers\.0\.self_attn\.q_proj, "):
+        wrap(model, "pissa", RANK, target_modules=["qkv"], progress=False)
+    with pytest.raises(ValueError, match=r"^target_modules='nothing.*' matched no nn\.Linear in Sequential"):
+        wrap(toy(), "pissa", RANK, target_modules="nothing.*", progress=False)
+
+
+def test_error_non_floating_weight() -> None:
+    model = toy()
+    model[2].weight = nn.Parameter(torch.ones(32, 40, dtype=torch.int8), requires_grad=False)
+    before = linear_weights(model)
+    with pytest.raises(TypeError, match=r"^module '2' has a weight of dtype torch\.int8 \(Linear\); svdadapt "
+                                        r"decomposes floating-point weights only"):
+        wrap(model, "pissa", RANK, progress=False)
+    assert_untouched(model, before)
+
+
+class Params4bit(nn.Parameter):
+    """Stands in for bitsandbytes' packed 4-bit parameter (matched by type name, as bitsandbytes is optional)."""
+
+
+def test_error_packed_quantized_weight() -> None:
+    model = toy()
+    model[0].weight = Params4bit(torch.zeros(40 * 24 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"^module '0' has a packed-quantized weight of dtype torch\.uint8 \(Linear\)"):
+        wrap(model, "pissa", RANK, progress=False)
+
+    model = toy()
+    model[4].weight.quant_state = object()  # a float-looking weight that carries a quantization state
+    with pytest.raises(TypeError, match=r"^module '4' has a packed-quantized weight of dtype torch\.float32"):
+        wrap(model, "pissa", RANK, progress=False)
+
+
+def test_error_already_peft(tiny_llama) -> None:
+    peft_model = wrap(tiny_llama(), "pissa", RANK, progress=False)
+    with pytest.raises(TypeError, match=r"^model is already a PEFT model \(PeftModelForCausalLM\)"):
+        wrap(peft_model, "pissa", RANK, progress=False)
+    with pytest.raises(TypeError, match=r"^model is already a PEFT model \(LlamaForCausalLM\)"):
+        wrap(peft_model.get_base_model(), "pissa", RANK, progress=False)  # still holds LoRA layers
+
+
+def test_error_randomized_for_bottom_triplets() -> None:
+    with pytest.raises(ValueError, match=r"^svd='randomized' cannot find the smallest singular triplets needed by "
+                                         r"'milora'; use svd='full' or 'auto'$"):
+        wrap(toy(), "milora", RANK, svd="randomized", progress=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import weakref
 
 import pytest
 import torch
@@ -149,18 +150,27 @@ def test_parity_with_peft_corda(setup, tmp_path, mode, peft_method):
     assert worst_w <= 1e-3, worst_w
 
 
-def test_prepare_runs_once_per_shared_input(setup, monkeypatch):
+def test_prepare_runs_once_per_shared_input_and_is_freed(setup, monkeypatch):
     model, covs = setup
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
+    alive: set[int] = set()
     spec = methods.METHODS["corda"]
 
+    class Tracked(dict):
+        pass
+
     def counting(C, **kw):
-        calls.append(C.shape[0])
-        return spec.prepare(C, **kw)
+        calls.append((C.shape[0], len(alive)))  # (width, preparations still alive when this one starts)
+        out = Tracked(spec.prepare(C, **kw))
+        alive.add(id(out))
+        weakref.finalize(out, alive.discard, id(out))
+        return out
 
     monkeypatch.setitem(methods.METHODS, "corda", dataclasses.replace(spec, prepare=counting))
     svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, calibration=covs, progress=False)
-    assert calls == [64, 64, 64, 128] * 2  # q/k/v once, o, gate/up once, down: per layer
+    assert [w for w, _ in calls] == [64, 64, 64, 128] * 2  # q/k/v once, o, gate/up once, down: per layer
+    # a preparation (fp64 C_d and its Cholesky factor) is dropped once its last layer is done
+    assert max(n for _, n in calls) <= 1 and not alive
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

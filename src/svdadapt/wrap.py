@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Iterable
 
@@ -209,7 +210,7 @@ def wrap(
         _check_weight(n, m, rank)
 
     refs = _reference_weights(reference, names, targets) if spec.needs_reference else {}
-    covs = None
+    cov_of: dict[str, torch.Tensor] = {}  # fetched once: a mapping that builds tensors on access keeps stable ids
     if spec.needs_calibration:
         from .calibration import as_covariances
 
@@ -225,6 +226,7 @@ def wrap(
             if n not in covs:
                 raise ValueError(f"calibration has no covariance for targeted module {n!r}")
             c, d = covs[n], targets[n].in_features
+            cov_of[n] = c
             if tuple(c.shape) != (d, d):
                 raise ValueError(f"covariance for {n!r} has shape {tuple(c.shape)}, expected ({d}, {d})")
             if not torch.isfinite(c).all():
@@ -253,7 +255,9 @@ def wrap(
     opts = dict(svd=svd, niter=niter, oversample=oversample)
     modules = dict(peft_model.base_model.model.named_modules())
     prepared: dict[int, dict[str, Any]] = {}
-    keep_alive: list[torch.Tensor] = []
+    # layers left per covariance: its preparation (fp64 C_d and Cholesky factor, or whitening) is dropped after
+    # the last one, so at most a few are alive at a time instead of one per unique input
+    users = Counter(id(c) for c in cov_of.values())
     report: dict[str, dict[str, Any]] = {}
     init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in tqdm(names, desc=f"svdadapt {method}", disable=not progress, unit="layer"):
@@ -262,16 +266,18 @@ def wrap(
         W = base.weight.detach().to(torch.float32)
         kw: dict[str, Any] = dict(rank=rank, scaling=float(layer.scaling[ADAPTER]), mode=mode,
                                   generator=_layer_generator(seed, name), **opts)
-        if covs is not None:
-            C = covs[name]
+        if cov_of:
+            C = cov_of[name]
             key = id(C)  # layers that read the same input share one covariance tensor and its preparation
             if key not in prepared:
                 try:
                     prepared[key] = spec.prepare(C.to(W.device), damping=damping)
                 except ValueError as e:
                     raise ValueError(f"covariance for {name!r}: {e}") from e
-                keep_alive.append(C)  # a mapping that builds tensors on access must not let the id be reused
             kw["prepared"] = prepared[key]
+            users[key] -= 1
+            if users[key] == 0:
+                del prepared[key]
         if spec.needs_reference:
             kw["reference"] = refs[name].detach().to(device=W.device, dtype=torch.float32)
         init = spec.init(W, **kw)

@@ -52,7 +52,7 @@ def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", nite
     """PiSSA: the top-``rank`` singular triplets of ``W`` (out, in); s·B·A = [W]_r."""
     t = truncated_svd(W, rank, largest=largest, **_svd_options(svd, niter, oversample, generator))
     A, B = _factors(t, scaling)
-    total = W.pow(2).sum()
+    total = torch.linalg.vector_norm(W).square()  # ‖W‖², without a W-sized temporary
     return Init(A, B, t.S, {"energy": float(t.S.pow(2).sum() / total)})
 
 

@@ -112,7 +112,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if ref is not None:
                 ratios = {n: e / ref["energy"][n] for n, e in r["energy"].items()}
                 worst = min(ratios, key=ratios.get)
-                row.update(worst_energy=ratios[worst], worst_layer=worst, mean_energy=sum(ratios.values()) / len(ratios))
+                row.update(worst_energy=ratios[worst], worst_layer=worst,
+                           mean_energy=sum(ratios.values()) / len(ratios))
             if ours is not None and r is not ours:
                 row["ours_speedup"] = r["init_s"] / ours["init_s"]
             row["init_extra_mb"] = r["peak_rss_mb"] - r["init_rss_start_mb"]

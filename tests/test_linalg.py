@@ -10,6 +10,7 @@ import torch
 from svdadapt.linalg import (
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
+    auto_niter,
     choose_svd,
     damped_cholesky,
     full_svd,
@@ -177,16 +178,28 @@ def test_truncated_svd_dispatch_and_errors() -> None:
         truncated_svd(M, 4, svd="lanczos")
 
 
+def test_auto_niter_grows_with_log_of_the_short_side() -> None:
+    assert DEFAULT_NITER is None and DEFAULT_OVERSAMPLE == 0
+    assert [auto_niter(n) for n in (192, 576, 1024, 2048, 4096, 11008)] == [8, 9, 10, 11, 12, 13]
+    # niter=None resolves per matrix, from its short side, for tall and wide alike
+    M = torch.randn(1200, 600, generator=gen(1))
+    for t in (M, M.mT):
+        auto = randomized_svd(t, 16, generator=gen(2))
+        explicit = randomized_svd(t, 16, niter=auto_niter(600), generator=gen(2))
+        assert torch.equal(auto.U, explicit.U) and torch.equal(auto.S, explicit.S)
+
+
 def test_choose_svd_rule() -> None:
     d = dict(niter=DEFAULT_NITER, oversample=DEFAULT_OVERSAMPLE)
-    assert choose_svd((576, 1536), 16, True, **d) == "randomized"  # SmolLM2 MLP
+    assert choose_svd((576, 1536), 16, True, **d) == "randomized"  # SmolLM2 MLP: 10 blocks of 16 on 576
     assert choose_svd((2048, 5632), 16, True, **d) == "randomized"
     assert choose_svd((576, 1536), 16, False, **d) == "full"  # bottom triplets: always exact
     assert choose_svd((192, 576), 16, True, **d) == "full"  # short side <= 256
-    short = 1000
-    basis = (DEFAULT_NITER + 1) * (16 + DEFAULT_OVERSAMPLE)
-    assert choose_svd((short, 4000), 16, True, **d) == ("randomized" if 4 * basis <= 3 * short else "full")
-    assert choose_svd((400, 4000), 64, True, **d) == "full"  # basis would cover more than 3/4 of 400
+    assert choose_svd((576, 576), 32, True, **d) == "randomized"  # basis 320 <= 432
+    assert choose_svd((576, 576), 48, True, **d) == "full"  # basis 480 > 3/4 of 576
+    # the 3/4 boundary on a 300 short side: basis 15·16 = 240 > 225 is exact, 14·16 = 224 is sketched
+    assert choose_svd((300, 4000), 16, True, niter=14, oversample=0) == "full"
+    assert choose_svd((300, 4000), 16, True, niter=13, oversample=0) == "randomized"
 
 
 # ------------------------------------------------------------------------------------------ covariances

@@ -3,7 +3,6 @@ trainability, target matching and errors (issue 2, "What must hold" 1-5)."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -53,7 +52,8 @@ def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_layers(peft_model: PeftModel) -> dict[str, nn.Module]:
-    return {n: m for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {n: m for n, m in peft_model.base_model.model.named_modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
 def delta(layer: nn.Module) -> torch.Tensor:

@@ -41,12 +41,12 @@ def _factors(t: TruncatedSVD, scaling: float, right: torch.Tensor | None = None)
     return A, B
 
 
-def _svd_options(svd: str, niter: int, oversample: int, generator: torch.Generator | None) -> dict[str, Any]:
+def _svd_options(svd: str, niter: int | None, oversample: int, generator: torch.Generator | None) -> dict[str, Any]:
     return dict(svd=svd, niter=niter, oversample=oversample, generator=generator)
 
 
 @torch.no_grad()
-def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", niter: int = DEFAULT_NITER,
+def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", niter: int | None = DEFAULT_NITER,
           oversample: int = DEFAULT_OVERSAMPLE, generator: torch.Generator | None = None, largest: bool = True,
           **_: Any) -> Init:
     """PiSSA: the top-``rank`` singular triplets of ``W`` (out, in); s·B·A = [W]_r."""
@@ -73,7 +73,7 @@ def prepare_corda(C: torch.Tensor, damping: float = 0.01, **_: Any) -> dict[str,
 
 @torch.no_grad()
 def corda(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], mode: str = "ipa",
-          svd: str = "auto", niter: int = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
+          svd: str = "auto", niter: int | None = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
           generator: torch.Generator | None = None, **_: Any) -> Init:
     """CorDA: SVD of W·C_d (out, in); IPA keeps the top ``rank`` triplets, KPA the bottom.
 
@@ -98,7 +98,7 @@ def prepare_eora(C: torch.Tensor, rtol: float | None = None, **_: Any) -> dict[s
 
 @torch.no_grad()
 def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], reference: torch.Tensor,
-         svd: str = "auto", niter: int = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
+         svd: str = "auto", niter: int | None = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
          generator: torch.Generator | None = None, **_: Any) -> Init:
     """EoRA: the rank-``rank`` M minimizing ‖(ΔW − M)·X‖_F, ΔW = reference − W (out, in).
 

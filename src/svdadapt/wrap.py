@@ -125,7 +125,7 @@ def wrap(
     target_modules: str | Iterable[str] = "all-linear",
     use_rslora: bool = False,
     svd: str = "auto",
-    niter: int = DEFAULT_NITER,
+    niter: int | None = DEFAULT_NITER,
     oversample: int = DEFAULT_OVERSAMPLE,
     seed: int = 0,
     progress: bool = True,
@@ -149,8 +149,9 @@ def wrap(
         use_rslora: scaling alpha/√r instead of alpha/r.
         svd: ``"auto"`` (per matrix: block-Krylov sketch for top-r of large matrices, else exact),
             ``"full"`` (exact LAPACK) or ``"randomized"``.
-        niter, oversample: Krylov blocks beyond the first (default 11) and extra columns per block
-            (default 0; a block is at least 16 columns wide), see ``svdadapt.linalg.randomized_svd``.
+        niter, oversample: Krylov blocks beyond the first (default None: round(log2(short side)) per matrix)
+            and extra columns per block (default 0; a block is at least 16 columns wide), see
+            ``svdadapt.linalg.randomized_svd``.
         seed: seeds the sketches (a private generator per layer; the global RNG is left as it was).
         progress: show a progress bar over layers.
         mode: CorDA only, ``"ipa"`` (instruction-previewed: top-r, default) or ``"kpa"`` (knowledge-preserved:
@@ -181,7 +182,7 @@ def wrap(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if svd not in SVD_CHOICES:
         raise ValueError(f"svd must be one of {', '.join(SVD_CHOICES)}, got {svd!r}")
-    if niter < 0 or oversample < 0:
+    if (niter is not None and niter < 0) or oversample < 0:
         raise ValueError(f"niter and oversample must be >= 0, got niter={niter!r}, oversample={oversample!r}")
     if alpha is not None and alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}")
@@ -286,7 +287,7 @@ def wrap(
         lora_A.data.copy_(A)
         lora_B.data.copy_(B)
         if new_base is not None:
-            base.weight.data.copy_(new_base)
+            base.weight.data = new_base  # already in the base dtype and device: no copy needed
         init_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
         report[name] = {"shape": tuple(W.shape), "sigma_max": float(init.sigma.max()) if init.sigma.numel() else 0.0,
                         **init.stats}

@@ -2,8 +2,9 @@
 
 The compressed weight W_c stays as it is; EoRA puts a rank-r LoRA on top that best cancels the compression error
 ΔW = W − W_c *on the calibration inputs* (‖(ΔW − B·A)·X‖ minimal). For comparison, the plain truncated SVD of
-ΔW (EoRA with C = I, the same function with identity covariances) at the same rank. Calibration and held-out
-evaluation text are disjoint halves of Python's documentation (``pydoc_data.topics``).
+ΔW (EoRA with C = I, the same function with identity covariances) at the same rank. The covariances come from
+the original model's inputs, ``wrap``'s default. Calibration and held-out evaluation text are disjoint halves of
+Python's documentation (``pydoc_data.topics``).
 
     python examples/eora_compensate.py                          # 3-bit g64 RTN, ranks 16 and 64, ~4 minutes here
     python examples/eora_compensate.py --compress 2:4 --ranks 32
@@ -65,13 +66,13 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
                                   max_batches=-(-args.eval_seqs // 8))
 
     rows = [{"config": "original", "rank": 0, "ppl": _tasks.perplexity(model, evalb, progress=True)}]
-    orig_covs = svdadapt.collect_covariances(model, calib, target_modules=targets) if ":" in args.compress else None
+    # one set of covariances, from the ORIGINAL model's inputs: Wanda pruning scores with it, and EoRA whitens by
+    # it (wrap's default calibrate_on="reference", which recovered more in benchmarks/bench_eora.py)
+    covs = svdadapt.collect_covariances(model, calib, target_modules=targets)
     t0 = time.perf_counter()
-    compressed = compress(model, args.compress, orig_covs, targets)
+    compressed = compress(model, args.compress, covs, targets)
     rows.append({"config": f"{args.compress} compressed", "rank": 0, "ppl": _tasks.perplexity(compressed, evalb),
                  "time_s": time.perf_counter() - t0})
-    # EoRA whitens by the inputs the compressed model actually sees (wrap's default calibrate_on="compressed")
-    covs = svdadapt.collect_covariances(compressed, calib, target_modules=targets)
     eyes: dict[int, torch.Tensor] = {}  # one identity per width, shared like the covariances
     identity = {n: eyes.setdefault(c.shape[0], torch.eye(c.shape[0], dtype=c.dtype)) for n, c in covs.items()}
     for rank in ranks:

@@ -12,7 +12,7 @@ ratio to it.
 
     python benchmarks/bench_init.py                 # both models, all rows (~5 min quiet on 2 cores)
     python benchmarks/bench_init.py --threads 1     # one BLAS thread (use when other jobs share the CPU)
-    python benchmarks/bench_init.py --models smollm2 --repeats 3
+    python benchmarks/bench_init.py --repeats 3    # the fastest of 3 runs per row (the full-SVD rows: --full-repeats)
 
 Writes ``benchmarks/results/bench_init.json``.
 """
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=1, help="rows per configuration; the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per row; the fastest is kept")
+    ap.add_argument("--full-repeats", type=int, default=1, help="runs of PEFT's full-SVD rows (minutes each)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'CPU shared')")
     args = ap.parse_args(argv)
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models:
             for impl in args.impls:
                 runs = []
-                for _ in range(args.repeats):
+                for _ in range(args.full_repeats if impl == "pissa" else args.repeats):
                     print(f"[bench_init] {model} / {impl}", file=sys.stderr, flush=True)
                     runs.append(run_job("bench_init:job", model=model, impl=impl, threads=args.threads,
                                         smollm2_dir=smollm2_dir))
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "rank": RANK,
         "threads": args.threads,
         "repeats": args.repeats,
+        "full_repeats": args.full_repeats,
         "note": args.note,
         "rows": table,
         "energy": {f"{r['model']}/{r['impl']}": r["energy"] for r in rows},

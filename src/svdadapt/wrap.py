@@ -287,7 +287,7 @@ def wrap(
         lora_A.data.copy_(A)
         lora_B.data.copy_(B)
         if new_base is not None:
-            base.weight.data = new_base  # already in the base dtype and device: no copy needed
+            base.weight.data.copy_(new_base)
         init_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
         report[name] = {"shape": tuple(W.shape), "sigma_max": float(init.sigma.max()) if init.sigma.numel() else 0.0,
                         **init.stats}

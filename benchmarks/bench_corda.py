@@ -1,0 +1,138 @@
+"""CorDA cost on the real SmolLM2-135M: svdadapt vs PEFT, same model, same calibration tokens, rank 16, IPA.
+
+- svdadapt: ``collect_covariances`` (batched, one covariance per unique input) then
+  ``wrap(method="corda", mode="ipa")`` (damped Cholesky per unique input, block-Krylov or full SVD per layer).
+- PEFT 0.21: ``preprocess_corda`` (hooks with batch size 1, one covariance per layer, explicit inverse, full
+  SVD of every layer) then ``get_peft_model(init_lora_weights="corda")``.
+
+Each configuration runs in a fresh process (``_common.run_job``): wall times exclude model loading, peak RSS
+is the whole process's (model included).
+
+    python benchmarks/bench_corda.py                 # 32 sequences x 256 tokens of pydoc text
+    python benchmarks/bench_corda.py --seqs 8        # quicker
+
+Writes ``benchmarks/results/bench_corda.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Stopwatch, current_rss_mb, markdown_table, run_job, smollm2, write_results  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _batches(tok, seqs: int, seq_len: int):
+    import svdadapt
+    from pydoc_data.topics import topics
+
+    batches = svdadapt.text_batches(tok, [topics[k] for k in sorted(topics)], seq_len=seq_len, batch_size=4,
+                                    max_batches=math.ceil(seqs / 4))
+    assert all(bool(b["attention_mask"].all()) for b in batches), "calibration text too short: padded batches"
+    return batches
+
+
+def job_svdadapt(seqs: int, seq_len: int, rank: int, svd: str) -> dict:
+    import torch
+
+    import svdadapt
+
+    model, tok = smollm2()
+    batches = _batches(tok, seqs, seq_len)
+    sw = Stopwatch()
+    with sw("collect"):
+        covs = svdadapt.collect_covariances(model, batches, progress=False)
+    with sw("decompose"):
+        peft_model = svdadapt.wrap(model, "corda", rank=rank, mode="ipa", calibration=covs, svd=svd, progress=False)
+    energy = [r["energy"] for r in peft_model.svdadapt["report"].values()]
+    return {**sw.results(), "rss_after_mb": current_rss_mb(), "layers": len(energy),
+            "unique_inputs": len(covs.groups), "cov_mb": covs.nbytes / 2**20, "threads": torch.get_num_threads()}
+
+
+def job_peft(seqs: int, seq_len: int, rank: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    model, tok = smollm2()
+    batches = _batches(tok, seqs, seq_len)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="corda",
+                        corda_config=CordaConfig(corda_method="ipm"))
+
+    def run_model() -> None:  # PEFT's hooks take one sequence at a time (batch size 1)
+        for b in batches:
+            for row in b["input_ids"]:
+                model(row[None])
+
+    import time
+
+    import peft.tuners.lora.corda as corda_mod
+
+    collect_s: list[float] = []
+    calib = corda_mod.calib_cov_distribution
+
+    def timed_calib(*a, **k):  # preprocess_corda looks it up as a module global: time its share
+        t = time.perf_counter()
+        try:
+            return calib(*a, **k)
+        finally:
+            collect_s.append(time.perf_counter() - t)
+
+    corda_mod.calib_cov_distribution = timed_calib
+    sw = Stopwatch()
+    with sw("collect_and_decompose"):
+        preprocess_corda(model, config, run_model=run_model)
+    with sw("init"):
+        peft_model = get_peft_model(model, config)
+    n = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}))
+    res = sw.results()
+    res["collect_s"] = collect_s[0]
+    res["decompose_s"] = res["collect_and_decompose_s"] - collect_s[0] + res["init_s"]  # SVDs + get_peft_model
+    return {**res, "rss_after_mb": current_rss_mb(), "layers": n, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids "
+                        "OpenMP oversubscription, which slows LAPACK SVDs ~10x")
+    args = p.parse_args(argv)
+    kw = dict(seqs=args.seqs, seq_len=args.seq_len, rank=args.rank)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+
+    rows = []
+    for svd in ("auto", "full"):
+        r = run_job("bench_corda:job_svdadapt", env=env, svd=svd, **kw)
+        r.update(impl=f"svdadapt (svd={svd!r})", total_s=r["collect_s"] + r["decompose_s"])
+        rows.append(r)
+        print(r, flush=True)
+    r = run_job("bench_corda:job_peft", env=env, **kw)
+    r.update(impl="PEFT preprocess_corda + get_peft_model", total_s=r["collect_and_decompose_s"] + r["init_s"])
+    rows.append(r)
+    print(r, flush=True)
+
+    for r in rows:
+        if "collect_and_decompose_rss_start_mb" in r:
+            r["collect_rss_start_mb"] = r["collect_and_decompose_rss_start_mb"]
+    table = markdown_table(rows, [
+        ("impl", "implementation", "{}"), ("collect_s", "collect (s)", "{:.1f}"),
+        ("decompose_s", "decompose + wrap (s)", "{:.1f}"), ("total_s", "total (s)", "{:.1f}"),
+        ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"), ("collect_rss_start_mb", "RSS at start (MiB)", "{:.0f}")])
+    path = write_results("bench_corda", {"config": {**kw, "model": "SmolLM2-135M-Instruct (fp32)",
+                                                    "tokens": args.seqs * args.seq_len, "threads": args.threads}, "rows": rows, "table": table})
+    print(table)
+    print(f"\nwrote {path}")
+    return {"rows": rows, "table": table}
+
+
+if __name__ == "__main__":
+    main()

@@ -235,3 +235,21 @@ def test_corda_on_smollm2_real_text(smollm2):
         out = peft_model(**ids).logits
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert all(r["damping"] >= 0.01 for r in peft_model.svdadapt["report"].values())
+
+
+def test_damped_cholesky_bound_and_growth():
+    """λ = damping when the trace bound already limits cond(C_d); otherwise λ doubles until it does."""
+    from svdadapt.linalg import damped_cholesky
+
+    v = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    C = v @ v.T  # rank one: as ill-conditioned as a covariance gets
+    scale = C.diagonal().mean()
+    eye = torch.eye(64, dtype=torch.float64)
+    L, lam = damped_cholesky(C, 0.01)
+    assert lam == 0.01
+    torch.testing.assert_close(L @ L.T, C + 0.01 * scale * eye, rtol=0, atol=1e-12 * float(C.abs().max()))
+    # cond(C_d) = (64 + λ) / λ ≤ 100 needs λ ≥ 0.6465: 0.01 doubled 7 times
+    L, lam = damped_cholesky(C, 0.01, max_cond=100)
+    assert lam == 0.01 * 2**7
+    ev = torch.linalg.eigvalsh(L @ L.T)
+    assert ev[-1] / ev[0] <= 100

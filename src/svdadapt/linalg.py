@@ -234,13 +234,20 @@ def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e
     scale = C.diagonal().mean()
     if not torch.isfinite(scale) or scale <= 0:
         raise ValueError(f"covariance has non-positive or non-finite mean diagonal {scale.item()}")
+    eye = torch.eye(d, dtype=C.dtype, device=C.device)
+    if damping > 0 and d / damping + 1 <= max_cond:
+        # for PSD C, λ_max ≤ trace = d·mean(diag), so cond(C_d) ≤ d/λ + 1 already: skip the eigenvalues
+        # (an fp64 eigvalsh per input was most of CorDA's decomposition time on SmolLM2)
+        L, info = torch.linalg.cholesky_ex(C + damping * scale * eye)
+        if info.item() == 0:
+            return L, damping
     eig = torch.linalg.eigvalsh(C)  # ascending; C is symmetric
     lam = damping
     for _ in range(64):
         shift = lam * scale
         lo, hi = eig[0] + shift, eig[-1] + shift
         if lo > 0 and hi / lo <= max_cond:
-            L, info = torch.linalg.cholesky_ex(C + shift * torch.eye(d, dtype=C.dtype, device=C.device))
+            L, info = torch.linalg.cholesky_ex(C + shift * eye)
             if info.item() == 0:
                 return L, lam
         lam = lam * 2 if lam > 0 else 1e-6  # damping=0 that fails must still grow

@@ -68,7 +68,9 @@ def prepare_corda(C: torch.Tensor, damping: float = 0.01, **_: Any) -> dict[str,
     """Per-covariance work shared by every layer that reads the same input: C_d and its Cholesky factor."""
     C64 = C.to(torch.float64)
     L, lam = damped_cholesky(C64, damping)
-    return {"Cd": L @ L.mT, "L": L, "damping": lam}
+    eye = torch.eye(C64.shape[0], dtype=C64.dtype, device=C64.device)
+    Cd = C64 + lam * C64.diagonal().mean() * eye  # as damped_cholesky formed it; cheaper than L @ Lᵀ
+    return {"Cd": Cd, "L": L, "damping": lam}
 
 
 @torch.no_grad()

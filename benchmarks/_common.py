@@ -70,9 +70,11 @@ def current_rss_mb() -> float:
 
 
 class Stopwatch:
-    """Times named sections of a job: ``with sw("init"): ...`` records ``init_s`` and the RSS at its start.
+    """Times named sections of a job: ``with sw("init"): ...`` records ``init_s`` (wall), ``init_cpu_s`` (this
+    process's CPU time, all threads: with one thread and other jobs on the machine it is the steadier number)
+    and the RSS at its start.
 
-    ``sw.results()`` returns ``{"<name>_s": seconds, "<name>_rss_start_mb": MiB, ...}``.
+    ``sw.results()`` returns ``{"<name>_s": s, "<name>_cpu_s": s, "<name>_rss_start_mb": MiB, ...}``.
     """
 
     def __init__(self) -> None:
@@ -81,11 +83,12 @@ class Stopwatch:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         self._out[f"{name}_rss_start_mb"] = current_rss_mb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self._out[f"{name}_s"] = time.perf_counter() - t0
+            self._out[f"{name}_cpu_s"] = time.process_time() - c0
 
     def results(self) -> dict[str, float]:
         return dict(self._out)

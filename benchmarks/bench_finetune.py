@@ -47,15 +47,6 @@ METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
 
 
 # --------------------------------------------------------------------------------------------------- set-up
-def load_base(model_path: str | None):
-    """(model, tokenizer), fp32 eval: the bundled SmolLM2-135M-Instruct, or ``model_path`` (dir or .gguf)."""
-    from svdadapt.loading import load_model, load_smollm2, load_tokenizer
-
-    if model_path:
-        return load_model(model_path), load_tokenizer(model_path)
-    return load_smollm2()
-
-
 @torch.no_grad()
 def calibrations(base, tok, train_pairs, methods, progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
     """Covariances for the CorDA variants, collected once on the unmodified base model.
@@ -276,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = not args.no_progress
 
     t_load = time.perf_counter()
-    base, tok = load_base(args.model)
+    base, tok = _tasks.model_or_default(None, None, args.model)
     base.requires_grad_(False)
     load_s = time.perf_counter() - t_load
     train_pairs, held = _tasks.addition_split(n_test=cfg["n_val"] + cfg["n_test"], seed=0)

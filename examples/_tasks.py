@@ -215,6 +215,32 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], pro
     return float(torch.exp(torch.tensor(total / count)))
 
 
+# ----------------------------------------------------------------------------------------------- command line
+TARGETS_HELP = "'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)"
+MODEL_HELP = "model directory or .gguf (default: bundled SmolLM2-135M)"
+
+
+def add_finetune_args(p, *, batch_size: int = 16) -> None:
+    """The options the fine-tuning examples share: ``--rank --targets --batch-size --lr --n-test --model --seed``."""
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="all-linear", help=TARGETS_HELP)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
+    p.add_argument("--n-test", type=int, default=256, help="held-out addition items scored")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def model_or_default(model, tokenizer, path: str | None):
+    """``(model, tokenizer)`` as passed in (tests pass the session's model), else loaded from ``path`` (a directory
+    or .gguf), else the bundled SmolLM2-135M-Instruct."""
+    if model is not None:
+        return model, tokenizer
+    from svdadapt.loading import load_model, load_smollm2, load_tokenizer
+
+    return (load_model(path), load_tokenizer(path)) if path else load_smollm2()
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 

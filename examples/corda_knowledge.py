@@ -34,25 +34,15 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
 
     p = argparse.ArgumentParser(description="CorDA-KPA vs LoRA: task accuracy and knowledge kept.")
     p.add_argument("--methods", default="corda-kpa,lora")
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--targets", default="all-linear",
-                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
-    p.add_argument("--n-test", type=int, default=256)
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
-    p.add_argument("--seed", type=int, default=0)
+    _tasks.add_finetune_args(p)
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in DEFAULT_LR:
             p.error(f"unknown method {m!r}; choose from {', '.join(DEFAULT_LR)}")
 
-    if model is None:
-        from svdadapt.loading import load_model, load_smollm2, load_tokenizer
-
-        model, tokenizer = (load_model(args.model), load_tokenizer(args.model)) if args.model else load_smollm2()
+    model, tokenizer = _tasks.model_or_default(model, tokenizer, args.model)
     model.requires_grad_(False)
     targets = _tasks.parse_targets(args.targets)
     train_pairs, test_pairs = _tasks.addition_split(n_test=args.n_test)

@@ -43,21 +43,17 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p = argparse.ArgumentParser(description="Compress, compensate with EoRA, compare perplexity.")
     p.add_argument("--compress", default="q3", help="q<bits> (RTN g64) or N:M pruning (default q3)")
     p.add_argument("--ranks", default="16,64")
-    p.add_argument("--targets", default="all-linear",
-                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
+    p.add_argument("--targets", default="all-linear", help=_tasks.TARGETS_HELP)
     p.add_argument("--calib-seqs", type=int, default=32)
     p.add_argument("--eval-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None, help=_tasks.MODEL_HELP)
     p.add_argument("--plot", default=None, help="write a PNG of perplexity vs rank here")
     args = p.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = _tasks.parse_targets(args.targets)
 
-    if model is None:
-        from svdadapt.loading import load_model, load_smollm2, load_tokenizer
-
-        model, tokenizer = (load_model(args.model), load_tokenizer(args.model)) if args.model else load_smollm2()
+    model, tokenizer = _tasks.model_or_default(model, tokenizer, args.model)
     texts = _tasks.pydoc_texts()
     calib_texts, eval_texts = texts[0::2], texts[1::2]  # disjoint documents
     calib = svdadapt.text_batches(tokenizer, calib_texts, seq_len=args.seq_len, batch_size=8,

@@ -67,24 +67,14 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
 
     p = argparse.ArgumentParser(description="Fine-tune an svdadapt-wrapped SmolLM2 with the HF Trainer.")
     p.add_argument("--method", choices=["lora", "pissa", "milora", "corda"], default="pissa")
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=150)
-    p.add_argument("--targets", default="all-linear",
-                   help="'all-linear' or comma-separated module suffixes, e.g. q_proj,v_proj (the same for every method)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: per method (see DEFAULT_LR)")
-    p.add_argument("--n-test", type=int, default=256)
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
+    _tasks.add_finetune_args(p)
     p.add_argument("--output-dir", default=None, help="where checkpoints go (default: a temporary directory)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
 
-    if model is None:
-        from svdadapt.loading import load_model, load_smollm2, load_tokenizer
-
-        model, tokenizer = (load_model(args.model), load_tokenizer(args.model)) if args.model else load_smollm2()
+    model, tokenizer = _tasks.model_or_default(model, tokenizer, args.model)
     original = copy.deepcopy(model)  # wrap rewrites the base in place; keep W to check the exported LoRA on it
     train_pairs, test_pairs = _tasks.addition_split(n_test=args.n_test)
     train_ids, test_ids = _tasks.encode_addition(tokenizer, train_pairs), _tasks.encode_addition(tokenizer, test_pairs)

@@ -52,3 +52,13 @@ def smollm2_dir(_smollm2_session, tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
+    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -179,48 +179,38 @@ def test_nan_activations_name_the_module_and_hooks_removed():
     assert _no_hooks(model)
 
 
+def _module(forward, **children: nn.Module) -> nn.Module:
+    """A module whose ``forward(self, x)`` is ``forward``, with ``children`` as its submodules (in that order)."""
+    model = type("Custom", (nn.Module,), {"forward": forward})()
+    for name, child in children.items():
+        model.add_module(name, child)
+    return model
+
+
 def test_hooks_removed_when_model_raises():
-    class Boom(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+    def forward(self, x):
+        self.a(x)
+        raise RuntimeError("boom")
 
-        def forward(self, x):
-            self.a(x)
-            raise RuntimeError("boom")
-
-    model = Boom().train()
+    model = _module(forward, a=nn.Linear(4, 4), b=nn.Linear(4, 4)).train()
     with pytest.raises(RuntimeError, match="^boom$"):
         svdadapt.collect_covariances(model, [torch.ones(2, 4)], progress=False)
     assert _no_hooks(model) and model.training
 
 
 def test_module_never_run():
-    class Half(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.used(x)
-
+    half = _module(lambda self, x: self.used(x), used=nn.Linear(4, 4), unused=nn.Linear(4, 4))
     with pytest.raises(ValueError) as e:
-        svdadapt.collect_covariances(Half(), [torch.ones(2, 4)], progress=False)
+        svdadapt.collect_covariances(half, [torch.ones(2, 4)], progress=False)
     assert str(e.value) == ("calibration saw no tokens for module 'unused' (1 of 2 targets): it did not take part "
                             "in the forward pass or all its tokens were padding")
 
 
 def test_sharing_must_be_consistent_across_batches():
-    class Flaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x if x.shape[0] == 2 else x.clone())
-
+    flaky = _module(lambda self, x: self.a(x) + self.b(x if x.shape[0] == 2 else x.clone()),
+                    a=nn.Linear(4, 4), b=nn.Linear(4, 4))
     with pytest.raises(RuntimeError) as e:
-        svdadapt.collect_covariances(Flaky(), [torch.ones(2, 4), torch.ones(3, 4)], progress=False)
+        svdadapt.collect_covariances(flaky, [torch.ones(2, 4), torch.ones(3, 4)], progress=False)
     assert str(e.value) == ("modules ['a'] read one input in batch 1, but ['a', 'b'] did in earlier batches: "
                             "inputs must be shared always or never")
 

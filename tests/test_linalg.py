@@ -20,14 +20,7 @@ from svdadapt.linalg import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
-    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def known(m: int, n: int, s: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

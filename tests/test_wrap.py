@@ -16,14 +16,7 @@ from svdadapt import METHODS, wrap
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
-    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p.add_argument("--methods", default="corda-kpa,lora")
     p.add_argument("--steps", type=int, default=150)
     _tasks.add_finetune_args(p)
+    p.add_argument("--plot", default=None, help="write a PNG of the training-loss curves and the probe here")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
         task = _tasks.addition_eval(peft_model, test_ids)
         probe = _tasks.knowledge_probe(peft_model, tokenizer)
         results[m] = {"lr": lr, "init_s": init_s, "train_s": out["train_s"], "probe_at_init": at_init,
-                      "probe_after": probe, "task_after": task, "final_train_loss": sum(out["losses"][-10:]) /
+                      "probe_after": probe, "task_after": task, "losses": out["losses"], "final_train_loss": sum(out["losses"][-10:]) /
                       len(out["losses"][-10:])}
         del peft_model, work
 
@@ -89,7 +90,32 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
         print(f"| {m} | {r['lr']:g} | {r['task_after']['accuracy']:.3f} | {probe_before['logprob']:.3f} | "
               f"{r['probe_after']['logprob']:.3f} | {probe_before['accuracy']:.3f} | {r['probe_after']['accuracy']:.3f} "
               f"| {r['train_s']:.0f} |")
+    if args.plot:
+        plot(results, probe_before, args.plot)
+        print(f"wrote {args.plot}")
     return {"probe_before": probe_before, "task_before": task_before, "methods": results}
+
+
+def plot(results: dict, probe_before: dict, path: str) -> None:
+    """Training loss (10-step moving average) per method, and the knowledge probe before / after, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for m, r in results.items():
+        ax_l.plot(range(1, len(r["losses"]) + 1), _tasks.smooth(r["losses"]), label=f"{m} (lr {r['lr']:g})")
+    ax_l.set(yscale="log", xlabel="step", ylabel="training loss (answer tokens, 10-step avg)",
+             title="fine-tuning on 2-digit addition")
+    ax_l.legend()
+    names = ["base", *results]
+    ax_p.bar(names, [probe_before["logprob"], *[r["probe_after"]["logprob"] for r in results.values()]],
+             color=["grey", *[f"C{i}" for i in range(len(results))]])
+    ax_p.set(ylabel="mean answer log-prob, 60 capital cloze items", title="knowledge probe after fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -92,12 +92,14 @@ def test_finetune_example_trainer_save_export(smollm2, tmp_path):
 
 
 @pytest.mark.slow
-def test_corda_knowledge_example(smollm2):
+def test_corda_knowledge_example(smollm2, tmp_path):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "corda_knowledge.py", "ex_corda_knowledge")
     res = ex.main(["--methods", "corda-kpa", "--steps", "3", "--batch-size", "4", "--n-test", "32",
-                   "--targets", "q_proj,v_proj"],
+                   "--targets", "q_proj,v_proj", "--plot", str(tmp_path / "kpa.png")],
                   model=model, tokenizer=tok)
+    assert (tmp_path / "kpa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(res["methods"]["corda-kpa"]["losses"]) == 3
     r = res["methods"]["corda-kpa"]
     # CorDA-KPA is exact at init: the probe equals the base model's (the base was not modified either)
     assert r["probe_at_init"]["accuracy"] == res["probe_before"]["accuracy"]
@@ -107,11 +109,13 @@ def test_corda_knowledge_example(smollm2):
 
 
 @pytest.mark.slow
-def test_eora_example_beats_plain_svd(smollm2):
+def test_eora_example_beats_plain_svd(smollm2, tmp_path):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "eora_compensate.py", "ex_eora")
     res = ex.main(["--compress", "q3", "--ranks", "16", "--calib-seqs", "8", "--eval-seqs", "4",
-                   "--seq-len", "128", "--targets", "q_proj,k_proj,v_proj,o_proj"], model=model, tokenizer=tok)
+                   "--seq-len", "128", "--targets", "q_proj,k_proj,v_proj,o_proj", "--plot",
+                   str(tmp_path / "eora.png")], model=model, tokenizer=tok)
+    assert (tmp_path / "eora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ppl = {r["config"]: r["ppl"] for r in res["rows"]}
     assert ppl["original"] < ppl["q3 compressed"]
     assert ppl["q3 + EoRA"] < ppl["q3 + SVD of ΔW"] < ppl["q3 compressed"]

@@ -48,7 +48,7 @@ METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
 
 # --------------------------------------------------------------------------------------------------- set-up
 @torch.no_grad()
-def calibrations(base, tok, train_pairs, methods, progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
+def calibrations(base, tok, train_pairs, methods, targets, progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
     """Covariances for the CorDA variants, collected once on the unmodified base model.
 
     IPA: 512 training items (the task the adapter should learn), KPA: ``_tasks.KNOWLEDGE_TEXTS`` (facts to keep,
@@ -62,13 +62,14 @@ def calibrations(base, tok, train_pairs, methods, progress: bool) -> tuple[dict[
         if m in texts:
             t0 = time.perf_counter()
             batches = svdadapt.text_batches(tok, texts[m], seq_len=64, batch_size=8)
-            covs[m] = svdadapt.collect_covariances(base, batches, progress=progress)
+            covs[m] = svdadapt.collect_covariances(base, batches, target_modules=targets, progress=progress)
             secs[m] = time.perf_counter() - t0
     return covs, secs
 
 
-def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], progress: bool):
-    """A fresh deep copy of ``base`` wrapped for ``method`` (all linear layers, alpha = rank)."""
+def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], targets, progress: bool):
+    """A fresh deep copy of ``base`` wrapped for ``method`` on ``targets`` (``"all-linear"`` or module-name
+    suffixes), alpha = rank."""
     import svdadapt
     from peft import LoraConfig, get_peft_model
 
@@ -76,18 +77,19 @@ def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], pr
     if method == "lora":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # PEFT draws A from the global RNG: seed it, leave the caller's RNG alone
-            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
+            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
     if method in ("pissa", "milora"):
-        return svdadapt.wrap(model, method, rank, seed=seed, progress=progress)
+        return svdadapt.wrap(model, method, rank, target_modules=targets, seed=seed, progress=progress)
     mode = method.split("-")[1]
-    return svdadapt.wrap(model, "corda", rank, mode=mode, calibration=covs[method], seed=seed, progress=progress)
+    return svdadapt.wrap(model, "corda", rank, mode=mode, calibration=covs[method], target_modules=targets, seed=seed,
+                         progress=progress)
 
 
 def one_run(base, tok, data, covs, *, method: str, lr: float, seed: int, cfg: dict, progress: bool) -> dict:
     """Wrap, train, evaluate one (method, lr, seed); returns the JSON row."""
     t0 = time.perf_counter()
-    model = make_model(base, method, cfg["rank"], seed, covs, progress=False)
+    model = make_model(base, method, cfg["rank"], seed, covs, _tasks.parse_targets(cfg["target_modules"]), progress=False)
     init_s = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     at_init = _tasks.knowledge_probe(model, tok)
@@ -217,7 +219,9 @@ def report(payload: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
+    """Run the protocol; ``model``/``tokenizer`` may be passed in (tests; never modified), else ``--model`` or the
+    bundled SmolLM2. Returns the payload written to ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="shared learning-rate sweep, run on seed 0")
@@ -227,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--target-loss", type=float, default=0.5)
+    p.add_argument("--n-val", type=int, default=128, help="held-out items that pick the learning rate")
+    p.add_argument("--n-test", type=int, default=256, help="held-out items scored at the end")
+    p.add_argument("--targets", default="all-linear", help=_tasks.TARGETS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
     p.add_argument("--out", default=str(RESULTS_DIR / f"{NAME}.json"))
@@ -253,9 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--seeds must include 0 (the sweep seed)")
     cfg = dict(methods=methods, lrs=lrs, seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
                eval_every=args.eval_every, target_loss=args.target_loss, model=args.model or "SmolLM2-135M-Instruct",
-               target_modules="all-linear", alpha="rank", n_val=128, n_test=256)
+               target_modules=args.targets, alpha="rank", n_val=args.n_val, n_test=args.n_test)
     # a run is reused only if everything that shapes it is unchanged
-    key_cfg = {k: cfg[k] for k in ("steps", "batch_size", "rank", "eval_every", "target_loss", "model")}
+    key_cfg = {k: cfg[k] for k in ("steps", "batch_size", "rank", "eval_every", "target_loss", "model", "target_modules",
+                                       "n_val", "n_test")}
     runs: list[dict] = []
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = not args.no_progress
 
     t_load = time.perf_counter()
-    base, tok = _tasks.model_or_default(None, None, args.model)
+    base, tok = _tasks.model_or_default(model, tokenizer, args.model)
     base.requires_grad_(False)
     load_s = time.perf_counter() - t_load
     train_pairs, held = _tasks.addition_split(n_test=cfg["n_val"] + cfg["n_test"], seed=0)
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             "test": _tasks.encode_addition(tok, held[cfg["n_val"]:])}
     probe_before = _tasks.knowledge_probe(base, tok)
     base_task = _tasks.addition_eval(base, data["test"])
-    covs, calib_s = calibrations(base, tok, train_pairs, methods, progress)
+    covs, calib_s = calibrations(base, tok, train_pairs, methods, _tasks.parse_targets(args.targets), progress)
     print(f"base model: held-out addition accuracy {base_task['accuracy']:.3f}, knowledge probe "
           f"logp {probe_before['logprob']:.3f} acc {probe_before['accuracy']:.3f}")
 

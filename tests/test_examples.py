@@ -119,3 +119,35 @@ def test_eora_example_beats_plain_svd(smollm2, tmp_path):
     ppl = {r["config"]: r["ppl"] for r in res["rows"]}
     assert ppl["original"] < ppl["q3 compressed"]
     assert ppl["q3 + EoRA"] < ppl["q3 + SVD of ΔW"] < ppl["q3 compressed"]
+
+
+@pytest.mark.slow
+def test_bench_finetune_protocol_resume_and_plot(smollm2, tmp_path, tasks, monkeypatch):
+    """The benchmark's protocol on 2 steps a run: the lr sweep on seed 0, then each method's best lr on seed 1;
+    a rerun resumes (runs nothing new), and the PNG is written. (8 probe items, 16 held-out items: for speed.)"""
+    model, tok = smollm2
+    monkeypatch.setattr(tasks, "probe_items", lambda items=tasks.probe_items(): items[:8])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = _load(ROOT / "benchmarks" / "bench_finetune.py", "bench_finetune_t")
+    out = tmp_path / "ft.json"
+    argv = ["--methods", "lora,pissa", "--lrs", "1e-3,3e-3", "--seeds", "0,1", "--steps", "2", "--batch-size", "2",
+            "--eval-every", "1", "--n-val", "16", "--n-test", "16", "--targets", "q_proj,v_proj", "--out", str(out), "--no-progress"]
+    payload = bench.main(argv, model=model, tokenizer=tok)
+    runs = payload["runs"]
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in runs if r["seed"] == 0) == [
+        ("lora", 1e-3, 0), ("lora", 3e-3, 0), ("pissa", 1e-3, 0), ("pissa", 3e-3, 0)]
+    for m in ("lora", "pissa"):
+        best = bench.best_lr(runs, m)
+        sweep = [r for r in runs if r["method"] == m and r["seed"] == 0]
+        assert max(r["val_accuracy"] for r in sweep) == next(r["val_accuracy"] for r in sweep if r["lr"] == best)
+        assert [r["lr"] for r in runs if r["method"] == m and r["seed"] == 1] == [best]
+    assert len(runs) == 6 and all(len(r["losses"]) == 2 and r["trainable"] == runs[0]["trainable"] for r in runs)
+    # PiSSA is exact at init: the probe at init is the base model's
+    pissa0 = next(r for r in runs if r["method"] == "pissa")
+    assert abs(pissa0["probe_at_init"]["logprob"] - payload["probe_before"]["logprob"]) < 1e-4
+    saved = json.loads(out.read_text())
+    assert [s["method"] for s in saved["summary"]] == ["lora", "pissa"] and all(s["seeds"] == 2 for s in saved["summary"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = bench.main(argv, model=model, tokenizer=tok)  # resumes: the same six runs, nothing retrained
+    assert [(r["method"], r["lr"], r["seed"], r["losses"]) for r in again["runs"]] == \
+        [(r["method"], r["lr"], r["seed"], r["losses"]) for r in runs]

@@ -28,7 +28,8 @@ from torch import nn
 __all__ = [
     "ANSWER_LEN", "PROMPT_LEN", "addition_split", "encode_addition", "addition_loss", "addition_eval",
     "task_texts", "PROBE_CAPITALS", "CALIB_CAPITALS", "KNOWLEDGE_TEXTS", "probe_items", "knowledge_probe",
-    "pydoc_texts", "perplexity", "train_addition", "smooth", "steps_to", "parse_targets",
+    "pydoc_texts", "perplexity", "train_addition", "smooth", "steps_to", "parse_targets", "add_finetune_args",
+    "model_or_default", "TARGETS_HELP", "MODEL_HELP",
 ]
 
 PROMPT_LEN, ANSWER_LEN = 6, 3  # "47+58=" and "105"

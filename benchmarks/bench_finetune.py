@@ -18,8 +18,8 @@ finished run is written to ``benchmarks/results/bench_finetune.json`` at once; r
 there with the same configuration (``--fresh`` starts over), so the benchmark can be stopped and resumed.
 ``--report-only`` rebuilds the table and the PNG from the JSON.
 
-    python benchmarks/bench_finetune.py                       # the full protocol (see benchmarks/README.md)
-    python benchmarks/bench_finetune.py --steps 20 --lrs 1e-3 --seeds 0 --methods lora,pissa   # a quick look
+    python benchmarks/bench_finetune.py --threads 1           # the full protocol, ~2 h here (see benchmarks/README.md)
+    python benchmarks/bench_finetune.py --steps 20 --lrs 1e-3 --seeds 0 --methods lora,pissa --out /tmp/ft.json  # a quick look
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ COLUMNS = [
     ("method", "method", "{}"), ("lr", "best lr", "{:g}"), ("seeds", "seeds", "{:d}"),
     ("test_acc", "held-out acc (mean)", "{:.3f}"), ("test_acc_range", "acc min–max", "{}"),
     ("steps_to_target", "steps to loss", "{:.0f}"), ("steps_range", "steps min–max", "{}"),
+    ("not_reached", "runs never reaching it", "{:d}"),
     ("final_train_loss", "final train loss", "{:.3f}"),
     ("probe_lp_before", "probe logp before", "{:.3f}"), ("probe_lp_after", "probe logp after", "{:.3f}"),
     ("probe_acc_before", "probe acc before", "{:.3f}"), ("probe_acc_after", "probe acc after", "{:.3f}"),
@@ -209,11 +210,28 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_grid(runs: list[dict], methods) -> str:
+    """Markdown grid of the seed-0 sweep: a row per method, a column per learning rate, cells "val / test"
+    exact match, the chosen rate in bold."""
+    lrs = sorted({r["lr"] for r in runs if r["seed"] == 0})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for m in methods:
+        cells = []
+        for lr in lrs:
+            r = next((r for r in runs if r["method"] == m and r["lr"] == lr and r["seed"] == 0), None)
+            cell = "—" if r is None else f"{r['val_accuracy']:.3f} / {r['test_accuracy']:.3f}"
+            cells.append(f"**{cell}**" if r is not None and lr == best_lr(runs, m) else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(payload: dict) -> str:
     runs, cfg = payload["runs"], payload["config"]
     sweep = sorted([r for r in runs if r["seed"] == 0], key=lambda r: (cfg["methods"].index(r["method"]), r["lr"]))
     rows = summarize(runs, cfg["methods"], payload["probe_before"])
-    return (f"learning-rate sweep (seed 0):\n{markdown_table(sweep, SWEEP_COLUMNS)}\n\n"
+    return (f"learning-rate sweep (seed 0), held-out exact match validation / test:\n"
+            f"{sweep_grid(runs, cfg['methods'])}\n\n"
+            f"learning-rate sweep (seed 0):\n{markdown_table(sweep, SWEEP_COLUMNS)}\n\n"
             f"best learning rate per method, over seeds (steps to loss = first step whose 10-step average training "
             f"loss is <= {cfg['target_loss']}):\n{markdown_table(rows, COLUMNS)}")
 
@@ -224,7 +242,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     bundled SmolLM2. Returns the payload written to ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="shared learning-rate sweep, run on seed 0")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2", help="shared learning-rate sweep, run on seed 0")
     p.add_argument("--seeds", default="0,1", help="seed 0 sweeps; the others run each method's best lr")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)

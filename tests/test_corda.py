@@ -70,7 +70,7 @@ def test_adapter_times_cd_is_truncation_of_w_cd(setup, mode):
         assert lam == 0.01  # every covariance here is well conditioned after the first damping
         C = C.double()
         Cd = C + lam * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
-        W = model.get_submodule(name).weight.double()
+        W = model.get_submodule(name).weight.detach().double()
         U, S, Vh = torch.linalg.svd(W @ Cd, full_matrices=False)
         keep = slice(0, RANK) if mode == "ipa" else slice(S.shape[0] - RANK, S.shape[0])
         truncation = (U[:, keep] * S[keep]) @ Vh[keep]

@@ -6,7 +6,7 @@ The compressed weight W_c stays as it is; EoRA puts a rank-r LoRA on top that be
 the original model's inputs, ``wrap``'s default. Calibration and held-out evaluation text are disjoint halves of
 Python's documentation (``pydoc_data.topics``).
 
-    python examples/eora_compensate.py                          # 3-bit g64 RTN, ranks 16 and 64, ~4 minutes here
+    python examples/eora_compensate.py                          # 3-bit g64 RTN, ranks 16 and 64, ~7 minutes here
     python examples/eora_compensate.py --compress 2:4 --ranks 32
 """
 

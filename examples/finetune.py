@@ -7,7 +7,7 @@ the reloaded model reproduces the fine-tuned outputs.
 
 Task: 2-digit addition (``"47+58=105"``, loss on the answer digits only; see ``_tasks.py``), held-out exact match.
 
-    python examples/finetune.py --method pissa                 # ~5 minutes on 2 CPU cores
+    python examples/finetune.py --method pissa                 # ~6 minutes on 2 CPU cores
     python examples/finetune.py --method corda --max-steps 20  # CorDA-IPA, calibrated on the training items
 """
 

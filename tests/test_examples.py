@@ -79,7 +79,9 @@ def test_addition_tokens_and_exact_match_equals_greedy(tasks, smollm2):
 def test_finetune_example_trainer_save_export(smollm2, tmp_path):
     model, tok = smollm2
     ex = _load(ROOT / "examples" / "finetune.py", "ex_finetune")
-    res = ex.main(["--method", "pissa", "--max-steps", "4", "--batch-size", "4", "--n-test", "32",
+    # lr pinned: the example's default (1e-3, tuned for 150 steps with warm-up) takes 4 un-warmed steps into a
+    # regime where the model amplifies the one fp32 rounding of the residual base to ~1e-3 in the logits
+    res = ex.main(["--method", "pissa", "--max-steps", "4", "--batch-size", "4", "--n-test", "32", "--lr", "3e-4",
                    "--targets", "q_proj,v_proj", "--output-dir", str(tmp_path)], model=model, tokenizer=tok)
     assert res["gradient_checkpointing"] is True
     assert res["loss_after"] < res["loss_before"]  # 4 Trainer steps move the answer loss

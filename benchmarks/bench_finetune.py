@@ -71,14 +71,10 @@ def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], ta
     """A fresh deep copy of ``base`` wrapped for ``method`` on ``targets`` (``"all-linear"`` or module-name
     suffixes), alpha = rank."""
     import svdadapt
-    from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base)
     if method == "lora":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # PEFT draws A from the global RNG: seed it, leave the caller's RNG alone
-            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
-                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
+        return _tasks.default_lora(model, rank, targets, seed)
     if method in ("pissa", "milora"):
         return svdadapt.wrap(model, method, rank, target_modules=targets, seed=seed, progress=progress)
     mode = method.split("-")[1]
@@ -253,7 +249,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     p.add_argument("--n-test", type=int, default=256, help="held-out items scored at the end")
     p.add_argument("--targets", default="all-linear", help=_tasks.TARGETS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None, help=_tasks.MODEL_HELP)
     p.add_argument("--out", default=str(RESULTS_DIR / f"{NAME}.json"))
     p.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
     p.add_argument("--report-only", action="store_true", help="print the tables and redraw the PNG from --out")

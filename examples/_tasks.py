@@ -29,7 +29,7 @@ __all__ = [
     "ANSWER_LEN", "PROMPT_LEN", "addition_split", "encode_addition", "addition_loss", "addition_eval",
     "task_texts", "PROBE_CAPITALS", "CALIB_CAPITALS", "KNOWLEDGE_TEXTS", "probe_items", "knowledge_probe",
     "pydoc_texts", "perplexity", "train_addition", "smooth", "steps_to", "parse_targets", "add_finetune_args",
-    "model_or_default", "TARGETS_HELP", "MODEL_HELP",
+    "default_lora", "model_or_default", "TARGETS_HELP", "MODEL_HELP",
 ]
 
 PROMPT_LEN, ANSWER_LEN = 6, 3  # "47+58=" and "105"
@@ -230,6 +230,18 @@ def add_finetune_args(p, *, batch_size: int = 16) -> None:
     p.add_argument("--n-test", type=int, default=256, help="held-out addition items scored")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0)
+
+
+def default_lora(model: nn.Module, rank: int, targets="all-linear", seed: int = 0) -> nn.Module:
+    """``model`` wrapped by PEFT with its default LoRA init (B = 0, A Kaiming-uniform), alpha = rank: the baseline
+    the svdadapt methods are compared with. PEFT draws A from the global RNG, so it is seeded with ``seed`` inside
+    ``fork_rng``: the caller's RNG is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0,
+                                                task_type="CAUSAL_LM"))
 
 
 def model_or_default(model, tokenizer, path: str | None):

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tasks  # noqa: E402
 
@@ -31,7 +29,6 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     """Run the example; ``model``/``tokenizer`` may be passed in (tests; not modified), else ``--model`` or the
     bundled SmolLM2. Returns ``{method: numbers}``."""
     import svdadapt
-    from peft import LoraConfig, get_peft_model
 
     p = argparse.ArgumentParser(description="CorDA-KPA vs LoRA: task accuracy and knowledge kept.")
     p.add_argument("--methods", default="corda-kpa,lora")
@@ -64,10 +61,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
         work = copy.deepcopy(model)
         t0 = time.perf_counter()
         if m == "lora":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                peft_model = get_peft_model(work, LoraConfig(r=args.rank, lora_alpha=args.rank,
-                                                             target_modules=targets, task_type="CAUSAL_LM"))
+            peft_model = _tasks.default_lora(work, args.rank, targets, args.seed)
         else:
             peft_model = svdadapt.wrap(work, "corda", args.rank, mode="kpa", calibration=covs, seed=args.seed,
                                        target_modules=targets)
@@ -78,9 +72,10 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
                                     seed=1000 + args.seed, desc=m)
         task = _tasks.addition_eval(peft_model, test_ids)
         probe = _tasks.knowledge_probe(peft_model, tokenizer)
+        last = out["losses"][-10:]
         results[m] = {"lr": lr, "init_s": init_s, "train_s": out["train_s"], "probe_at_init": at_init,
-                      "probe_after": probe, "task_after": task, "losses": out["losses"], "final_train_loss": sum(out["losses"][-10:]) /
-                      len(out["losses"][-10:])}
+                      "probe_after": probe, "task_after": task, "losses": out["losses"],
+                      "final_train_loss": sum(last) / len(last)}
         del peft_model, work
 
     print(f"\nbase model: held-out addition acc {task_before['accuracy']:.3f}; knowledge probe (60 items) "

@@ -47,12 +47,9 @@ class AdditionDataset(torch.utils.data.Dataset):
 def wrap_model(model, tok, method: str, rank: int, train_pairs, seed: int = 0, targets="all-linear"):
     """``method`` applied to ``model`` (modified in place); ``lora`` is PEFT's own default init, for comparison."""
     import svdadapt
-    from peft import LoraConfig, get_peft_model
 
     if method == "lora":
-        torch.manual_seed(seed)
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
-                                                task_type="CAUSAL_LM"))
+        return _tasks.default_lora(model, rank, targets, seed)
     if method == "corda":  # instruction-previewed: calibrate on the task's own training items
         batches = svdadapt.text_batches(tok, _tasks.task_texts(train_pairs[:512]), seq_len=64, batch_size=8)
         return svdadapt.wrap(model, "corda", rank, mode="ipa", calibration=batches, seed=seed, target_modules=targets)

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from .methods import METHODS, finish, get_method
+from .methods import finish, get_method
 
 __all__ = ["wrap", "resolve_targets", "SVD_CHOICES"]
 

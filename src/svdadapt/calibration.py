@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .wrap import resolve_targets
+from .layers import is_target_type
+from .targets import resolve_targets
 
 __all__ = ["Covariances", "collect_covariances", "as_covariances", "text_batches"]
 
@@ -341,8 +342,8 @@ def as_covariances(calibration: Any, model: nn.Module, names: Sequence[str], pro
     modules = dict(model.named_modules())
     targets = {}
     for n in names:
-        if not isinstance(modules.get(n), nn.Linear):
-            raise ValueError(f"the model run for calibration ({type(model).__name__}) has no nn.Linear named {n!r}")
+        if n not in modules or not is_target_type(modules[n]):
+            raise ValueError(f"the model run for calibration ({type(model).__name__}) has no adaptable layer named {n!r}")
         targets[n] = modules[n]
     return _collect(model, calibration, targets, dtype, progress)
 

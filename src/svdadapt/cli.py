@@ -189,27 +189,29 @@ def _kv(title: str, rows: list[tuple[str, str]]) -> str:
 
 
 def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: bool = False) -> str:
-    """A table of the per-layer numbers of ``wrap``'s report: captured energy (EoRA: the remaining compensation
-    error ‖(ΔW − M)·S‖ / ‖ΔW·S‖ in the whitened space), per layer or grouped by module kind (min / mean / max)."""
-    eora = method == "eora"
-    key, label = ("residual_error", "comp. error") if eora else ("energy", "energy")
+    """A table of the per-layer numbers of ``wrap``'s report, per layer or grouped by module kind (min / mean / max).
+
+    The column is the method's own (``MethodSpec.report``): the captured energy ‖s·B·A‖²/‖W‖² (CorDA: of W·C) for the
+    methods that decompose the weight, and for EoRA the remaining compensation error ‖(ΔW − M)·S‖ / ‖ΔW·S‖ in the
+    calibration-whitened space."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    key, label = spec.report.key, spec.report.label
     if per_layer:
-        header = ["module", "shape", "sigma_max", label] + (["damping"] if method == "corda" else [])
-        rows = []
-        for n, r in layers.items():
-            row = [n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', float('nan')):.4g}",
-                   f"{r.get(key, float('nan')):.4f}"]
-            if method == "corda":
-                row.append(f"{r.get('damping', float('nan')):.3g}")
-            rows.append(row)
+        header = ["module", "shape", "sigma_max", label, *spec.extra_columns]
+        rows = [[n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', float('nan')):.4g}",
+                 f"{r.get(key, float('nan')):.4f}", *(f"{r.get(c, float('nan')):.3g}" for c in spec.extra_columns)]
+                for n, r in layers.items()]
         return _table(rows, header)
     groups: dict[str, list[tuple[str, float]]] = {}
     for n, r in layers.items():
         groups.setdefault(n.rsplit(".", 1)[-1], []).append((n, float(r.get(key, float("nan")))))
     rows = []
+    pick_worst = max if spec.report.high_is_bad else min
     for kind, vals in groups.items():
         xs = [v for _, v in vals]
-        worst = max(vals, key=lambda t: t[1]) if eora else min(vals, key=lambda t: t[1])
+        worst = pick_worst(vals, key=lambda t: t[1])
         rows.append([kind, str(len(xs)), f"{min(xs):.4f}", f"{sum(xs) / len(xs):.4f}", f"{max(xs):.4f}", worst[0]])
     return _table(rows, ["kind", "layers", f"min {label}", f"mean {label}", f"max {label}", "worst layer"])
 
@@ -222,8 +224,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     spec = METHODS[args.method]
     _must_exist_model(args.model)
-    if args.mode is not None and args.method != "corda":
-        raise UsageError(f"--mode applies to --method corda only, not {args.method}")
+    if args.mode is not None and None in spec.modes:
+        with_modes = " or ".join(m.name for m in METHODS.values() if None not in m.modes)
+        raise UsageError(f"--mode applies to --method {with_modes} only, not {args.method}")
     if spec.needs_calibration and not args.calib:
         raise UsageError(f"--method {args.method} needs calibration data: --calib FILE ... ({_TEXT_HINT})")
     if not spec.needs_calibration and args.calib:
@@ -242,7 +245,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from . import loading
-    from .export import _meta, write_checkpoint
+    from .checkpoint import write_checkpoint
+    from .export import checkpoint_meta
     from .wrap import wrap
 
     progress = not args.no_progress
@@ -271,7 +275,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
                   target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
                   calibration=calibration, reference=reference, progress=progress)
     info = pm.svdadapt
-    meta = _meta(pm)
+    meta = checkpoint_meta(pm)
     meta["source"] = {"model": os.path.abspath(args.model),
                       "reference": os.path.abspath(args.reference) if args.reference else None}
 
@@ -284,9 +288,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     PeftModel.save_pretrained(pm, str(out / "adapter"))
     cfg.base_model_name_or_path = original_name
     # resume record in DIR itself (no portable adapter: untrained, ΔW = 0); `svdadapt export` completes it
-    write_checkpoint(out, meta, info["init_factors"], info["init_factors"], resume=True, portable=False)
-    report = {"method": args.method, "rank": args.rank, "alpha": info["alpha"], "options": info["options"],
-              "model": meta["source"]["model"], "layers": info["report"]}
+    write_checkpoint(out, meta, info.init_factors, info.init_factors, resume=True, portable=False)
+    report = {"method": args.method, "rank": args.rank, "alpha": info.alpha, "options": info.options,
+              "model": meta["source"]["model"], "layers": info.report}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
     _say(f"saving base to {out / 'base'}")
     base = pm.unload()  # adapters out, rewritten weights in: an ordinary transformers model
@@ -294,12 +298,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "base"))
 
-    print(format_report(args.method, info["report"]))
+    print(format_report(args.method, info.report))
     print()
     print(_kv("svdadapt init", [
-        ("method", args.method + (f" ({args.mode or 'ipa'})" if args.method == "corda" else "")),
-        ("rank / alpha", f"{args.rank} / {info['alpha']:g}" + (" (rsLoRA)" if args.rslora else "")),
-        ("layers", str(len(info["targets"]))),
+        ("method", args.method + (f" ({info.options['mode']})" if info.options["mode"] else "")),
+        ("rank / alpha", f"{args.rank} / {info.alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
+        ("layers", str(len(info.targets))),
         ("base", str(out / "base")),
         ("adapter", str(out / "adapter")),
         ("report", str(out / "report.json")),
@@ -340,7 +344,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> dict:
     from safetensors.torch import load_file
 
-    from .export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _key
+    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_key
 
     if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{str(adapter)!r} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
@@ -353,7 +357,7 @@ def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> di
     sd = load_file(str(adapter / ADAPTER_WEIGHTS))
     current = {}
     for n in meta["targets"]:
-        ka, kb = _key(n, "A"), _key(n, "B")
+        ka, kb = adapter_key(n, "A"), adapter_key(n, "B")
         if ka not in sd or kb not in sd:
             raise ValueError(f"trained adapter {str(adapter)!r} has no LoRA factors for module {n!r} (key {ka!r})")
         if sd[ka].shape != init[n][0].shape or sd[kb].shape != init[n][1].shape:
@@ -364,7 +368,7 @@ def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> di
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import read_checkpoint, write_checkpoint
+    from .checkpoint import read_checkpoint, write_checkpoint
 
     d = Path(args.dir)
     if not d.is_dir():
@@ -395,22 +399,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .export import META_FILE
+    from .checkpoint import META_FILE, read_metadata
 
     d = Path(args.dir)
-    if (d / "report.json").is_file():
-        rep = json.loads((d / "report.json").read_text())
-        method, layers = rep["method"], rep["layers"]
-        rank, alpha = rep["rank"], rep["alpha"]
-    elif (d / META_FILE).is_file():
-        rep = json.loads((d / META_FILE).read_text())
-        method, layers, rank, alpha = rep["method"], rep.get("report", {}), rep["rank"], rep["alpha"]
-    else:
-        raise UsageError(f"{args.dir!r} has no report.json or {META_FILE} (not an init or save directory)")
+    if not (d / META_FILE).is_file():
+        raise UsageError(f"{args.dir!r} has no {META_FILE} (not an init or save directory)")
+    meta = read_metadata(d)
+    layers = meta.get("report") or {}
     if not layers:
         raise ValueError(f"{args.dir!r} has an empty report")
-    print(f"{method}, rank {rank}, alpha {alpha:g}, {len(layers)} layers")
-    print(format_report(method, layers, per_layer=args.layers))
+    print(f"{meta['method']}, rank {meta['rank']}, alpha {meta['alpha']:g}, {len(layers)} layers")
+    print(format_report(meta["method"], layers, per_layer=args.layers))
     return 0
 
 

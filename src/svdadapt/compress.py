@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .wrap import resolve_targets
+from .targets import resolve_targets
 
 __all__ = ["quantize", "quantize_weight", "prune", "prune_weight"]
 

@@ -1,13 +1,16 @@
-"""One pure function per initialization method, and the registry ``METHODS``.
+"""One pure function per initialization method, and the registry ``METHODS``: each method owns its rules.
 
 Every method maps one weight matrix (plus, where it needs them, a covariance and a reference weight) to LoRA
 factors in PEFT's convention: ``B`` (out, r), ``A`` (r, in), with the adapter adding ``s·B·A`` (s the LoRA
-scaling). Whether the frozen base is rewritten to ``W − s·B·A`` is a property of the method
-(``MethodSpec.rewrites_base``); :func:`finish` applies it with the rounding rules of DESIGN.md.
+scaling). A ``MethodSpec`` says everything else about a method: its modes and which end of the spectrum each keeps,
+what it needs (calibration, a reference model), its typed options and their checks, whether it rewrites the
+frozen base to ``W − s·B·A`` (:func:`finish` applies the rounding rules of DESIGN.md), and what its report shows.
+Nothing outside this module asks which method it is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +18,59 @@ import torch
 
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
 
-__all__ = ["Init", "MethodSpec", "METHODS", "get_method", "pissa", "milora", "corda", "eora", "finish"]
+__all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
+           "milora", "corda", "eora", "finish", "SVD_CHOICES",
+           "ReportColumn", "check_method_keywords"]
+
+SVD_CHOICES = ("auto", "full", "randomized")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    """How the truncated SVD is computed (see ``svdadapt.linalg.truncated_svd``)."""
+
+    svd: str = "auto"
+    niter: int | None = DEFAULT_NITER
+    oversample: int = DEFAULT_OVERSAMPLE
+
+    def __post_init__(self) -> None:
+        if self.svd not in SVD_CHOICES:
+            raise ValueError(f"svd must be one of {', '.join(SVD_CHOICES)}, got {self.svd!r}")
+        if not (self.niter is None or (_is_int(self.niter) and self.niter >= 0)) or not (
+                _is_int(self.oversample) and self.oversample >= 0):
+            raise ValueError(f"niter and oversample must be integers >= 0 (niter may be None), got "
+                             f"niter={self.niter!r}, oversample={self.oversample!r}")
+
+
+@dataclass(frozen=True)
+class CordaOptions:
+    """CorDA: ``mode`` "ipa" (top-r, default) or "kpa" (bottom-r); initial ``damping`` λ of C + λ·mean(diag C)·I."""
+
+    mode: str = "ipa"
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.damping) and self.damping >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
+
+
+@dataclass(frozen=True)
+class EoraOptions:
+    """EoRA: which model the calibration batches run on, ``"reference"`` (default) or ``"compressed"``."""
+
+    calibrate_on: str = "reference"
+
+    def __post_init__(self) -> None:
+        if self.calibrate_on not in ("compressed", "reference"):
+            raise ValueError(f"calibrate_on must be 'compressed' or 'reference', got {self.calibrate_on!r}")
 
 
 @dataclass
@@ -41,67 +96,68 @@ def _factors(t: TruncatedSVD, scaling: float, right: torch.Tensor | None = None)
     return A, B
 
 
-def _svd_options(svd: str, niter: int | None, oversample: int, generator: torch.Generator | None) -> dict[str, Any]:
-    return dict(svd=svd, niter=niter, oversample=oversample, generator=generator)
-
-
 @torch.no_grad()
-def pissa(W: torch.Tensor, *, rank: int, scaling: float, svd: str = "auto", niter: int | None = DEFAULT_NITER,
-          oversample: int = DEFAULT_OVERSAMPLE, generator: torch.Generator | None = None, largest: bool = True,
-          **_: Any) -> Init:
-    """PiSSA: the top-``rank`` singular triplets of ``W`` (out, in); s·B·A = [W]_r."""
-    t = truncated_svd(W, rank, largest=largest, **_svd_options(svd, niter, oversample, generator))
+def pissa(W: torch.Tensor, *, rank: int, scaling: float, largest: bool = True, svd: SVDOptions = SVDOptions(),
+          generator: torch.Generator | None = None) -> Init:
+    """PiSSA: the top-``rank`` singular triplets of ``W`` (out, in); s·B·A = [W]_r (``largest=False``: MiLoRA)."""
+    t = truncated_svd(W, rank, largest=largest, svd=svd.svd, niter=svd.niter, oversample=svd.oversample,
+                      generator=generator)
     A, B = _factors(t, scaling)
     total = torch.linalg.vector_norm(W).square()  # ‖W‖², without a W-sized temporary
-    return Init(A, B, t.S, {"energy": float(t.S.pow(2).sum() / total)})
+    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), total)})
 
 
 @torch.no_grad()
-def milora(W: torch.Tensor, **kw: Any) -> Init:
+def milora(W: torch.Tensor, *, rank: int, scaling: float, svd: SVDOptions = SVDOptions(),
+           generator: torch.Generator | None = None, largest: bool = False) -> Init:
     """MiLoRA: the bottom-``rank`` singular triplets of ``W`` (out, in)."""
-    kw["largest"] = False
-    return pissa(W, **kw)
+    return pissa(W, rank=rank, scaling=scaling, largest=largest, svd=svd, generator=generator)
+
+
+def _fraction(part: torch.Tensor, total: torch.Tensor) -> float:
+    """part / total, defined for a zero total (a zero weight: the adapter captures all of nothing)."""
+    total = float(total)
+    return float(part) / total if total > 0 else 1.0
 
 
 @torch.no_grad()
-def prepare_corda(C: torch.Tensor, damping: float = 0.01, **_: Any) -> dict[str, Any]:
+def prepare_corda(C: torch.Tensor, *, options: CordaOptions = CordaOptions()) -> dict[str, Any]:
     """Per-covariance work shared by every layer that reads the same input: C_d and its Cholesky factor."""
     C64 = C.to(torch.float64)
-    L, lam = damped_cholesky(C64, damping)
+    L, lam = damped_cholesky(C64, options.damping)
     eye = torch.eye(C64.shape[0], dtype=C64.dtype, device=C64.device)
     Cd = C64 + lam * C64.diagonal().mean() * eye  # as damped_cholesky formed it; cheaper than L @ Lᵀ
     return {"Cd": Cd, "L": L, "damping": lam}
 
 
 @torch.no_grad()
-def corda(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], mode: str = "ipa",
-          svd: str = "auto", niter: int | None = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
-          generator: torch.Generator | None = None, **_: Any) -> Init:
-    """CorDA: SVD of W·C_d (out, in); IPA keeps the top ``rank`` triplets, KPA the bottom.
+def corda(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], largest: bool = True,
+          svd: SVDOptions = SVDOptions(), generator: torch.Generator | None = None) -> Init:
+    """CorDA: SVD of W·C_d (out, in); IPA keeps the top ``rank`` triplets (``largest``), KPA the bottom.
 
     With V̂ᵀ = Vᵀ·C_d⁻¹ (a Cholesky solve, no explicit inverse), W = U·S·V̂ᵀ exactly and
     s·B·A = U_r·S_r·V̂_rᵀ.
     """
     Cd, L = prepared["Cd"], prepared["L"]
     WC = (W.to(torch.float64) @ Cd).to(W.dtype)  # (out, in)
-    t = truncated_svd(WC, rank, largest=(mode == "ipa"), **_svd_options(svd, niter, oversample, generator))
+    t = truncated_svd(WC, rank, largest=largest, svd=svd.svd, niter=svd.niter, oversample=svd.oversample,
+                      generator=generator)
     Vhat_h = torch.cholesky_solve(t.Vh.to(torch.float64).mT, L).mT.to(W.dtype)  # (r, in) = Vh_r·C_d⁻¹
     t = TruncatedSVD(t.U, t.S, Vhat_h)
     A, B = _factors(t, scaling)
-    return Init(A, B, t.S, {"energy": float(t.S.pow(2).sum() / WC.pow(2).sum()), "damping": prepared["damping"]})
+    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), WC.pow(2).sum()), "damping": prepared["damping"]})
 
 
 @torch.no_grad()
-def prepare_eora(C: torch.Tensor, rtol: float | None = None, **_: Any) -> dict[str, Any]:
+def prepare_eora(C: torch.Tensor, *, options: EoraOptions = EoraOptions()) -> dict[str, Any]:
     """Per-covariance whitening S (d, k) and S⁺ (k, d) in fp64."""
-    S, S_pinv = whitening(C, rtol)
+    S, S_pinv = whitening(C)
     return {"S": S, "S_pinv": S_pinv}
 
 
 @torch.no_grad()
 def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], reference: torch.Tensor,
-         svd: str = "auto", niter: int | None = DEFAULT_NITER, oversample: int = DEFAULT_OVERSAMPLE,
-         generator: torch.Generator | None = None, **_: Any) -> Init:
+         largest: bool = True, svd: SVDOptions = SVDOptions(), generator: torch.Generator | None = None) -> Init:
     """EoRA: the rank-``rank`` M minimizing ‖(ΔW − M)·X‖_F, ΔW = reference − W (out, in).
 
     M* = [ΔW·S]_r·S⁺ with S·Sᵀ = C; the base (the compressed ``W``) is left untouched. If C has fewer
@@ -111,21 +167,41 @@ def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any]
     dW = reference.to(torch.float64) - W.to(torch.float64)
     M = (dW @ S).to(W.dtype)  # (out, k)
     k = min(rank, *M.shape)
-    t = truncated_svd(M, k, **_svd_options(svd, niter, oversample, generator))
+    t = truncated_svd(M, k, largest=largest, svd=svd.svd, niter=svd.niter, oversample=svd.oversample,
+                      generator=generator)
     A, B = _factors(t, scaling, right=S_pinv.to(W.dtype))
     if k < rank:  # rank-deficient calibration: pad with zero directions
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
     err0 = M.pow(2).sum()
     resid = (err0 - t.S.pow(2).sum()).clamp_min(0)
-    return Init(A, B, t.S, {"energy": float(t.S.pow(2).sum() / err0) if err0 > 0 else 1.0,
-                            "residual_error": float((resid / err0).sqrt()) if err0 > 0 else 0.0,
+    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), err0),
+                            "residual_error": _fraction(resid, err0) ** 0.5 if float(err0) > 0 else 0.0,
                             "kept_rank": float(S.shape[1])})
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class ReportColumn:
+    """A per-layer number of the report: ``key`` in ``Init.stats``, its column label, and whether a high value is
+    the bad end (the "worst layer" of a summary)."""
+
+    key: str
+    label: str
+    high_is_bad: bool = False
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registry entry: what a method computes and what it needs."""
+    """A registry entry: what a method computes, what it needs, its options, and what its report shows.
+
+    ``modes`` maps each mode name to True if it keeps the top of the spectrum (largest singular values), False for
+    the bottom; a method without modes has the single mode ``None``. The first mode is the default.
+    ``options`` builds the typed per-method options from ``wrap``'s keywords; ``prepare(C, options=...)`` is the
+    per-covariance work shared by layers that read the same input.
+    """
 
     name: str
     init: Callable[..., Init]
@@ -134,16 +210,61 @@ class MethodSpec:
     rewrites_base: bool
     description: str
     prepare: Callable[..., dict[str, Any]] | None = None
+    modes: dict[str | None, bool] = field(default_factory=lambda: {None: True})
+    options_type: type | None = None
+    report: ReportColumn = ReportColumn("energy", "energy")
+    extra_columns: tuple[str, ...] = ()
+
+    @property
+    def default_mode(self) -> str | None:
+        return next(iter(self.modes))
+
+    def resolve_mode(self, mode: str | None) -> str | None:
+        """``mode`` checked against this method's modes (None: the default)."""
+        if mode is None:
+            return self.default_mode
+        if None in self.modes:
+            with_modes = " or ".join(repr(m.name) for m in METHODS.values() if None not in m.modes)
+            raise ValueError(f"mode={mode!r} only applies to method={with_modes}, not {self.name!r}")
+        if mode not in self.modes:
+            raise ValueError(f"{self.name} mode must be {' or '.join(repr(m) for m in self.modes)}, got {mode!r}")
+        return mode
+
+    def largest(self, mode: str | None) -> bool:
+        """True if ``mode`` keeps the largest singular triplets (a randomized sketch can find those only)."""
+        return self.modes[mode]
+
+    def options(self, mode: str | None, **given: Any) -> Any:
+        """The method's typed options from ``wrap``'s keywords (``mode`` already resolved); None if it has none."""
+        if self.options_type is None:
+            return None
+        fields = self.options_type.__dataclass_fields__
+        kw = {k: v for k, v in given.items() if k in fields}
+        if "mode" in fields:
+            kw["mode"] = mode
+        return self.options_type(**kw)
 
 
 METHODS: dict[str, MethodSpec] = {
     "pissa": MethodSpec("pissa", pissa, False, False, True, "top-r singular triplets of W (principal components)"),
-    "milora": MethodSpec("milora", milora, False, False, True, "bottom-r singular triplets of W (minor components)"),
+    "milora": MethodSpec("milora", milora, False, False, True, "bottom-r singular triplets of W (minor components)",
+                         modes={None: False}),
     "corda": MethodSpec("corda", corda, True, False, True,
-                        "context-oriented SVD of W·C: mode='ipa' top-r, mode='kpa' bottom-r", prepare_corda),
+                        "context-oriented SVD of W·C: mode='ipa' top-r, mode='kpa' bottom-r", prepare_corda,
+                        modes={"ipa": True, "kpa": False}, options_type=CordaOptions, extra_columns=("damping",)),
     "eora": MethodSpec("eora", eora, True, True, False,
-                       "rank-r compensation of W_ref − W_c in the calibration-whitened space", prepare_eora),
+                       "rank-r compensation of W_ref − W_c in the calibration-whitened space", prepare_eora,
+                       options_type=EoraOptions, report=ReportColumn("residual_error", "comp. error", True)),
 }
+
+
+def check_method_keywords(**given: Any) -> None:
+    """Validate every method-specific keyword of ``wrap`` by type and value, whichever method is chosen (a bad
+    value is an error even where the method ignores it)."""
+    for spec in METHODS.values():
+        if spec.options_type is not None:
+            fields = spec.options_type.__dataclass_fields__
+            spec.options_type(**{k: v for k, v in given.items() if k in fields and k != "mode"})
 
 
 def get_method(name: str) -> MethodSpec:
@@ -153,18 +274,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 @torch.no_grad()
-def finish(W: torch.Tensor, init: Init, scaling: float, adapter_dtype: torch.dtype, base_dtype: torch.dtype,
-           rewrite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round A and B to the adapter dtype, then (if ``rewrite``) base = W − s·B·A in fp32 from the *rounded*
-    factors, cast to the base dtype once: the wrapped layer's output then equals the original's up to
-    one rounding of the base.
-
-    Returns ``(A, B, base)``; base is None when the method keeps the base as it is.
-    """
-    A = init.A.to(adapter_dtype)
-    B = init.B.to(adapter_dtype)
-    if not rewrite:
-        return A, B, None
+def finish(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
+    """The rewritten base W − s·B·A (out, in) from the factors *as the adapter stores them* (A (r, in), B (out, r)
+    already rounded to the adapter dtype), computed in fp32 (fp64 for fp64 weights) and cast to ``base_dtype``
+    once: the wrapped layer's output then equals the original's up to one rounding of the base (DESIGN.md)."""
     compute = torch.float64 if W.dtype == torch.float64 else torch.float32
     base = torch.addmm(W.to(compute), B.to(compute), A.to(compute), alpha=-scaling)  # one pass over W
-    return A, B, base.to(base_dtype)
+    return base.to(base_dtype)

@@ -1,0 +1,107 @@
+"""Input checks that run before anything is computed or changed: option values, target weights, references,
+covariances. Each error names the offending module or keyword and its value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import kind_of, read_weight
+from .targets import shared_weights
+
+__all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "reference_weights",
+           "check_covariances"]
+
+
+def check_rank(rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+
+
+def check_alpha(alpha: Any) -> None:
+    ok = alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+                           and alpha > 0)
+    if not ok:
+        raise ValueError(f"alpha must be a finite positive number or None, got {alpha!r}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+
+
+def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], rank: int, rewrites_base: bool) -> None:
+    """Every target is float, finite, at least ``rank`` on its short side (the error names the tightest layer),
+    and, for a method that rewrites the base, shares its weight with no other module."""
+    limits = {}
+    for name, module in targets.items():
+        W = read_weight(name, module)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(W)).sum())} of "
+                             f"{W.numel()} entries); svdadapt cannot decompose it")
+        limits[name] = tuple(W.shape)
+    tightest = min(limits, key=lambda n: min(limits[n]))
+    if rank > min(limits[tightest]):
+        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(limits[tightest])} of module {tightest!r} with "
+                         f"weight {limits[tightest]}")
+    if rewrites_base:
+        pairs = shared_weights(model, targets)
+        if pairs:
+            a, b = pairs[0]
+            raise ValueError(f"module {a!r} shares its weight with {b!r} (tied weights): rewriting it would change "
+                             f"{b!r} too; untie the weights or leave {a!r} out of target_modules")
+
+
+def reference_weights(reference: Any, targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """name -> reference weight (out, in) for each target, from an ``nn.Module`` or a state dict (which stores a
+    ``Conv1D`` weight (in, out), as the module does)."""
+    if isinstance(reference, nn.Module):
+        modules = dict(reference.named_modules())
+        def get(n: str) -> torch.Tensor | None:
+            kind = kind_of(modules[n]) if n in modules else None
+            return None if kind is None else kind.read(modules[n])  # a view: converted one layer at a time
+    elif isinstance(reference, Mapping):
+        def get(n: str) -> torch.Tensor | None:
+            w = reference.get(n + ".weight")
+            return w.mT if w is not None and kind_of(targets[n]).fan_in_fan_out else w
+    else:
+        raise TypeError(f"reference must be an nn.Module or a state dict, got {type(reference).__name__}")
+    out = {}
+    for n, module in targets.items():
+        w = get(n)
+        if w is None:
+            raise ValueError(f"reference has no weight for targeted module {n!r} (looked for {n + '.weight'!r})")
+        shape = kind_of(module).shape(module)
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"reference weight for {n!r} has shape {tuple(w.shape)}, the model's has {tuple(shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"reference weight for {n!r} contains NaN or inf")
+        out[n] = w
+    return out
+
+
+def check_covariances(covs: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """name -> C (in, in) for each target, fetched once (a mapping that builds tensors on access keeps stable ids
+    this way) and checked: present, square of the layer's input size, finite, not zero."""
+    out = {}
+    for n, module in targets.items():
+        if n not in covs:
+            raise ValueError(f"calibration has no covariance for targeted module {n!r}")
+        C, d = covs[n], kind_of(module).shape(module)[1]
+        if tuple(C.shape) != (d, d):
+            raise ValueError(f"covariance for {n!r} has shape {tuple(C.shape)}, expected ({d}, {d})")
+        if not torch.isfinite(C).all():
+            raise ValueError(f"covariance for {n!r} contains NaN or inf")
+        if not C.diagonal().sum() > 0:
+            raise ValueError(f"covariance for {n!r} is zero: calibration saw no signal for this layer")
+        out[n] = C
+    return out

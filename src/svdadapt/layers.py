@@ -1,0 +1,92 @@
+"""Layer kinds: how svdadapt reads a layer's weight as a float (out, in) matrix and writes a new base back.
+
+One table keyed by layer type. Everything that touches a targeted layer's weight goes through its entry, so a new
+layer type is one entry here, not a branch elsewhere:
+
+- ``torch.nn.Linear``: weight (out, in), read and written as it is;
+- transformers ``Conv1D`` (GPT-2 family): weight stored transposed, (in, out) — PEFT's ``fan_in_fan_out``;
+- bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``).
+
+Leaf module: imports torch, and transformers only if the model already did.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype"]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How to handle one layer type.
+
+    ``read(module)`` gives the weight as a floating (out, in) tensor (a view where the layout allows: callers
+    must not write into it); ``write(module, base)`` stores a new base given as (out, in) in ``storage_dtype``;
+    ``storage_dtype(module)`` is the dtype a new base is rounded to before ``write``.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    shape: Callable[[nn.Module], tuple[int, int]]  # (out, in)
+    read: Callable[[nn.Module], torch.Tensor]
+    write: Callable[[nn.Module, torch.Tensor], None]
+    storage_dtype: Callable[[nn.Module], torch.dtype]
+    packed: bool = False  # the weight is stored quantized: read dequantizes, write re-quantizes
+    fan_in_fan_out: bool = False  # PEFT's flag for weights stored (in, out)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    mod = sys.modules.get("transformers.pytorch_utils")  # never imported here: a Conv1D exists only if it was
+    return mod is not None and isinstance(m, mod.Conv1D)
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data.copy_(value)  # in place: a memory-mapped checkpoint's pages are not kept alive by a new tensor
+
+
+LAYER_KINDS: tuple[LayerKind, ...] = (
+    LayerKind("Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
+              lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
+    LayerKind("Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
+              lambda m, w: _copy_into(m.weight, w.mT), lambda m: m.weight.dtype, fan_in_fan_out=True),
+)
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The table entry for ``module``'s type, or None if svdadapt cannot adapt it."""
+    return next((k for k in LAYER_KINDS if k.matches(module)), None)
+
+
+def is_target_type(module: nn.Module) -> bool:
+    return kind_of(module) is not None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype decompositions run in: fp64 for fp64 weights, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def read_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as an (out, in) tensor in its compute dtype (fp32, or fp64 for fp64 weights).
+
+    Raises ``TypeError`` naming the module for a layer type svdadapt does not know or a non-float weight.
+    """
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot adapt "
+                        f"(supported: {', '.join(k.name for k in LAYER_KINDS)})")
+    w = getattr(module, "weight", None)
+    packed = not kind.packed and (type(w).__name__ in {"Params4bit", "Int8Params"} or hasattr(w, "quant_state"))
+    W = kind.read(module)
+    if packed or not torch.is_floating_point(W):
+        raise TypeError(
+            f"module {name!r} has a {'packed-quantized ' if packed else ''}weight of dtype {W.dtype} "
+            f"({type(module).__name__}); svdadapt decomposes floating-point weights only: load or dequantize the "
+            "model in float32/bfloat16/float16 first")
+    return W.to(compute_dtype(W.dtype))

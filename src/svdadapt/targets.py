@@ -1,0 +1,111 @@
+"""Which modules of a model are adapted: PEFT's matching rules over the layer kinds of ``layers.py``.
+
+``target_modules`` / ``exclude_modules`` follow PEFT: a string is a full-match regex over module names, a list
+matches exact names or dotted suffixes, ``"all-linear"`` is every adaptable layer except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .layers import LAYER_KINDS, is_target_type
+
+__all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights"]
+
+Selector = str | Iterable[str]
+
+
+def matches(selector: Selector, name: str) -> bool:
+    """PEFT's rules: a string is a full-match regex; a list matches exact names or dotted suffixes."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == t or name.endswith("." + t) for t in selector)
+
+
+def _as_selector(selector: Selector) -> str | list[str]:
+    return selector if isinstance(selector, str) else list(selector)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the module(s) that ``model.get_output_embeddings()`` returns (empty if it has none)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {name for name, m in model.named_modules() if m is head}
+
+
+def _is_all_linear(selector: Selector) -> bool:
+    return isinstance(selector, str) and selector.lower() == "all-linear"
+
+
+def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
+                    exclude_modules: Selector | None = None) -> dict[str, nn.Module]:
+    """The adaptable modules of ``model`` that ``target_modules`` selects and ``exclude_modules`` does not, by full
+    module name, in ``named_modules()`` order.
+
+    Adaptable means a layer kind of ``svdadapt.layers`` (``nn.Linear``, transformers ``Conv1D``, bitsandbytes
+    linears). Raises ``ValueError`` if nothing matches.
+    """
+    layers = {n: m for n, m in model.named_modules() if n and is_target_type(m)}
+    if _is_all_linear(target_modules):
+        skip = output_head_names(model)
+        found = {n: m for n, m in layers.items() if n not in skip}
+    else:
+        target_modules = _as_selector(target_modules)
+        found = {n: m for n, m in layers.items() if matches(target_modules, n)}
+    if exclude_modules is not None:
+        exclude_modules = _as_selector(exclude_modules)
+        found = {n: m for n, m in found.items() if not matches(exclude_modules, n)}
+    if not found:
+        kinds = "/".join(k.name for k in LAYER_KINDS)
+        raise ValueError(
+            f"target_modules={target_modules!r}{'' if exclude_modules is None else f' minus exclude_modules={exclude_modules!r}'} "
+            f"matched no {kinds} layer in {type(model).__name__}; such layers are: "
+            f"{', '.join(list(layers)[:12])}{' ...' if len(layers) > 12 else ''}"
+        )
+    return found
+
+
+def peft_target_list(model: nn.Module, names: list[str]) -> list[str]:
+    """What to give PEFT's ``target_modules`` so that it selects exactly ``names``: the short suffixes
+    (``q_proj`` ...) when they match no other module at all (containers included: PEFT refuses a match that is not
+    a layer it can wrap), else the full names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    chosen = {n for n, _ in model.named_modules() if n and matches(suffixes, n)}
+    return suffixes if chosen == set(names) else sorted(names)
+
+
+def is_peft(model: nn.Module) -> bool:
+    """True for a ``PeftModel`` or a model that already holds PEFT tuner layers."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def shared_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs (target, other module) whose weight is the same tensor storage: a tied output head and input embedding,
+    or one Parameter used by two layers. Rewriting one of them would silently rewrite the other."""
+    def key(w: object) -> tuple[str, int, int] | None:
+        if not isinstance(w, torch.Tensor) or w.device.type == "meta" or not w.numel():
+            return None
+        return (str(w.device), w.untyped_storage().data_ptr(), w.storage_offset())
+
+    owners: dict[tuple[str, int, int], list[str]] = {}
+    for n, m in model.named_modules():
+        k = key(getattr(m, "weight", None))
+        if k is not None:
+            owners.setdefault(k, []).append(n)
+    modules = dict(model.named_modules())
+    pairs, seen = [], set()
+    for n in names:
+        for other in owners.get(key(modules[n].weight), []):
+            if other != n and (other, n) not in seen:
+                pairs.append((n, other))
+                seen.add((n, other))
+    return pairs

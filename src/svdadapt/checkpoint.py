@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 import math
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from .record import Factors, factors_checksum
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
-           "config_from_dict", "write_checkpoint", "read_checkpoint", "read_metadata"]
+           "config_from_dict", "write_checkpoint", "read_checkpoint", "read_metadata", "Saved", "adapter_keys"]
 
 META_FILE = "svdadapt.json"
 STATE_FILE = "svdadapt_state.safetensors"
@@ -33,11 +34,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "svdadapt.lifecycle/1"
 _PREFIX = "base_model.model."  # PEFT's state-dict prefix in front of the module name
+EXTRA = "extra:"  # resume-state prefix of the adapter's other tensors (modules_to_save)
 
 
 def adapter_key(name: str, which: str) -> str:
     """PEFT's saved-adapter key of ``lora_A``/``lora_B`` of module ``name`` (adapter name stripped)."""
     return f"{_PREFIX}{name}.lora_{which}.weight"
+
+
+def adapter_keys(names: Any) -> set[str]:
+    """The saved keys of the LoRA A and B of each of ``names``."""
+    return {adapter_key(n, which) for n in names for which in "AB"}
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -74,13 +81,16 @@ def _portable_config(cfg: Any, rewrites: bool):
 def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
                      init: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                      current: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, resume: bool = True,
-                     portable: bool = True) -> Path:
+                     portable: bool = True, extras: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the portable adapter (if ``portable``) and the svdadapt resume files (if ``resume``) into ``directory``.
 
     ``meta`` is the svdadapt.json record (``method``, ``rank``, ``alpha``, ``options``, ``targets``,
     ``rewrites_base``, ``lora_config`` (rank-r PEFT config dict), ``base_checksums`` ...); ``init`` and ``current``
-    map each target to (A (r, in), B (out, r)). Used by :func:`save` and by ``svdadapt export``.
+    map each target to (A (r, in), B (out, r)). ``extras`` are the other tensors of PEFT's adapter state (the
+    trained ``modules_to_save``, e.g. a classification head), under PEFT's saved keys: written as they are into the
+    portable adapter and kept in the resume state. Used by :func:`save` and by ``svdadapt export``.
     """
+    extras = dict(extras or {})
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -98,6 +108,7 @@ def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
                 A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
             weights[adapter_key(n, "A")] = A.contiguous().clone()
             weights[adapter_key(n, "B")] = B.contiguous().clone()
+        weights.update({k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
         save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         _portable_config(cfg, rewrites).save_pretrained(str(d))
     if resume:
@@ -105,6 +116,7 @@ def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
         for n in meta["targets"]:
             for tag, t in zip(("A0", "B0", "A", "B"), (*init[n], *current[n])):
                 state[f"{n}.{tag}"] = t.detach().cpu().contiguous().clone()
+        state.update({EXTRA + k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
         save_file(state, str(d / STATE_FILE), metadata={"format": FORMAT})
         record = {"format": FORMAT, **meta, "init_checksum": factors_checksum({n: init[n] for n in meta["targets"]})}
         (d / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=False, default=_json_default))
@@ -157,9 +169,19 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: {e})") from None
 
 
-def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Factors], dict[str, Factors]]:
-    """``(meta, init, current)`` from a directory written by ``svdadapt.save`` (or ``svdadapt export``): the record
-    and, per target, the initial and the current (A (r, in), B (out, r)).
+@dataclass
+class Saved:
+    """What a save directory holds: the svdadapt.json record, per target the initial and the current
+    (A (r, in), B (out, r)), and the adapter's other tensors (``modules_to_save``) under PEFT's saved keys."""
+
+    meta: dict[str, Any]
+    init: dict[str, Factors]
+    current: dict[str, Factors]
+    extras: dict[str, torch.Tensor]
+
+
+def read_checkpoint(directory: str | os.PathLike) -> Saved:
+    """Everything in a directory written by ``svdadapt.save`` (or ``svdadapt export``), checked.
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file that is missing, truncated or inconsistent; the
     initial factors must match the checksum the record holds.
@@ -178,4 +200,5 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if want is not None and factors_checksum(init) != want:
         raise ValueError(f"{str(d / STATE_FILE)!r}: the initial factors do not match the checksum in {META_FILE} "
                          "(the file was changed or mixed with another run's)")
-    return meta, init, current
+    extras = {k[len(EXTRA):]: v for k, v in state.items() if k.startswith(EXTRA)}
+    return Saved(meta, init, current, extras)

@@ -341,10 +341,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> dict:
+def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> tuple[dict, dict]:
+    """(name -> trained (A, B), the adapter's other tensors by key) of a PEFT adapter directory."""
     from safetensors.torch import load_file
 
-    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_key
+    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_key, adapter_keys
 
     if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{str(adapter)!r} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
@@ -364,7 +365,8 @@ def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> di
             raise ValueError(f"trained adapter {str(adapter)!r}: module {n!r} has shapes {tuple(sd[ka].shape)}, "
                              f"{tuple(sd[kb].shape)}; expected {tuple(init[n][0].shape)}, {tuple(init[n][1].shape)}")
         current[n] = (sd[ka], sd[kb])
-    return current
+    lora = adapter_keys(meta["targets"])
+    return current, {k: v for k, v in sd.items() if k not in lora}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -379,10 +381,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.resolve() in {adapter.resolve(), d.resolve(), (d / "base").resolve()}:
         raise UsageError(f"--out {args.out!r} would overwrite the input; choose a new directory")
-    meta, init, _ = read_checkpoint(d)
-    current = _read_trained_adapter(adapter, meta, init)
-    meta = {k: v for k, v in meta.items() if k != "format"}
-    write_checkpoint(out, meta, init, current, resume=True)
+    saved = read_checkpoint(d)
+    meta, init = saved.meta, saved.init
+    current, extras = _read_trained_adapter(adapter, meta, init)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "init_checksum")}
+    write_checkpoint(out, meta, init, current, resume=True, extras=extras)
     moved = sum(int(not (a.equal(init[n][0]) and b.equal(init[n][1]))) for n, (a, b) in current.items())
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
     print(_kv("svdadapt export", [

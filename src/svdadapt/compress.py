@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .layers import kind_of
 from .targets import resolve_targets
 
 __all__ = ["quantize", "quantize_weight", "prune", "prune_weight"]
@@ -70,10 +71,31 @@ def _check_bits(bits: int, group_size: int | None) -> None:
         raise ValueError(f"group_size must be a positive integer or None (one group per row), got {group_size!r}")
 
 
-def _copy_targets(model: nn.Module, target_modules: str | Iterable[str]) -> tuple[nn.Module, dict[str, nn.Linear]]:
-    resolve_targets(model, target_modules)  # fail on the original, before copying
+def _float_weights(targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """name -> the (out, in) weight of each target (a view), checked: unpacked, floating point, finite."""
+    out = {}
+    for name, m in targets.items():
+        kind = kind_of(m)
+        W = kind.read(m)
+        if kind.packed or not torch.is_floating_point(W):
+            raise TypeError(f"module {name!r} has a {'packed-quantized' if kind.packed else 'non-float'} weight of dtype "
+                            f"{W.dtype}; cannot compress it")
+        if not torch.isfinite(W).all():
+            raise ValueError(f"module {name!r} has a weight with NaN or inf; cannot compress it")
+        out[name] = W
+    return out
+
+
+def _compress_copy(model: nn.Module, target_modules: str | Iterable[str],
+                   compress_one: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` whose targets' weights are ``compress_one(name, W (out, in))``; every target is
+    checked on the original first."""
+    _float_weights(resolve_targets(model, target_modules))
     clone = copy.deepcopy(model)
-    return clone, resolve_targets(clone, target_modules)
+    for name, m in resolve_targets(clone, target_modules).items():
+        kind = kind_of(m)
+        kind.write(m, compress_one(name, kind.read(m)).to(kind.storage_dtype(m)))
+    return clone
 
 
 @torch.no_grad()
@@ -88,12 +110,7 @@ def quantize(model: nn.Module, bits: int, group_size: int | None = 128, symmetri
         target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear but the output head).
     """
     _check_bits(bits, group_size)
-    clone, targets = _copy_targets(model, target_modules)
-    for name, m in targets.items():
-        if not torch.is_floating_point(m.weight):
-            raise TypeError(f"module {name!r} has a non-float weight of dtype {m.weight.dtype}; cannot quantize it")
-        m.weight.data = quantize_weight(m.weight.data, bits, group_size, symmetric)
-    return clone
+    return _compress_copy(model, target_modules, lambda _, W: quantize_weight(W, bits, group_size, symmetric))
 
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -150,18 +167,19 @@ def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | Non
         match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
         if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
             raise ValueError(f"pattern must look like 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
-    targets = resolve_targets(model, target_modules)
-    for name, m in targets.items():
-        if pattern is not None and m.in_features % int(pattern.split(":")[1]) != 0:
-            raise ValueError(f"module {name!r} has in_features={m.in_features}, not a multiple of M in pattern {pattern!r}")
+    for name, W in _float_weights(resolve_targets(model, target_modules)).items():
+        in_f = W.shape[1]
+        if pattern is not None and in_f % int(pattern.split(":")[1]) != 0:
+            raise ValueError(f"module {name!r} has in_features={in_f}, not a multiple of M in pattern {pattern!r}")
         if calibration is not None:
             if name not in calibration:
                 raise ValueError(f"calibration has no covariance for targeted module {name!r}")
-            if tuple(calibration[name].shape) != (m.in_features, m.in_features):
+            if tuple(calibration[name].shape) != (in_f, in_f):
                 raise ValueError(f"covariance for {name!r} has shape {tuple(calibration[name].shape)}, "
-                                 f"expected ({m.in_features}, {m.in_features})")
-    clone, targets = _copy_targets(model, target_modules)
-    for name, m in targets.items():
+                                 f"expected ({in_f}, {in_f})")
+
+    def prune_one(name: str, W: torch.Tensor) -> torch.Tensor:
         norm = None if calibration is None else calibration[name].diagonal().clamp_min(0).sqrt()
-        m.weight.data = prune_weight(m.weight.data, pattern=pattern, sparsity=sparsity, input_norm=norm)
-    return clone
+        return prune_weight(W, pattern=pattern, sparsity=sparsity, input_norm=norm)
+
+    return _compress_copy(model, target_modules, prune_one)

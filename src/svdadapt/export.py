@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (META_FILE, STATE_FILE, adapter_key, config_dict, config_from_dict, read_checkpoint,
-                         write_checkpoint)
+from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
+                         read_checkpoint, write_checkpoint)
 from .engine import apply, write_factors
 from .layers import kind_of
 from .methods import get_method
@@ -59,13 +59,16 @@ def _targets_of(peft_model: nn.Module, names: list[str]) -> dict[str, nn.Module]
     return {n: modules[n] for n in names}
 
 
-def _current_factors(peft_model: nn.Module, names: list[str], state_dict: Mapping[str, torch.Tensor] | None = None
-                     ) -> dict[str, Factors]:
-    """name -> (A (r, in), B (out, r)) of the trained adapter, on CPU; from ``state_dict`` when given (the Trainer
+def _current_state(peft_model: nn.Module, names: list[str], state_dict: Mapping[str, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
+    """The trained adapter, on CPU: name -> (A (r, in), B (out, r)), and PEFT's other saved tensors (the
+    ``modules_to_save``, e.g. a classification head) by saved key. From ``state_dict`` when given (the Trainer
     passes a gathered one under FSDP / DeepSpeed), else from the model."""
     from peft import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=ADAPTER)
+    lora = adapter_keys(names)
+    extras = {k: v.detach().cpu() for k, v in sd.items() if k not in lora}
     out = {}
     for n in names:
         try:
@@ -73,7 +76,7 @@ def _current_factors(peft_model: nn.Module, names: list[str], state_dict: Mappin
         except KeyError:
             raise KeyError(f"the adapter state has no LoRA factors for module {n!r} "
                            f"(looked for {adapter_key(n, 'A')!r})") from None
-    return out
+    return out, extras
 
 
 def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
@@ -121,8 +124,8 @@ def save(peft_model: nn.Module, directory: str | os.PathLike, *,
     Returns the directory.
     """
     meta = checkpoint_meta(peft_model)
-    current = _current_factors(peft_model, meta["targets"], state_dict)
-    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=True)
+    current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=True, extras=extras)
 
 
 @torch.no_grad()
@@ -131,8 +134,8 @@ def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
     """Write only the vanilla PEFT adapter for the ORIGINAL base (A' = [A; A₀], B' = [B, −B₀], alpha doubled; EoRA:
     the plain rank-r LoRA for W_c). Returns the directory."""
     meta = checkpoint_meta(peft_model)
-    current = _current_factors(peft_model, meta["targets"], state_dict)
-    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=False)
+    current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=False, extras=extras)
 
 
 def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path, progress: bool) -> None:
@@ -152,6 +155,18 @@ def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path
                 f"base weights do not match {str(directory)!r}: first mismatch at module {n!r} "
                 f"(weight {tuple(m.weight.shape)} {m.weight.dtype}, sha256 {got[:12]}…, expected {want[:12]}…){hint}"
             )
+
+
+def _restore_state(peft_model: nn.Module, saved: Saved) -> None:
+    """The saved current factors and ``modules_to_save`` tensors into the model."""
+    from peft import set_peft_model_state_dict
+
+    write_factors(peft_model, saved.current)
+    if saved.extras:
+        result = set_peft_model_state_dict(peft_model, saved.extras, adapter_name=ADAPTER)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"the saved adapter holds tensors this model has no place for: {unexpected[:3]}")
 
 
 def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> AdaptRecord:
@@ -174,7 +189,8 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     ``base_model`` is modified in place (as ``wrap`` does). Returns the ``peft.PeftModel``.
     """
     d = Path(directory)
-    meta, init, current = read_checkpoint(d)
+    saved = read_checkpoint(d)
+    meta, init = saved.meta, saved.init
     if is_peft(base_model):
         raise TypeError(f"base_model is already a PEFT model ({type(base_model).__name__}); pass the plain base model")
     if verify:
@@ -186,7 +202,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     layers = _targets_of(peft_model, meta["targets"])
     residual = meta.get("residual_checksums") or {}
     differs = [n for n, m in layers.items() if n in residual and weight_checksum(m.get_base_layer().weight) != residual[n]]
-    write_factors(peft_model, current)
+    _restore_state(peft_model, saved)
     if differs:
         warnings.warn(
             f"the rebuilt residual of {len(differs)} module(s) (first {differs[0]!r}) is not bit-identical to the saved "
@@ -256,7 +272,8 @@ def _guarded_load_adapter(self: nn.Module, model_id: str | os.PathLike, adapter_
     if adapter_name != ADAPTER or not (d / META_FILE).is_file():
         return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
     record = record_of(self, "load_adapter")
-    meta, init, current = read_checkpoint(d)
+    saved = read_checkpoint(d)
+    meta, init = saved.meta, saved.init
     if meta["method"] != record.method or meta["rank"] != record.rank or list(meta["targets"]) != record.targets:
         raise ValueError(f"{str(d)!r} holds a {meta['method']} rank-{meta['rank']} adapter; this model is "
                          f"{record.method} rank-{record.rank}")
@@ -265,7 +282,7 @@ def _guarded_load_adapter(self: nn.Module, model_id: str | os.PathLike, adapter_
         if not (torch.equal(init[n][0], mine[0]) and torch.equal(init[n][1], mine[1])):
             raise ValueError(f"{str(d)!r} was trained from different initial factors (first at module {n!r}); "
                              "load it onto the original base with svdadapt.load instead")
-    write_factors(self, current)
+    _restore_state(self, saved)
     return nn.modules.module._IncompatibleKeys([], [])
 
 

@@ -7,7 +7,8 @@ layer type is one entry here, not a branch elsewhere:
 - transformers ``Conv1D`` (GPT-2 family): weight stored transposed, (in, out) — PEFT's ``fan_in_fan_out``;
 - bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``).
 
-Leaf module: imports torch, and transformers only if the model already did.
+Leaf module: imports torch and ``bnb`` (which imports bitsandbytes only when asked); transformers only if the
+model already did.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from . import bnb
 
 __all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype"]
 
@@ -51,6 +54,9 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 LAYER_KINDS: tuple[LayerKind, ...] = (
+    # bitsandbytes layers subclass nn.Linear: they come first
+    LayerKind("bnb", bnb.is_bnb_layer, lambda m: (m.out_features, m.in_features), bnb.dequantize,
+              bnb.write_quantized, lambda m: torch.float32, packed=True),
     LayerKind("Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
               lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
     LayerKind("Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,

@@ -12,6 +12,7 @@ from . import checks
 from .calibration import as_covariances
 from .engine import Job, apply, lora_scaling, plan_layers
 from .export import attach
+from .layers import kind_of
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import SVD_CHOICES, MethodSpec, SVDOptions, check_method_keywords, get_method
 from .record import AdaptRecord, weight_checksum
@@ -70,15 +71,15 @@ def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], cali
     return checks.check_covariances(covs, targets)
 
 
-def _lora_config(model: nn.Module, names: list[str], job: Job, alpha: float, use_rslora: bool,
+def _lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alpha: float, use_rslora: bool,
                  task_type: str | None) -> Any:
     from peft import LoraConfig
 
     if task_type is None and type(model).__name__.endswith("ForCausalLM"):
         task_type = "CAUSAL_LM"
-    return LoraConfig(r=job.rank, lora_alpha=alpha, target_modules=peft_target_list(model, names),
+    return LoraConfig(r=job.rank, lora_alpha=alpha, target_modules=peft_target_list(model, list(targets)),
                       use_rslora=use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
-                      task_type=task_type)
+                      fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()), task_type=task_type)
 
 
 @torch.no_grad()
@@ -153,7 +154,7 @@ def wrap(
     base_checksums = {n: weight_checksum(m.weight) for n, m in targets.items()}  # W before any rewrite
     names = list(targets)
     alpha = rank if alpha is None else alpha
-    peft_model = apply(model, _lora_config(model, names, job, alpha, use_rslora, task_type),
+    peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type),
                        {n: (p.A, p.B) for n, p in plans.items()}, rewrite_base=spec.rewrites_base)
     record = AdaptRecord(
         method=spec.name, rank=rank, alpha=alpha,

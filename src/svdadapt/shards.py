@@ -1,0 +1,574 @@
+"""Tensor-by-tensor I/O of Hugging Face safetensors checkpoints: a reader and a resumable sharded writer.
+
+The streaming init reads a checkpoint that need not fit in memory one tensor at a time, rewrites the targeted
+weights and writes a new checkpoint in the layout ``transformers`` writes and loads::
+
+    reader = CheckpointReader("llama-7b/")               # model.safetensors, or the index + its shards
+    with ShardWriter("llama-7b-res/", resume=True) as w:  # close() on a clean exit, journal kept on a crash
+        for name in reader.names:
+            if name not in w.done:                        # written by an interrupted earlier run
+                w.add(name, rewrite(name, reader.get(name)))
+    copy_files(reader.files, "llama-7b-res/")            # config.json, tokenizer files, ...
+
+Memory: the reader holds one safetensors handle per shard (headers only; ``get`` reads one tensor), the writer
+the tensors of the shard it is filling (at most ``max_shard_bytes``, or one larger tensor alone).
+
+Why the reader asks safetensors for its ``pread`` backend: with the default ``mmap`` backend every tensor returned
+is a view of a private mapping of the whole shard that lives as long as the handle. Pages read through it stay in
+the process's resident set after the tensor is freed (file-backed: page cache, but counted in RSS and in a
+cgroup's memory), and pages written in place become anonymous copy-on-write memory that is never given back while
+the handle is open. Reading all of a 200 MB file tensor by tensor through one mmap handle thus grows RSS by
+200 MB; with ``pread`` each tensor is its own buffer, freed with it, and RSS stays flat. safetensors before 0.8
+has no ``pread``: then ``get`` opens the shard, copies the tensor out of the mapping and closes it again.
+
+Output layout and file names. Completed shards are written as ``model-00001.safetensors``,
+``model-00002.safetensors``, ... (each first to the hidden ``.model-0000k.safetensors.tmp``, fsynced, then
+renamed, so a kill mid-write never leaves a half shard under a shard's name), and recorded with their size and
+sha256 in the progress journal ``.svdadapt-progress.json``. The shard count N is known only at ``close()``, which
+renames them to transformers' ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
+(``{"metadata": {"total_size", "total_parameters"}, "weight_map"}``), or, for one shard, renames it to
+``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal. A directory with a
+journal is unfinished; one without is a complete checkpoint.
+
+Resuming. ``ShardWriter(out_dir, resume=True)`` re-verifies every journaled shard (exists, size, sha256); the
+first bad or missing one and everything after it are discarded, stray temporary files removed, and ``done`` is
+the set of names in the shards kept. The caller then adds the remaining tensors in the same order as before, and
+the result is byte-identical to an uninterrupted run with the same ``max_shard_bytes``.
+
+Leaf module: torch, safetensors and the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "CheckpointReader",
+    "ShardWriter",
+    "copy_files",
+    "SINGLE_FILE",
+    "INDEX_FILE",
+    "JOURNAL_FILE",
+    "DEFAULT_MAX_SHARD_BYTES",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+JOURNAL_FILE = ".svdadapt-progress.json"
+DEFAULT_MAX_SHARD_BYTES = 1 << 30
+_JOURNAL_VERSION = 1
+_SHARD_METADATA = {"format": "pt"}  # what save_pretrained writes; older transformers refuse files without it
+_HASH_CHUNK = 1 << 20
+
+# Files of a model directory that are weights in some format: never copied through (the rewritten base must not
+# ship the original weights next to it). Hidden files (.gitattributes, our journal) are skipped as well.
+_WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_WORK_RE = re.compile(r"model-(\d{5})\.safetensors")
+_FINAL_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_TMP_RE = re.compile(r"\.(model-\d{5}\.safetensors|svdadapt-progress\.json|model\.safetensors\.index\.json)\.tmp")
+
+# safetensors header dtype -> torch dtype (the optional ones only where this torch has them)
+_DTYPES: dict[str, torch.dtype] = {
+    key: getattr(torch, attr)
+    for key, attr in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    ]
+    if hasattr(torch, attr)
+}
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+class _Entry:
+    __slots__ = ("file", "dtype", "shape", "nbytes", "offset")
+
+    def __init__(self, file: Path, dtype: str, shape: tuple[int, ...], nbytes: int, offset: int):
+        self.file, self.dtype, self.shape, self.nbytes, self.offset = file, dtype, shape, nbytes, offset
+
+
+_PREAD: bool | None = None  # does this safetensors have safe_open(..., backend="pread")? Found on first open.
+
+
+def _open(path: Path):
+    """A safetensors handle (``pread`` backend where there is one); a truncated or corrupt file is a ValueError
+    naming it (safetensors checks at open that the header parses and that its offsets cover the file exactly)."""
+    global _PREAD
+    try:
+        if _PREAD is not False:
+            try:
+                handle = safe_open(str(path), framework="pt", backend="pread")
+                _PREAD = True
+                return handle
+            except TypeError:  # safetensors < 0.8: no backend keyword
+                _PREAD = False
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _header(path: Path) -> dict[str, _Entry]:
+    """name -> entry from the file's JSON header, in file (data offset) order. Called after ``_open`` succeeded,
+    so the header is known to be well formed."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return {
+        name: _Entry(path, h["dtype"], tuple(h["shape"]), h["data_offsets"][1] - h["data_offsets"][0],
+                     h["data_offsets"][0])
+        for name, h in items
+    }
+
+
+class CheckpointReader:
+    """Read a safetensors checkpoint one tensor at a time.
+
+    ``path``: a model directory holding ``model.safetensors`` or ``model.safetensors.index.json`` and its shards
+    (``model.safetensors`` wins when both are there, as in transformers), a single ``.safetensors`` file, or an
+    index file. Every shard's header is opened and checked here, so a missing shard or a truncated or corrupt
+    file fails at construction (ValueError naming the file); no tensor data is read until ``get``.
+
+    ``names`` lists the tensors in the index's ``weight_map`` order (transformers writes it sorted by name), or,
+    for a single file, in file order. Tensors a shard holds but the index does not name are ignored, as
+    transformers ignores them.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint path {p} does not exist")
+        self.path = p
+        self._root: Path | None = None
+        index: Path | None = None
+        single: Path | None = None
+        if p.is_dir():
+            self._root = p
+            if (p / SINGLE_FILE).is_file():
+                single = p / SINGLE_FILE
+            elif (p / INDEX_FILE).is_file():
+                index = p / INDEX_FILE
+            else:
+                found = sorted(f.name for f in p.glob("*.safetensors"))
+                hint = f"; it has {found}: pass one of them as the path" if found else ""
+                raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {p}{hint}")
+        elif p.name.endswith(".index.json"):
+            index, self._root = p, p.parent
+        elif p.suffix == ".safetensors":
+            single = p
+        else:
+            raise FileNotFoundError(f"{p} is neither a model directory, a .safetensors file nor a safetensors index")
+
+        self._handles: dict[Path, Any] = {}
+        self._entries: dict[str, _Entry] = {}
+        if single is not None:
+            self._keep(single, _open(single))
+            self._entries = _header(single)
+            self.index_file: Path | None = None
+        else:
+            self.index_file = index
+            self._entries = self._read_index(index)
+
+    def _read_index(self, index: Path) -> dict[str, _Entry]:
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e!r}") from e
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        headers: dict[str, dict[str, _Entry]] = {}
+        for shard, names in by_shard.items():
+            file = index.parent / shard
+            if not file.is_file():
+                raise ValueError(f"{index} maps {len(names)} tensors (e.g. {names[0]!r}) to shard {shard}, "
+                                 f"but {file} does not exist")
+            self._keep(file, _open(file))
+            headers[shard] = _header(file)
+        entries = {}
+        for name, shard in weight_map.items():
+            entry = headers[shard].get(name)
+            if entry is None:
+                raise ValueError(f"{index} maps {name!r} to shard {shard}, but {index.parent / shard} has no "
+                                 f"tensor of that name")
+            entries[name] = entry
+        return entries
+
+    def _keep(self, file: Path, handle: Any) -> None:
+        # an mmap handle (no pread) would pin every page read through it: opened per get() instead
+        if _PREAD:
+            self._handles[file] = handle
+
+    # ----------------------------------------------------------------------------------------------- metadata
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in checkpoint {self.path}") from None
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._entry(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        e = self._entry(name)
+        if e.dtype not in _DTYPES:
+            raise ValueError(f"{e.file}: tensor {name!r} has dtype {e.dtype}, which this torch cannot represent")
+        return _DTYPES[e.dtype]
+
+    def nbytes(self, name: str) -> int:
+        return self._entry(name).nbytes
+
+    def file_of(self, name: str) -> Path:
+        """The shard file that holds ``name``."""
+        return self._entry(name).file
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data over all names (an index's ``metadata.total_size``)."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def config(self) -> dict | None:
+        """config.json of the model directory as a dict, or None (none there, or a bare .safetensors path)."""
+        if self._root is None or not (self._root / "config.json").is_file():
+            return None
+        with open(self._root / "config.json") as f:
+            return json.load(f)
+
+    @property
+    def files(self) -> list[Path]:
+        """The directory's other files to copy through (config.json, generation_config.json, tokenizer files, ...):
+        regular top-level files, sorted, without weights in any format (.safetensors, .bin, .pt, indexes, ...) and
+        without hidden files. Empty for a bare .safetensors path."""
+        if self._root is None:
+            return []
+        return sorted(f for f in self._root.iterdir()
+                      if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES))
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (on CPU, the stored dtype and shape, in a buffer of its own), and nothing else of its
+        shard."""
+        e = self._entry(name)
+        try:
+            if _PREAD:
+                handle = self._handles.get(e.file)
+                if handle is None:  # after close()
+                    handle = self._handles[e.file] = _open(e.file)
+                return handle.get_tensor(name)
+            with _open(e.file) as handle:  # mmap only: copy out, then unmap (see the module docstring)
+                return handle.get_tensor(name).clone()
+        except SafetensorError as err:
+            raise ValueError(f"{e.file}: cannot read tensor {name!r}: {err}") from err
+
+    def close(self) -> None:
+        """Drop the shard handles (``get`` reopens on demand)."""
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(set(e.file for e in self._entries.values()))} "
+                f"files, {self.total_size} bytes)")
+
+
+def copy_files(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Copy files (e.g. ``CheckpointReader.files``) into ``out_dir``; returns the copies."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(f, out / Path(f).name)) for f in files]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name.lstrip('.')}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _final_name(k: int, n: int) -> str:
+    return SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+class ShardWriter:
+    """Write tensors, in the order added, as a sharded safetensors checkpoint that resumes after interruption.
+
+    ``add(name, tensor)`` keeps the tensor (moved to CPU; a view of a larger storage is copied so that the rest
+    is not kept alive) in the shard being filled. A shard is flushed to disk when the next tensor would take it
+    over ``max_shard_bytes`` of tensor data, or as soon as it reaches it, so the writer holds at most
+    ``max_shard_bytes`` (or one larger tensor, which gets a shard of its own). Sizes count tensor bytes, as
+    transformers' ``max_shard_size`` does; a file is larger by its JSON header. The writer keeps a reference to
+    the tensors it holds: do not modify a tensor in place after adding it.
+
+    ``resume``: continue the interrupted write that ``out_dir``'s progress journal describes (``done`` lists what
+    is already on disk: skip those names and add the rest in the original order; adding a name in ``done`` is an
+    error). Without a journal, resume starts from scratch. ``max_shard_bytes`` must equal the journal's.
+    ``overwrite``: a fresh write into a directory that already holds checkpoint files (ours or a
+    transformers checkpoint) deletes them first; without it that is a FileExistsError.
+
+    See the module docstring for the file names and the journal. Use as a context manager to ``close()`` on a
+    clean exit and leave the journal in place (resumable) when an exception escapes.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *,
+                 resume: bool = False, overwrite: bool = False):
+        if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._journal = self.out_dir / JOURNAL_FILE
+        self._shards: list[dict[str, Any]] = []  # completed shards, as journaled
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._pending_ptrs: set[int] = set()
+        self._added: set[str] = set()  # names added in this session
+        self._closed = False
+        self.done: set[str] = set()
+        """Names in completed shards on disk (those of a resumed run's kept shards, then the ones flushed since)."""
+
+        if resume and self._journal.is_file():
+            self._resume()
+        else:
+            self._start_fresh(resume, overwrite)
+
+    # ------------------------------------------------------------------------------------------- start / resume
+    def _ours(self) -> list[Path]:
+        """Files in out_dir that a checkpoint write (ours or transformers') owns."""
+        return sorted(f for f in self.out_dir.iterdir()
+                      if f.name in (SINGLE_FILE, INDEX_FILE, JOURNAL_FILE) or _WORK_RE.fullmatch(f.name)
+                      or _FINAL_RE.fullmatch(f.name) or _TMP_RE.fullmatch(f.name))
+
+    def _start_fresh(self, resume: bool, overwrite: bool) -> None:
+        existing = self._ours()
+        if resume:
+            # no journal: only leftovers of a run killed before its first journal write can be discarded
+            for f in existing:
+                if _TMP_RE.fullmatch(f.name) or _WORK_RE.fullmatch(f.name):
+                    f.unlink()
+            existing = self._ours()
+            if existing and not overwrite:
+                raise FileExistsError(
+                    f"{self.out_dir} holds a complete checkpoint ({[f.name for f in existing]}) and no progress "
+                    f"journal {JOURNAL_FILE}: nothing to resume; pass overwrite=True to write it again")
+        if existing:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.out_dir} already holds checkpoint files {[f.name for f in existing]}; pass resume=True "
+                    f"to continue an interrupted write or overwrite=True to replace them")
+            for f in existing:
+                f.unlink()
+        self._write_journal()
+
+    def _resume(self) -> None:
+        try:
+            with open(self._journal) as f:
+                journal = json.load(f)
+            shards = journal["shards"]
+            saved_max = journal["max_shard_bytes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self._journal}: unreadable progress journal ({e!r}); delete the directory's "
+                             f"checkpoint files or pass overwrite=True without resume") from e
+        if journal.get("version") != _JOURNAL_VERSION:
+            raise ValueError(f"{self._journal}: journal version {journal.get('version')!r}, expected "
+                             f"{_JOURNAL_VERSION}")
+        if saved_max != self.max_shard_bytes:
+            raise ValueError(f"resuming {self.out_dir} with max_shard_bytes={self.max_shard_bytes}, but it was "
+                             f"started with {saved_max}: pass the same value (shard boundaries depend on it)")
+        # a kill inside close() may have renamed shards to their final names already: take them back
+        for work, final in journal.get("finalizing", {}).items():
+            if not (self.out_dir / work).exists() and (self.out_dir / final).is_file():
+                os.replace(self.out_dir / final, self.out_dir / work)
+        kept: list[dict[str, Any]] = []
+        for s in shards:
+            f = self.out_dir / s["file"]
+            if not (f.is_file() and f.stat().st_size == s["size"] and _sha256(f) == s["sha256"]):
+                break  # this one and all after it are rewritten
+            kept.append(s)
+        self._shards = kept
+        keep = {s["file"] for s in kept}
+        for f in self._ours():
+            if f.name != JOURNAL_FILE and f.name not in keep:
+                f.unlink()
+        _fsync_dir(self.out_dir)
+        self._write_journal()
+        self.done = {n for s in kept for n in s["names"]}
+
+    def _write_journal(self, finalizing: dict[str, str] | None = None) -> None:
+        obj: dict[str, Any] = {"version": _JOURNAL_VERSION, "max_shard_bytes": self.max_shard_bytes,
+                               "shards": self._shards}
+        if finalizing:
+            obj["finalizing"] = finalizing
+        _write_json_atomic(self._journal, obj)
+
+    # ------------------------------------------------------------------------------------------------- writing
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor; flushes the current shard first when this one would take it over the limit."""
+        if self._closed:
+            raise RuntimeError(f"ShardWriter({self.out_dir}) is closed")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names are non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if name in self.done:
+            raise ValueError(f"{name!r} is already written in a completed shard of {self.out_dir} (see .done); "
+                             f"skip the names in done when resuming")
+        if name in self._added:
+            raise ValueError(f"{name!r} was added twice")
+        if tensor.layout != torch.strided:
+            raise ValueError(f"{name}: only dense tensors can be saved, got layout {tensor.layout}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        # a view of a larger storage would keep it alive (and write nothing of it); a second name on a storage
+        # already in this shard is refused by safetensors: both get their own compact copy
+        if t.numel() and (t.untyped_storage().nbytes() != t.nbytes or t.data_ptr() in self._pending_ptrs):
+            t = t.clone()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = t
+        self._added.add(name)
+        if t.numel():
+            self._pending_ptrs.add(t.data_ptr())
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the pending tensors as the next shard: temp name, fsync, hash, rename, then journal it."""
+        if not self._pending:
+            return
+        work = f"model-{len(self._shards) + 1:05d}.safetensors"
+        tmp = self.out_dir / f".{work}.tmp"
+        save_file(self._pending, str(tmp), metadata=dict(_SHARD_METADATA))
+        _fsync_file(tmp)
+        size, sha = tmp.stat().st_size, _sha256(tmp)
+        os.replace(tmp, self.out_dir / work)
+        _fsync_dir(self.out_dir)
+        self._shards.append({"file": work, "names": list(self._pending), "nbytes": self._pending_bytes,
+                             "numel": sum(t.numel() for t in self._pending.values()), "size": size, "sha256": sha})
+        self._write_journal()
+        self.done.update(self._pending)
+        self._pending = {}
+        self._pending_bytes = 0
+        self._pending_ptrs = set()
+
+    @property
+    def shards(self) -> list[str]:
+        """File names of the completed shards (their working names until close())."""
+        return [s["file"] for s in self._shards]
+
+    def close(self) -> Path:
+        """Flush the last shard, give the shards their final names, write the index (for several shards) and
+        remove the journal. Returns the index file, or ``model.safetensors`` for a single shard."""
+        if self._closed:
+            raise RuntimeError(f"ShardWriter({self.out_dir}) is already closed")
+        self._flush()
+        if not self._shards:
+            raise ValueError(f"no tensors were written to {self.out_dir}")
+        n = len(self._shards)
+        finals = {s["file"]: _final_name(k, n) for k, s in enumerate(self._shards, 1)}
+        self._write_journal(finalizing=finals)  # so that a kill during the renames stays resumable
+        for work, final in finals.items():
+            os.replace(self.out_dir / work, self.out_dir / final)
+        _fsync_dir(self.out_dir)
+        if n == 1:
+            result = self.out_dir / SINGLE_FILE
+        else:
+            weight_map = {name: finals[s["file"]] for s in self._shards for name in s["names"]}
+            index = {"metadata": {"total_size": sum(s["nbytes"] for s in self._shards),
+                                  "total_parameters": sum(s["numel"] for s in self._shards)},
+                     "weight_map": weight_map}
+            result = self.out_dir / INDEX_FILE
+            _write_json_atomic(result, index)
+        self._journal.unlink()
+        _fsync_dir(self.out_dir)
+        self._closed = True
+        return result
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._closed:
+            self.close()
+        # on an exception the pending shard is dropped and the journal stays: resume=True continues
+
+    def __repr__(self) -> str:
+        return (f"ShardWriter({str(self.out_dir)!r}, max_shard_bytes={self.max_shard_bytes}, "
+                f"{len(self._shards)} shards done, {len(self._pending)} tensors pending)")

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_tiny_llama
 from svdadapt import shards
 from svdadapt.shards import INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter, copy_files
 
@@ -28,6 +27,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _synthetic  # noqa: E402
 
 TINY = dict(hidden=64, intermediate=128, layers=2, vocab=128, heads=4, kv_heads=2)
+
+
+def make_tiny_llama(seed: int) -> LlamaForCausalLM:
+    """hidden 64, 2 layers, vocab 128, untied lm_head; seeded without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            tie_word_embeddings=False)).eval()
 
 
 @pytest.fixture

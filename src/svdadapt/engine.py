@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .layers import kind_of, read_weight
 from .methods import MethodSpec, SVDOptions, finish
+from .qbase import mark_quantized, replace_with_quantized
 from .record import ADAPTER
 
 __all__ = ["LayerInput", "LayerPlan", "Job", "plan_layers", "plan_layer", "apply", "write_factors",
@@ -128,8 +129,11 @@ def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = No
 
 
 def plan_layers(job: Job, layers: Iterable[LayerInput], covariance_users: Counter | None = None, *,
-                total: int | None = None, progress: bool = True) -> dict[str, LayerPlan]:
-    """``plan_layer`` over a source of layers, sharing each covariance's preparation among its readers.
+                total: int | None = None, progress: bool = True,
+                plan_one: Callable[[Job, LayerInput, dict[str, Any] | None], LayerPlan] = plan_layer
+                ) -> dict[str, LayerPlan]:
+    """``plan_one`` (default :func:`plan_layer`) over a source of layers, sharing each covariance's preparation
+    among its readers.
 
     ``covariance_users`` counts, per ``id(C)``, the layers that will read it (to drop a preparation after its last
     reader); None keeps every preparation until the end.
@@ -140,7 +144,7 @@ def plan_layers(job: Job, layers: Iterable[LayerInput], covariance_users: Counte
         prepared = None
         if job.spec.prepare is not None:
             prepared = prep.take(layer.name, layer.C, layer.W.device)
-        plans[layer.name] = plan_layer(job, layer, prepared)
+        plans[layer.name] = plan_one(job, layer, prepared)
     return plans
 
 
@@ -154,8 +158,13 @@ class _Snapshot:
     def __init__(self, model: nn.Module) -> None:
         self.modules = [(m, dict(m.__dict__), dict(m._modules), dict(m._parameters)) for m in model.modules()]
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        config = getattr(model, "config", None)
+        self.config = None if config is None or not hasattr(config, "__dict__") else (config, dict(config.__dict__))
 
     def restore(self) -> None:
+        if self.config is not None:
+            self.config[0].__dict__.clear()
+            self.config[0].__dict__.update(self.config[1])
         for m, attrs, children, params in self.modules:
             m.__dict__.clear()
             m.__dict__.update(attrs)
@@ -214,15 +223,34 @@ def _write_bases(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[to
 
 
 @torch.no_grad()
+def _quantize_bases(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                    rewrite_base: bool, scheme: str, progress: bool) -> None:
+    """Replace each target by a bitsandbytes layer of ``scheme`` holding W − s·B₀·A₀ (or W), in fp32."""
+    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+    for n in tqdm(factors, desc=f"svdadapt quantize bases ({scheme})", disable=not progress, unit="layer"):
+        base = None
+        if rewrite_base:
+            W = read_weight(n, model.get_submodule(n))
+            A, B = (t.to(W.device) for t in factors[n])
+            base = finish(W, A, B, scaling, torch.float32)
+        replace_with_quantized(model, {n: base}, scheme)
+    mark_quantized(model, scheme, set(factors))
+
+
+@torch.no_grad()
 def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-          rewrite_base: bool, progress: bool = False) -> nn.Module:
+          rewrite_base: bool, quantize: str | None = None, progress: bool = False) -> nn.Module:
     """``get_peft_model(model, config)`` with each named layer's LoRA factors set to ``factors`` and, if
-    ``rewrite_base``, its base weight to W − s·B₀·A₀. On any failure the model is restored (module tree,
-    attributes, trainable flags) and the error re-raised. Returns the ``peft.PeftModel``."""
+    ``rewrite_base``, its base weight to W − s·B₀·A₀. With ``quantize`` (a bitsandbytes scheme) the targets are
+    first replaced by quantized layers holding that base (or W). On any failure the model is restored (module
+    tree, attributes, config, trainable flags) and the error re-raised. Returns the ``peft.PeftModel``."""
     from peft import get_peft_model
 
     snapshot = _Snapshot(model)
     try:
+        if quantize is not None:
+            _quantize_bases(model, config, factors, rewrite_base, quantize, progress)
+            rewrite_base = False
         with torch.random.fork_rng(devices=[]):  # PEFT's default init draws from the global RNG; ours overwrites it
             peft_model = get_peft_model(model, config)
         layers = _lora_layers(peft_model, factors)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
                          read_checkpoint, write_checkpoint)
 from .engine import apply, write_factors
-from .layers import kind_of
+from .layers import kind_of, layer_checksum
 from .methods import get_method
 from .record import ADAPTER, AdaptRecord, Factors, weight_checksum
 from .targets import is_peft
@@ -95,14 +95,14 @@ def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
                 f"this {record.method} model carries no checksum of its original weights (it was not built by "
                 "svdadapt.wrap / svdadapt.load of this version), so a portable checkpoint cannot be verified"
             )
-        checks = {n: weight_checksum(m.get_base_layer().weight) for n, m in layers.items()}
+        checks = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}
     meta = {"method": record.method, "rank": record.rank, "alpha": record.alpha, "options": record.options,
             "targets": list(record.targets), "rewrites_base": spec.rewrites_base,
             "lora_config": config_dict(peft_model.peft_config[ADAPTER]), "base_checksums": dict(checks),
-            "report": record.report}
+            "report": record.report, "quantize": record.quantize}
     if spec.rewrites_base:
         # what `load` should rebuild, to tell "bit-identical" from "equal up to a different BLAS's rounding"
-        meta["residual_checksums"] = {n: weight_checksum(m.get_base_layer().weight) for n, m in layers.items()}
+        meta["residual_checksums"] = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}
     return meta
 
 
@@ -111,6 +111,28 @@ def _refuse_merged(peft_model: nn.Module, record: AdaptRecord, what: str) -> Non
     if merged:
         raise ValueError(f"svdadapt.{what}: the adapter is merged into the base (module {merged[0]!r}); call "
                          "peft_model.unmerge_adapter() first")
+
+
+def quantization_gap(record: AdaptRecord) -> str | None:
+    """For a quantized residual base: how far the portable adapter's model (original W + s·(B·A − B₀·A₀)) is from
+    the trained one (deq(Q(W_res)) + s·B·A): per layer ‖W_res − deq(Q(W_res))‖ / ‖W‖, measured at init."""
+    errors = {n: r["residual_quant_error"] for n, r in record.report.items() if "residual_quant_error" in r}
+    if not errors:
+        return None
+    worst = max(errors, key=errors.get)
+    return (f"svdadapt: the exported LoRA applies to the full-precision base; the trained model's base was the "
+            f"{record.quantize} residual, which differs from it by {sum(errors.values()) / len(errors):.4f} of ‖W‖ per "
+            f"layer on average (max {errors[worst]:.4f} at {worst!r})")
+
+
+def _write_portable(peft_model: nn.Module, directory: str | os.PathLike, resume: bool,
+                    state_dict: Mapping[str, torch.Tensor] | None) -> Path:
+    meta = checkpoint_meta(peft_model)
+    current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    gap = quantization_gap(peft_model.svdadapt)
+    if gap is not None:
+        print(gap)
+    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=resume, extras=extras)
 
 
 @torch.no_grad()
@@ -123,9 +145,7 @@ def save(peft_model: nn.Module, directory: str | os.PathLike, *,
     ``state_dict`` (optional) supplies the current LoRA factors instead of the model (e.g. a gathered FSDP state).
     Returns the directory.
     """
-    meta = checkpoint_meta(peft_model)
-    current, extras = _current_state(peft_model, meta["targets"], state_dict)
-    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=True, extras=extras)
+    return _write_portable(peft_model, directory, True, state_dict)
 
 
 @torch.no_grad()
@@ -133,9 +153,7 @@ def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
                 state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write only the vanilla PEFT adapter for the ORIGINAL base (A' = [A; A₀], B' = [B, −B₀], alpha doubled; EoRA:
     the plain rank-r LoRA for W_c). Returns the directory."""
-    meta = checkpoint_meta(peft_model)
-    current, extras = _current_state(peft_model, meta["targets"], state_dict)
-    return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=False, extras=extras)
+    return _write_portable(peft_model, directory, False, state_dict)
 
 
 def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path, progress: bool) -> None:
@@ -145,7 +163,7 @@ def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path
         m = modules.get(n)
         if m is None or kind_of(m) is None:
             raise ValueError(f"base model has no adaptable layer {n!r}, which {str(directory)!r} was saved for")
-        got, want = weight_checksum(m.weight), meta["base_checksums"][n]
+        got, want = layer_checksum(m), meta["base_checksums"][n]
         if got != want:
             hint = ""
             if residual.get(n) == got:
@@ -198,10 +216,11 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     config = config_from_dict(meta["lora_config"])
     config.inference_mode = False
     spec = get_method(meta["method"])
-    peft_model = apply(base_model, config, init, rewrite_base=spec.rewrites_base, progress=progress)
+    peft_model = apply(base_model, config, init, rewrite_base=spec.rewrites_base, quantize=meta.get("quantize"),
+                       progress=progress)
     layers = _targets_of(peft_model, meta["targets"])
     residual = meta.get("residual_checksums") or {}
-    differs = [n for n, m in layers.items() if n in residual and weight_checksum(m.get_base_layer().weight) != residual[n]]
+    differs = [n for n, m in layers.items() if n in residual and layer_checksum(m.get_base_layer()) != residual[n]]
     _restore_state(peft_model, saved)
     if differs:
         warnings.warn(
@@ -231,6 +250,10 @@ def unwrap(peft_model: nn.Module, merge: bool = False) -> nn.Module:
         peft_model.unmerge_adapter()
     if merge:
         return peft_model.merge_and_unload()
+    if spec.rewrites_base and record.quantize is not None:
+        raise ValueError(f"svdadapt.unwrap: the base holds the {record.quantize}-quantized residual, not W, so the "
+                         "original weights cannot be rebuilt from it; load the original model instead, or "
+                         "unwrap(merge=True) for the fine-tuned quantized model")
     if spec.rewrites_base:
         for n, layer in layers.items():
             base = layer.get_base_layer()

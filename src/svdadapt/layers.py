@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from . import bnb
+from .record import weight_checksum
 
-__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype"]
+__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype", "layer_checksum"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,13 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 
 def is_target_type(module: nn.Module) -> bool:
     return kind_of(module) is not None
+
+
+def layer_checksum(module: nn.Module) -> str:
+    """sha256 identifying the weight a layer computes with: of the stored weight, or for packed layers of the
+    dequantized matrix (bitsandbytes changes a 4-bit layer's storage layout on its first CPU forward)."""
+    kind = kind_of(module)
+    return weight_checksum(kind.read(module) if kind is not None and kind.packed else module.weight)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Iterable
 
 import torch
@@ -10,12 +11,14 @@ from torch import nn
 
 from . import checks
 from .calibration import as_covariances
-from .engine import Job, apply, lora_scaling, plan_layers
+from .engine import Job, LayerPlan, apply, lora_scaling, plan_layer, plan_layers
 from .export import attach
-from .layers import kind_of
+from .layers import kind_of, layer_checksum
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import SVD_CHOICES, MethodSpec, SVDOptions, check_method_keywords, get_method
-from .record import AdaptRecord, weight_checksum
+from .qbase import QuantOptions
+from .quant import compressed_inputs, plan_quantized_layer
+from .record import AdaptRecord
 from .sources import ModelSource
 from .targets import is_peft, peft_target_list, resolve_targets
 
@@ -48,25 +51,56 @@ def _job(spec: MethodSpec, rank: int, alpha: float | None, use_rslora: bool, svd
     return Job(spec, rank, scaling, mode, svd_options, options, seed)
 
 
-def _check_needs(spec: MethodSpec, calibration: Any, reference: Any) -> None:
+def _check_needs(spec: MethodSpec, calibration: Any, reference: Any, quant: QuantOptions | None) -> None:
     if spec.needs_calibration and calibration is None:
         raise ValueError(f"method {spec.name!r} needs calibration=: a svdadapt.Covariances or an iterable of batches")
-    if spec.needs_reference and reference is None:
+    if spec.needs_reference and reference is None and quant is None:
         raise ValueError(f"method {spec.name!r} needs reference=: the uncompressed model or its state dict")
+    if spec.needs_reference and reference is not None and quant is not None:
+        raise ValueError(f"method {spec.name!r} with quantize={quant.scheme!r} compresses the model itself, which is "
+                         "then the reference: drop reference=")
+
+
+def _quant_options(quantize: str | None, quant_iters: Any) -> QuantOptions | None:
+    if quantize is None:
+        if quant_iters != 1:
+            raise ValueError(f"quant_iters={quant_iters!r} needs quantize= (a bitsandbytes scheme)")
+        return None
+    return QuantOptions(quantize, quant_iters)
+
+
+def _check_packing(spec: MethodSpec, targets: dict[str, nn.Module], quant: QuantOptions | None) -> None:
+    """A packed (already quantized) target can be read but not re-decomposed into a new base."""
+    packed = [n for n, m in targets.items() if kind_of(m).packed]
+    if not packed:
+        return
+    layer = type(targets[packed[0]]).__name__
+    if quant is not None:
+        raise ValueError(f"quantize={quant.scheme!r} on a model that is already quantized (module {packed[0]!r} is a "
+                         f"{layer}); load the full-precision model instead")
+    if spec.rewrites_base:
+        raise ValueError(f"{spec.name} rewrites the base weights, but module {packed[0]!r} is a quantized {layer}: "
+                         f"run {spec.name} on the full-precision model with quantize=... (e.g. 'nf4') instead")
 
 
 def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibration: Any, reference: Any,
-                 progress: bool) -> dict[str, torch.Tensor] | None:
-    """The checked covariance of every target, collected on the model the method's options name."""
+                 quant: QuantOptions | None, progress: bool) -> dict[str, torch.Tensor] | None:
+    """The checked covariance of every target, collected on the model the method's options name (with
+    ``quantize=``, the model itself is the full-precision reference)."""
     if not job.spec.needs_calibration:
         return None
     hook_model = model
-    if getattr(job.options, "calibrate_on", None) == "reference":
-        if not isinstance(reference, nn.Module) and not isinstance(calibration, (Mapping, str)):
+    on = getattr(job.options, "calibrate_on", None)
+    given = isinstance(calibration, (Mapping, str))
+    if on == "reference" and quant is None:
+        if not isinstance(reference, nn.Module) and not given:
             raise ValueError("calibrate_on='reference' (the default) collects on the reference model: pass "
                              "reference= as an nn.Module (not a state dict), pass precomputed Covariances, or "
                              "set calibrate_on='compressed'")
         hook_model = reference
+    if on == "compressed" and quant is not None and not given:
+        raise ValueError("calibrate_on='compressed' with quantize=: the model is quantized after calibration; use "
+                         "calibrate_on='reference' (the default) or pass precomputed Covariances")
     covs = as_covariances(calibration, hook_model, list(targets), progress=progress)
     return checks.check_covariances(covs, targets)
 
@@ -80,6 +114,17 @@ def _lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alph
     return LoraConfig(r=job.rank, lora_alpha=alpha, target_modules=peft_target_list(model, list(targets)),
                       use_rslora=use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
                       fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()), task_type=task_type)
+
+
+def _plan(job: Job, source: ModelSource, quant: QuantOptions | None, progress: bool) -> dict[str, LayerPlan]:
+    """Every layer's factors and report, the model untouched."""
+    layers, plan_one = iter(source), plan_layer
+    if quant is not None and job.spec.rewrites_base:
+        plan_one = partial(plan_quantized_layer, quant=quant)
+    elif quant is not None:
+        layers = compressed_inputs(layers, quant.scheme)
+    return plan_layers(job, layers, source.covariance_users(), total=len(source), progress=progress,
+                       plan_one=plan_one)
 
 
 @torch.no_grad()
@@ -103,6 +148,8 @@ def wrap(
     reference: Any = None,
     calibrate_on: str = "reference",
     task_type: str | None = None,
+    quantize: str | None = None,
+    quant_iters: int = 1,
 ):
     """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``.
 
@@ -132,6 +179,12 @@ def wrap(
         calibrate_on: EoRA with batches: collect inputs on the ``"reference"`` (uncompressed) model, the
             default, or on the ``"compressed"`` one (docs/benchmarks.md compares the two).
         task_type: PEFT task type; None picks ``"CAUSAL_LM"`` for ``*ForCausalLM`` models.
+        quantize: None, or a bitsandbytes scheme (``"nf4"``, ``"fp4"``, ``"int8"``; needs bitsandbytes): the targets
+            become bitsandbytes layers holding the quantized new base — QPiSSA / QMiLoRA / QCorDA quantize the
+            residual W − s·B₀·A₀ decomposed in full precision; EoRA quantizes W and compensates W − deq(Q(W)) (the
+            model itself is then the reference).
+        quant_iters: with ``quantize``, alternating steps B·A ← method(W − deq(Q(W_res))), W_res ← W − s·B·A
+            (LoftQ-style); the step closest to W is kept (1: no alternation).
 
     Returns:
         ``peft.PeftModel``; only the LoRA factors require grad. ``peft_model.svdadapt`` is an
@@ -143,24 +196,25 @@ def wrap(
     _check_not_peft(model)
     checks.check_flag("progress", progress)
     job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
-    _check_needs(spec, calibration, reference)
+    quant = _quant_options(quantize, quant_iters)
+    _check_needs(spec, calibration, reference, quant)
     targets = resolve_targets(model, target_modules, exclude_modules)
+    _check_packing(spec, targets, quant)
     checks.check_target_weights(model, targets, rank, spec.rewrites_base)
-    references = checks.reference_weights(reference, targets) if spec.needs_reference else None
-    covariances = _covariances(job, model, targets, calibration, reference, progress)
+    references = checks.reference_weights(reference, targets) if reference is not None else None
+    covariances = _covariances(job, model, targets, calibration, reference, quant, progress)
 
-    source = ModelSource(targets, covariances, references)
-    plans = plan_layers(job, source, source.covariance_users(), total=len(source), progress=progress)
-    base_checksums = {n: weight_checksum(m.weight) for n, m in targets.items()}  # W before any rewrite
-    names = list(targets)
+    plans = _plan(job, ModelSource(targets, covariances, references), quant, progress)
+    base_checksums = {n: layer_checksum(m) for n, m in targets.items()}  # W before any rewrite
     alpha = rank if alpha is None else alpha
     peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type),
-                       {n: (p.A, p.B) for n, p in plans.items()}, rewrite_base=spec.rewrites_base)
-    record = AdaptRecord(
-        method=spec.name, rank=rank, alpha=alpha,
-        options=dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
-                     use_rslora=use_rslora),
-        targets=names, init_factors={n: (p.A, p.B) for n, p in plans.items()},
-        report={n: p.report for n, p in plans.items()}, base_checksums=base_checksums)
+                       {n: (p.A, p.B) for n, p in plans.items()}, rewrite_base=spec.rewrites_base,
+                       quantize=None if quant is None else quant.scheme, progress=progress)
+    options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
+                   use_rslora=use_rslora, quant_iters=quant_iters)
+    record = AdaptRecord(method=spec.name, rank=rank, alpha=alpha, options=options, targets=list(targets),
+                         init_factors={n: (p.A, p.B) for n, p in plans.items()},
+                         report={n: p.report for n, p in plans.items()}, base_checksums=base_checksums,
+                         quantize=None if quant is None else quant.scheme)
     attach(peft_model, record)  # save_pretrained guard, see export.py
     return peft_model

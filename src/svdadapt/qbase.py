@@ -1,0 +1,77 @@
+"""A quantized base: targeted full-precision layers replaced by bitsandbytes layers holding a new base.
+
+QPiSSA (and QMiLoRA / QCorDA) quantize the residual W − s·B₀·A₀; EoRA with ``quantize=`` quantizes W itself. The
+original layers are replaced, not written into, so undoing it (the engine's restore) gives back the very modules
+and weights the model had. The model is then marked the way transformers marks a model it loaded quantized, so
+PEFT puts its bitsandbytes LoRA layers on top and ``save_pretrained`` writes an ordinary quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import bnb
+from .layers import kind_of, read_weight
+
+__all__ = ["QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized"]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """``scheme``: a bitsandbytes scheme ("nf4", "fp4", "int8"); ``iters``: alternating steps (1: none)."""
+
+    scheme: str
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scheme not in bnb.SCHEMES:
+            raise ValueError(f"quantize must be one of {', '.join(bnb.SCHEMES)} or None, got {self.scheme!r}")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"quant_iters must be an integer >= 1, got {self.iters!r}")
+        bnb.require_bnb()
+
+
+@torch.no_grad()
+def quantize_dequantize(W: torch.Tensor, scheme: str) -> torch.Tensor:
+    """deq(Q(W)) (out, in) in fp32: what a bitsandbytes layer built from ``W`` computes with (deterministic)."""
+    return bnb.dequantize(bnb.quantize_linear(W.to(torch.float32), None, scheme)).to(W.device)
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def replace_with_quantized(model: nn.Module, bases: dict[str, torch.Tensor | None], scheme: str) -> None:
+    """Replace each named layer by a bitsandbytes layer of ``scheme`` holding ``bases[name]`` (out, in), or the
+    layer's own weight where that is None; the bias is kept."""
+    for name, base in bases.items():
+        old = model.get_submodule(name)
+        if kind_of(old).packed:
+            raise TypeError(f"module {name!r} is already quantized ({type(old).__name__})")
+        W = read_weight(name, old) if base is None else base
+        new = bnb.quantize_linear(W, None if old.bias is None else old.bias.detach(), scheme)
+        _set_child(model, name, new.to(old.weight.device))
+
+
+def mark_quantized(model: nn.Module, scheme: str, quantized: set[str]) -> None:
+    """Mark ``model`` as transformers marks a model loaded with bitsandbytes: the ``is_loaded_in_*bit`` flag PEFT
+    looks at, and (for a transformers model) a ``quantization_config`` whose skip list holds every other linear,
+    so ``from_pretrained`` of the saved model quantizes exactly the layers quantized here."""
+    setattr(model, "is_loaded_in_8bit" if scheme == "int8" else "is_loaded_in_4bit", True)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    from transformers import BitsAndBytesConfig
+
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    if scheme == "int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=skip)
+    config.quantization_config = qc

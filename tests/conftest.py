@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models (fast) and the real SmolLM2-135M (slow, loaded once per session)."""
+"""Shared fixtures: the tiny Llama factory (fast), the real SmolLM2-135M (slow, loaded once per session), one BLAS
+thread. Plain helper functions live in helpers.py."""
 
 from __future__ import annotations
 
@@ -6,22 +7,20 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# re-exported: test files import them from helpers; older ones (and ones being written) from conftest
+from helpers import make_tiny_llama, tiny_llama_config  # noqa: F401
+
+REAL_MODEL_FIXTURE = "_smollm2_session"
 
 
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
-def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
-    """A small random LlamaForCausalLM, the same weights for the same seed, without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(**overrides))
-    return model.to(dtype).eval()
+@pytest.hookimpl(tryfirst=True)  # before the -m selection
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads the real SmolLM2 (through smollm2, smollm2_dir or the session fixture) is slow, marked
+    or not: ``-m "not slow"`` never loads it."""
+    for item in items:
+        if REAL_MODEL_FIXTURE in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def _smollm2_session():
 @pytest.fixture
 def smollm2(_smollm2_session):
     """``(model, tokenizer)``: a private deep copy of the real SmolLM2-135M-Instruct (fp32, eval), so tests
-    may wrap or train it freely. Mark tests that use it ``@pytest.mark.slow``."""
+    may wrap or train it freely. Tests that use it are slow (marked so at collection, if not already)."""
     model, tok = _smollm2_session
     return copy.deepcopy(model), tok
 

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import svdadapt
 from svdadapt.compress import prune_weight, quantize_weight
 
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama, raises_exactly, same_state, token_ids, toy
 
 
 def _uniform(out: int, inp: int, seed: int = 0) -> torch.Tensor:
@@ -28,6 +27,7 @@ def _groups(W: torch.Tensor, g: int) -> list[torch.Tensor]:
 def test_quantize_grid_and_error_bound(bits, symmetric):
     W = torch.randn(16, 80, generator=torch.Generator().manual_seed(bits))  # 80 = 2 groups of 32 + one of 16
     Q = quantize_weight(W, bits, group_size=32, symmetric=symmetric)
+    assert Q.shape == W.shape and Q.dtype == W.dtype
     q_max = 2**bits - 1
     for Wg, Qg in zip(_groups(W, 32), _groups(Q, 32)):
         lo, hi = Wg.amin(1, keepdim=True).clamp(max=0), Wg.amax(1, keepdim=True).clamp(min=0)
@@ -66,8 +66,7 @@ def test_quantize_model_copy_original_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q = svdadapt.compress.quantize(model, bits=3, group_size=32)
     assert q is not model
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert same_state(model.state_dict(), before)
     qs = q.state_dict()
     for name in svdadapt.resolve_targets(model):
         w, wq = model.get_submodule(name).weight, q.get_submodule(name).weight
@@ -89,15 +88,13 @@ def test_quantize_keeps_dtype():
 
 
 def test_quantize_errors():
-    model = nn.Sequential(nn.Linear(8, 4))
+    model = toy(sizes=(8, 4))
     for bits in (1, 9, 3.0, True):
-        with pytest.raises(ValueError) as e:
+        with raises_exactly(ValueError, f"bits must be an integer from 2 to 8, got {bits!r}"):
             svdadapt.compress.quantize(model, bits=bits)
-        assert str(e.value) == f"bits must be an integer from 2 to 8, got {bits!r}"
     for g in (0, -1, 2.5):
-        with pytest.raises(ValueError) as e:
+        with raises_exactly(ValueError, f"group_size must be a positive integer or None (one group per row), got {g!r}"):
             svdadapt.compress.quantize(model, bits=4, group_size=g)
-        assert str(e.value) == f"group_size must be a positive integer or None (one group per row), got {g!r}"
     with pytest.raises(ValueError, match=r"^target_modules=\['nope'\] matched no nn.Linear"):
         svdadapt.compress.quantize(model, bits=4, target_modules=["nope"])
 
@@ -124,8 +121,7 @@ def test_prune_activation_aware_uses_input_norms():
                        torch.tensor([[True, False, True, False]] * 3))
 
     model = make_tiny_llama()
-    covs = svdadapt.collect_covariances(model, [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))],
-                                        progress=False)
+    covs = svdadapt.collect_covariances(model, [token_ids(2, 16, seed=0)], progress=False)
     pm = svdadapt.compress.prune(model, pattern="2:4", calibration=covs)
     mm = svdadapt.compress.prune(model, pattern="2:4")
     name = "model.layers.0.mlp.down_proj"
@@ -151,8 +147,7 @@ def test_prune_model_copy_original_untouched_and_deterministic():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p1 = svdadapt.compress.prune(model)  # 2:4 by default
     p2 = svdadapt.compress.prune(model, pattern="2:4")
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert same_state(model.state_dict(), before)
     for name in svdadapt.resolve_targets(model):
         w1 = p1.get_submodule(name).weight
         assert torch.equal(w1, p2.get_submodule(name).weight)
@@ -162,7 +157,7 @@ def test_prune_model_copy_original_untouched_and_deterministic():
 
 
 def test_prune_errors():
-    model = nn.Sequential(nn.Linear(6, 4))
+    model = toy(sizes=(6, 4))
     cases = [
         (dict(pattern="3:2"), "pattern must look like 'N:M' with 0 < N < M (e.g. '2:4'), got '3:2'"),
         (dict(pattern="half"), "pattern must look like 'N:M' with 0 < N < M (e.g. '2:4'), got 'half'"),
@@ -174,6 +169,5 @@ def test_prune_errors():
         (dict(pattern="1:3", calibration={"0": torch.eye(4)}), "covariance for '0' has shape (4, 4), expected (6, 6)"),
     ]
     for kw, msg in cases:
-        with pytest.raises(ValueError) as e:
+        with raises_exactly(ValueError, msg):
             svdadapt.compress.prune(model, **kw)
-        assert str(e.value) == msg, kw

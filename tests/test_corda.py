@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import svdadapt
-from svdadapt import methods
+from svdadapt.linalg import damped_cholesky
 
-from conftest import make_tiny_llama
+from helpers import lora_layers, lora_product, make_tiny_llama, max_rel, out, raises_exactly, rel, same_state
 
 RANK, ALPHA = 4, 8  # scaling s = 2, so a forgotten s would show
 
@@ -34,26 +34,13 @@ def setup():
     return model, covs
 
 
-def _modules(peft_model) -> dict[str, torch.nn.Module]:
-    return dict(peft_model.base_model.model.named_modules())
-
-
-def _product(layer) -> torch.Tensor:
-    """s·B·A of a PEFT LoRA layer, in fp64 (out, in)."""
-    s = layer.scaling["default"]
-    return (s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
-
-
 @pytest.mark.parametrize("mode", ["ipa", "kpa"])
 def test_exact_at_init(setup, mode):
     model, covs = setup
     ids = _batches(7)[0]["input_ids"]
-    with torch.no_grad():
-        ref = model(ids).logits
-        peft_model = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode,
-                                   calibration=covs, progress=False)
-        out = peft_model(ids).logits
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    peft_model = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode, calibration=covs,
+                               progress=False)
+    assert max_rel(out(peft_model, ids), out(model, ids)) <= 1e-5
     assert peft_model.svdadapt["options"]["mode"] == mode
 
 
@@ -63,7 +50,8 @@ def test_adapter_times_cd_is_truncation_of_w_cd(setup, mode):
     model, covs = setup
     peft_model = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode,
                                calibration=covs, progress=False)
-    mods = _modules(peft_model)
+    mods = lora_layers(peft_model)
+    assert mods.keys() == set(covs)
     worst = 0.0
     for name, C in covs.items():
         lam = peft_model.svdadapt["report"][name]["damping"]
@@ -74,10 +62,10 @@ def test_adapter_times_cd_is_truncation_of_w_cd(setup, mode):
         U, S, Vh = torch.linalg.svd(W @ Cd, full_matrices=False)
         keep = slice(0, RANK) if mode == "ipa" else slice(S.shape[0] - RANK, S.shape[0])
         truncation = (U[:, keep] * S[keep]) @ Vh[keep]
-        P = _product(mods[name])
-        worst = max(worst, float((P @ Cd - truncation).norm() / truncation.norm()))
-        base = mods[name].get_base_layer().weight.double()
-        assert (base + P - W).abs().max() <= 1e-6 * W.abs().max()
+        P = lora_product(mods[name])
+        worst = max(worst, rel(P @ Cd, truncation))
+        base = mods[name].get_base_layer().weight
+        assert max_rel(base.double() + P, W) <= 1e-6
     # fp32 SVD of W·C_d: the random tiny model has close singular values, hence 1e-4-ish, not 1e-7
     assert worst <= (1e-3 if mode == "ipa" else 5e-3), worst
 
@@ -106,15 +94,16 @@ def test_identity_covariance_reduces_to_pissa_milora(mode, plain):
     # damped (C_d = 1.01·I): the same adapter product and residual; the factors differ by √1.01
     dmp = svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, alpha=ALPHA, mode=mode, calibration=eye,
                         svd="full", progress=False)
-    r, u, d = _modules(ref), _modules(und), _modules(dmp)
+    r, d = lora_layers(ref), lora_layers(dmp)
+    assert r.keys() == d.keys() == set(names)
     for n in names:
         A0, B0 = ref.svdadapt["init_factors"][n]
         A1, B1 = und.svdadapt["init_factors"][n]
         torch.testing.assert_close(A1, A0, rtol=0, atol=1e-6 * A0.abs().max().item())
         torch.testing.assert_close(B1, B0, rtol=0, atol=1e-6 * B0.abs().max().item())
-        P0 = _product(r[n])
+        P0 = lora_product(r[n])
         # fp32 SVD of 1.01·W vs of W: the close singular values of a random model move the subspace ~1e-5
-        torch.testing.assert_close(_product(d[n]), P0, rtol=0, atol=1e-4 * P0.abs().max().item())
+        torch.testing.assert_close(lora_product(d[n]), P0, rtol=0, atol=1e-4 * P0.abs().max().item())
         W0 = r[n].get_base_layer().weight
         # the residual differs from PiSSA's by exactly the product's float noise
         torch.testing.assert_close(d[n].get_base_layer().weight, W0, rtol=0, atol=1e-4 * P0.abs().max().item())
@@ -137,13 +126,12 @@ def test_parity_with_peft_corda(setup, tmp_path, mode, peft_method):
     theirs_model = copy.deepcopy(model)
     preprocess_corda(theirs_model, config)
     theirs = get_peft_model(theirs_model, config)
-    a, b = _modules(ours), _modules(theirs)
+    a, b = lora_layers(ours), lora_layers(theirs)
+    assert a.keys() == b.keys() == set(covs)
     worst_p = worst_w = 0.0
     for n in covs:
-        Pa, Pb = _product(a[n]), _product(b[n])
-        worst_p = max(worst_p, float((Pa - Pb).norm() / Pb.norm()))
-        Wa, Wb = a[n].get_base_layer().weight, b[n].get_base_layer().weight
-        worst_w = max(worst_w, float((Wa - Wb).abs().max() / Wb.abs().max()))
+        worst_p = max(worst_p, rel(lora_product(a[n]), lora_product(b[n])))
+        worst_w = max(worst_w, max_rel(a[n].get_base_layer().weight, b[n].get_base_layer().weight))
     # PEFT inverts C_d explicitly in fp32, we solve in fp64: both sit ~1e-4 (IPA) / ~6e-4 (KPA) from an
     # all-fp64 reference on this model, so they agree to about that
     assert worst_p <= (1e-3 if mode == "ipa" else 5e-3), worst_p
@@ -154,7 +142,7 @@ def test_prepare_runs_once_per_shared_input_and_is_freed(setup, monkeypatch):
     model, covs = setup
     calls: list[tuple[int, int]] = []
     alive: set[int] = set()
-    spec = methods.METHODS["corda"]
+    spec = svdadapt.METHODS["corda"]
 
     class Tracked(dict):
         pass
@@ -166,7 +154,7 @@ def test_prepare_runs_once_per_shared_input_and_is_freed(setup, monkeypatch):
         weakref.finalize(out, alive.discard, id(out))
         return out
 
-    monkeypatch.setitem(methods.METHODS, "corda", dataclasses.replace(spec, prepare=counting))
+    monkeypatch.setitem(svdadapt.METHODS, "corda", dataclasses.replace(spec, prepare=counting))
     svdadapt.wrap(copy.deepcopy(model), "corda", rank=RANK, calibration=covs, progress=False)
     assert [w for w, _ in calls] == [64, 64, 64, 128] * 2  # q/k/v once, o, gate/up once, down: per layer
     # a preparation (fp64 C_d and its Cholesky factor) is dropped once its last layer is done
@@ -175,9 +163,8 @@ def test_prepare_runs_once_per_shared_input_and_is_freed(setup, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------- errors
 def _raises(exc, message, **kw):
-    with pytest.raises(exc) as e:
+    with raises_exactly(exc, message):
         svdadapt.wrap(make_tiny_llama(), "corda", rank=RANK, progress=False, **kw)
-    assert str(e.value) == message
 
 
 def test_errors(setup):
@@ -210,15 +197,15 @@ def test_error_leaves_model_untouched(setup):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     zero = dict(covs)
     zero["model.layers.1.mlp.down_proj"] = torch.zeros(128, 128)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^covariance for 'model\.layers\.1\.mlp\.down_proj' is zero"):
         svdadapt.wrap(target, "corda", rank=RANK, calibration=zero, progress=False)
-    after = target.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert same_state(target.state_dict(), before)
 
 
 @pytest.mark.slow
 def test_corda_on_smollm2_real_text(smollm2):
-    """Real model, real text: calibration through the tokenizer, CorDA-KPA on the first block, exact at init."""
+    """Real model, real text: calibration through the tokenizer, CorDA-KPA on the first block, exact at init, each
+    layer damped by what damped_cholesky picks for its covariance."""
     from pydoc_data.topics import topics
 
     model, tok = smollm2
@@ -226,21 +213,24 @@ def test_corda_on_smollm2_real_text(smollm2):
     batches = svdadapt.text_batches(tok, texts, seq_len=64, batch_size=2, max_batches=2)
     ids = svdadapt.text_batches(tok, [topics[k] for k in sorted(topics)[-2:]], seq_len=32, batch_size=1,
                                 max_batches=1)[0]
-    with torch.no_grad():
-        ref = model(**ids).logits
-    peft_model = svdadapt.wrap(model, "corda", rank=8, mode="kpa", calibration=batches, progress=False,
-                               target_modules=r"model\.layers\.0\..*_proj")
-    assert len(peft_model.svdadapt["targets"]) == 7
-    with torch.no_grad():
-        out = peft_model(**ids).logits
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert all(r["damping"] >= 0.01 for r in peft_model.svdadapt["report"].values())
+    targets = r"model\.layers\.0\..*_proj"
+    covs = svdadapt.collect_covariances(model, batches, target_modules=targets, progress=False)
+    ref = out(model, ids)
+    peft_model = svdadapt.wrap(model, "corda", rank=8, mode="kpa", calibration=covs, progress=False,
+                               target_modules=targets)
+    report = peft_model.svdadapt["report"]
+    assert len(peft_model.svdadapt["targets"]) == 7 and report.keys() == set(covs)
+    assert max_rel(out(peft_model, ids), ref) <= 1e-5
+    for group in covs.groups:  # one damping per shared input
+        C = covs[group[0]].double()
+        _, lam = damped_cholesky(C, 0.01)  # the default damping, grown until C_d is well conditioned
+        assert [report[n]["damping"] for n in group] == [lam] * len(group), group
+        ev = torch.linalg.eigvalsh(C + lam * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64))
+        assert ev[0] > 0 and ev[-1] / ev[0] <= 1e6, group  # damped_cholesky's max_cond
 
 
 def test_damped_cholesky_bound_and_growth():
     """λ = damping when the trace bound already limits cond(C_d); otherwise λ doubles until it does."""
-    from svdadapt.linalg import damped_cholesky
-
     v = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     C = v @ v.T  # rank one: as ill-conditioned as a covariance gets
     scale = C.diagonal().mean()

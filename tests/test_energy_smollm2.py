@@ -9,16 +9,9 @@ from torch import nn
 
 from svdadapt import wrap
 
+from helpers import lora_layers, lora_product, max_rel, out
+
 RANK = 16
-
-
-@pytest.fixture
-def one_thread():
-    # ~400 small BLAS/LAPACK calls: under a loaded CPU a second OpenMP thread makes them far slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow
@@ -37,18 +30,12 @@ def test_defaults_capture_optimal_energy_on_every_smollm2_linear(smollm2, one_th
     assert len(optimum) == 30 * 7
 
     x = tok("def wrap(model, method, rank): the quick brown fox jumps over the lazy dog.", return_tensors="pt")
-    before = model(**x).logits
+    before = out(model, x)
     peft_model = wrap(model, "pissa", RANK, progress=False)
-    after = peft_model(**x).logits
-    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    assert max_rel(out(peft_model, x), before) <= 1e-5
 
-    ratios = {}
-    for name, layer in peft_model.base_model.model.named_modules():
-        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
-            A = layer.lora_A["default"].weight.double()
-            B = layer.lora_B["default"].weight.double()
-            captured = float((layer.scaling["default"] * (B @ A)).pow(2).sum())
-            ratios[name] = captured / optimum[name]
+    ratios = {name: float(lora_product(layer).pow(2).sum()) / optimum[name]
+              for name, layer in lora_layers(peft_model).items()}
     assert ratios.keys() == optimum.keys()
     worst = min(ratios, key=ratios.get)
     assert ratios[worst] >= 0.995, (worst, ratios[worst])

@@ -11,7 +11,7 @@ from torch import nn
 
 import svdadapt
 
-from conftest import make_tiny_llama
+from helpers import lora_layers, lora_product, make_tiny_llama, out, raises_exactly, same_init_factors, toy
 
 IN, OUT = 48, 32
 
@@ -25,19 +25,17 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
 
 
 def _toy() -> nn.Sequential:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(IN, OUT, bias=False))
+    return toy(sizes=(IN, OUT), bias=False)
 
 
-def _adapter(peft_model, name: str = "0") -> torch.Tensor:
-    layer = peft_model.base_model.model.get_submodule(name)
-    s = layer.scaling["default"]
-    return (s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+def _adapter(peft_model) -> torch.Tensor:
+    """s·B·A of the one layer "0", fp64 (OUT, IN)."""
+    return lora_product(lora_layers(peft_model)["0"])
 
 
 @pytest.fixture(scope="module")
-def toy():
+def compressed():
+    """(the toy, its 2-bit g16 quantization, ΔW fp64)."""
     model = _toy()
     qmodel = svdadapt.compress.quantize(model, bits=2, group_size=16)
     dW = (model[0].weight - qmodel[0].weight).double().detach()
@@ -45,9 +43,9 @@ def toy():
 
 
 @pytest.mark.parametrize("rank", [1, 4, 8])
-def test_optimal_on_calibration_inputs(toy, rank):
+def test_optimal_on_calibration_inputs(compressed, rank):
     """‖(ΔW − s·B·A)·Xᵀ‖ equals the brute-force fp64 optimum: the tail of the spectrum of ΔW·Xᵀ."""
-    model, qmodel, dW = toy
+    model, qmodel, dW = compressed
     X = _inputs(512, 1)
     peft_model = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=rank, alpha=2 * rank, reference=model,
                                calibration=[X], progress=False)
@@ -59,8 +57,8 @@ def test_optimal_on_calibration_inputs(toy, rank):
 
 
 @pytest.mark.parametrize("rank", [4, 8])
-def test_beats_plain_svd_on_held_out_inputs(toy, rank):
-    model, qmodel, dW = toy
+def test_beats_plain_svd_on_held_out_inputs(compressed, rank):
+    model, qmodel, dW = compressed
     peft_model = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=rank, reference=model,
                                calibration=[_inputs(512, 1)], progress=False)
     M = _adapter(peft_model)
@@ -72,8 +70,8 @@ def test_beats_plain_svd_on_held_out_inputs(toy, rank):
     assert e_eora < 0.85 * e_svd < e0, (float(e_eora / e0), float(e_svd / e0))
 
 
-def test_base_stays_compressed_and_reference_forms_agree(toy):
-    model, qmodel, _ = toy
+def test_base_stays_compressed_and_reference_forms_agree(compressed):
+    model, qmodel, _ = compressed
     X = _inputs(256, 3)
     covs = svdadapt.collect_covariances(model, [X], progress=False)
     a = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=4, reference=model, calibration=covs, progress=False)
@@ -85,10 +83,10 @@ def test_base_stays_compressed_and_reference_forms_agree(toy):
         assert torch.equal(a(X), qmodel(X))
 
 
-def test_rank_deficient_covariance_gives_finite_factors(toy):
+def test_rank_deficient_covariance_gives_finite_factors(compressed):
     """Fewer tokens than the input width, and dead input channels: finite factors, zero rows past the
     usable rank, nothing on the dead channels, and the calibration error vanishes once rank ≥ #tokens."""
-    model, qmodel, dW = toy
+    model, qmodel, dW = compressed
     X = _inputs(10, 4)
     X[:, :8] = 0  # dead channels
     peft_model = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=16, reference=model, calibration=[X],
@@ -120,8 +118,7 @@ def test_tiny_llama_end_to_end_and_calibrate_on():
     held_out = torch.randint(0, 128, (4, 32), generator=g)
     peft_model = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=calib,
                                calibrate_on="compressed", progress=False)
-    with torch.no_grad():
-        ref, q, comp = model(held_out).logits, qmodel(held_out).logits, peft_model(held_out).logits
+    ref, q, comp = out(model, held_out), out(qmodel, held_out), out(peft_model, held_out)
     assert (comp - ref).norm() < 0.8 * (q - ref).norm()
 
     for on, source in (("compressed", qmodel), ("reference", model), (None, model)):  # None: the default
@@ -131,17 +128,14 @@ def test_tiny_llama_end_to_end_and_calibrate_on():
                                   progress=False, **kw)
         given = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=covs,
                               progress=False)
-        for n, (A, B) in given.svdadapt["init_factors"].items():
-            A2, B2 = collected.svdadapt["init_factors"][n]
-            assert torch.equal(A, A2) and torch.equal(B, B2), (on, n)
+        assert same_init_factors(given, collected), on
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
 def _raises(exc, message, model=None, **kw):
     kw.setdefault("calibration", [_inputs(8, 0)])
-    with pytest.raises(exc) as e:
+    with raises_exactly(exc, message):
         svdadapt.wrap(model if model is not None else _toy(), "eora", rank=2, progress=False, **kw)
-    assert str(e.value) == message
 
 
 def test_errors():
@@ -186,13 +180,11 @@ def test_eora_on_smollm2_first_block(smollm2):
     keys = sorted(topics)
     calib = svdadapt.text_batches(tok, [topics[k] for k in keys[:6]], seq_len=128, batch_size=4, max_batches=2)
     held = svdadapt.text_batches(tok, [topics[k] for k in keys[-3:]], seq_len=64, batch_size=2, max_batches=1)[0]
-    with torch.no_grad():
-        ref, q = model(**held).logits, qmodel(**held).logits
+    ref, q = out(model, held), out(qmodel, held)
     wq = qmodel.get_submodule("model.layers.0.mlp.down_proj").weight.clone()
     peft_model = svdadapt.wrap(qmodel, "eora", rank=16, reference=model, calibration=calib, target_modules=targets,
                                progress=False)
-    with torch.no_grad():
-        comp = peft_model(**held).logits
+    comp = out(peft_model, held)
     base = peft_model.base_model.model.get_submodule("model.layers.0.mlp.down_proj").get_base_layer().weight
     assert torch.equal(base, wq)
     assert (comp - ref).norm() < 0.9 * (q - ref).norm()

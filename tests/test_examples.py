@@ -107,7 +107,11 @@ def test_corda_knowledge_example(smollm2, tmp_path):
     assert r["probe_at_init"]["accuracy"] == res["probe_before"]["accuracy"]
     assert abs(r["probe_at_init"]["logprob"] - res["probe_before"]["logprob"]) < 1e-4
     assert res["probe_before"]["accuracy"] >= 0.9  # the probe tests knowledge the model has (58 of 60)
-    assert 0.0 <= r["task_after"]["accuracy"] <= 1.0
+    # three steps of addition at the example's rate: the held-out answer loss falls (measured 2.218 -> 2.162) and
+    # the probed knowledge stays (log-prob moved 2e-4)
+    assert r["task_after"]["loss"] < res["task_before"]["loss"], (r["task_after"], res["task_before"])
+    assert abs(r["probe_after"]["logprob"] - res["probe_before"]["logprob"]) < 5e-3
+    assert (r["task_after"]["accuracy"] * 32).is_integer()  # exact matches out of the 32 held-out items
 
 
 @pytest.mark.slow

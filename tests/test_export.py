@@ -15,20 +15,16 @@ from safetensors.torch import load_file
 
 import svdadapt
 from svdadapt.compress import quantize
-from svdadapt.export import META_FILE, STATE_FILE, weight_checksum
 
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama, out, rel, same_state, token_ids, train
 
 RANK = 4
 SEED = 3  # weights of the tiny Llama
+# the files svdadapt.save writes next to PEFT's (their names are part of the on-disk format)
+META_FILE, STATE_FILE = "svdadapt.json", "svdadapt_state.safetensors"
 
-
-def _tokens(seed: int, rows: int = 2, seq: int = 16) -> torch.Tensor:
-    return torch.randint(0, 128, (rows, seq), generator=torch.Generator().manual_seed(seed))
-
-
-X = _tokens(100)
-CALIB = [_tokens(200 + i, rows=4, seq=16) for i in range(3)]  # model(batch) on token tensors
+X = token_ids(2, 16, seed=100)
+CALIB = [token_ids(4, 16, seed=200 + i) for i in range(3)]  # model(batch) on token tensors
 
 
 def _wrap(method: str, model=None, **kw):
@@ -38,26 +34,12 @@ def _wrap(method: str, model=None, **kw):
     return svdadapt.wrap(model, method, rank=RANK, progress=False, **kw)
 
 
-def _train(pm, steps: int = 5, lr: float = 2e-2):
-    """A few AdamW steps on a fixed batch; the adapter moves well away from its init."""
-    pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        loss = pm(X, labels=X).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
-    return pm
+def _train(pm, steps: int = 5):
+    return train(pm, X, steps=steps)
 
 
-@torch.no_grad()
 def _logits(model) -> torch.Tensor:
-    return model(X).logits
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return out(model, X)
 
 
 @pytest.fixture(scope="module", params=["pissa", "milora", "corda"])
@@ -78,9 +60,9 @@ def test_vanilla_peft_loads_export_on_original_base(trained):
     torch.manual_seed(12345)  # a different global RNG state, as in a fresh process
     base = make_tiny_llama(SEED)
     orig_logits = _logits(base)
-    assert _rel(want, orig_logits) > 1e-2  # training changed the model (else the check below is empty)
+    assert rel(want, orig_logits) > 1e-2  # training changed the model (else the check below is empty)
     vanilla = PeftModel.from_pretrained(base, d)
-    assert _rel(_logits(vanilla), want) < 1e-4
+    assert rel(_logits(vanilla), want) < 1e-4
     cfg = json.loads((d / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (2 * RANK, 2 * RANK, True)
     sd = load_file(d / "adapter_model.safetensors")
@@ -97,7 +79,7 @@ def test_raw_rank_r_adapter_would_be_wrong_on_original_base(trained, tmp_path):
     _, pm, want, _ = trained
     PeftModel.save_pretrained(pm, tmp_path)  # the unguarded PEFT method
     raw = PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)
-    assert _rel(_logits(raw), want) > 1e-2
+    assert rel(_logits(raw), want) > 1e-2
 
 
 def test_load_is_bit_identical_whatever_the_global_rng(trained):
@@ -106,7 +88,7 @@ def test_load_is_bit_identical_whatever_the_global_rng(trained):
     re = svdadapt.load(make_tiny_llama(SEED), d, progress=False)
     a, b = pm.state_dict(), re.state_dict()
     assert list(a) == list(b)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert same_state(a, b), [k for k in a if not torch.equal(a[k], b[k])][:3]
     assert torch.equal(_logits(re), want)
     assert {n for n, p in re.named_parameters() if p.requires_grad} == {n for n, p in pm.named_parameters() if p.requires_grad}
     assert re.svdadapt["method"] == method and re.svdadapt["base_checksums"] == pm.svdadapt["base_checksums"]
@@ -120,7 +102,7 @@ def test_load_then_save_round_trips(trained, tmp_path):
     svdadapt.save(re, tmp_path)
     for f in ("adapter_model.safetensors", STATE_FILE):
         x, y = load_file(d / f), load_file(tmp_path / f)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        assert same_state(x, y), f
     mx, my = json.loads((d / META_FILE).read_text()), json.loads((tmp_path / META_FILE).read_text())
     assert mx == my
 
@@ -130,7 +112,7 @@ def test_export_lora_writes_only_the_plain_adapter(trained, tmp_path):
     svdadapt.export_lora(pm, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     x, y = load_file(d / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
-    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert same_state(x, y)
 
 
 # ----------------------------------------------------------------------------------------------------------- unwrap
@@ -149,15 +131,15 @@ def test_unwrap_gives_the_original_weights(trained):
         assert (su[k] - so[k]).abs().max() <= 4 * eps * so[k].abs().max(), k
     # PEFT's disable_adapter() would give W_res instead: far from W
     with pm.disable_adapter():
-        assert _rel(_logits(pm), _logits(original)) > 1e-2
-    assert _rel(_logits(u), _logits(original)) < 1e-6
+        assert rel(_logits(pm), _logits(original)) > 1e-2
+    assert rel(_logits(u), _logits(original)) < 1e-6
 
 
 def test_unwrap_merge_gives_the_trained_model(trained):
     _, pm, want, _ = trained
     m = svdadapt.unwrap(copy.deepcopy(pm), merge=True)
     assert not any(isinstance(x, BaseTunerLayer) for x in m.modules())
-    assert _rel(_logits(m), want) < 1e-5
+    assert rel(_logits(m), want) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------- checksum
@@ -208,6 +190,8 @@ def test_save_needs_a_wrapped_model(tmp_path):
 
 
 def test_weight_checksum_is_bit_exact():
+    from svdadapt.export import weight_checksum  # module-internal: imported here so that moving it fails this test only
+
     w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     assert weight_checksum(w) == weight_checksum(w.clone())
     v = w.clone()
@@ -225,8 +209,8 @@ def test_save_pretrained_is_svdadapt_save(trained, tmp_path):
     pm.save_pretrained(tmp_path)
     for f in ("adapter_model.safetensors", STATE_FILE):
         x, y = load_file(d / f), load_file(tmp_path / f)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    assert _rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
+        assert same_state(x, y), f
+    assert rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
     with pytest.raises(ValueError, match=r"path_initial_model_for_weight_conversion is not needed on an svdadapt model"):
         pm.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     pm.save_pretrained(tmp_path / "not-main", is_main_process=False)
@@ -254,7 +238,7 @@ def test_load_adapter_restores_a_checkpoint_for_resuming(tmp_path):
     _train(pm, steps=2)
     assert not all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
     pm.load_adapter(str(tmp_path), "default", is_trainable=True)
-    assert all(torch.equal(saved[k], v) for k, v in pm.state_dict().items())
+    assert same_state(pm.state_dict(), saved)
     other = _wrap("pissa", model=make_tiny_llama(SEED + 1), target_modules=["q_proj", "down_proj"])  # other A0, B0
     with pytest.raises(ValueError, match=r"was trained from different initial factors \(first at module "):
         other.load_adapter(str(tmp_path), "default", is_trainable=True)
@@ -275,7 +259,7 @@ def test_rslora_export_keeps_the_scaling(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == 2 * RANK and cfg["use_rslora"] is True
     assert cfg["lora_alpha"] == pytest.approx(6.0 * math.sqrt(2), rel=1e-15)
-    assert _rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
+    assert rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------------------- EoRA
@@ -292,14 +276,14 @@ def test_eora_save_is_an_ordinary_lora_for_the_compressed_base(tmp_path):
     assert (cfg["r"], cfg["lora_alpha"]) == (RANK, RANK)  # no conversion, alpha = rank
     sd = load_file(tmp_path / "adapter_model.safetensors")
     peft_sd = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
-    assert sd.keys() == peft_sd.keys() and all(torch.equal(sd[k], peft_sd[k]) for k in sd)
-    assert _rel(_logits(PeftModel.from_pretrained(copy.deepcopy(compressed), tmp_path)), want) < 1e-6
+    assert same_state(sd, peft_sd)
+    assert rel(_logits(PeftModel.from_pretrained(copy.deepcopy(compressed), tmp_path)), want) < 1e-6
     re = svdadapt.load(copy.deepcopy(compressed), tmp_path, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(re.state_dict().values(), pm.state_dict().values()))
+    assert same_state(re.state_dict(), pm.state_dict())
     with pytest.raises(ValueError, match=r"first mismatch at module 'model\.layers\.0\.self_attn\.q_proj'"):
         svdadapt.load(make_tiny_llama(SEED), tmp_path, progress=False)  # the uncompressed model is not its base
     u = svdadapt.unwrap(re)  # EoRA's base is W_c, untouched
-    assert all(torch.equal(a, b) for a, b in zip(u.state_dict().values(), compressed.state_dict().values()))
+    assert same_state(u.state_dict(), compressed.state_dict())
 
 
 def test_load_warns_when_residual_is_not_bit_identical(trained, tmp_path):
@@ -323,7 +307,7 @@ def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
     load_adapter (the guard restores the rank-r factors): a resumed run ends where the uninterrupted one did."""
     from transformers import Trainer, TrainingArguments
 
-    data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))]
+    data = [{"input_ids": t, "labels": t} for t in token_ids(4, 16, seed=0)]
 
     def run(out, resume=None):
         pm = _wrap("pissa", target_modules=["q_proj", "v_proj", "down_proj"])
@@ -338,7 +322,7 @@ def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
     assert (ckpt / META_FILE).is_file() and json.loads((ckpt / "adapter_config.json").read_text())["r"] == 2 * RANK
     resumed = run(tmp_path / "resumed", resume=str(ckpt))
     a, b = full.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_state(a, b)
     assert not torch.equal(a[next(k for k in a if "lora_A" in k)], full.svdadapt["init_factors"][full.svdadapt["targets"][0]][0])
 
 
@@ -350,10 +334,10 @@ def test_bf16_export_is_as_close_as_the_dtype_allows_and_load_stays_exact(tmp_pa
     want = _logits(pm).float()
     svdadapt.save(pm, tmp_path)
     got = _logits(PeftModel.from_pretrained(make_tiny_llama(SEED, dtype=bf), tmp_path)).float()
-    cast_error = _rel(_logits(make_tiny_llama(SEED, dtype=bf)).float(), _logits(make_tiny_llama(SEED)))
-    assert _rel(got, want) < 2 * cast_error
+    cast_error = rel(_logits(make_tiny_llama(SEED, dtype=bf)).float(), _logits(make_tiny_llama(SEED)))
+    assert rel(got, want) < 2 * cast_error
     re = svdadapt.load(make_tiny_llama(SEED, dtype=bf), tmp_path, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(re.state_dict().values(), pm.state_dict().values()))
+    assert same_state(re.state_dict(), pm.state_dict())
     u, o = svdadapt.unwrap(re).state_dict(), make_tiny_llama(SEED, dtype=bf).state_dict()
     ulp = 2.0 ** -8  # bf16 spacing relative to the largest entry's binade, at most
     assert all((u[k].float() - o[k].float()).abs().max() <= ulp * o[k].float().abs().max() for k in o)

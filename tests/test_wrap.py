@@ -7,58 +7,19 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import svdadapt
 from svdadapt import METHODS, wrap
 
+from helpers import lora_layers, lora_product, max_rel, out, rel, token_ids, toy, toy_input
+
 RANK = 4
+IDS = token_ids(2, 12, seed=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def toy(seed: int = 0, sizes: tuple[int, ...] = (24, 40, 32, 16), dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """Linears with a nonlinearity between them, weights from a private generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [nn.Linear(a, b)] + ([nn.GELU()] if i < len(sizes) - 2 else [])
-        return nn.Sequential(*layers).to(dtype).eval()
-
-
-def toy_input(sizes: tuple[int, ...] = (24, 40, 32, 16), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(5, sizes[0], generator=torch.Generator().manual_seed(1)).to(dtype)
-
-
-@torch.no_grad()
-def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.long:
-        return model(input_ids=x).logits.float()
-    return model(x).float()
-
-
-def lora_layers(peft_model: PeftModel) -> dict[str, nn.Module]:
-    return {n: m for n, m in peft_model.base_model.model.named_modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A}
-
-
-def delta(layer: nn.Module) -> torch.Tensor:
-    """s·B·A of a PEFT LoRA layer, fp64 (out, in)."""
-    A = layer.lora_A["default"].weight.detach().double()
-    B = layer.lora_B["default"].weight.detach().double()
-    return layer.scaling["default"] * (B @ A)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,36 +27,29 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- 1. exact at init
+def change_at_init(model: nn.Module, x: torch.Tensor, method: str, rank: int = RANK):
+    """(max |output change| relative to the largest output, the wrapped model)."""
+    before = out(model, x)
+    peft_model = wrap(model, method, rank, progress=False)
+    return max_rel(out(peft_model, x), before), peft_model
+
+
 @pytest.mark.parametrize("method", ["pissa", "milora"])
 def test_exact_at_init_fp32_tiny_llama(tiny_llama, method: str) -> None:
-    model = tiny_llama(seed=0)
-    x = ids()
-    before = out(model, x)
-    peft_model = wrap(model, method, RANK, progress=False)
-    after = out(peft_model, x)
-    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    change, peft_model = change_at_init(tiny_llama(seed=0), IDS, method)
+    assert change <= 1e-5
     assert len(lora_layers(peft_model)) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
 
 
 @pytest.mark.parametrize("method", ["pissa", "milora"])
 def test_exact_at_init_fp32_toy_linears(method: str) -> None:
-    model = toy()
-    x = toy_input()
-    before = out(model, x)
-    peft_model = wrap(model, method, RANK, progress=False)
-    after = out(peft_model, x)
-    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    assert change_at_init(toy(), toy_input(), method)[0] <= 1e-5
 
 
 def test_exact_at_init_fp32_randomized_path() -> None:
     """Matrices large enough that svd='auto' takes the block-Krylov sketch."""
     sizes = (300, 420, 300)
-    model = toy(sizes=sizes)
-    x = toy_input(sizes)
-    before = out(model, x)
-    peft_model = wrap(model, "pissa", 16, progress=False)
-    after = out(peft_model, x)
-    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    assert change_at_init(toy(sizes=sizes), toy_input(sizes), "pissa", rank=16)[0] <= 1e-5
 
 
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
@@ -126,7 +80,7 @@ def test_half_precision_change_no_larger_than_casting(tiny_llama, dtype: torch.d
         base = layer.get_base_layer().weight.detach()
         assert base.dtype == dtype and layer.lora_A["default"].weight.dtype == torch.float32
         Wd = W32[name].to(dtype).double()  # the weight the wrapped model started from
-        d = delta(layer)
+        d = lora_product(layer)
         residual = Wd - d  # what the base should hold, before rounding
         err = base.double() - residual
         # one round-to-nearest, plus the fp32 noise of forming the residual (relative to its operands)
@@ -154,9 +108,9 @@ def test_adapter_is_the_truncated_svd(tiny_llama, method: str, alpha: float | No
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         keep = slice(0, RANK) if method == "pissa" else slice(S.numel() - RANK, S.numel())
         best = (U[:, keep] * S[keep]) @ Vh[keep]
-        assert rel(delta(layer), best) <= 1e-5, name
+        assert rel(lora_product(layer), best) <= 1e-5, name
         base = layer.get_base_layer().weight.double()
-        assert rel(base + delta(layer), W) <= 1e-6, name  # residual + adapter = W
+        assert rel(base + lora_product(layer), W) <= 1e-6, name  # residual + adapter = W
         expected_scaling = 1.0 if alpha is None else alpha / RANK
         assert layer.scaling["default"] == expected_scaling
 
@@ -174,7 +128,7 @@ def test_parity_with_peft_pissa(tiny_llama, alpha: float, use_rslora: bool) -> N
     for name in mine:
         a, b = mine[name], peft_layers[name]
         assert a.scaling["default"] == pytest.approx(scaling) and b.scaling["default"] == pytest.approx(scaling)
-        assert rel(delta(a), delta(b)) <= 1e-4, name
+        assert rel(lora_product(a), lora_product(b)) <= 1e-4, name
         assert rel(a.get_base_layer().weight, b.get_base_layer().weight) <= 1e-4, name
         # the same split of √(σ/s) between A and B: factors agree up to the sign of each component
         assert rel(a.lora_A["default"].weight.norm(dim=1), b.lora_A["default"].weight.norm(dim=1)) <= 1e-4
@@ -217,8 +171,7 @@ def test_only_lora_factors_train(tiny_llama) -> None:
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert len(trainable) == 2 * len(lora_layers(peft_model))
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    x = ids()
-    loss = peft_model(input_ids=x, labels=x).loss
+    loss = peft_model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
     assert set(grads) == trainable
@@ -276,8 +229,10 @@ def test_error_unknown_method(tiny_llama) -> None:
 @pytest.mark.parametrize("rank", [0, -3, 2.5, True])
 def test_error_bad_rank(tiny_llama, rank) -> None:
     model = tiny_llama()
+    before = linear_weights(model)
     with pytest.raises(ValueError, match=rf"^rank must be a positive integer, got {rank!r}$"):
         wrap(model, "pissa", rank, progress=False)
+    assert_untouched(model, before)
 
 
 def test_error_rank_above_min_dimension(tiny_llama) -> None:
@@ -287,8 +242,13 @@ def test_error_rank_above_min_dimension(tiny_llama) -> None:
                                          r"'model\.layers\.0\.self_attn\.k_proj' with weight \(32, 64\)$"):
         wrap(model, "pissa", 33, progress=False)
     assert_untouched(model, before)
-    # the limit itself is fine
-    wrap(model, "pissa", 32, target_modules=["k_proj"], progress=False)
+    # the limit itself is fine: at rank = min(out, in) the adapter holds all of W and the residual is float noise
+    peft_model = wrap(model, "pissa", 32, target_modules=["k_proj"], progress=False)
+    layers = lora_layers(peft_model)
+    assert sorted(layers) == [f"model.layers.{i}.self_attn.k_proj" for i in (0, 1)]
+    for name, layer in layers.items():
+        assert rel(lora_product(layer), before[name]) <= 1e-5, name
+        assert float(layer.get_base_layer().weight.abs().max()) <= 1e-5 * float(before[name].abs().max()), name
 
 
 def test_error_no_module_matched(tiny_llama) -> None:

@@ -1,0 +1,131 @@
+"""What several test files need, in one place: tiny models, token batches, the LoRA product of a PEFT layer,
+comparisons, a short training loop.
+
+Import as ``from helpers import ...``: pyproject's ``[tool.pytest.ini_options] pythonpath = ["tests"]`` puts this
+folder on ``sys.path``. Fixtures stay in conftest.py; plain functions live here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TOY_SIZES = (24, 40, 32, 16)
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    """A small random LlamaForCausalLM (2 layers, hidden 64, vocab 128), the same weights for the same seed,
+    without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    return model.to(dtype).eval()
+
+
+def toy(seed: int = 0, sizes: tuple[int, ...] = TOY_SIZES, dtype: torch.dtype = torch.float32,
+        bias: bool = True) -> nn.Sequential:
+    """Linears ``sizes[0] -> sizes[1] -> ...`` with a GELU between each two, weights from a private generator
+    (the global RNG is left alone). One Linear for two sizes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.Linear(a, b, bias=bias)] + ([nn.GELU()] if i < len(sizes) - 2 else [])
+        return nn.Sequential(*layers).to(dtype).eval()
+
+
+def toy_input(sizes: tuple[int, ...] = TOY_SIZES, dtype: torch.dtype = torch.float32, rows: int = 5,
+              seed: int = 1) -> torch.Tensor:
+    """(rows, sizes[0]) Gaussian inputs for ``toy(sizes=sizes)``."""
+    return torch.randn(rows, sizes[0], generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def token_ids(rows: int, seq: int, seed: int, vocab: int = 128) -> torch.Tensor:
+    """(rows, seq) random token ids from a private generator."""
+    return torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------------ running
+@torch.no_grad()
+def out(model: nn.Module, x: Any) -> torch.Tensor:
+    """The model's output on ``x`` as fp32, without autograd: logits for token ids (a long tensor) or a batch
+    dict, the plain output for a float tensor."""
+    if isinstance(x, Mapping):
+        return model(**x).logits.float()
+    if x.dtype == torch.long:
+        return model(input_ids=x).logits.float()
+    return model(x).float()
+
+
+def train(peft_model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 2e-2) -> nn.Module:
+    """A few AdamW steps of next-token loss on the fixed batch ``x``; the adapter moves well away from its init.
+    Returns the model, in eval mode."""
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        peft_model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return peft_model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA layers
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """The PEFT LoRA layers (adapter "default") of a PEFT model, by module name. Fails when there are none, so
+    a test that loops over them can never pass on an empty loop."""
+    layers = {n: m for n, m in peft_model.base_model.model.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert layers, f"no LoRA layers in {type(peft_model).__name__}"
+    return layers
+
+
+def lora_product(layer: nn.Module) -> torch.Tensor:
+    """s·B·A of a PEFT LoRA layer: what it adds to the base weight, fp64 (out, in), detached."""
+    A = layer.lora_A["default"].weight.detach().double()  # (r, in)
+    B = layer.lora_B["default"].weight.detach().double()  # (out, r)
+    return layer.scaling["default"] * (B @ A)
+
+
+# ------------------------------------------------------------------------------------------------------ comparisons
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius, in fp64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (in fp64): the largest entrywise change relative to b's largest entry."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def same_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Two state dicts (or any name -> tensor maps: a safetensors file comes back sorted by name) hold the same
+    names and bit-identical tensors under each."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_init_factors(a: nn.Module, b: nn.Module) -> bool:
+    """Two svdadapt-wrapped models started from bit-identical (A0, B0) on the same, non-empty set of layers."""
+    fa, fb = a.svdadapt["init_factors"], b.svdadapt["init_factors"]
+    return bool(fa) and list(fa) == list(fb) and all(
+        torch.equal(fa[n][0], fb[n][0]) and torch.equal(fa[n][1], fb[n][1]) for n in fa)
+
+
+def raises_exactly(exc: type[BaseException], message: str):
+    """``pytest.raises`` that wants exactly ``message`` (the whole text, not a pattern)."""
+    return pytest.raises(exc, match=r"\A" + re.escape(message) + r"\Z")

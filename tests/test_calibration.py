@@ -252,7 +252,7 @@ def test_as_covariances_pass_through_collect_and_errors(tmp_path):
         as_covariances(_padded_batch(), model, names, progress=False)
     with pytest.raises(TypeError, match=r"^calibration is a single tensor"):
         as_covariances(token_ids(1, 4, 0), model, names, progress=False)
-    with raises_exactly(ValueError, "the model run for calibration (LlamaForCausalLM) has no nn.Linear named "
+    with raises_exactly(ValueError, "the model run for calibration (LlamaForCausalLM) has no adaptable layer named "
                                     "'model.layers.9.mlp.up_proj'"):
         as_covariances([_padded_batch()], model, ["model.layers.9.mlp.up_proj"], progress=False)
 

@@ -242,9 +242,9 @@ ERRORS = [
     (["init", "{tiny}", "--method", "pissa", "--rank", "2", "--out", "{init}"], 2,
      "svdadapt: error: output '{init}' exists and is not an empty directory"),
     (["init", "{tiny}", "--method", "pissa", "--rank", "65", "--out", "{new}", "--no-progress"], 1,
-     "svdadapt: error: rank=65 exceeds min(out, in) = 64 of module 'model.layers.0.self_attn.q_proj' …"),
+     "svdadapt: error: rank=65 exceeds min(out, in) = 32 of module 'model.layers.0.self_attn.k_proj' with weight (32, 64)"),
     (["init", "{tiny}", "--method", "pissa", "--rank", "2", "--target-modules", "nope", "--out", "{new}",
-      "--no-progress"], 1, "svdadapt: error: target_modules=['nope'] matched no nn.Linear in LlamaForCausalLM; …"),
+      "--no-progress"], 1, "svdadapt: error: target_modules=['nope'] matched no adaptable layer (nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt) in LlamaForCausalLM; …"),
     (["calibrate", "{tiny}", "--calib", "{calib}", "--out", "{new}.pt"], 2,
      "svdadapt: error: --out must be a .safetensors file, got '{new}.pt'"),
     (["calibrate", "{tiny}", "--out", "{new}.safetensors"], 2,
@@ -262,7 +262,7 @@ ERRORS = [
      "svdadapt: error: trained adapter '{init}/adapter' has r=4, the init directory has 2: it was not trained from "
      "this init"),
     (["report", "{tiny}"], 2,
-     "svdadapt: error: '{tiny}' has no report.json or svdadapt.json (not an init or save directory)"),
+     "svdadapt: error: '{tiny}' has no svdadapt.json (not an init or save directory)"),
     ([], 2, "svdadapt: error: the following arguments are required: COMMAND (see `svdadapt --help`)"),
 ]
 

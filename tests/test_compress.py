@@ -95,7 +95,7 @@ def test_quantize_errors():
     for g in (0, -1, 2.5):
         with raises_exactly(ValueError, f"group_size must be a positive integer or None (one group per row), got {g!r}"):
             svdadapt.compress.quantize(model, bits=4, group_size=g)
-    with pytest.raises(ValueError, match=r"^target_modules=\['nope'\] matched no nn.Linear"):
+    with pytest.raises(ValueError, match=r"^target_modules=\['nope'\] matched no adaptable layer \(nn.Linear"):
         svdadapt.compress.quantize(model, bits=4, target_modules=["nope"])
 
 

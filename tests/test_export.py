@@ -172,7 +172,7 @@ def test_load_recognizes_the_rewritten_base(trained):
 def test_load_rejects_plain_peft_dir_and_peft_model(trained, tmp_path):
     _, pm, _, d = trained
     PeftModel.save_pretrained(pm, tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"has no svdadapt\.json / svdadapt_state\.safetensors: it was not "
+    with pytest.raises(FileNotFoundError, match=r"has no svdadapt\.json: it was not "
                                                 r"written by svdadapt\.save"):
         svdadapt.load(make_tiny_llama(SEED), tmp_path)
     with pytest.raises(TypeError, match=r"base_model is already a PEFT model"):

@@ -56,13 +56,16 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 LAYER_KINDS: tuple[LayerKind, ...] = (
     # bitsandbytes layers subclass nn.Linear: they come first
-    LayerKind("bnb", bnb.is_bnb_layer, lambda m: (m.out_features, m.in_features), bnb.dequantize,
+    LayerKind("bitsandbytes Linear4bit/Linear8bitLt", bnb.is_bnb_layer, lambda m: (m.out_features, m.in_features), bnb.dequantize,
               bnb.write_quantized, lambda m: torch.float32, packed=True),
-    LayerKind("Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
+    LayerKind("nn.Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
               lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
-    LayerKind("Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
+    LayerKind("transformers Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
               lambda m, w: _copy_into(m.weight, w.mT), lambda m: m.weight.dtype, fan_in_fan_out=True),
 )
+
+
+KIND_NAMES = ", ".join(k.name for k in (*LAYER_KINDS[1:], LAYER_KINDS[0]))  # for messages: plain layers first
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
@@ -94,7 +97,7 @@ def read_weight(name: str, module: nn.Module) -> torch.Tensor:
     kind = kind_of(module)
     if kind is None:
         raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot adapt "
-                        f"(supported: {', '.join(k.name for k in LAYER_KINDS)})")
+                        f"(supported: {KIND_NAMES})")
     w = getattr(module, "weight", None)
     packed = not kind.packed and (type(w).__name__ in {"Params4bit", "Int8Params"} or hasattr(w, "quant_state"))
     W = kind.read(module)

@@ -12,9 +12,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layers import LAYER_KINDS, is_target_type
+from .layers import KIND_NAMES, is_target_type
 
-__all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights"]
+__all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights",
+           "saved_modules"]
 
 Selector = str | Iterable[str]
 
@@ -62,22 +63,31 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
         exclude_modules = _as_selector(exclude_modules)
         found = {n: m for n, m in found.items() if not matches(exclude_modules, n)}
     if not found:
-        kinds = "/".join(k.name for k in LAYER_KINDS)
         raise ValueError(
             f"target_modules={target_modules!r}{'' if exclude_modules is None else f' minus exclude_modules={exclude_modules!r}'} "
-            f"matched no {kinds} layer in {type(model).__name__}; such layers are: "
+            f"matched no adaptable layer ({KIND_NAMES}) in {type(model).__name__}; adaptable layers are: "
             f"{', '.join(list(layers)[:12])}{' ...' if len(layers) > 12 else ''}"
         )
     return found
 
 
-def peft_target_list(model: nn.Module, names: list[str]) -> list[str]:
+def peft_target_list(model: nn.Module, names: list[str]) -> list[str] | str:
     """What to give PEFT's ``target_modules`` so that it selects exactly ``names``: the short suffixes
     (``q_proj`` ...) when they match no other module at all (containers included: PEFT refuses a match that is not
-    a layer it can wrap), else the full names."""
+    a layer it can wrap), else a regex of the exact names (a list of full names would still match them as
+    suffixes of other modules, e.g. ``1`` inside ``0.1``)."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     chosen = {n for n, _ in model.named_modules() if n and matches(suffixes, n)}
-    return suffixes if chosen == set(names) else sorted(names)
+    return suffixes if chosen == set(names) else "|".join(re.escape(n) for n in sorted(names))
+
+
+# the heads PEFT itself adds to modules_to_save for these task types (PeftModelFor<Task>.__init__)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def saved_modules(task_type: str | None, modules_to_save: Iterable[str] | None) -> list[str]:
+    """The modules PEFT trains and saves whole for this task type (it never puts LoRA on them)."""
+    return [*(modules_to_save or ()), *_TASK_HEADS.get(str(task_type), ())]
 
 
 def is_peft(model: nn.Module) -> bool:

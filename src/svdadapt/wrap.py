@@ -20,9 +20,19 @@ from .qbase import QuantOptions
 from .quant import compressed_inputs, plan_quantized_layer
 from .record import AdaptRecord
 from .sources import ModelSource
-from .targets import is_peft, peft_target_list, resolve_targets
+from .targets import is_peft, matches, peft_target_list, resolve_targets, saved_modules
 
 __all__ = ["wrap", "resolve_targets", "SVD_CHOICES"]
+
+
+def _targets(model: nn.Module, target_modules: Any, exclude_modules: Any, keep_whole: list[str]) -> dict[str, nn.Module]:
+    """``resolve_targets`` less the modules PEFT trains whole (it never puts LoRA on them)."""
+    targets = resolve_targets(model, target_modules, exclude_modules)
+    kept = {n: m for n, m in targets.items() if not (keep_whole and matches(keep_whole, n))}
+    if not kept:
+        raise ValueError(f"target_modules={target_modules!r} matched only modules PEFT saves whole ({keep_whole}); "
+                         "nothing is left to adapt")
+    return kept
 
 
 def _check_not_peft(model: nn.Module) -> None:
@@ -106,13 +116,12 @@ def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], cali
 
 
 def _lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alpha: float, use_rslora: bool,
-                 task_type: str | None) -> Any:
+                 task_type: str | None, modules_to_save: list[str] | None) -> Any:
     from peft import LoraConfig
 
-    if task_type is None and type(model).__name__.endswith("ForCausalLM"):
-        task_type = "CAUSAL_LM"
     return LoraConfig(r=job.rank, lora_alpha=alpha, target_modules=peft_target_list(model, list(targets)),
                       use_rslora=use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None,
                       fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()), task_type=task_type)
 
 
@@ -148,6 +157,7 @@ def wrap(
     reference: Any = None,
     calibrate_on: str = "reference",
     task_type: str | None = None,
+    modules_to_save: Iterable[str] | None = None,
     quantize: str | None = None,
     quant_iters: int = 1,
 ):
@@ -179,6 +189,8 @@ def wrap(
         calibrate_on: EoRA with batches: collect inputs on the ``"reference"`` (uncompressed) model, the
             default, or on the ``"compressed"`` one (docs/benchmarks.md compares the two).
         task_type: PEFT task type; None picks ``"CAUSAL_LM"`` for ``*ForCausalLM`` models.
+        modules_to_save: modules PEFT trains and saves whole (as in ``LoraConfig``); PEFT adds a classification
+            head itself for ``task_type="SEQ_CLS"``. They are never targets, and save / export / load keep them.
         quantize: None, or a bitsandbytes scheme (``"nf4"``, ``"fp4"``, ``"int8"``; needs bitsandbytes): the targets
             become bitsandbytes layers holding the quantized new base — QPiSSA / QMiLoRA / QCorDA quantize the
             residual W − s·B₀·A₀ decomposed in full precision; EoRA quantizes W and compensates W − deq(Q(W)) (the
@@ -198,7 +210,9 @@ def wrap(
     job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
     quant = _quant_options(quantize, quant_iters)
     _check_needs(spec, calibration, reference, quant)
-    targets = resolve_targets(model, target_modules, exclude_modules)
+    if task_type is None and type(model).__name__.endswith("ForCausalLM"):
+        task_type = "CAUSAL_LM"
+    targets = _targets(model, target_modules, exclude_modules, saved_modules(task_type, modules_to_save))
     _check_packing(spec, targets, quant)
     checks.check_target_weights(model, targets, rank, spec.rewrites_base)
     references = checks.reference_weights(reference, targets) if reference is not None else None
@@ -207,7 +221,7 @@ def wrap(
     plans = _plan(job, ModelSource(targets, covariances, references), quant, progress)
     base_checksums = {n: layer_checksum(m) for n, m in targets.items()}  # W before any rewrite
     alpha = rank if alpha is None else alpha
-    peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type),
+    peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type, modules_to_save),
                        {n: (p.A, p.B) for n, p in plans.items()}, rewrite_base=spec.rewrites_base,
                        quantize=None if quant is None else quant.scheme, progress=progress)
     options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,

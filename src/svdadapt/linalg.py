@@ -27,15 +27,13 @@ __all__ = [
 
 # Block-Krylov defaults. niter=None picks round(log2(n)) Krylov steps for a short side n: block Krylov needs
 # O(log n / sqrt(eps)) steps for a given accuracy whatever the spectrum (Musco & Musco 2015), and log2(n) is
-# the smallest multiple measured to clear 99.5% of the optimal rank-16 energy on every matrix tried: 9 steps
-# (10 blocks of 16 columns) capture 99.86% on the worst Linear of SmolLM2-135M (n = 576), 11 steps 99.6% on
-# Gaussian 2048x5632 weights (the flattest spectra there are), where torch.svd_lowrank(q=16, niter=16) gets
-# 98.4% / 97.1% with more matrix products. (10 steps on the Gaussian weights: 99.4%.) A 24- or 32-column block
-# with fewer steps was as accurate but slower per captured digit.
+# the smallest multiple measured to clear 99.5% of the optimal rank-16 energy on every matrix tried, from
+# SmolLM2's weights to Gaussian ones (the flattest spectra there are); wider blocks with fewer steps were as
+# accurate but slower per captured digit. The measurements: docs/benchmarks.md, "Behind the defaults".
 DEFAULT_NITER: int | None = None
 DEFAULT_OVERSAMPLE = 0
 # the block is never thinner than this: on CPU BLAS a (·, 8) product costs about as much as a (·, 16) one,
-# and the wider block converges faster (rank 8: 99.8% -> 99.95% worst on SmolLM2)
+# and the wider block converges faster
 MIN_BLOCK = 16
 # below this short side LAPACK's exact SVD is as fast as any sketch
 SMALL_SIDE = 256
@@ -158,7 +156,7 @@ def randomized_svd(
         K[:, (j + 1) * b : (j + 2) * b] = _extend(X, K[:, : (j + 1) * b], generator)
     # Ritz values/vectors of M on span(K): eigenpairs of KᵀMᵀMK = YᵀY, (k, k), in M's dtype. Forming the
     # Gram matrix costs absolute accuracy ~eps·σ₁² in σ², harmless for the top triplets this returns
-    # (fp64 here measured 8% slower with the same captured energy on SmolLM2).
+    # (fp64 here was slower for the same captured energy).
     evals, W = torch.linalg.eigh(Y.mT @ Y)
     W = W[:, -rank:].flip(1)  # (k, rank), descending
     S = evals[-rank:].flip(0).clamp_min(0).sqrt()
@@ -179,9 +177,9 @@ def choose_svd(shape: tuple[int, int], rank: int, largest: bool, niter: int | No
 
     Bottom-r triplets (MiLoRA, CorDA-KPA) need the full spectrum: ``"full"``. Top-r triplets use the
     block-Krylov sketch unless its basis, (niter + 1)·max(rank + oversample, 16) columns, would cover more than
-    3/4 of the short side, or the short side is at most 256. Measured on one CPU core (fp32): at 3/4
-    coverage the sketch still costs half of LAPACK's SVD (576×1536: 49 vs 110 ms) and at 0.9 as much
-    (576×576: 48 vs 58 ms); below 256 LAPACK is as fast (192×576: 6 ms either way) and exact.
+    3/4 of the short side, or the short side is at most 256: at 3/4 coverage the sketch still costs about half
+    of LAPACK's SVD on one CPU core, near full coverage as much, and below 256 LAPACK is as fast and exact
+    (timings in docs/benchmarks.md, "Behind the defaults").
     """
     if not largest:
         return "full"
@@ -237,7 +235,7 @@ def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e
     eye = torch.eye(d, dtype=C.dtype, device=C.device)
     if damping > 0 and d / damping + 1 <= max_cond:
         # for PSD C, λ_max ≤ trace = d·mean(diag), so cond(C_d) ≤ d/λ + 1 already: skip the eigenvalues
-        # (an fp64 eigvalsh per input was most of CorDA's decomposition time on SmolLM2)
+        # (an fp64 eigvalsh per input would dominate CorDA's decomposition time)
         L, info = torch.linalg.cholesky_ex(C + damping * scale * eye)
         if info.item() == 0:
             return L, damping

@@ -10,7 +10,11 @@ normalization only matters for reading the numbers.
 
 Linears that read the very same tensor in a forward pass (q/k/v after one norm, gate/up of an MLP) have the
 same covariance: it is computed and stored once, and every name of the group maps to the *same* tensor
-object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity).
+object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
+the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
+
+Padding is dropped with the mask of the stack an input belongs to: ``attention_mask`` in the encoder (or the only
+stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model (the rule: :class:`_Masks`).
 """
 
 from __future__ import annotations
@@ -142,29 +146,166 @@ class Covariances(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Covariances":
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`.
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{os.fspath(path)!r} is not a svdadapt covariance file (format={meta.get('format')!r})")
-            groups, counts = json.loads(meta["groups"]), json.loads(meta["counts"])
-            matrices: dict[str, torch.Tensor] = {}
-            count_of: dict[str, int] = {}
-            for names, n in zip(groups, counts):
-                C = f.get_tensor(names[0])
-                for name in names:
-                    matrices[name] = C
-                    count_of[name] = n
-        # restore the original name order (groups are listed by first appearance, members in order)
-        order = json.loads(meta["order"]) if "order" in meta else list(matrices)
-        return cls({n: matrices[n] for n in order}, count_of)
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError, naming the file: not a file, not a readable safetensors file (truncated or corrupt), not a
+                covariance file (``format``), or metadata that does not describe its tensors.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        p = os.fspath(path)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"no such covariance file: {p!r}")
+        if not os.path.isfile(p):
+            raise ValueError(f"{p!r} is not a file (expected a covariance file written by Covariances.save)")
+        try:
+            with safe_open(p, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != _FORMAT:
+                    raise ValueError(f"{p!r} is not a svdadapt covariance file (format={meta.get('format')!r})")
+                groups, counts, order = _read_layout(meta, set(f.keys()), p)
+                tensors = {names[0]: f.get_tensor(names[0]) for names in groups}
+        except (OSError, SafetensorError) as e:  # safetensors' own words, without its traceback
+            raise ValueError(f"{p!r} is not a readable safetensors file (truncated or corrupt): {e}") from None
+        matrices = {name: tensors[names[0]] for names in groups for name in names}
+        count_of = {name: n for names, n in zip(groups, counts) for name in names}
+        try:
+            return cls({n: matrices[n] for n in order}, count_of)
+        except ValueError as e:
+            raise ValueError(f"{p!r} holds an invalid covariance: {e}") from None
+
+
+def _read_layout(meta: Mapping[str, str], keys: set[str], path: str
+                 ) -> tuple[list[list[str]], list[int], list[str]]:
+    """The groups, token counts and name order stored in a covariance file's metadata, checked against each other
+    and against the file's tensor ``keys``; ``ValueError`` naming ``path`` and the first inconsistency."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path!r} has inconsistent covariance metadata: {what}")
+
+    values = {}
+    for field in ("groups", "counts", "order"):
+        if field not in meta:
+            if field == "order":  # files written before 'order' existed: group order
+                continue
+            raise bad(f"no {field!r} entry")
+        try:
+            values[field] = json.loads(meta[field])
+        except json.JSONDecodeError:
+            raise bad(f"{field!r} is not valid JSON: {meta[field][:60]!r}") from None
+    groups, counts = values["groups"], values["counts"]
+    if not (isinstance(groups, list) and all(isinstance(g, list) and g and all(isinstance(n, str) for n in g)
+                                             for g in groups)):
+        raise bad("'groups' must be a list of non-empty lists of module names")
+    if not (isinstance(counts, list) and all(type(n) is int and n >= 0 for n in counts)):
+        raise bad("'counts' must be a list of non-negative integers")
+    if len(counts) != len(groups):
+        raise bad(f"{len(groups)} groups but {len(counts)} token counts")
+    names = [n for g in groups for n in g]
+    if len(set(names)) != len(names):
+        raise bad("a module name appears in more than one group")
+    missing = [g[0] for g in groups if g[0] not in keys]
+    if missing:
+        raise bad(f"no tensor for group {missing[0]!r}")
+    order = values.get("order", names)
+    if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(names)):
+        raise bad("'order' must list every module name of 'groups' exactly once")
+    return groups, counts, order
 
 
 # ------------------------------------------------------------------------------------------------------ collection
+_ENCODER, _DECODER = "encoder", "decoder"
+
+
+def _version(x: torch.Tensor) -> object:
+    """What tells two states of one tensor object apart: its version counter, bumped by every in-place op. An
+    inference tensor has none: a fresh ``object()``, equal to nothing, so such an input is never taken as shared."""
+    try:
+        return x._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return object()
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input of a layer's forward: the first positional argument, else the first tensor keyword
+    (``input=`` for nn.Linear, ``x=`` for transformers Conv1D)."""
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """The encoder and decoder of a transformers encoder–decoder model (``config.is_encoder_decoder``, through
+    ``get_encoder()`` / ``get_decoder()``), else ``{}``: one stack, one mask."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {}
+    found = {}
+    for stack, getter in ((_ENCODER, "get_encoder"), (_DECODER, "get_decoder")):
+        try:
+            m = getattr(model, getter)()
+        except Exception:  # transformers' generic lookup raises for models it cannot place
+            return {}
+        found[stack] = m
+    enc, dec = found[_ENCODER], found[_DECODER]
+    ok = all(isinstance(m, nn.Module) and m is not model for m in (enc, dec)) and enc is not dec
+    return found if ok else {}
+
+
+class _Masks:
+    """The masks of one batch and which stack is running: decides which tokens of each hooked input count.
+
+    The rule (encoder–decoder models; any other model has one stack, the batch's ``attention_mask``):
+      - a module runs inside the encoder or the decoder (tracked by hooks on the two stacks); outside both, it
+        belongs to the stack that ran last (``lm_head`` after the decoder), or the encoder before either ran;
+      - in the encoder, inputs laid out (batch, seq) like ``attention_mask`` drop its padding;
+      - in the decoder, the encoder states it was handed (``encoder_hidden_states``, the same tensor object at the
+        same version: cross-attention k/v) take ``attention_mask``; inputs laid out like the decoder sequence take
+        ``decoder_attention_mask`` (none given: every decoder token counts); an input laid out like the encoder
+        mask but not like the decoder sequence (encoder states transformed first) takes ``attention_mask``;
+      - anything else (another layout, e.g. tokens gathered for an MoE expert) counts all its rows.
+    """
+
+    def __init__(self, enc: torch.Tensor | None, dec: torch.Tensor | None) -> None:
+        self.enc, self.dec = enc, dec  # (batch, seq_enc) / (batch, seq_dec) bool, or None
+        self.running: list[str] = []  # stacks entered and not yet left, innermost last
+        self.last = _ENCODER
+        self.enc_states: list[tuple[weakref.ref, object]] = []  # encoder states handed to the decoder
+        self.dec_shape: tuple[int, ...] | None = None if dec is None else tuple(dec.shape)
+
+    def enter(self, stack: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.running.append(stack)
+        if stack != _DECODER:
+            return
+        states = kwargs.get("encoder_hidden_states")
+        if isinstance(states, torch.Tensor):
+            self.enc_states.append((weakref.ref(states), _version(states)))
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        for t, dim in ((ids, 2), (embeds, 3)):
+            if self.dec is None and isinstance(t, torch.Tensor) and t.dim() == dim:
+                self.dec_shape = tuple(t.shape[:2])
+
+    def leave(self, stack: str) -> None:
+        if self.running and self.running[-1] == stack:
+            self.running.pop()
+        self.last = stack
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (batch, seq) mask for ``x`` laid out (batch, seq, in), or None: every row counts."""
+        shape = tuple(x.shape[:2])
+        enc = self.enc if self.enc is not None and tuple(self.enc.shape) == shape else None
+        if (self.running[-1] if self.running else self.last) == _ENCODER:
+            return enc
+        if any(r() is x and v == _version(x) for r, v in self.enc_states):
+            return enc
+        if self.dec_shape is not None and shape == self.dec_shape:
+            return self.dec
+        return enc if self.dec_shape is not None else None
+
+
 class _Collector:
-    """State shared by the hooks during one collection: accumulators, groups, the current batch's mask."""
+    """State shared by the hooks during one collection: accumulators, groups, the current batch's masks."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -173,18 +314,22 @@ class _Collector:
         self.key_of: dict[str, str] = {}  # name -> group key, fixed at the name's first sighting
         self.members: dict[str, frozenset[str]] = {}  # group key -> names that read its input
         self.batch = -1
-        self.mask: torch.Tensor | None = None
-        # per forward: id(input) -> (weakref to it, group key, names that read it); the weakref guards
-        # against a freed tensor's id being reused by a later, different input in the same forward
-        self.seen: dict[int, tuple[weakref.ref, str, set[str]]] = {}
+        self.masks = _Masks(None, None)
+        # per forward: (id(input), its version) -> (weakref to it, group key, names that read it). The version
+        # tells the same object apart before and after an in-place op (h.relu_()); the weakref guards against a
+        # freed tensor's id being reused by a later, different input in the same forward
+        self.seen: dict[tuple[int, object], tuple[weakref.ref, str, set[str]]] = {}
 
-    def begin(self, batch: int, mask: torch.Tensor | None) -> None:
-        self.batch, self.mask, self.seen = batch, mask, {}
+    def begin(self, batch: int, masks: _Masks) -> None:
+        self.batch, self.masks, self.seen = batch, masks, {}
 
     def hook(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else kwargs["input"]
-        entry = self.seen.get(id(x))
-        if entry is not None and entry[0]() is x:  # the same tensor as an earlier reader: shared input
+        x = _first_tensor(args, kwargs)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"module {name!r} was called without a tensor input in batch {self.batch}")
+        ident = (id(x), _version(x))
+        entry = self.seen.get(ident)
+        if entry is not None and entry[0]() is x:  # the same tensor, unchanged, as an earlier reader: shared
             key, readers = entry[1], entry[2]
             known = self.key_of.setdefault(name, key)
             if known != key:
@@ -194,8 +339,11 @@ class _Collector:
             readers.add(name)
             return
         key = self.key_of.setdefault(name, name)
-        self.seen[id(x)] = (weakref.ref(x), key, {name})
-        rows = self._rows(x)
+        self.seen[ident] = (weakref.ref(x), key, {name})
+        self._accumulate(name, key, self._rows(x))
+
+    def _accumulate(self, name: str, key: str, rows: torch.Tensor) -> None:
+        """Add Σ x xᵀ of ``rows`` (n, in) to ``key``'s accumulator (in, in)."""
         if rows.shape[0] == 0:
             return
         if not torch.isfinite(rows).all():
@@ -204,16 +352,14 @@ class _Collector:
         acc = self.acc.get(key)
         if acc is None:
             acc = self.acc[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
-        acc.addmm_(rows.mT, rows)  # Σ x xᵀ over this batch's tokens
+        acc.addmm_(rows.mT, rows)
         self.count[key] = self.count.get(key, 0) + rows.shape[0]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The (n, in) token inputs of ``x`` (..., in), padding dropped where ``x`` is laid out (batch, seq, in)
-        like the attention mask."""
-        m = self.mask
-        if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-            return x[m]
-        return x.reshape(-1, x.shape[-1])
+        """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in)
+        like the mask that :class:`_Masks` assigns it."""
+        m = self.masks.mask_for(x) if x.dim() == 3 else None
+        return x[m] if m is not None else x.reshape(-1, x.shape[-1])
 
     def end(self) -> None:
         """Check that every group was read by the same names as when it was first seen."""
@@ -237,6 +383,45 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _batch_masks(batch: Mapping[str, Any], i: int) -> _Masks:
+    """The masks a dict batch gives: ``attention_mask`` (the encoder's, or the only stack's) and
+    ``decoder_attention_mask``, each (batch, seq) or absent."""
+    masks = []
+    for key in ("attention_mask", "decoder_attention_mask"):
+        mask = batch.get(key)
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"batch {i}: {key} must be (batch, seq), got shape {shape}")
+        masks.append(None if mask is None else mask.bool())
+    return _Masks(*masks)
+
+
+def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collector) -> list[Any]:
+    """Pre-hooks on the targets (accumulate) and on the encoder / decoder stacks (track which one runs)."""
+    handles = [module.register_forward_pre_hook(
+        lambda mod, args, kwargs, _n=name: state.hook(_n, args, kwargs), with_kwargs=True)
+        for name, module in targets.items()]
+    for stack, module in _stacks(model).items():
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args, kwargs, _s=stack: state.masks.enter(_s, args, kwargs), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda mod, args, out, _s=stack: state.masks.leave(_s)))
+    return handles
+
+
+def _run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state: _Collector) -> None:
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        state.begin(i, _batch_masks(batch, i))
+        model(**batch)
+    elif isinstance(batch, torch.Tensor):
+        state.begin(i, _Masks(None, None))
+        model(batch.to(device))
+    else:
+        raise TypeError(f"batch {i} is a {type(batch).__name__}; a batch is a dict (run as model(**batch)) "
+                        "or a tensor (run as model(batch))")
+    state.end()
+
+
 @torch.no_grad()
 def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.Module], dtype: torch.dtype,
              progress: bool) -> Covariances:
@@ -249,26 +434,11 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
     n_batches = 0
     try:
         model.eval()
-        for name, module in targets.items():
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args, kwargs, _n=name: state.hook(_n, args, kwargs), with_kwargs=True))
+        handles = _hook_all(model, targets, state)
         total = len(batches) if hasattr(batches, "__len__") else None
         for i, batch in enumerate(tqdm(batches, total=total, desc="svdadapt calibration", unit="batch",
                                        disable=not progress)):
-            if isinstance(batch, Mapping):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                mask = batch.get("attention_mask")
-                if mask is not None and mask.dim() != 2:
-                    raise ValueError(f"batch {i}: attention_mask must be (batch, seq), got shape {tuple(mask.shape)}")
-                state.begin(i, None if mask is None else mask.bool())
-                model(**batch)
-            elif isinstance(batch, torch.Tensor):
-                state.begin(i, None)
-                model(batch.to(device))
-            else:
-                raise TypeError(f"batch {i} is a {type(batch).__name__}; a batch is a dict (run as model(**batch)) "
-                                "or a tensor (run as model(batch))")
-            state.end()
+            _run_batch(model, batch, i, device, state)
             n_batches += 1
     finally:  # hooks must never outlive the collection, also when the model raises
         for h in handles:
@@ -299,13 +469,18 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules
     Args:
         model: any ``nn.Module``; run in eval mode under ``torch.no_grad`` (its training flag is restored).
         batches: iterable of dicts (``model(**batch)``, tensors moved to the model's device; an
-            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in)) or of
-            tensors (``model(batch)``, every position counts). Any batch size and sequence length.
-        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear but the output head).
+            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in); in an
+            encoder–decoder model it is the encoder's, and ``decoder_attention_mask`` the decoder's, none: every
+            decoder token counts) or of tensors (``model(batch)``, every position counts). Any batch size and
+            sequence length.
+        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear or transformers Conv1D but the
+            output head).
         dtype: accumulation and storage dtype, ``torch.float32`` or ``torch.float64``.
         progress: progress bar over batches, and a one-line summary printed at the end.
     Returns:
-        :class:`Covariances`: name -> C = XᵀX / N (in, in); q/k/v-style readers of one input share a tensor.
+        :class:`Covariances`: name -> C = XᵀX / N (in, in), in the layer's input width (``weight.shape[1]`` of a
+        Linear, ``weight.shape[0]`` of a Conv1D, which stores (in, out)); q/k/v-style readers of one input share a
+        tensor.
     Raises:
         ValueError: no tokens seen (or none for some target), NaN/inf in a module's input (named), bad dtype.
     """

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import checks
 from .calibration import as_covariances
+from .distributed import gather_plans, my_batches, my_share, reduce_covariances, world
 from .engine import Job, LayerPlan, apply, lora_scaling, plan_layer, plan_layers
 from .export import attach
 from .layers import kind_of, layer_checksum
@@ -111,7 +112,10 @@ def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], cali
     if on == "compressed" and quant is not None and not given:
         raise ValueError("calibrate_on='compressed' with quantize=: the model is quantized after calibration; use "
                          "calibrate_on='reference' (the default) or pass precomputed Covariances")
-    covs = as_covariances(calibration, hook_model, list(targets), progress=progress)
+    if not given and world()[1] > 1:  # each rank collects on its share of the batches; the sums are all-reduced
+        covs = reduce_covariances(as_covariances(my_batches(calibration), hook_model, list(targets), progress=progress))
+    else:
+        covs = as_covariances(calibration, hook_model, list(targets), progress=progress)
     return checks.check_covariances(covs, targets)
 
 
@@ -125,15 +129,21 @@ def _lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alph
                       fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()), task_type=task_type)
 
 
-def _plan(job: Job, source: ModelSource, quant: QuantOptions | None, progress: bool) -> dict[str, LayerPlan]:
-    """Every layer's factors and report, the model untouched."""
+def _plan(job: Job, targets: dict[str, nn.Module], covariances: dict[str, torch.Tensor] | None,
+          references: dict[str, torch.Tensor] | None, quant: QuantOptions | None, progress: bool
+          ) -> dict[str, LayerPlan]:
+    """Every layer's factors and report, the model untouched; inside a process group each rank plans its share
+    and the plans are all-gathered."""
+    mine = my_share({n: kind_of(m).shape(m) for n, m in targets.items()}, job)
+    source = ModelSource({n: targets[n] for n in mine}, covariances, references)
     layers, plan_one = iter(source), plan_layer
     if quant is not None and job.spec.rewrites_base:
         plan_one = partial(plan_quantized_layer, quant=quant)
     elif quant is not None:
         layers = compressed_inputs(layers, quant.scheme)
-    return plan_layers(job, layers, source.covariance_users(), total=len(source), progress=progress,
-                       plan_one=plan_one)
+    plans = plan_layers(job, layers, source.covariance_users(), total=len(source), progress=progress,
+                        plan_one=plan_one)
+    return gather_plans(plans, list(targets))
 
 
 @torch.no_grad()
@@ -218,7 +228,7 @@ def wrap(
     references = checks.reference_weights(reference, targets) if reference is not None else None
     covariances = _covariances(job, model, targets, calibration, reference, quant, progress)
 
-    plans = _plan(job, ModelSource(targets, covariances, references), quant, progress)
+    plans = _plan(job, targets, covariances, references, quant, progress)
     base_checksums = {n: layer_checksum(m) for n, m in targets.items()}  # W before any rewrite
     alpha = rank if alpha is None else alpha
     peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type, modules_to_save),

@@ -1,0 +1,84 @@
+"""Several processes through torch.distributed (gloo on CPU): wrap() splits the decompositions over the ranks and
+gathers the factors; every rank ends with the model one process would build."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import svdadapt
+from svdadapt.distributed import layer_cost, split_by_cost
+from svdadapt.engine import Job
+from svdadapt.methods import METHODS, SVDOptions
+from helpers import make_tiny_llama, token_ids
+
+RANK = 4
+BATCHES = [{"input_ids": token_ids(2, 12, seed=s), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+           for s in range(4)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wrap(method: str):
+    kw = {"calibration": BATCHES} if method == "corda" else {}
+    return svdadapt.wrap(make_tiny_llama(hidden_size=256, intermediate_size=512), method, RANK, progress=False, **kw)
+
+
+def _worker(rank: int, size: int, port: int, method: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        pm = _wrap(method)
+        torch.save({"init": pm.svdadapt.init_factors, "state": pm.state_dict()}, f"{out_dir}/wrap{rank}.pt")
+        ddp = torch.nn.parallel.DistributedDataParallel(pm)
+        opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+        ids = token_ids(2, 12, seed=10 + rank)  # each rank its own data
+        losses = []
+        for _ in range(3):
+            loss = ddp(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        trained = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+        torch.save({"trained": trained, "losses": losses}, f"{out_dir}/train{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["pissa", "corda"])
+def test_two_ranks_build_the_one_process_model_then_train_in_ddp(method: str, tmp_path, one_thread) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    single = _wrap(method)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"wrap{rank}.pt")
+        assert got["init"].keys() == single.svdadapt.init_factors.keys()
+        for n, (A, B) in single.svdadapt.init_factors.items():
+            if method == "pissa":  # the factors are computed by one rank with its (seed, name) generator
+                assert torch.equal(got["init"][n][0], A) and torch.equal(got["init"][n][1], B), n
+            else:  # covariances are all-reduced sums: equal up to the order of float additions (measured 1.7e-4)
+                prod = lambda f: f[1].double() @ f[0].double()  # noqa: E731
+                assert float((prod(got["init"][n]) - prod((A, B))).norm() / prod((A, B)).norm()) < 1e-3, n
+    a, b = (torch.load(tmp_path / f"train{r}.pt") for r in (0, 1))
+    assert a["trained"].keys() == b["trained"].keys() and a["trained"]
+    for k in a["trained"]:
+        assert torch.equal(a["trained"][k], b["trained"][k]), k  # DDP keeps the ranks identical
+    assert a["losses"][-1] < a["losses"][0]
+
+
+def test_split_balances_cost_not_count() -> None:
+    job = Job(METHODS["pissa"], rank=4, scaling=1.0, svd=SVDOptions("full"))
+    shapes = {"big": (512, 512), "a": (64, 64), "b": (64, 64), "c": (64, 64), "d": (64, 64)}
+    costs = {n: layer_cost(s, job) for n, s in shapes.items()}
+    assert split_by_cost(costs, 2) == [["big"], ["a", "b", "c", "d"]]
+    assert split_by_cost(costs, 1) == [list(shapes)]

@@ -2,26 +2,31 @@
 
 ``svdadapt init MODEL ... --out DIR`` writes what any trainer can use without svdadapt installed::
 
-    DIR/base/                        the rewritten base (EoRA: the compressed model) as an ordinary HF model dir
+    DIR/base/                        the rewritten base (EoRA: the compressed model) as an ordinary HF model dir;
+                                     with --quantize, a bitsandbytes-quantized one (plain from_pretrained loads it)
     DIR/adapter/                     the initial rank-r adapter in PEFT format, for DIR/base
     DIR/svdadapt.json                method, options, rank-r LoRA config, sha256 of the ORIGINAL weights, report
     DIR/svdadapt_state.safetensors   the initial factors A₀, B₀ (and A, B = A₀, B₀)
-    DIR/report.json                  per-layer captured energy (EoRA: compensation error)
+    DIR/report.json                  per-layer captured energy (EoRA: compensation error; --quantize: quantization
+                                     error against QLoRA's)
 
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR/adapter, is_trainable=True)`` is
 the wrapped model. Train it with any tool and save the trained adapter with plain PEFT ``save_pretrained``, either
 over DIR/adapter or elsewhere (then pass ``--adapter``); ``svdadapt export DIR --out LORA_DIR`` then writes a plain
 LoRA for the ORIGINAL model (the same directory :func:`svdadapt.save` writes, so ``svdadapt.load`` resumes from it).
+``export`` refuses an adapter of another init: an svdadapt.save directory must hold DIR's very A₀, B₀, and a PEFT
+adapter whose ``base_model_name_or_path`` is the base/ of another init directory must share its ``init_checksum``.
 
 Exit status: 0 success; 2 the command line is wrong (unknown method, missing option, option that the method does
-not take, missing input file, output that would be overwritten); 1 the run failed (e.g. rank above a layer's
-size, a trained adapter that does not fit the init directory). Errors are one line on stderr, never a traceback
-(set ``SVDADAPT_DEBUG=1`` to get it).
+not take, missing or empty input file, output that would be overwritten); 1 the run failed (e.g. rank above a
+layer's size, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors are one
+line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -66,58 +71,79 @@ def _positive_float(v: str) -> float:
 
 
 def _parser() -> _Parser:
-    from .methods import METHODS
-
     p = _Parser(prog="svdadapt", description="LoRA adapters initialized from a model's own weights and activations.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                           help="init, calibrate, export or report (`svdadapt COMMAND --help` for its options)")
     sub.required = True
-
-    def calib_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
-                       help="module names or dotted suffixes (q_proj v_proj ...); default all-linear (every Linear "
-                            "but the output head)")
-        q.add_argument("--seq-len", type=_positive, default=512, help="calibration sequence length")
-        q.add_argument("--batch-size", type=_positive, default=4, help="calibration batch size")
-        q.add_argument("--max-tokens", type=_positive, default=None,
-                       help="use at most this many calibration tokens (rounded up to whole batches)")
-        q.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    q = sub.add_parser("init", help="wrap MODEL and write DIR/base, DIR/adapter, DIR/report.json",
-                       description="Initialize an adapter from MODEL (a local Hugging Face directory or a .gguf file).")
-    q.add_argument("model", metavar="MODEL")
-    q.add_argument("--method", required=True, choices=list(METHODS))
-    q.add_argument("--rank", required=True, type=_positive)
-    q.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: rank)")
-    q.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
-    q.add_argument("--mode", choices=["ipa", "kpa"], default=None, help="corda only (default ipa)")
-    q.add_argument("--calib", nargs="+", default=None, metavar="FILE", help=f"corda/eora: {_TEXT_HINT}")
-    q.add_argument("--reference", default=None, metavar="MODEL", help="eora: the uncompressed model")
-    q.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto")
-    q.add_argument("--seed", type=int, default=0, help="seeds the randomized sketches")
-    q.add_argument("--out", required=True, metavar="DIR")
-    calib_options(q)
+    _init_parser(sub)
 
     q = sub.add_parser("calibrate", help="collect input covariances into a .safetensors file",
                        description="Run MODEL on text files and save the input covariance of every target Linear.")
-    q.add_argument("model", metavar="MODEL")
+    q.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a .gguf file")
     q.add_argument("--calib", nargs="+", required=True, metavar="FILE", help="text files")
     q.add_argument("--float64", action="store_true", help="accumulate in float64")
-    q.add_argument("--out", required=True, metavar="FILE.safetensors")
-    calib_options(q)
+    q.add_argument("--out", required=True, metavar="FILE.safetensors", help="the covariances file to write (new)")
+    _calib_options(q)
 
     q = sub.add_parser("export", help="plain LoRA for the ORIGINAL model from an init directory after training",
                        description="Convert the trained adapter of an init directory into a plain PEFT LoRA for the "
                                    "original model (rank 2r; EoRA: rank r for the compressed model).")
     q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`")
     q.add_argument("--adapter", default=None, metavar="TRAINED_DIR",
-                   help="the trained adapter (PEFT save_pretrained of the model built from DIR/base + DIR/adapter); "
-                        "default DIR/adapter")
-    q.add_argument("--out", required=True, metavar="LORA_DIR")
+                   help="the trained adapter (PEFT save_pretrained of the model built from DIR/base + DIR/adapter, "
+                        "or an svdadapt.save directory of the same init); default DIR/adapter")
+    q.add_argument("--out", required=True, metavar="LORA_DIR", help="a new (or empty) output directory")
 
     q = sub.add_parser("report", help="print the per-layer report of an init or save directory")
-    q.add_argument("dir", metavar="DIR")
+    q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
     q.add_argument("--layers", action="store_true", help="one row per layer instead of per module kind")
     return p
+
+
+def _calib_options(q: argparse.ArgumentParser) -> None:
+    """Options of the commands that read calibration text."""
+    q.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
+                   help="module names or dotted suffixes (q_proj v_proj ...); default all-linear (every Linear "
+                        "but the output head)")
+    q.add_argument("--seq-len", type=_positive, default=512, help="calibration sequence length (default 512)")
+    q.add_argument("--batch-size", type=_positive, default=4, help="calibration batch size (default 4)")
+    q.add_argument("--max-tokens", type=_positive, default=None,
+                   help="use at most this many calibration tokens (rounded up to whole batches)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _init_parser(sub: Any) -> None:
+    """The ``init`` subcommand and its options."""
+    from .bnb import SCHEMES
+    from .methods import METHODS
+
+    methods = ", ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+    q = sub.add_parser("init", help="wrap MODEL and write DIR/base, DIR/adapter, DIR/report.json",
+                       description="Initialize an adapter from MODEL (a local Hugging Face directory or a .gguf file).")
+    q.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a .gguf file "
+                                                  "(eora: the compressed model)")
+    q.add_argument("--method", required=True, choices=list(METHODS), help=f"the initialization ({methods})")
+    q.add_argument("--rank", required=True, type=_positive, help="LoRA rank r, at most min(out, in) of every target")
+    q.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: rank)")
+    q.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
+    q.add_argument("--mode", choices=["ipa", "kpa"], default=None,
+                   help="corda only: ipa keeps the top-r triplets of W*C (the task), kpa the bottom-r (keeps the "
+                        "knowledge in the calibration text frozen); default ipa")
+    q.add_argument("--calib", nargs="+", default=None, metavar="FILE", help=f"corda/eora: {_TEXT_HINT}")
+    q.add_argument("--reference", default=None, metavar="MODEL",
+                   help="eora: the uncompressed model (not with --quantize, which makes MODEL the reference)")
+    q.add_argument("--quantize", choices=list(SCHEMES), default=None,
+                   help="bitsandbytes scheme of the new base (needs bitsandbytes): pissa/milora/corda quantize the "
+                        "residual W - s*B*A (QPiSSA), eora quantizes MODEL and compensates the quantization error")
+    q.add_argument("--quant-iters", type=_positive, default=None, metavar="N",
+                   help="with --quantize, pissa/milora/corda: alternate N times, re-fitting the adapter to what "
+                        "quantization lost (LoftQ-style; the step closest to W is kept); default 1")
+    q.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto",
+                   help="auto (a block-Krylov sketch for the top-r of large matrices, else exact), full (exact "
+                        "LAPACK) or randomized; default auto")
+    q.add_argument("--seed", type=int, default=0, help="seeds the randomized sketches (default 0)")
+    q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
+    _calib_options(q)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -131,14 +157,27 @@ def _must_exist_model(path: str, what: str = "model") -> None:
 
 
 def _calib_files(files: Sequence[str]) -> tuple[str | None, list[str]]:
-    """(covariances path or None, text files); checks they exist."""
+    """(covariances path or None, text files); checks they exist and that every text file holds text."""
     for f in files:
         if not Path(f).is_file():
             raise UsageError(f"no such calibration file: {f!r}")
     covs = [f for f in files if f.endswith(".safetensors")]
     if covs and len(files) > 1:
         raise UsageError(f"--calib takes either one covariances .safetensors file or text files, got {list(files)}")
-    return (covs[0] if covs else None), [f for f in files if not f.endswith(".safetensors")]
+    texts = [f for f in files if not f.endswith(".safetensors")]
+    empty = [f for f in texts if not _has_text(f)]
+    if empty:
+        raise UsageError(f"no calibration text in {', '.join(map(repr, empty))} (empty or whitespace only)")
+    return (covs[0] if covs else None), texts
+
+
+def _has_text(path: str) -> bool:
+    """True if the file holds anything but whitespace (read in chunks: stops at the first one that does)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(1 << 16):
+            if not chunk.isspace():
+                return True
+    return False
 
 
 def _fresh_dir(path: str) -> Path:
@@ -158,7 +197,12 @@ def _text_batches(tokenizer: Any, files: Sequence[str], args: argparse.Namespace
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
     per_batch = args.seq_len * args.batch_size
     max_batches = None if args.max_tokens is None else max(1, -(-args.max_tokens // per_batch))
-    return text_batches(tokenizer, texts, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=max_batches)
+    batches = text_batches(tokenizer, texts, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=max_batches)
+    eos = getattr(tokenizer, "eos_token_id", None)  # None: text_batches appends nothing, and refuses no tokens
+    if eos is not None and all(bool((b["input_ids"][b["attention_mask"].bool()] == eos).all()) for b in batches):
+        # only the EOS text_batches appends after each text: calibrating on it would be a silent wrong result
+        raise ValueError(f"the tokenizer gives no tokens for the calibration text in {', '.join(map(repr, files))}")
+    return batches
 
 
 def _say(msg: str) -> None:
@@ -188,38 +232,85 @@ def _kv(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([title, *(f"  {k.ljust(w)}  {v}" for k, v in rows)])
 
 
+# what each report column means, by the report key of MethodSpec.report (ASCII: it goes to any terminal)
+_MEANING = {
+    "energy": "captured energy ||s*B*A||^2 / ||W||^2 of the decomposed matrix (W; CorDA: W*C), the share of its "
+              "spectrum the adapter starts with",
+    "residual_error": "EoRA's remaining compensation error ||(dW - M)*S|| / ||dW*S|| in the calibration-whitened "
+                      "space, dW = W_ref - W_c (0: fully compensated, 1: not at all)",
+}
+# a quantized residual base (plan_quantized_layer's report keys): this init against QLoRA's start
+_QUANT_COLUMNS = {"quant_error": "quant err", "qlora_error": "qlora err"}
+_QUANT_MEANING = ("quant err: ||W - (deq(Q(W_res)) + s*B*A)|| / ||W||, the quantized base plus the adapter against "
+                  "the full-precision W; qlora err: ||W - deq(Q(W))|| / ||W||, QLoRA's start (same scheme, zero "
+                  "adapter)")
+
+
+def _quant_columns(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return _QUANT_COLUMNS if any("quant_error" in r for r in layers.values()) else {}
+
+
 def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: bool = False) -> str:
     """A table of the per-layer numbers of ``wrap``'s report, per layer or grouped by module kind (min / mean / max).
 
     The column is the method's own (``MethodSpec.report``): the captured energy ‖s·B·A‖²/‖W‖² (CorDA: of W·C) for the
     methods that decompose the weight, and for EoRA the remaining compensation error ‖(ΔW − M)·S‖ / ‖ΔW·S‖ in the
-    calibration-whitened space."""
+    calibration-whitened space. A quantized residual base adds its error and QLoRA's (:func:`report_legend`)."""
     from .methods import get_method
 
     spec = get_method(method)
     key, label = spec.report.key, spec.report.label
+    quant = _quant_columns(layers)
+    nan = float("nan")
     if per_layer:
-        header = ["module", "shape", "sigma_max", label, *spec.extra_columns]
-        rows = [[n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', float('nan')):.4g}",
-                 f"{r.get(key, float('nan')):.4f}", *(f"{r.get(c, float('nan')):.3g}" for c in spec.extra_columns)]
+        header = ["module", "shape", "sigma_max", label, *spec.extra_columns, *quant.values()]
+        rows = [[n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', nan):.4g}",
+                 f"{r.get(key, nan):.4f}", *(f"{r.get(c, nan):.3g}" for c in spec.extra_columns),
+                 *(f"{r.get(c, nan):.4f}" for c in quant)]
                 for n, r in layers.items()]
         return _table(rows, header)
-    groups: dict[str, list[tuple[str, float]]] = {}
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for n, r in layers.items():
-        groups.setdefault(n.rsplit(".", 1)[-1], []).append((n, float(r.get(key, float("nan")))))
+        groups.setdefault(n.rsplit(".", 1)[-1], []).append((n, r))
     rows = []
     pick_worst = max if spec.report.high_is_bad else min
-    for kind, vals in groups.items():
-        xs = [v for _, v in vals]
-        worst = pick_worst(vals, key=lambda t: t[1])
-        rows.append([kind, str(len(xs)), f"{min(xs):.4f}", f"{sum(xs) / len(xs):.4f}", f"{max(xs):.4f}", worst[0]])
-    return _table(rows, ["kind", "layers", f"min {label}", f"mean {label}", f"max {label}", "worst layer"])
+    mean = lambda rs, k: sum(float(r.get(k, nan)) for _, r in rs) / len(rs)  # noqa: E731
+    for kind, rs in groups.items():
+        xs = [float(r.get(key, nan)) for _, r in rs]
+        worst = pick_worst(zip((n for n, _ in rs), xs), key=lambda t: t[1])[0]
+        rows.append([kind, str(len(xs)), f"{min(xs):.4f}", f"{sum(xs) / len(xs):.4f}", f"{max(xs):.4f}",
+                     *(f"{mean(rs, c):.4f}" for c in quant), worst])
+    return _table(rows, ["kind", "layers", f"min {label}", f"mean {label}", f"max {label}",
+                         *(f"mean {c}" for c in quant.values()), "worst layer"])
+
+
+def report_legend(method: str, layers: dict[str, dict[str, Any]]) -> list[str]:
+    """The lines printed under a report table: what its columns mean for ``method``."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    lines = [f"{spec.report.label}: {_MEANING[spec.report.key]}"] if spec.report.key in _MEANING else []
+    return lines + ([_QUANT_MEANING] if _quant_columns(layers) else [])
 
 
 # ------------------------------------------------------------------------------------------------------ commands
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    """Check the command line, load the inputs, wrap, write DIR, print the report."""
+    _check_init_args(args)
+    covs_path, texts = _calib_files(args.calib or [])
+    out = _fresh_dir(args.out)
+    model, tokenizer, reference = _load_init_inputs(args, bool(texts), out)
+    calibration = _text_calibration(tokenizer, texts, args) if texts else covs_path
+    pm = _wrap_model(args, model, calibration, reference)
+    _write_init_dir(pm, args, out, tokenizer)
+    _print_init_summary(pm, args, out)
+    return 0
+
+
+def _check_init_args(args: argparse.Namespace) -> None:
+    """Every usage error of ``init``, before anything is loaded."""
     from .methods import METHODS
 
     spec = METHODS[args.method]
@@ -231,31 +322,36 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise UsageError(f"--method {args.method} needs calibration data: --calib FILE ... ({_TEXT_HINT})")
     if not spec.needs_calibration and args.calib:
         raise UsageError(f"--method {args.method} takes no calibration data; drop --calib")
-    if spec.needs_reference and args.reference is None:
+    if spec.needs_reference and args.reference is None and args.quantize is None:
         raise UsageError(f"--method {args.method} needs --reference MODEL: the uncompressed model (MODEL is the "
                          "compressed one)")
     if not spec.needs_reference and args.reference is not None:
         raise UsageError(f"--reference applies to --method eora only, not {args.method}")
+    if args.reference is not None and args.quantize is not None:
+        raise UsageError(f"--reference with --quantize: --method {args.method} then quantizes MODEL itself, which is "
+                         "the reference; drop --reference")
     if args.reference is not None:
         _must_exist_model(args.reference, "reference model")
-    covs_path, texts = _calib_files(args.calib or [])
-    out = _fresh_dir(args.out)
+    if args.quant_iters is not None and args.quantize is None:
+        raise UsageError("--quant-iters applies with --quantize only (it re-fits the adapter to a quantized base)")
+    if args.quant_iters is not None and not spec.rewrites_base:
+        rewriting = ", ".join(m.name for m in METHODS.values() if m.rewrites_base)
+        raise UsageError(f"--quant-iters applies to the methods that rewrite the base ({rewriting}), "
+                         f"not {args.method}")
+    if args.quantize is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("--quantize needs bitsandbytes: pip install bitsandbytes")
 
-    import torch
-    from peft import PeftModel
 
+def _load_init_inputs(args: argparse.Namespace, needs_tokenizer: bool, out: Path) -> tuple[Any, Any, Any]:
+    """(model, tokenizer or None, reference model or None)."""
     from . import loading
-    from .checkpoint import write_checkpoint
-    from .export import checkpoint_meta
-    from .wrap import wrap
 
-    progress = not args.no_progress
     _say(f"loading {args.model}")
     model = loading.load_model(args.model)
     try:
         tokenizer = loading.load_tokenizer(args.model)
     except Exception as e:  # a bare weights directory: fine unless text has to be tokenized
-        if texts:
+        if needs_tokenizer:
             raise ValueError(f"cannot load a tokenizer from {args.model!r} to tokenize --calib text: {e}") from e
         _say(f"warning: no tokenizer in {args.model!r} ({type(e).__name__}); {out / 'base'} will have none")
         tokenizer = None
@@ -263,22 +359,41 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if args.reference is not None:
         _say(f"loading reference {args.reference}")
         reference = loading.load_model(args.reference)
-    calibration: Any = covs_path
-    if texts:
-        calibration = _text_batches(tokenizer, texts, args)
-        n_tok = sum(int(b["attention_mask"].sum()) for b in calibration)
-        _say(f"calibration: {len(texts)} file(s), {n_tok} tokens in {len(calibration)} batch(es) of "
-             f"{args.batch_size}x{args.seq_len}")
+    return model, tokenizer, reference
+
+
+def _text_calibration(tokenizer: Any, texts: list[str], args: argparse.Namespace) -> list[dict]:
+    batches = _text_batches(tokenizer, texts, args)
+    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+    _say(f"calibration: {len(texts)} file(s), {n_tok} tokens in {len(batches)} batch(es) of "
+         f"{args.batch_size}x{args.seq_len}")
+    return batches
+
+
+def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, reference: Any) -> Any:
+    import torch
+
+    from .wrap import wrap
 
     with torch.no_grad():
-        pm = wrap(model, method=args.method, rank=args.rank, alpha=args.alpha, use_rslora=args.rslora,
-                  target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
-                  calibration=calibration, reference=reference, progress=progress)
+        return wrap(model, method=args.method, rank=args.rank, alpha=args.alpha, use_rslora=args.rslora,
+                    target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
+                    calibration=calibration, reference=reference, quantize=args.quantize,
+                    quant_iters=args.quant_iters or 1, progress=not args.no_progress)
+
+
+def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any) -> None:
+    """DIR/adapter (PEFT's raw rank-r adapter for DIR/base), the resume record, report.json, then DIR/base."""
+    from peft import PeftModel
+
+    from .bnb import is_bnb_layer, restore_layout
+    from .checkpoint import write_checkpoint
+    from .export import checkpoint_meta
+
     info = pm.svdadapt
     meta = checkpoint_meta(pm)
     meta["source"] = {"model": os.path.abspath(args.model),
                       "reference": os.path.abspath(args.reference) if args.reference else None}
-
     out.mkdir(parents=True, exist_ok=True)
     # config first: PEFT's save looks for base_model_name_or_path/config.json (else it may ask the Hub)
     pm.get_base_model().config.save_pretrained(str(out / "base"))
@@ -290,25 +405,33 @@ def _cmd_init(args: argparse.Namespace) -> int:
     # resume record in DIR itself (no portable adapter: untrained, ΔW = 0); `svdadapt export` completes it
     write_checkpoint(out, meta, info.init_factors, info.init_factors, resume=True, portable=False)
     report = {"method": args.method, "rank": args.rank, "alpha": info.alpha, "options": info.options,
-              "model": meta["source"]["model"], "layers": info.report}
+              "quantize": info.quantize, "model": meta["source"]["model"], "layers": info.report}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
     _say(f"saving base to {out / 'base'}")
     base = pm.unload()  # adapters out, rewritten weights in: an ordinary transformers model
+    for m in base.modules():
+        if is_bnb_layer(m):  # bitsandbytes 0.50 saves a CPU-repacked 4-bit layer corrupted
+            restore_layout(m)
     base.save_pretrained(str(out / "base"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "base"))
 
+
+def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
+    info = pm.svdadapt
     print(format_report(args.method, info.report))
+    for line in report_legend(args.method, info.report):
+        print(line)
     print()
+    quantized = f" ({info.quantize}-quantized)" if info.quantize else ""
     print(_kv("svdadapt init", [
         ("method", args.method + (f" ({info.options['mode']})" if info.options["mode"] else "")),
         ("rank / alpha", f"{args.rank} / {info.alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
         ("layers", str(len(info.targets))),
-        ("base", str(out / "base")),
+        ("base", str(out / "base") + quantized),
         ("adapter", str(out / "adapter")),
         ("report", str(out / "report.json")),
     ]))
-    return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -343,19 +466,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> tuple[dict, dict]:
     """(name -> trained (A, B), the adapter's other tensors by key) of a PEFT adapter directory."""
-    from safetensors.torch import load_file
+    from .checkpoint import ADAPTER_WEIGHTS, adapter_key, adapter_keys
 
-    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_key, adapter_keys
-
-    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise UsageError(f"{str(adapter)!r} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    cfg = _adapter_config(adapter)
     want = meta["lora_config"]
     for k in ("r", "lora_alpha", "use_rslora"):
         if cfg.get(k) != want.get(k):
             raise ValueError(f"trained adapter {str(adapter)!r} has {k}={cfg.get(k)!r}, the init directory has "
                              f"{want.get(k)!r}: it was not trained from this init")
-    sd = load_file(str(adapter / ADAPTER_WEIGHTS))
+    sd = _load_safetensors(adapter / ADAPTER_WEIGHTS)
     current = {}
     for n in meta["targets"]:
         ka, kb = adapter_key(n, "A"), adapter_key(n, "B")
@@ -369,9 +488,89 @@ def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> tu
     return current, {k: v for k, v in sd.items() if k not in lora}
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint, write_checkpoint
+def _adapter_config(adapter: Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT adapter directory; a usage error if the directory is not one."""
+    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
+    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(f"{str(adapter)!r} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    path = adapter / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or corrupt: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(path)!r} is not a PEFT adapter config (a JSON {type(cfg).__name__})")
+    return cfg
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a cut or foreign file
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: {e})") from None
+
+
+def _check_same_init(adapter: Path, d: Path, mine: Any, theirs: Any) -> None:
+    """An svdadapt.save directory (``theirs``) belongs to init directory ``d`` (``mine``) only if it holds the
+    same method, rank, alpha and bit-identical initial factors A₀, B₀."""
+    import torch
+
+    from .checkpoint import STATE_FILE
+
+    for k in ("method", "rank", "alpha"):
+        if theirs.meta.get(k) != mine.meta.get(k):
+            raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: it has {k}="
+                             f"{theirs.meta.get(k)!r}, {str(d)!r} has {mine.meta.get(k)!r}")
+    a, b = mine.init, theirs.init
+    same = lambda n: n in a and n in b and all(torch.equal(x, y) for x, y in zip(a[n], b[n]))  # noqa: E731
+    first = next((n for n in [*a, *b] if not same(n)), None)
+    if first is not None:
+        raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: its initial factors "
+                         f"({STATE_FILE}) differ from those of {str(d)!r}, first at module {first!r}")
+
+
+def _check_trained_on(adapter: Path, d: Path, meta: dict[str, Any]) -> None:
+    """A plain PEFT adapter has no initial factors, but one trained on an init's base/ names it in
+    ``base_model_name_or_path``: if that directory's parent is another init directory with other initial
+    factors (``init_checksum``), the adapter was not trained from ``d``."""
+    from .checkpoint import META_FILE, read_metadata
+
+    base = _adapter_config(adapter).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base or not Path(base).is_dir():
+        return  # trained on something we cannot see: shapes and config were checked, that is all we can do
+    origin = Path(base).parent
+    if not (origin / META_FILE).is_file() or origin.resolve() == d.resolve():
+        return
+    try:
+        theirs = read_metadata(origin).get("init_checksum")
+    except (OSError, ValueError):
+        return
+    if theirs is not None and theirs != meta.get("init_checksum"):
+        raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: it was trained on {base!r}, "
+                         f"and {str(origin)!r} holds other initial factors than {str(d)!r} (export it with "
+                         f"`svdadapt export {origin} --adapter {adapter}`)")
+
+
+def _trained_state(adapter: Path, d: Path, saved: Any) -> tuple[dict, dict]:
+    """(name -> trained (A, B), other adapter tensors) from a PEFT adapter trained on DIR/base, or from an
+    svdadapt.save directory (its resume state: its adapter files are the converted rank-2r LoRA); refused if it
+    comes from another init."""
+    from .checkpoint import STATE_FILE, read_checkpoint
+
+    if (adapter / STATE_FILE).is_file():
+        theirs = read_checkpoint(adapter)
+        _check_same_init(adapter, d, saved, theirs)
+        return theirs.current, theirs.extras
+    current, extras = _read_trained_adapter(adapter, saved.meta, saved.init)
+    _check_trained_on(adapter, d, saved.meta)
+    return current, extras
+
+
+def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(init directory, trained adapter directory, new output directory), checked."""
     d = Path(args.dir)
     if not d.is_dir():
         raise UsageError(f"no such init directory: {args.dir!r}")
@@ -381,9 +580,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.resolve() in {adapter.resolve(), d.resolve(), (d / "base").resolve()}:
         raise UsageError(f"--out {args.out!r} would overwrite the input; choose a new directory")
+    return d, adapter, _fresh_dir(args.out)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import read_checkpoint, write_checkpoint
+    from .export import quantization_gap
+
+    d, adapter, out = _export_paths(args)
     saved = read_checkpoint(d)
     meta, init = saved.meta, saved.init
-    current, extras = _read_trained_adapter(adapter, meta, init)
+    current, extras = _trained_state(adapter, d, saved)
     meta = {k: v for k, v in meta.items() if k not in ("format", "init_checksum")}
     write_checkpoint(out, meta, init, current, resume=True, extras=extras)
     moved = sum(int(not (a.equal(init[n][0]) and b.equal(init[n][1]))) for n, (a, b) in current.items())
@@ -396,6 +603,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         ("applies to", "the ORIGINAL model" if meta["rewrites_base"] else "the compressed model (as trained)"),
         ("written", str(out)),
     ]))
+    gap = quantization_gap(meta.get("quantize"), meta.get("report") or {})
+    if gap is not None:
+        print(gap)
     if moved == 0:
         _say("warning: the adapter equals its initialization (no training?): the exported LoRA is zero")
     return 0
@@ -411,8 +621,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     layers = meta.get("report") or {}
     if not layers:
         raise ValueError(f"{args.dir!r} has an empty report")
-    print(f"{meta['method']}, rank {meta['rank']}, alpha {meta['alpha']:g}, {len(layers)} layers")
+    quantized = f", {meta['quantize']}-quantized base" if meta.get("quantize") else ""
+    print(f"{meta['method']}, rank {meta['rank']}, alpha {meta['alpha']:g}, {len(layers)} layers{quantized}")
     print(format_report(meta["method"], layers, per_layer=args.layers))
+    if not args.layers:  # --layers stays a bare listing, one row per layer, for grep and scripts
+        for line in report_legend(meta["method"], layers):
+            print(line)
     return 0
 
 
@@ -438,7 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
         if debug:
             raise
-        kind = "" if isinstance(e, (ValueError, TypeError, FileNotFoundError, KeyError)) else f"{type(e).__name__}: "
+        plain = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError)  # their message says it all
+        kind = "" if isinstance(e, plain) else f"{type(e).__name__}: "
         print(f"svdadapt: error: {kind}{_one_line(e)}", file=sys.stderr)
         return 1
 

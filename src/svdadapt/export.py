@@ -113,15 +113,16 @@ def _refuse_merged(peft_model: nn.Module, record: AdaptRecord, what: str) -> Non
                          "peft_model.unmerge_adapter() first")
 
 
-def quantization_gap(record: AdaptRecord) -> str | None:
-    """For a quantized residual base: how far the portable adapter's model (original W + s·(B·A − B₀·A₀)) is from
-    the trained one (deq(Q(W_res)) + s·B·A): per layer ‖W_res − deq(Q(W_res))‖ / ‖W‖, measured at init."""
-    errors = {n: r["residual_quant_error"] for n, r in record.report.items() if "residual_quant_error" in r}
+def quantization_gap(quantize: str | None, report: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """For a quantized residual base (``quantize``, the per-layer ``report`` of the record or of svdadapt.json):
+    how far the portable adapter's model (original W + s·(B·A − B₀·A₀)) is from the trained one
+    (deq(Q(W_res)) + s·B·A): per layer ‖W_res − deq(Q(W_res))‖ / ‖W‖, measured at init. None if there is none."""
+    errors = {n: r["residual_quant_error"] for n, r in report.items() if "residual_quant_error" in r}
     if not errors:
         return None
     worst = max(errors, key=errors.get)
     return (f"svdadapt: the exported LoRA applies to the full-precision base; the trained model's base was the "
-            f"{record.quantize} residual, which differs from it by {sum(errors.values()) / len(errors):.4f} of ‖W‖ per "
+            f"{quantize} residual, which differs from it by {sum(errors.values()) / len(errors):.4f} of ‖W‖ per "
             f"layer on average (max {errors[worst]:.4f} at {worst!r})")
 
 
@@ -129,7 +130,7 @@ def _write_portable(peft_model: nn.Module, directory: str | os.PathLike, resume:
                     state_dict: Mapping[str, torch.Tensor] | None) -> Path:
     meta = checkpoint_meta(peft_model)
     current, extras = _current_state(peft_model, meta["targets"], state_dict)
-    gap = quantization_gap(peft_model.svdadapt)
+    gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)
     if gap is not None:
         print(gap)
     return write_checkpoint(directory, meta, peft_model.svdadapt.init_factors, current, resume=resume, extras=extras)

@@ -1,0 +1,429 @@
+"""Streaming init from a checkpoint: ``init_checkpoint`` decomposes a safetensors model one tensor at a time.
+
+``svdadapt init`` loads the whole model; ``init_checkpoint`` never does. It reads the checkpoint tensor by tensor
+(``shards.CheckpointReader``), hands each targeted weight to the engine (``engine.plan_layer``, the call ``wrap``
+makes, through ``sources.CheckpointSource``), rewrites it to W − s·B₀·A₀ (``methods.finish``) and writes the new
+base through a ``shards.ShardWriter``; every other tensor is copied through unchanged. The result is what
+``svdadapt init`` writes, tensor for tensor (same seed and thread count)::
+
+    DIR/base/                        the rewritten base: sharded safetensors + index, config.json, tokenizer ...
+    DIR/adapter/                     the initial rank-r adapter in PEFT format, for DIR/base
+    DIR/svdadapt.json                method, options, rank-r LoRA config, sha256 of the ORIGINAL weights, report
+    DIR/svdadapt_state.safetensors   the initial factors A₀, B₀ (and A, B = A₀, B₀)
+    DIR/report.json                  per-layer captured energy
+
+Which modules are targets is decided exactly as ``wrap`` decides it, on a skeleton of the model built on the meta
+device from config.json (no weight is materialized): ``targets.resolve_targets``.
+
+Memory follows the largest tensor, not the model: a few tensors of one layer (W as stored, W in fp32, the SVD's
+work, the new base) plus the output shard being filled (at most ``max_shard_bytes``); at the end the adapter's
+factors (r·(in + out) per layer), a few times over while they are written.
+
+Resuming. ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options, targets, a
+fingerprint of the checkpoint's tensor list) and ``layers/<module>.safetensors`` per finished layer (A₀ (r, in),
+B₀ (out, r), its report and the checksums of W and of the new base), written atomically before that layer's base
+enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run again with ``resume=True`` (the default)
+after an interruption: the completed shards are verified (size, sha256) and kept, the layers already decomposed are
+taken from their files (no SVD; W is read again only for a layer whose base was in the shard being filled, and must
+match its recorded sha256), and the rest is computed as before. The result is bit-identical to an uninterrupted run.
+``.svdadapt-stream`` is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checks
+from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
+from .engine import Job, plan_layer
+from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from .methods import MethodSpec, METHODS, finish, get_method
+from .record import weight_checksum
+from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter,
+                     copy_files)
+from .sources import CheckpointSource
+from .targets import saved_modules
+from .wrap import _job, _lora_config, _targets
+
+__all__ = ["init_checkpoint", "STREAM_DIR"]
+
+STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
+_FORMAT = "svdadapt.stream/1"
+_DAMPING, _CALIBRATE_ON = 0.01, "reference"  # wrap's defaults: recorded in the options as wrap records them
+
+
+# ------------------------------------------------------------------------------------------------------ journal
+
+
+@dataclass
+class LayerResult:
+    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
+    (``record.weight_checksum``) of the original weight and of the new base, both as stored."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    report: dict[str, Any]
+    base_checksum: str
+    residual_checksum: str
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Journal:
+    """``out_dir/.svdadapt-stream``: the job's description and one safetensors file per finished layer."""
+
+    def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
+        self.dir = out / STREAM_DIR
+        self.layers = self.dir / "layers"
+        self.resumed = self._open(out, json.loads(json.dumps(key)), resume)
+
+    def _open(self, out: Path, key: dict[str, Any], resume: bool) -> bool:
+        job = self.dir / "job.json"
+        if job.is_file():
+            if not resume:
+                raise FileExistsError(f"{out} holds an unfinished init_checkpoint run ({job}); pass resume=True to "
+                                      "continue it, or delete the directory")
+            saved = json.loads(job.read_text())
+            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+            if differ:
+                raise ValueError(f"{out} holds an unfinished init_checkpoint run of another job ({', '.join(differ)} "
+                                 "differ); pass the same checkpoint and options, or use another out_dir")
+            return True
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (nor an unfinished "
+                                  "init_checkpoint run to resume)")
+        self.layers.mkdir(parents=True)
+        tmp = self.dir / ".job.json.tmp"
+        tmp.write_text(json.dumps(key, indent=2))
+        os.replace(tmp, job)
+        return False
+
+    def _file(self, name: str) -> Path:
+        return self.layers / f"{name}.safetensors"
+
+    def put(self, name: str, r: LayerResult) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"report": json.dumps(r.report), "base_checksum": r.base_checksum,
+                "residual_checksum": r.residual_checksum}
+        tmp = self.layers / f".{name}.tmp"
+        save_file({"A": r.A.contiguous(), "B": r.B.contiguous()}, str(tmp), metadata=meta)
+        _fsync(tmp)
+        os.replace(tmp, self._file(name))
+
+    def get(self, name: str) -> LayerResult | None:
+        from safetensors import safe_open
+
+        f = self._file(name)
+        if not f.is_file():
+            return None
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+            A, B = h.get_tensor("A").clone(), h.get_tensor("B").clone()
+        report = json.loads(meta["report"])
+        if "shape" in report:
+            report["shape"] = tuple(report["shape"])  # as plan_layer gives it
+        return LayerResult(A, B, report, meta["base_checksum"], meta["residual_checksum"])
+
+    def require(self, name: str) -> LayerResult:
+        r = self.get(name)
+        if r is None:
+            raise RuntimeError(f"the resume journal {self.layers} has no factors for module {name!r}, whose base is "
+                               "already written: delete the output directory and start again")
+        return r
+
+    @property
+    def base_complete(self) -> bool:
+        return (self.dir / "base.complete").is_file()
+
+    def mark_base_complete(self) -> None:
+        (self.dir / "base.complete").write_text("")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir)
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"no such checkpoint directory: {str(p)!r}")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {str(p)!r}: init_checkpoint needs a Hugging "
+                                "Face model directory (config.json + safetensors weights)")
+    return p
+
+
+def _data_free(method: str) -> MethodSpec:
+    spec = get_method(method)
+    if spec.needs_calibration or spec.needs_reference:
+        free = ", ".join(n for n, s in METHODS.items() if not (s.needs_calibration or s.needs_reference))
+        raise ValueError(f"init_checkpoint streams the data-free methods ({free}); method {method!r} needs "
+                         f"{'calibration data' if spec.needs_calibration else 'a reference model'}, which takes "
+                         "block-by-block calibration, a separate path: use svdadapt.wrap on the loaded model")
+    return spec
+
+
+def _skeleton(src: Path) -> nn.Module:
+    """The model of ``src``'s config.json on the meta device: module names and types, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(src))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"cannot build a causal LM from {src / 'config.json'}: {e}") from e
+
+
+def _check_untied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
+    """A target whose weight is the same Parameter as another module's (tied embeddings) cannot be rewritten."""
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(n)
+    for n, m in targets.items():
+        others = [o for o in owners.get(id(m.weight), []) if o != n]
+        if others:
+            raise ValueError(f"module {n!r} shares its weight with {others[0]!r} (tied weights): rewriting it would "
+                             f"change {others[0]!r} too; untie the weights or leave {n!r} out of target_modules")
+
+
+def _check_rank(rank: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+    tightest = min(shapes, key=lambda n: min(shapes[n]))
+    if rank > min(shapes[tightest]):
+        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(shapes[tightest])} of module {tightest!r} with "
+                         f"weight {shapes[tightest]}")
+
+
+@dataclass
+class _Checkpoint:
+    """The input of a run: the checkpoint directory, its meta-device skeleton, the targets and their reader."""
+
+    src: Path
+    model: nn.Module
+    task_type: str | None
+    targets: dict[str, nn.Module]
+    reader: CheckpointReader
+    source: CheckpointSource
+
+
+def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any, exclude_modules: Any) -> _Checkpoint:
+    """Targets resolved as ``wrap`` resolves them, and checked against the checkpoint before anything is read."""
+    model = _skeleton(src)
+    task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None  # as wrap picks it
+    targets = _targets(model, target_modules, exclude_modules, saved_modules(task_type, None))
+    if spec.rewrites_base:
+        _check_untied(model, targets)
+    reader = CheckpointReader(src)
+    source = CheckpointSource(reader, targets)
+    _check_rank(rank, source.shapes)
+    return _Checkpoint(src, model, task_type, targets, reader, source)
+
+
+def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int
+             ) -> dict[str, Any]:
+    """What decides the output: a resumed run must have the same."""
+    h, reader = hashlib.sha256(), ck.reader
+    for n in reader.names:
+        h.update(f"{n}:{tuple(reader.shape(n))}:{reader.nbytes(n)};".encode())
+    return {"format": _FORMAT, "tensors": h.hexdigest(), "method": job.spec.name, "rank": job.rank, "alpha": alpha,
+            "use_rslora": use_rslora, "svd": job.svd.svd, "niter": job.svd.niter, "oversample": job.svd.oversample,
+            "seed": job.seed, "targets": sorted(ck.source.keys), "max_shard_bytes": max_shard_bytes}
+
+
+# ------------------------------------------------------------------------------------------------------ the base
+
+
+def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str) -> torch.Tensor:
+    """The new base of one target as stored, its factors planned (or taken from the journal) and journaled."""
+    layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
+    if not torch.isfinite(layer.W).all():
+        raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
+                         f"{layer.W.numel()} entries) in {source.reader.file_of(source.keys[name])}; svdadapt "
+                         "cannot decompose it")
+    checksum = weight_checksum(stored)
+    saved = journal.get(name)
+    if saved is not None and saved.base_checksum != checksum:
+        raise ValueError(f"the weight of {name!r} in {source.reader.path} changed since the interrupted run: delete "
+                         f"{journal.dir.parent} and start again")
+    if saved is None:
+        plan = plan_layer(job, layer)
+        A, B, report = plan.A, plan.B, plan.report
+    else:
+        A, B, report = saved.A, saved.B, saved.report
+    if job.spec.rewrites_base:  # (out, in) from the rounded factors, cast once to the stored dtype
+        base = source.as_stored(name, finish(layer.W, A, B, job.scaling, stored.dtype))
+    else:
+        base = stored
+    del layer, stored
+    residual = weight_checksum(base)
+    if saved is None or saved.residual_checksum != residual:
+        journal.put(name, LayerResult(A, B, report, checksum, residual))
+    return base
+
+
+def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: _Journal) -> bool:
+    """A resumed run killed after the ShardWriter closed but before it was recorded: a complete checkpoint with
+    every tensor, and the factors of every target."""
+    if not journal.resumed or (base_dir / JOURNAL_FILE).exists():
+        return False
+    if not ((base_dir / SINGLE_FILE).is_file() or (base_dir / INDEX_FILE).is_file()):
+        return False
+    with CheckpointReader(base_dir) as written:  # opens and checks every shard's header
+        complete = set(written.names) == set(reader.names)
+    return complete and all(journal.get(n) is not None for n in source.names)
+
+
+def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, base_dir: Path, journal: _Journal,
+                max_shard_bytes: int, progress: bool) -> None:
+    """Every tensor of the checkpoint, in its order, into ``base_dir``: targets rewritten, the rest copied."""
+    if journal.base_complete or _finished_base(base_dir, reader, source, journal):
+        journal.mark_base_complete()
+        return
+    bar = tqdm(total=len(source), desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
+    with bar, ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed) as writer:
+        for key in reader.names:
+            name = source.module_of(key)
+            if key in writer.done:  # in a verified shard of the interrupted run
+                if name is not None:
+                    journal.require(name)
+                    bar.update()
+                continue
+            if name is None:
+                writer.add(key, reader.get(key))
+                continue
+            writer.add(key, _layer_base(job, source, journal, name))
+            bar.update()
+    journal.mark_base_complete()
+
+
+# ------------------------------------------------------------------------------------------------------ the rest
+
+
+def _write_adapter(adapter_dir: Path, model: nn.Module, config: Any, results: Mapping[str, LayerResult],
+                   base_dir: Path) -> None:
+    """The rank-r adapter for ``base_dir`` as ``PeftModel.save_pretrained`` writes it (config + safetensors)."""
+    from safetensors.torch import save_file
+
+    cfg = copy.deepcopy(config)
+    cfg.base_model_name_or_path = str(base_dir.resolve())
+    cfg.inference_mode = True
+    auto = None if cfg.task_type is not None else {"base_model_class": type(model).__name__,
+                                                   "parent_library": type(model).__module__}
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(adapter_dir), auto_mapping_dict=auto)
+    weights = {adapter_key(n, w): t.contiguous() for n, r in results.items() for w, t in (("A", r.A), ("B", r.B))}
+    save_file(weights, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options: dict[str, Any], config: Any,
+                   results: Mapping[str, LayerResult], src: Path) -> None:
+    """svdadapt.json + svdadapt_state.safetensors (``checkpoint.write_checkpoint``) and report.json, with the
+    fields ``export.checkpoint_meta`` and the CLI's init write."""
+    report = {n: r.report for n, r in results.items()}
+    meta: dict[str, Any] = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options,
+                            "targets": list(results), "rewrites_base": spec.rewrites_base,
+                            "lora_config": config_dict(config),
+                            "base_checksums": {n: r.base_checksum for n, r in results.items()}, "report": report,
+                            "quantize": None}
+    if spec.rewrites_base:
+        meta["residual_checksums"] = {n: r.residual_checksum for n, r in results.items()}
+    meta["source"] = {"model": os.path.abspath(src), "reference": None}
+    init = {n: (r.A, r.B) for n, r in results.items()}
+    write_checkpoint(out, meta, init, init, resume=True, portable=False)
+    summary = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options, "quantize": None,
+               "model": meta["source"]["model"], "layers": report}
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=list))
+
+
+def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslora: bool, options: dict[str, Any],
+                   journal: _Journal) -> None:
+    """Everything but the base's tensors: its other files, the adapter, svdadapt.json, the state, report.json."""
+    copy_files(ck.reader.files, out / "base")
+    results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
+    config = _lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
+    config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
+    _write_adapter(out / "adapter", ck.model, config, results, out / "base")
+    _write_records(out, job.spec, job, alpha, options, config, results, ck.src)
+
+
+@torch.no_grad()
+def init_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    method: str,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: str | Iterable[str] = "all-linear",
+    exclude_modules: str | Iterable[str] | None = None,
+    use_rslora: bool = False,
+    svd: str = "auto",
+    niter: int | None = DEFAULT_NITER,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+    resume: bool = True,
+) -> Path:
+    """Initialize an adapter from a safetensors checkpoint without loading the model; returns ``out_dir``.
+
+    Writes what ``svdadapt init`` writes (``out_dir``/base, /adapter, svdadapt.json, svdadapt_state.safetensors,
+    report.json: see the module docstring), the same tensors bit for bit with the same seed and thread count.
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"base"), out_dir/"adapter")`` is the
+    wrapped model, and ``svdadapt.load(original_model, out_dir)`` rebuilds it from the original.
+
+    Args:
+        checkpoint_dir: a Hugging Face causal-LM directory: config.json and ``model.safetensors`` or
+            ``model.safetensors.index.json`` with its shards (other files, e.g. the tokenizer's, are copied).
+        out_dir: a new or empty directory (or the one of an interrupted run, with ``resume``).
+        method: a data-free method, ``"pissa"`` or ``"milora"`` (CorDA / EoRA need calibration: ``ValueError``).
+        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed: as in
+            :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
+            on the loaded one (``"all-linear"`` leaves out the output head).
+        max_shard_bytes: the largest output shard (tensor bytes; default 1 GiB), also what the writer holds.
+        progress: a progress bar over the targeted layers.
+        resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
+            with False an unfinished run there is an error.
+
+    Raises ``FileNotFoundError`` naming the path for a missing directory, config.json or weights file,
+    ``FileExistsError`` for an ``out_dir`` that holds something else, ``ValueError`` for bad options, a rank above
+    a target's min(out, in), a target missing from the checkpoint or of the wrong shape, tied target weights.
+    """
+    src, spec = _checkpoint_dir(checkpoint_dir), _data_free(method)
+    checks.check_flag("progress", progress)
+    checks.check_flag("resume", resume)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, None, _DAMPING, _CALIBRATE_ON)
+    ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
+    out = Path(out_dir)
+    journal = _Journal(out, _job_key(job, alpha, use_rslora, ck, max_shard_bytes), resume)
+    _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
+    ck.reader.close()
+    options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=_DAMPING,
+                   use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
+    _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal)
+    journal.remove()
+    return out

@@ -1,0 +1,355 @@
+"""svdadapt.init_checkpoint: streaming init from a safetensors checkpoint, tensor by tensor.
+
+The key property: what it writes is what the in-memory ``svdadapt init`` writes, bit for bit (the rewritten base,
+the adapter, the resume state, svdadapt.json, report.json), and plain transformers + PEFT load it into a model whose
+outputs equal the original's. An interrupted run resumes to the same bytes without recomputing finished layers, and
+peak memory follows the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import svdadapt
+import svdadapt.stream as stream
+from svdadapt.cli import main as cli_main
+from svdadapt.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
+
+from helpers import make_tiny_llama, out, token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svdadapt.json", "report.json"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Bit-identity with the in-memory path holds at equal thread counts; one thread is also the fastest here."""
+
+
+@pytest.fixture
+def tmp():
+    """A scratch directory under /tmp, deleted afterwards."""
+    with tempfile.TemporaryDirectory(prefix="svdadapt-stream-") as d:
+        yield Path(d)
+
+
+def _checkpoint(d: Path, model: torch.nn.Module, shard: str = "100KB") -> Path:
+    model.save_pretrained(d, max_shard_size=shard)
+    (d / "tokenizer_config.json").write_text('{"model_max_length": 64}')  # any non-weight file is copied
+    return d
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _assert_same_base(a: Path, b: Path) -> None:
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    assert sorted(ra.names) == sorted(rb.names)
+    for n in ra.names:
+        x, y = ra.get(n), rb.get(n)
+        assert x.dtype == y.dtype and x.shape == y.shape, n
+        assert torch.equal(_bits(x), _bits(y)), f"{n} differs"
+
+
+def _assert_same_output(a: Path, b: Path) -> None:
+    """Everything ``svdadapt init`` writes, compared: tensors bit for bit, JSON records byte for byte."""
+    _assert_same_base(a / "base", b / "base")
+    for f in FILES:
+        if f.endswith(".safetensors"):
+            ta, tb = _tensors(a / f), _tensors(b / f)
+            assert ta.keys() == tb.keys()
+            assert all(torch.equal(_bits(ta[k]), _bits(tb[k])) for k in ta), f
+        else:
+            assert (a / f).read_text() == (b / f).read_text(), f
+    ca, cb = (json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (a, b))
+    assert ca.pop("base_model_name_or_path") == str((a / "base").resolve())
+    assert cb.pop("base_model_name_or_path") == str((b / "base").resolve())
+    assert set(ca.pop("target_modules")) == set(cb.pop("target_modules"))  # PEFT writes a set: any order
+    assert ca == cb
+
+
+def _cli_init(ck: Path, out_dir: Path, method: str, rank: int, *extra: str) -> None:
+    assert cli_main(["init", str(ck), "--method", method, "--rank", str(rank), "--out", str(out_dir), "--no-progress",
+                     *extra]) == 0
+
+
+def _file_hashes(d: Path) -> dict[str, str]:
+    return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.rglob("*"))
+            if f.is_file()}
+
+
+# ------------------------------------------------------------------------------------------- equal to in-memory
+
+
+@pytest.mark.parametrize("method, dtype, targets, svd", [
+    ("pissa", torch.float32, None, "auto"),
+    ("milora", torch.float32, None, "auto"),
+    ("pissa", torch.bfloat16, None, "auto"),
+    ("pissa", torch.float32, ["q_proj", "v_proj", "down_proj"], "randomized"),
+])
+def test_same_as_in_memory_init(tmp, method, dtype, targets, svd):
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(0, dtype))
+    assert (ck / INDEX_FILE).is_file() and len(list(ck.glob("model-*.safetensors"))) >= 2
+    res = svdadapt.init_checkpoint(ck, tmp / "s", method=method, rank=4, target_modules=targets or "all-linear",
+                                   svd=svd, max_shard_bytes=40_000, progress=False)
+    assert res == tmp / "s"
+    _cli_init(ck, tmp / "m", method, 4, "--svd", svd, *(["--target-modules", *targets] if targets else []))
+    _assert_same_output(tmp / "s", tmp / "m")
+    base = tmp / "s" / "base"
+    assert (base / INDEX_FILE).is_file() and len(list(base.glob("model-*-of-*.safetensors"))) > 2  # sharded
+    assert (base / "tokenizer_config.json").read_text() == (ck / "tokenizer_config.json").read_text()
+    assert not (tmp / "s" / stream.STREAM_DIR).exists() and not (base / JOURNAL_FILE).exists()
+    meta = json.loads((tmp / "s" / "svdadapt.json").read_text())
+    assert len(meta["targets"]) == (14 if targets is None else 6)
+    untouched = "model.embed_tokens.weight"  # copied through
+    assert torch.equal(CheckpointReader(base).get(untouched), CheckpointReader(ck).get(untouched))
+
+
+def test_conv1d_checkpoint_same_as_in_memory(tmp):
+    """GPT-2 stores its Conv1D weights (in, out): read transposed, written back in that layout."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).eval()
+    ck = _checkpoint(tmp / "ck", model, shard="20KB")
+    svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=3, max_shard_bytes=20_000, progress=False)
+    _cli_init(ck, tmp / "m", "pissa", 3)
+    _assert_same_output(tmp / "s", tmp / "m")
+    assert json.loads((tmp / "s" / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+@pytest.mark.filterwarnings("ignore:The PEFT config's `base_model_name_or_path` was renamed")  # a fresh model: no path
+def test_loads_with_transformers_peft_and_svdadapt(tmp):
+    from peft import PeftModel
+
+    original = make_tiny_llama(0)
+    ck = _checkpoint(tmp / "ck", original)
+    svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=4, alpha=8, max_shard_bytes=30_000, progress=True)
+    x = token_ids(2, 16, seed=3)
+    want = out(original, x)
+    base = AutoModelForCausalLM.from_pretrained(tmp / "s" / "base")
+    wrapped = PeftModel.from_pretrained(base, tmp / "s" / "adapter").eval()
+    torch.testing.assert_close(out(wrapped, x), want, rtol=1e-5, atol=1e-5)  # exact at init, up to fp32 rounding
+    with wrapped.disable_adapter():  # the base alone is the residual W − s·B₀·A₀, far from W
+        assert (out(wrapped, x) - want).abs().max() > 1e-3
+
+    loaded = svdadapt.load(make_tiny_llama(0), tmp / "s")  # verifies W's checksums, rebuilds the residual
+    torch.testing.assert_close(out(loaded, x), want, rtol=1e-5, atol=1e-5)
+    rebuilt = dict(loaded.get_base_model().named_parameters())
+    reader = CheckpointReader(tmp / "s" / "base")
+    for name in json.loads((tmp / "s" / "svdadapt.json").read_text())["targets"]:
+        key = name + ".base_layer.weight"
+        assert torch.equal(rebuilt[key], reader.get(name + ".weight")), name  # the same residual, bit for bit
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _counting_plan_layer(monkeypatch, crash_after: int | None = None) -> list[str]:
+    """Patch the engine call stream.py makes: record each layer planned, raise after ``crash_after`` of them."""
+    calls: list[str] = []
+    real = stream.plan_layer
+
+    def plan(job, layer, *a, **kw):
+        if crash_after is not None and len(calls) == crash_after:
+            raise _Crash(f"simulated interruption before {layer.name}")
+        calls.append(layer.name)
+        return real(job, layer, *a, **kw)
+
+    monkeypatch.setattr(stream, "plan_layer", plan)
+    return calls
+
+
+def _run(ck: Path, out_dir: Path, **kw) -> Path:
+    return svdadapt.init_checkpoint(ck, out_dir, method="pissa", rank=4, max_shard_bytes=40_000, progress=False, **kw)
+
+
+def test_resume_after_interruption_keeps_shards_and_factors(tmp, monkeypatch):
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(1))
+    _run(ck, tmp / "whole")
+    calls = _counting_plan_layer(monkeypatch, crash_after=9)
+    with pytest.raises(_Crash):
+        _run(ck, tmp / "s")
+    journal = tmp / "s" / stream.STREAM_DIR
+    progress = json.loads((tmp / "s" / "base" / JOURNAL_FILE).read_text())
+    assert progress["shards"], "some shards were completed before the interruption"
+    kept = {s["file"]: s["sha256"] for s in progress["shards"]}
+    assert sorted(f.stem for f in (journal / "layers").glob("*.safetensors")) == sorted(calls)
+
+    monkeypatch.undo()
+    calls = _counting_plan_layer(monkeypatch)
+    _run(ck, tmp / "s")
+    assert len(calls) == 14 - 9 and not set(calls) & set(f.stem for f in (journal / "layers").glob("*"))
+    assert not journal.exists()
+    _assert_same_output(tmp / "s", tmp / "whole")
+    hashes, whole = _file_hashes(tmp / "s"), _file_hashes(tmp / "whole")
+    assert {k: v for k, v in hashes.items() if "adapter_config" not in k} == \
+           {k: v for k, v in whole.items() if "adapter_config" not in k}  # byte-identical files
+    assert len(kept) >= 2 and set(kept.values()) <= set(hashes.values())  # the kept shards are those files
+
+
+@pytest.mark.parametrize("where", ["after_base", "in_records"])
+def test_resume_after_the_base_is_written(tmp, monkeypatch, where):
+    """Killed after the last shard (before or after the run recorded it): nothing is decomposed again."""
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(2))
+    _run(ck, tmp / "whole")
+    target = (stream._Journal, "mark_base_complete") if where == "after_base" else (stream, "write_checkpoint")
+
+    def boom(*a, **kw):
+        raise _Crash(where)
+
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(_Crash):
+        _run(ck, tmp / "s")
+    monkeypatch.undo()
+    calls = _counting_plan_layer(monkeypatch)
+    _run(ck, tmp / "s")
+    assert calls == []
+    _assert_same_output(tmp / "s", tmp / "whole")
+
+
+def test_resume_refusals(tmp, monkeypatch):
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(3))
+    _counting_plan_layer(monkeypatch, crash_after=3)
+    with pytest.raises(_Crash):
+        _run(ck, tmp / "s")
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="unfinished init_checkpoint run.*resume=True"):
+        _run(ck, tmp / "s", resume=False)
+    with pytest.raises(ValueError, match=r"another job \(rank differ\)"):
+        svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=5, max_shard_bytes=40_000, progress=False)
+    _run(ck, tmp / "s")
+    with pytest.raises(FileExistsError, match="not an empty directory"):  # complete: nothing to resume
+        _run(ck, tmp / "s")
+    (tmp / "other").mkdir()
+    (tmp / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other"):
+        _run(ck, tmp / "other")
+    assert (tmp / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_detects_a_changed_weight(tmp, monkeypatch):
+    """A layer's factors are reused only for the weight they were computed from (its sha256 is journaled)."""
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(4), shard="10MB")  # one file: rewrite it with one weight changed
+    calls = _counting_plan_layer(monkeypatch, crash_after=2)
+    with pytest.raises(_Crash):
+        svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=4, max_shard_bytes=1 << 30, progress=False)
+    monkeypatch.undo()
+    from safetensors.torch import save_file
+
+    sd = _tensors(ck / "model.safetensors")
+    sd[calls[0] + ".weight"] = sd[calls[0] + ".weight"] * 2
+    save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"weight of '{calls[0]}'.*changed"):
+        svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=4, max_shard_bytes=1 << 30, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_path_or_module(tmp):
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(5))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory.*nowhere"):
+        svdadapt.init_checkpoint(tmp / "nowhere", tmp / "o", method="pissa", rank=4)
+    (tmp / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json in checkpoint directory.*bare"):
+        svdadapt.init_checkpoint(tmp / "bare", tmp / "o", method="pissa", rank=4)
+    for method, needs in [("corda", "calibration data"), ("eora", "calibration data")]:
+        with pytest.raises(ValueError, match=f"method '{method}' needs {needs}.*block-by-block calibration"):
+            svdadapt.init_checkpoint(ck, tmp / "o", method=method, rank=4)
+    with pytest.raises(ValueError, match="unknown method 'lora'"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="lora", rank=4)
+    with pytest.raises(ValueError, match=r"rank=33 exceeds min\(out, in\) = 32 of module '.*k_proj' with weight \(32, 64\)"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=33)
+    with pytest.raises(ValueError, match="svd='randomized' cannot find the smallest"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="milora", rank=4, svd="randomized")
+    assert not (tmp / "o").exists()  # every check runs before anything is written
+
+
+def test_missing_target_and_tied_weights(tmp):
+    from safetensors.torch import save_file
+
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(6), shard="10MB")
+    sd = _tensors(ck / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj' has no weight .* in checkpoint .*ck"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=4)
+    # only the other targets: fine
+    svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=4, exclude_modules=["up_proj"], progress=False)
+
+    tied = _checkpoint(tmp / "tied", make_tiny_llama(7, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+        svdadapt.init_checkpoint(tied, tmp / "t", method="pissa", rank=4, target_modules=["lm_head", "q_proj"])
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+_MEASURE = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    import peft, svdadapt, svdadapt.stream as stream
+
+    def status(key):  # kB; VmHWM is this process image's peak (ru_maxrss would carry the parent's across exec)
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+    stream._skeleton(Path(sys.argv[1]))  # transformers' model code imported: part of the interpreter's baseline
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak to the current RSS
+    except OSError:
+        pass
+    base = status("VmRSS")
+    t = time.perf_counter()
+    svdadapt.init_checkpoint(sys.argv[1], sys.argv[2], method="pissa", rank=16, max_shard_bytes=int(sys.argv[3]),
+                             progress=False)
+    print(json.dumps({"growth": (status("VmHWM") - base) * 1024, "seconds": time.perf_counter() - t}))
+""")
+
+
+def test_peak_memory_follows_the_largest_tensor(tmp):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _synthetic
+
+    cfg = dict(hidden=1024, intermediate=2048, layers=7, vocab=2048, heads=16, kv_heads=16)  # 310 MB in fp32
+    total = _synthetic.llama_nbytes(cfg)
+    largest = max(4 * math.prod(shape) for _, shape in _synthetic.llama_tensor_specs(**cfg))  # fp32 bytes
+    assert total > 300e6 and largest <= 8 << 20
+    t = time.perf_counter()
+    _synthetic.write_random_llama(tmp / "ck", **cfg, max_shard_bytes=100 << 20)
+    print(f"\nwrote the synthetic checkpoint in {time.perf_counter() - t:.1f} s")
+    shard = 32 << 20
+    run = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp / "ck"), str(tmp / "s"), str(shard)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"\npeak RSS growth {got['growth'] / 2**20:.0f} MiB for a {total / 1e6:.0f} MB checkpoint, largest tensor "
+          f"{largest / 2**20:.0f} MiB, shards of {shard >> 20} MiB; {got['seconds']:.1f} s")
+    assert got["growth"] < 10 * largest + shard
+    assert got["growth"] < total / 3  # the in-memory path needs the whole model
+    assert len(list((tmp / "s" / "base").glob("model-*-of-*.safetensors"))) >= 9

@@ -55,7 +55,7 @@ def replace_with_quantized(model: nn.Module, bases: dict[str, torch.Tensor | Non
             raise TypeError(f"module {name!r} is already quantized ({type(old).__name__})")
         W = read_weight(name, old) if base is None else base
         new = bnb.quantize_linear(W, None if old.bias is None else old.bias.detach(), scheme)
-        _set_child(model, name, new.to(old.weight.device))
+        _set_child(model, name, new.to(old.weight.device).train(old.training))
 
 
 def mark_quantized(model: nn.Module, scheme: str, quantized: set[str]) -> None:

@@ -82,3 +82,27 @@ def test_split_balances_cost_not_count() -> None:
     costs = {n: layer_cost(s, job) for n, s in shapes.items()}
     assert split_by_cost(costs, 2) == [["big"], ["a", "b", "c", "d"]]
     assert split_by_cost(costs, 1) == [list(shapes)]
+
+
+def _stream_worker(rank: int, size: int, port: int, src: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        svdadapt.init_checkpoint(src, out, method="pissa", rank=RANK, max_shard_bytes=1 << 20, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(tmp_path, one_thread) -> None:
+    src = tmp_path / "model"
+    make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
+    mp.spawn(_stream_worker, args=(2, _free_port(), str(src), str(tmp_path / "two")), nprocs=2, join=True)
+    svdadapt.init_checkpoint(src, tmp_path / "one", method="pissa", rank=RANK, max_shard_bytes=1 << 20,
+                             progress=False)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for f in files:
+        if f.name == "adapter_config.json":  # names its own base directory
+            continue
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f

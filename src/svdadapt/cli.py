@@ -142,6 +142,12 @@ def _init_parser(sub: Any) -> None:
                    help="auto (a block-Krylov sketch for the top-r of large matrices, else exact), full (exact "
                         "LAPACK) or randomized; default auto")
     q.add_argument("--seed", type=int, default=0, help="seeds the randomized sketches (default 0)")
+    q.add_argument("--device", default=None, metavar="DEVICE",
+                   help="run the decompositions there (e.g. cuda; default: where the model loads, the CPU); the "
+                        "sketches stay seeded on the CPU, so a seed gives the same adapter on any device")
+    q.add_argument("--in-memory", action="store_true",
+                   help="load the whole model even where it could be streamed (pissa/milora from a safetensors "
+                        "directory are streamed tensor by tensor by default: the same output, memory of one layer)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     _calib_options(q)
 
@@ -299,13 +305,49 @@ def report_legend(method: str, layers: dict[str, dict[str, Any]]) -> list[str]:
 def _cmd_init(args: argparse.Namespace) -> int:
     """Check the command line, load the inputs, wrap, write DIR, print the report."""
     _check_init_args(args)
+    if _streamable(args):
+        return _cmd_init_streaming(args)
     covs_path, texts = _calib_files(args.calib or [])
     out = _fresh_dir(args.out)
     model, tokenizer, reference = _load_init_inputs(args, bool(texts), out)
     calibration = _text_calibration(tokenizer, texts, args) if texts else covs_path
     pm = _wrap_model(args, model, calibration, reference)
-    _write_init_dir(pm, args, out, tokenizer)
-    _print_init_summary(pm, args, out)
+    if _rank() == 0:  # under torchrun every rank holds the same model: one writes it
+        _write_init_dir(pm, args, out, tokenizer)
+        _print_init_summary(pm, args, out)
+    return 0
+
+
+def _rank() -> int:
+    from .distributed import world
+
+    return world()[0]
+
+
+def _streamable(args: argparse.Namespace) -> bool:
+    """pissa/milora on a safetensors model directory, nothing that needs the whole model: streamed."""
+    from .methods import METHODS
+
+    spec, p = METHODS[args.method], Path(args.model)
+    return (not args.in_memory and not spec.needs_calibration and not spec.needs_reference and args.quantize is None
+            and args.device is None and p.is_dir()
+            and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()))
+
+
+def _cmd_init_streaming(args: argparse.Namespace) -> int:
+    """``init`` through :func:`svdadapt.init_checkpoint`: tensor by tensor, resumable, split over torchrun ranks."""
+    from .stream import STREAM_DIR, init_checkpoint
+
+    out = Path(args.out)
+    if not (out / STREAM_DIR).is_dir():  # an unfinished streaming run there is resumed, not refused
+        _fresh_dir(args.out)
+    _say(f"streaming {args.model} tensor by tensor")
+    init_checkpoint(args.model, out, method=args.method, rank=args.rank, alpha=args.alpha,
+                    target_modules=_targets(args.target_modules), use_rslora=args.rslora, svd=args.svd,
+                    seed=args.seed, progress=not args.no_progress, resume=True)
+    if _rank() == 0:
+        info = json.loads((out / "report.json").read_text())
+        _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)
     return 0
 
 
@@ -359,6 +401,10 @@ def _load_init_inputs(args: argparse.Namespace, needs_tokenizer: bool, out: Path
     if args.reference is not None:
         _say(f"loading reference {args.reference}")
         reference = loading.load_model(args.reference)
+    if args.device is not None:
+        model.to(args.device)
+        if reference is not None:
+            reference.to(args.device)
     return model, tokenizer, reference
 
 
@@ -419,15 +465,20 @@ def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any
 
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
     info = pm.svdadapt
-    print(format_report(args.method, info.report))
-    for line in report_legend(args.method, info.report):
+    _print_summary(args, out, info.report, info.alpha, info.options["mode"], info.quantize)
+
+
+def _print_summary(args: argparse.Namespace, out: Path, report: dict, alpha: float, mode: str | None,
+                   quantize: str | None) -> None:
+    print(format_report(args.method, report))
+    for line in report_legend(args.method, report):
         print(line)
     print()
-    quantized = f" ({info.quantize}-quantized)" if info.quantize else ""
+    quantized = f" ({quantize}-quantized)" if quantize else ""
     print(_kv("svdadapt init", [
-        ("method", args.method + (f" ({info.options['mode']})" if info.options["mode"] else "")),
-        ("rank / alpha", f"{args.rank} / {info.alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
-        ("layers", str(len(info.targets))),
+        ("method", args.method + (f" ({mode})" if mode else "")),
+        ("rank / alpha", f"{args.rank} / {alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
+        ("layers", str(len(report))),
         ("base", str(out / "base") + quantized),
         ("adapter", str(out / "adapter")),
         ("report", str(out / "report.json")),
@@ -633,11 +684,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
 _COMMANDS = {"init": _cmd_init, "calibrate": _cmd_calibrate, "export": _cmd_export, "report": _cmd_report}
 
 
+def _join_process_group() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) join the process group: NCCL with GPUs, else gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``svdadapt`` command line; returns the exit status (0 ok, 2 bad command line, 1 failed run)."""
     debug = os.environ.get("SVDADAPT_DEBUG", "") not in ("", "0")
     try:
         args = _parser().parse_args(argv)
+        _join_process_group()
         return _COMMANDS[args.command](args)
     except SystemExit as e:  # --help
         return int(e.code or 0)

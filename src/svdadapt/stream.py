@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
+from .distributed import my_share, world
 from .engine import Job, plan_layer
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, METHODS, finish, get_method
@@ -369,6 +370,40 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslor
 
 
 @torch.no_grad()
+def _barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _open_journal(out: Path, key: dict[str, Any], resume: bool) -> _Journal:
+    """The journal; under ``torch.distributed`` rank 0 creates it and the other ranks join it."""
+    rank, size = world()
+    if size == 1:
+        return _Journal(out, key, resume)
+    journal = _Journal(out, key, resume) if rank == 0 else None
+    _barrier()
+    return journal if journal is not None else _Journal(out, key, resume=True)
+
+
+def _plan_my_share(job: Job, ck: _Checkpoint, journal: _Journal, progress: bool) -> bool:
+    """Under ``torch.distributed``: each rank decomposes its share of the targets (balanced by cost) into the journal,
+    which every rank sees (``out_dir`` on a shared filesystem); then rank 0 alone writes the outputs, reading the
+    factors from the journal. Returns whether this process writes. One process: nothing to do, True."""
+    rank, size = world()
+    if size == 1:
+        return True
+    shapes = {n: ck.source.shapes[n] for n in ck.source.names}
+    for name in tqdm(my_share(shapes, job), desc=f"svdadapt {job.spec.name} (rank {rank})", unit="layer",
+                     disable=not progress):
+        if journal.get(name) is None:
+            _layer_base(job, ck.source, journal, name)
+    _barrier()
+    if rank != 0:
+        _barrier()  # wait for rank 0's outputs
+        return False
+    return True
+
+
 def init_checkpoint(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -419,11 +454,14 @@ def init_checkpoint(
     job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, None, _DAMPING, _CALIBRATE_ON)
     ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
     out = Path(out_dir)
-    journal = _Journal(out, _job_key(job, alpha, use_rslora, ck, max_shard_bytes), resume)
+    journal = _open_journal(out, _job_key(job, alpha, use_rslora, ck, max_shard_bytes), resume)
+    if not _plan_my_share(job, ck, journal, progress):
+        return out  # another rank writes the outputs
     _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
     ck.reader.close()
     options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=_DAMPING,
                    use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
     _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal)
     journal.remove()
+    _barrier()
     return out

@@ -36,12 +36,7 @@ TOL_INT8 = 2e-2
 TOL_FP32 = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: many small BLAS calls
 
 
 def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -21,12 +21,7 @@ from helpers import raises_exactly, rel, token_ids
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: many small BLAS calls
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

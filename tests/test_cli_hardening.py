@@ -29,12 +29,7 @@ from test_cli import RANK, VOCAB, calib_files, pissa_init, tiny_dir  # noqa: F40
 X = token_ids(2, 16, seed=7, vocab=VOCAB)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: many small BLAS calls
 
 
 def _run(argv: list, capsys) -> tuple[int, list[str], str]:

@@ -57,6 +57,7 @@ __all__ = [
     "CheckpointReader",
     "ShardWriter",
     "copy_files",
+    "fsync_file",
     "SINGLE_FILE",
     "INDEX_FILE",
     "JOURNAL_FILE",
@@ -318,7 +319,8 @@ def copy_files(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -516,7 +518,7 @@ class ShardWriter:
         work = f"model-{len(self._shards) + 1:05d}.safetensors"
         tmp = self.out_dir / f".{work}.tmp"
         save_file(self._pending, str(tmp), metadata=dict(_SHARD_METADATA))
-        _fsync_file(tmp)
+        fsync_file(tmp)
         size, sha = tmp.stat().st_size, _sha256(tmp)
         os.replace(tmp, self.out_dir / work)
         _fsync_dir(self.out_dir)

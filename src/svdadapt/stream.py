@@ -52,7 +52,7 @@ from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, METHODS, finish, get_method
 from .record import weight_checksum
 from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter,
-                     copy_files)
+                     copy_files, fsync_file)
 from .sources import CheckpointSource
 from .targets import saved_modules
 from .wrap import _job, _lora_config, _targets
@@ -77,14 +77,6 @@ class LayerResult:
     report: dict[str, Any]
     base_checksum: str
     residual_checksum: str
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Journal:
@@ -126,7 +118,7 @@ class _Journal:
                 "residual_checksum": r.residual_checksum}
         tmp = self.layers / f".{name}.tmp"
         save_file({"A": r.A.contiguous(), "B": r.B.contiguous()}, str(tmp), metadata=meta)
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, self._file(name))
 
     def get(self, name: str) -> LayerResult | None:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from . import checks
+from .blockwise import BlockwiseOptions, plan_blockwise
+from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances
 from .distributed import gather_plans, my_batches, my_share, reduce_covariances, world
 from .engine import Job, LayerPlan, apply, lora_scaling, plan_layer, plan_layers
@@ -94,13 +96,9 @@ def _check_packing(spec: MethodSpec, targets: dict[str, nn.Module], quant: Quant
                          f"run {spec.name} on the full-precision model with quantize=... (e.g. 'nf4') instead")
 
 
-def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibration: Any, reference: Any,
-                 quant: QuantOptions | None, progress: bool) -> dict[str, torch.Tensor] | None:
-    """The checked covariance of every target, collected on the model the method's options name (with
-    ``quantize=``, the model itself is the full-precision reference)."""
-    if not job.spec.needs_calibration:
-        return None
-    hook_model = model
+def _hook_model(job: Job, model: nn.Module, calibration: Any, reference: Any, quant: QuantOptions | None) -> nn.Module:
+    """The model the calibration batches run on, as the method's options name it (with ``quantize=``, the model
+    itself is the full-precision reference)."""
     on = getattr(job.options, "calibrate_on", None)
     given = isinstance(calibration, (Mapping, str))
     if on == "reference" and quant is None:
@@ -108,10 +106,20 @@ def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], cali
             raise ValueError("calibrate_on='reference' (the default) collects on the reference model: pass "
                              "reference= as an nn.Module (not a state dict), pass precomputed Covariances, or "
                              "set calibrate_on='compressed'")
-        hook_model = reference
+        return reference
     if on == "compressed" and quant is not None and not given:
         raise ValueError("calibrate_on='compressed' with quantize=: the model is quantized after calibration; use "
                          "calibrate_on='reference' (the default) or pass precomputed Covariances")
+    return model
+
+
+def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibration: Any, reference: Any,
+                 quant: QuantOptions | None, progress: bool) -> dict[str, torch.Tensor] | None:
+    """The checked covariance of every target, collected on the whole model (``_hook_model``)."""
+    if not job.spec.needs_calibration:
+        return None
+    hook_model = _hook_model(job, model, calibration, reference, quant)
+    given = isinstance(calibration, (Mapping, str))
     if not given and world()[1] > 1:  # each rank collects on its share of the batches; the sums are all-reduced
         covs = reduce_covariances(as_covariances(my_batches(calibration), hook_model, list(targets), progress=progress))
     else:
@@ -146,6 +154,24 @@ def _plan(job: Job, targets: dict[str, nn.Module], covariances: dict[str, torch.
     return gather_plans(plans, list(targets))
 
 
+def _plans(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibration: Any, reference: Any,
+           references: dict[str, torch.Tensor] | None, quant: QuantOptions | None, blockwise: Any,
+           progress: bool) -> dict[str, LayerPlan]:
+    """Every layer's plan; CorDA / EoRA covariances collected one decoder block at a time where
+    ``blockwise.resolve`` and the model allow (svdadapt/blockwise.py), else on the whole model."""
+    def whole_model(batches: Any) -> dict[str, LayerPlan]:
+        covariances = _covariances(job, model, targets, batches, reference, quant, progress)
+        return _plan(job, targets, covariances, references, quant, progress)
+
+    options = resolve_blockwise(blockwise, job.spec, calibration, quant is not None)
+    if options is None:
+        return whole_model(calibration)
+    return plan_blockwise(_hook_model(job, model, calibration, reference, quant), targets, calibration,
+                          partial(_plan, job, references=references, quant=quant, progress=False), options,
+                          model=model, scaling=job.scaling, strict=blockwise is not None, fallback=whole_model,
+                          progress=progress)
+
+
 @torch.no_grad()
 def wrap(
     model: nn.Module,
@@ -170,6 +196,7 @@ def wrap(
     modules_to_save: Iterable[str] | None = None,
     quantize: str | None = None,
     quant_iters: int = 1,
+    blockwise: bool | BlockwiseOptions | None = None,
 ):
     """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``.
 
@@ -207,6 +234,12 @@ def wrap(
             model itself is then the reference).
         quant_iters: with ``quantize``, alternating steps B·A ← method(W − deq(Q(W_res))), W_res ← W − s·B·A
             (LoftQ-style); the step closest to W is kept (1: no alternation).
+        blockwise: CorDA/EoRA with batches: collect the covariances one decoder block at a time and decompose each
+            block's layers at once (``svdadapt.blockwise``: the same covariances, one block's alive at a time).
+            None (default): so where the model is a supported decoder stack (transformers Llama-family
+            ``model.model.layers``), else the whole-model path with a one-line warning; False: the whole model;
+            True or a ``svdadapt.blockwise.BlockwiseOptions`` (memory budget for the hidden states, offload
+            directory, EoRA's ``sequential`` variant): block by block, an error where unsupported.
 
     Returns:
         ``peft.PeftModel``; only the LoRA factors require grad. ``peft_model.svdadapt`` is an
@@ -226,9 +259,7 @@ def wrap(
     _check_packing(spec, targets, quant)
     checks.check_target_weights(model, targets, rank, spec.rewrites_base)
     references = checks.reference_weights(reference, targets) if reference is not None else None
-    covariances = _covariances(job, model, targets, calibration, reference, quant, progress)
-
-    plans = _plan(job, targets, covariances, references, quant, progress)
+    plans = _plans(job, model, targets, calibration, reference, references, quant, blockwise, progress)
     base_checksums = {n: layer_checksum(m) for n, m in targets.items()}  # W before any rewrite
     alpha = rank if alpha is None else alpha
     peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type, modules_to_save),

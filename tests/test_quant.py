@@ -213,9 +213,6 @@ def _repacked_qpissa():
     return pm, x, before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: svdadapt.save after an eval forward runs bitsandbytes' in-place unpacking "
-                   "(Linear4bit._save_to_state_dict), which leaves the scales transposed: the wrapped model computes "
-                   "differently afterwards (max |logit change| ~0.026 of 0.59); save does not call bnb.restore_layout")
 def test_save_after_eval_forward_leaves_the_model_unchanged(tmp_path):
     pm, x, before = _repacked_qpissa()
     svdadapt.save(pm, tmp_path / "a")
@@ -233,9 +230,6 @@ def test_unwrap_merge_requantizes_the_fine_tuned_weight():
         assert fro(sbnb.dequantize(layer).double() - W) / fro(W) < 0.12, n
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unwrap(merge=True) after an eval forward merges through PEFT's "
-                   "dequantize of the CPU-repacked weight, which is garbage (relative error ~1.2); unwrap does not "
-                   "call bnb.restore_layout first")
 def test_unwrap_merge_after_eval_forward():
     pm, x, _ = _repacked_qpissa()
     want = {n: sbnb.dequantize(m.get_base_layer()).double() + lora_product(m) for n, m in lora_layers(pm).items()}
@@ -345,7 +339,7 @@ def test_eora_quantize_nf4_from_fp32_model(eora_setup, tmp_path):
         assert torch.equal(bases[n], quantize_dequantize(W.float(), "nf4")), n
 
     # the adapter is an ordinary LoRA for that nf4 model; unwrap gives the nf4 model, which saves as an ordinary
-    # transformers bitsandbytes checkpoint (compared in train mode: no repacking before save, see the xfail above)
+    # transformers bitsandbytes checkpoint (compared in train mode, which never repacks)
     x = token_ids(2, 16, seed=3)
     want = logits(pm, x, train_mode=True)
     svdadapt.save(pm, tmp_path / "adapter")

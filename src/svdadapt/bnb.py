@@ -39,6 +39,7 @@ __all__ = [
     "scheme_of",
     "dequantize",
     "restore_layout",
+    "restore_layouts",
     "quantize_linear",
     "write_quantized",
 ]
@@ -152,6 +153,12 @@ def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def restore_layouts(model: nn.Module) -> int:
+    """:func:`restore_layout` on every bitsandbytes layer of ``model``; how many changed. Call it before anything
+    reads the model's state dict (saving, PEFT's merge)."""
+    return sum(restore_layout(m) for m in model.modules() if is_bnb_layer(m))
+
+
 def restore_layout(module: nn.Module) -> bool:
     """Put a ``Linear4bit`` back into bitsandbytes' canonical layout, in place; True if anything changed.
 

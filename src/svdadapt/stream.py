@@ -55,7 +55,7 @@ from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_F
                      copy_files, fsync_file)
 from .sources import CheckpointSource
 from .targets import saved_modules
-from .wrap import _job, _lora_config, _targets
+from .wrap import build_job, lora_config, select_targets
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
@@ -225,7 +225,7 @@ def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any
     """Targets resolved as ``wrap`` resolves them, and checked against the checkpoint before anything is read."""
     model = _skeleton(src)
     task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None  # as wrap picks it
-    targets = _targets(model, target_modules, exclude_modules, saved_modules(task_type, None))
+    targets = select_targets(model, target_modules, exclude_modules, saved_modules(task_type, None))
     if spec.rewrites_base:
         _check_untied(model, targets)
     reader = CheckpointReader(src)
@@ -355,7 +355,7 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslor
     """Everything but the base's tensors: its other files, the adapter, svdadapt.json, the state, report.json."""
     copy_files(ck.reader.files, out / "base")
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
-    config = _lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
+    config = lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
     config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
     _write_adapter(out / "adapter", ck.model, config, results, out / "base")
     _write_records(out, job.spec, job, alpha, options, config, results, ck.src)
@@ -443,7 +443,7 @@ def init_checkpoint(
     checks.check_flag("resume", resume)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
-    job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, None, _DAMPING, _CALIBRATE_ON)
+    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, None, _DAMPING, _CALIBRATE_ON)
     ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
     out = Path(out_dir)
     journal = _open_journal(out, _job_key(job, alpha, use_rslora, ck, max_shard_bytes), resume)

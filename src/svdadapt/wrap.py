@@ -25,10 +25,10 @@ from .record import AdaptRecord
 from .sources import ModelSource
 from .targets import is_peft, matches, peft_target_list, resolve_targets, saved_modules
 
-__all__ = ["wrap", "resolve_targets", "SVD_CHOICES"]
+__all__ = ["wrap", "resolve_targets", "SVD_CHOICES", "build_job", "select_targets", "lora_config"]
 
 
-def _targets(model: nn.Module, target_modules: Any, exclude_modules: Any, keep_whole: list[str]) -> dict[str, nn.Module]:
+def select_targets(model: nn.Module, target_modules: Any, exclude_modules: Any, keep_whole: list[str]) -> dict[str, nn.Module]:
     """``resolve_targets`` less the modules PEFT trains whole (it never puts LoRA on them)."""
     targets = resolve_targets(model, target_modules, exclude_modules)
     kept = {n: m for n, m in targets.items() if not (keep_whole and matches(keep_whole, n))}
@@ -46,7 +46,7 @@ def _check_not_peft(model: nn.Module) -> None:
         )
 
 
-def _job(spec: MethodSpec, rank: int, alpha: float | None, use_rslora: bool, svd: str, niter: int | None,
+def build_job(spec: MethodSpec, rank: int, alpha: float | None, use_rslora: bool, svd: str, niter: int | None,
          oversample: int, seed: int, mode: str | None, damping: float, calibrate_on: str) -> Job:
     """Every option checked by type and value, into the job all layers share."""
     checks.check_rank(rank)
@@ -127,7 +127,7 @@ def _covariances(job: Job, model: nn.Module, targets: dict[str, nn.Module], cali
     return checks.check_covariances(covs, targets)
 
 
-def _lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alpha: float, use_rslora: bool,
+def lora_config(model: nn.Module, targets: dict[str, nn.Module], job: Job, alpha: float, use_rslora: bool,
                  task_type: str | None, modules_to_save: list[str] | None) -> Any:
     from peft import LoraConfig
 
@@ -250,19 +250,19 @@ def wrap(
     spec = get_method(method)
     _check_not_peft(model)
     checks.check_flag("progress", progress)
-    job = _job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
+    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
     quant = _quant_options(quantize, quant_iters)
     _check_needs(spec, calibration, reference, quant)
     if task_type is None and type(model).__name__.endswith("ForCausalLM"):
         task_type = "CAUSAL_LM"
-    targets = _targets(model, target_modules, exclude_modules, saved_modules(task_type, modules_to_save))
+    targets = select_targets(model, target_modules, exclude_modules, saved_modules(task_type, modules_to_save))
     _check_packing(spec, targets, quant)
     checks.check_target_weights(model, targets, rank, spec.rewrites_base)
     references = checks.reference_weights(reference, targets) if reference is not None else None
     plans = _plans(job, model, targets, calibration, reference, references, quant, blockwise, progress)
     base_checksums = {n: layer_checksum(m) for n, m in targets.items()}  # W before any rewrite
     alpha = rank if alpha is None else alpha
-    peft_model = apply(model, _lora_config(model, targets, job, alpha, use_rslora, task_type, modules_to_save),
+    peft_model = apply(model, lora_config(model, targets, job, alpha, use_rslora, task_type, modules_to_save),
                        {n: (p.A, p.B) for n, p in plans.items()}, rewrite_base=spec.rewrites_base,
                        quantize=None if quant is None else quant.scheme, progress=progress)
     options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,

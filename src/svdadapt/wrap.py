@@ -198,48 +198,25 @@ def wrap(
     quant_iters: int = 1,
     blockwise: bool | BlockwiseOptions | None = None,
 ):
-    """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``.
+    """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``. Every keyword is described
+    in docs/wrap.md (and docs/calibration.md, docs/quantization.md); in short:
 
     Args:
-        model: any ``nn.Module`` with ``nn.Linear`` (or transformers ``Conv1D``) layers. Its targeted weights are
-            rewritten in place for methods that rewrite the base.
-        method: one of ``svdadapt.METHODS``: ``"pissa"``, ``"milora"``, ``"corda"``, ``"eora"``.
-        rank: LoRA rank r; 1 ≤ r ≤ min(out, in) of every target.
-        alpha: LoRA alpha, a finite positive number; None means alpha = rank (scaling 1).
-        target_modules: ``"all-linear"`` (every adaptable layer but the output head), a regex string, or a list of
-            full names / dotted suffixes, as in PEFT.
-        exclude_modules: layers to leave out, by the same rules (None: none).
-        use_rslora: scaling alpha/√r instead of alpha/r.
-        svd: ``"auto"`` (per matrix: block-Krylov sketch for top-r of large matrices, else exact),
-            ``"full"`` (exact LAPACK) or ``"randomized"``.
-        niter, oversample: Krylov blocks beyond the first (default None: round(log2(short side)) per matrix)
-            and extra columns per block (default 0; a block is at least 16 columns wide), see
-            ``svdadapt.linalg.randomized_svd``.
-        seed: seeds the sketches (a private generator per layer; the global RNG is left as it was).
-        progress: show a progress bar over layers.
-        mode: CorDA only, ``"ipa"`` (instruction-previewed: top-r, default) or ``"kpa"`` (knowledge-preserved:
-            bottom-r).
-        damping: CorDA's initial damping λ in C + λ·mean(diag C)·I (doubled until well conditioned).
-        calibration: CorDA/EoRA: a ``Covariances`` (or mapping name -> (in, in) tensor), or an iterable of
-            batches to collect one from (dicts passed as ``model(**batch)``, tensors as ``model(batch)``).
-        reference: EoRA: the uncompressed model, or its state dict.
-        calibrate_on: EoRA with batches: collect inputs on the ``"reference"`` (uncompressed) model, the
-            default, or on the ``"compressed"`` one (docs/benchmarks.md compares the two).
-        task_type: PEFT task type; None picks ``"CAUSAL_LM"`` for ``*ForCausalLM`` models.
-        modules_to_save: modules PEFT trains and saves whole (as in ``LoraConfig``); PEFT adds a classification
-            head itself for ``task_type="SEQ_CLS"``. They are never targets, and save / export / load keep them.
-        quantize: None, or a bitsandbytes scheme (``"nf4"``, ``"fp4"``, ``"int8"``; needs bitsandbytes): the targets
-            become bitsandbytes layers holding the quantized new base — QPiSSA / QMiLoRA / QCorDA quantize the
-            residual W − s·B₀·A₀ decomposed in full precision; EoRA quantizes W and compensates W − deq(Q(W)) (the
-            model itself is then the reference).
-        quant_iters: with ``quantize``, alternating steps B·A ← method(W − deq(Q(W_res))), W_res ← W − s·B·A
-            (LoftQ-style); the step closest to W is kept (1: no alternation).
-        blockwise: CorDA/EoRA with batches: collect the covariances one decoder block at a time and decompose each
-            block's layers at once (``svdadapt.blockwise``: the same covariances, one block's alive at a time).
-            None (default): so where the model is a supported decoder stack (transformers Llama-family
-            ``model.model.layers``), else the whole-model path with a one-line warning; False: the whole model;
-            True or a ``svdadapt.blockwise.BlockwiseOptions`` (memory budget for the hidden states, offload
-            directory, EoRA's ``sequential`` variant): block by block, an error where unsupported.
+        model: any ``nn.Module`` with ``nn.Linear`` / transformers ``Conv1D`` (/ bitsandbytes, for EoRA) layers;
+            targeted weights are rewritten in place by the methods that rewrite the base.
+        method, rank, alpha: a key of ``svdadapt.METHODS``; LoRA rank (1 ≤ r ≤ min(out, in) of every target);
+            LoRA alpha (None: rank). ``use_rslora``: scaling alpha/√r.
+        target_modules, exclude_modules, modules_to_save, task_type: as in PEFT's ``LoraConfig``
+            (``"all-linear"`` leaves out the output head; ``task_type`` None picks CAUSAL_LM for ``*ForCausalLM``).
+        svd, niter, oversample, seed: ``"auto"`` / ``"full"`` / ``"randomized"``, Krylov steps (None:
+            round(log2(short side))), extra columns per block, and the seed of each layer's private generator.
+        mode, damping: CorDA's ``"ipa"`` (top-r, default) or ``"kpa"`` (bottom-r), and its initial damping λ.
+        calibration, reference, calibrate_on, blockwise: CorDA/EoRA's covariances (a ``Covariances``, a mapping,
+            a saved file or an iterable of batches), EoRA's uncompressed model or state dict, which model EoRA's
+            batches run on, and whether batches are collected one decoder block at a time (None: where supported).
+        quantize, quant_iters: a bitsandbytes scheme ("nf4", "fp4", "int8") for the new base (QPiSSA: the
+            residual; EoRA: W itself, compensated), and LoftQ-style alternation steps (the best step is kept).
+        progress: progress bars.
 
     Returns:
         ``peft.PeftModel``; only the LoRA factors require grad. ``peft_model.svdadapt`` is an

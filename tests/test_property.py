@@ -701,17 +701,8 @@ def test_wrap_exact_and_round_trip_or_documented_error(one_thread, case: Case):
         a, b = snapshot(loaded), snapshot(pm)
         changed = [k for k in a["state"] if a["state"][k] != b["state"].get(k)]
         assert a["state"].keys() == b["state"].keys(), f"svdadapt.load built another state_dict ({step}):\n{info}"
-        width_one = [t for t in targets if shapes[t][1] == 1]
-        if changed and case.method != "eora" and width_one:
-            # KNOWN BUG (see test_known_bug_load_rounds_the_residual_of_a_one_input_layer_differently): load rebuilds
-            # the residual of a layer with a single input feature with another rounding than wrap; the rest holds
-            event("known bug: load rounds a one-input residual differently")
-            assert all(k.split(".base_layer")[0].removeprefix("base_model.model.") in width_one for k in changed), \
-                f"svdadapt.load did not rebuild the wrapped state bit for bit ({step}): {changed}:\n{info}"
-            check_close(f"svdadapt.load changed the output {step}", run(loaded, x), y_pm, tol, bound, info)
-        else:
-            assert not changed, \
-                f"svdadapt.load did not rebuild the wrapped state bit for bit ({step}): {changed}:\n{info}"
+        assert not changed, \
+            f"svdadapt.load did not rebuild the wrapped state bit for bit ({step}): {changed}:\n{info}"
 
     # unwrap(merge=True) of the reloaded model: the trained weights merged, the same outputs without PEFT
     merged = svdadapt.unwrap(loaded, merge=True)
@@ -740,16 +731,10 @@ def test_wrap_exact_and_round_trip_or_documented_error(one_thread, case: Case):
             assert bits(v) == bits(base_sd[k]), f"unwrap changed {k}:\n{info}"
 
 
-def test_known_bug_load_rounds_the_residual_of_a_one_input_layer_differently(one_thread, tmp_path):
-    """The minimal case the property shrank to: ``svdadapt.load`` must rebuild the wrapped state bit for bit on the
-    same machine (export.load's docstring); for a layer with a single input feature it does not, and warns that
-    "this is the rounding of a different device / BLAS".
-
-    Cause: ``engine.plan_layer`` keeps the factors with the strides the SVD gave them (``clone()`` preserves them):
-    B₀ (out, 1) has strides (1, out), while the B₀ read back from the file has (1, 1). ``torch.addmm(W, B₀, A₀)`` in
-    ``methods.finish`` then takes another BLAS path for the (out, 1)·(1, 1) product and rounds W − s·B₀·A₀
-    differently. Storing the plan's factors with standard strides (``clone(memory_format=torch.contiguous_format)``)
-    removes the difference."""
+def test_load_rebuilds_a_one_input_layer_bit_for_bit(one_thread, tmp_path):
+    """The minimal case the property once shrank to: ``svdadapt.load`` rebuilds the wrapped state bit for bit, also
+    for a layer with a single input feature (the plan's factors had the SVD's strides, B₀ (out, 1) with strides
+    (1, out), and ``addmm`` rounds W − s·B₀·A₀ differently by layout; they are stored contiguous now)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(1, 2, bias=False))
@@ -760,7 +745,5 @@ def test_known_bug_load_rounds_the_residual_of_a_one_input_layer_differently(one
         warnings.simplefilter("always")
         loaded = svdadapt.load(copy.deepcopy(original), tmp_path, progress=False)
     a, b = snapshot(loaded)["state"], snapshot(pm)["state"]
-    if a != b:
-        pytest.xfail(reason="BUG: svdadapt.load rounds the residual of a one-input layer differently from wrap "
-                            "(plan factors keep non-standard strides, addmm rounds by layout); see the docstring")
+    assert a == b
     assert not [w for w in caught if "not bit-identical" in str(w.message)]

@@ -128,7 +128,9 @@ def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = No
         raise RuntimeError(f"{job.spec.name} gave non-finite factors for module {layer.name!r}")
     report = {"shape": tuple(W.shape), "sigma_max": float(init.sigma.max()) if init.sigma.numel() else 0.0,
               **init.stats}
-    return LayerPlan(layer.name, A.detach().cpu().clone(), B.detach().cpu().clone(), report)
+    # contiguous, as they come back from a file: addmm rounds W − s·B·A differently for other strides
+    fresh = dict(memory_format=torch.contiguous_format)
+    return LayerPlan(layer.name, A.detach().cpu().clone(**fresh), B.detach().cpu().clone(**fresh), report)
 
 
 def plan_layers(job: Job, layers: Iterable[LayerInput], covariance_users: Counter | None = None, *,

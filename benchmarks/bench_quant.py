@@ -32,10 +32,14 @@ path, so the periodic evaluation cannot corrupt training and every perplexity is
 Resumable: every finished row / run is written to ``benchmarks/results/bench_quant.json`` at once; a rerun skips what
 is there with the same configuration (``--fresh`` starts over). ``--report-only`` reprints and redraws the PNG.
 
-    python benchmarks/bench_quant.py --threads 1                    # everything (~3 h here)
-    python benchmarks/bench_quant.py --threads 1 --parts init       # part 1 only (~25 min)
-    python benchmarks/bench_quant.py --threads 1 --parts finetune --seeds 0 --steps 60 \\
-        --method-lrs qlora=3e-3,loftq=3e-3,qpissa=1e-3,eora=3e-3       # a reduced part 2
+    python benchmarks/bench_quant.py --threads 1                    # everything: 3-rate sweep, 2 seeds, 100 steps
+                                                                    # (16 runs; not run yet, several hours here)
+    python benchmarks/bench_quant.py --threads 1 --parts init --eval-tokens 4096   # part 1 as last run (~48 min, loaded)
+    python benchmarks/bench_quant.py --threads 1 --parts finetune --seeds 0 --steps 60 --eval-every 20 \\
+        --method-lrs qlora=3e-3,loftq=3e-3,qpissa=1e-3,eora=3e-3   # the reduced part 2 as last run (~40 min, loaded)
+    python benchmarks/bench_quant.py --report-only                  # reprint the tables, redraw the PNG
+
+LoftQ needs scipy (PEFT's ``LoraConfig`` checks for it when ``init_lora_weights="loftq"``): ``pip install scipy``.
 """
 
 from __future__ import annotations
@@ -283,10 +287,9 @@ def run_finetune(args, model, tok, payload: dict, save) -> None:
     data = {"train": _tasks.encode_addition(tok, train_pairs),
             "val": _tasks.encode_addition(tok, held[:cfg["n_val"]]),
             "test": _tasks.encode_addition(tok, held[cfg["n_val"]:])}
-    ft["base_task"] = _tasks.addition_eval(model, data["test"])
-    calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=payload["config"]["calib_len"], batch_size=4,
-                                  max_batches=math.ceil(payload["config"]["calib_seqs"] / 4))
-    covs = svdadapt.collect_covariances(model, calib, progress=False) if "eora" in cfg["methods"] else None
+    if "base_task" not in ft:
+        ft["base_task"] = _tasks.addition_eval(model, data["test"])
+    covs = None
 
     def lrs_of(m: str) -> list[float]:
         return cfg["method_lrs"].get(m, cfg["lrs"])
@@ -305,6 +308,10 @@ def run_finetune(args, model, tok, payload: dict, save) -> None:
             for m, lr, s in plan:
                 if lr is None or have(m, lr, s):
                     continue
+                if m == "eora" and covs is None:  # EoRA's covariances, on the full-precision model
+                    calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=payload["config"]["calib_len"],
+                                                  batch_size=4, max_batches=math.ceil(payload["config"]["calib_seqs"] / 4))
+                    covs = svdadapt.collect_covariances(model, calib, progress=False)
                 t0 = time.perf_counter()
                 pm = make_ft_model(m, cfg["rank"], s, model, fp_dir, covs)
                 init_s = time.perf_counter() - t0
@@ -539,6 +546,15 @@ def main(argv: list[str] | None = None) -> dict:
         ft_key = ("rank", "steps", "batch_size", "eval_every", "target_loss", "n_val", "n_test")
         if all((old_ft.get("config") or {}).get(k) == ft_config[k] for k in ft_key):
             payload["finetune"]["runs"] = [r for r in old_ft.get("runs", []) if r["method"] in methods]
+        # a part that is not run this time is carried over as it is, whatever its configuration
+        if "init" not in parts:
+            payload["config"] = old.get("config", config)
+            payload["init"] = old.get("init", [])
+            for k in ("calib_tokens", "eval_tokens", "collect_s"):
+                if k in old:
+                    payload[k] = old[k]
+        if "finetune" not in parts and old_ft:
+            payload["finetune"] = old_ft
         print(f"resuming: {len(payload['init'])} init rows, {len(payload['finetune']['runs'])} fine-tuning runs")
 
     def save() -> None:

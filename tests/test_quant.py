@@ -238,6 +238,37 @@ def test_unwrap_merge_after_eval_forward():
         assert fro(sbnb.dequantize(merged.get_submodule(n)).double() - W) / fro(W) < 0.12, n
 
 
+def lora_grads(pm, x) -> dict[str, torch.Tensor]:
+    """The LoRA factors' gradients of the next-token loss on ``x`` (train mode)."""
+    pm.train()
+    pm.zero_grad()
+    pm(x, labels=x).loss.backward()
+    grads = {k: p.grad.clone() for k, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    return grads
+
+
+@pytest.mark.xfail(strict=True, reason="bitsandbytes 0.50: a training forward on a CPU-repacked Linear4bit runs "
+                   "gemv_4bit, which has no autograd kernel (PyTorch warns 'silently incorrect behavior'): the LoRA "
+                   "gradients after an eval forward are wrong (measured 94% relative change); svdadapt does not "
+                   "restore the layout before training forwards")
+def test_training_after_eval_forward_has_the_same_gradients():
+    pm, x, _ = _repacked_qpissa()
+    fresh = svdadapt.wrap(make_tiny_llama(), "pissa", RANK, quantize="nf4", progress=False)
+    want = lora_grads(fresh, x)
+    got = lora_grads(pm, x)
+    assert all(fro(got[k] - want[k]) <= 1e-5 * fro(want[k]) for k in want)
+
+
+def test_restore_layouts_before_training_gives_the_fp32_gradients():
+    """The documented workaround for the test above."""
+    pm, x, _ = _repacked_qpissa()
+    assert sbnb.restore_layouts(pm) == len(lora_layers(pm))
+    fresh = svdadapt.wrap(make_tiny_llama(), "pissa", RANK, quantize="nf4", progress=False)
+    want, got = lora_grads(fresh, x), lora_grads(pm, x)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ------------------------------------------------------------------------------------------------ 3. EoRA on nf4
 
 

@@ -260,3 +260,9 @@ def test_merged_adapter(tmp_path) -> None:
     base = svdadapt.unwrap(pm)
     for k, v in original.state_dict().items():
         assert torch.allclose(base.state_dict()[k], v, atol=1e-6), k
+
+
+@pytest.mark.parametrize("value", [True, 1.0, 0])
+def test_quant_iters_checked_without_quantize(value) -> None:
+    with pytest.raises(ValueError, match=rf"^quant_iters must be an integer >= 1, got {value!r}$"):
+        svdadapt.wrap(toy(), "pissa", RANK, quant_iters=value, progress=False)

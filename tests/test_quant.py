@@ -248,11 +248,9 @@ def lora_grads(pm, x) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.xfail(strict=True, reason="bitsandbytes 0.50: a training forward on a CPU-repacked Linear4bit runs "
-                   "gemv_4bit, which has no autograd kernel (PyTorch warns 'silently incorrect behavior'): the LoRA "
-                   "gradients after an eval forward are wrong (measured 94% relative change); svdadapt does not "
-                   "restore the layout before training forwards")
 def test_training_after_eval_forward_has_the_same_gradients():
+    """bitsandbytes 0.50 runs a CPU-repacked Linear4bit's training forward through gemv_4bit, which has no autograd
+    kernel; svdadapt's pre-hook (bnb.guard_training) restores the layout whenever gradients are enabled."""
     pm, x, _ = _repacked_qpissa()
     fresh = svdadapt.wrap(make_tiny_llama(), "pissa", RANK, quantize="nf4", progress=False)
     want = lora_grads(fresh, x)

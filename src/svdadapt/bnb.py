@@ -40,6 +40,7 @@ __all__ = [
     "dequantize",
     "restore_layout",
     "restore_layouts",
+    "guard_training",
     "quantize_linear",
     "write_quantized",
 ]
@@ -152,13 +153,28 @@ def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
     return F.dequantize_4bit(data, qs)
 
 
-@torch.no_grad()
+def _restore_before_training(module: nn.Module, args: tuple) -> None:
+    if torch.is_grad_enabled() and is_cpu_packed(module):
+        restore_layout(module)
+
+
+def guard_training(module: nn.Module) -> None:
+    """Make training forwards of a 4-bit layer correct after eval forwards: bitsandbytes 0.50 runs a CPU-repacked
+    layer through ``gemv_4bit``, which has no autograd kernel (wrong gradients, measured 94% off); a forward pre-hook
+    puts the layer back into the canonical layout whenever gradients are enabled. Eval forwards keep the fast
+    repacked kernel. Idempotent."""
+    if _is_4bit(module) and not getattr(module, "_svdadapt_guarded", False):
+        module.register_forward_pre_hook(_restore_before_training)
+        module._svdadapt_guarded = True
+
+
 def restore_layouts(model: nn.Module) -> int:
     """:func:`restore_layout` on every bitsandbytes layer of ``model``; how many changed. Call it before anything
     reads the model's state dict (saving, PEFT's merge)."""
     return sum(restore_layout(m) for m in model.modules() if is_bnb_layer(m))
 
 
+@torch.no_grad()
 def restore_layout(module: nn.Module) -> bool:
     """Put a ``Linear4bit`` back into bitsandbytes' canonical layout, in place; True if anything changed.
 

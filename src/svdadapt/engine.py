@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import bnb
 from .layers import kind_of, read_weight
 from .methods import MethodSpec, SVDOptions, finish
 from .qbase import mark_quantized, replace_with_quantized
@@ -266,4 +267,7 @@ def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tenso
     if rewrite_base:
         _write_bases(layers, factors, progress)
     write_factors(peft_model, factors)
+    for layer in layers.values():
+        if bnb.is_bnb_layer(layer.get_base_layer()):
+            bnb.guard_training(layer.get_base_layer())
     return peft_model

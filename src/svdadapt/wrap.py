@@ -76,6 +76,8 @@ def _check_needs(spec: MethodSpec, calibration: Any, reference: Any, quant: Quan
 
 def _quant_options(quantize: str | None, quant_iters: Any) -> QuantOptions | None:
     if quantize is None:
+        if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 1:
+            raise ValueError(f"quant_iters must be an integer >= 1, got {quant_iters!r}")
         if quant_iters != 1:
             raise ValueError(f"quant_iters={quant_iters!r} needs quantize= (a bitsandbytes scheme)")
         return None

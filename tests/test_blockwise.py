@@ -127,10 +127,24 @@ def test_corda_adapters_equal_whole_model(mode):
 
 @pytest.mark.parametrize("calibrate_on", ["reference", "compressed"])
 def test_eora_adapters_equal_whole_model(calibrate_on):
+    """Not sequential (and the automatic mode never is): the whole-model path's covariances and adapters."""
     model = _model()
     qmodel = svdadapt.compress.quantize(model, bits=3, group_size=16)
     kw = dict(reference=model, calibrate_on=calibrate_on)
-    _check_adapters_equal(_wrap(qmodel, "eora", True, **kw), _wrap(qmodel, "eora", False, **kw))
+    whole = _wrap(qmodel, "eora", False, **kw)
+    _check_adapters_equal(_wrap(qmodel, "eora", BlockwiseOptions(sequential=False), **kw), whole)
+    assert same_init_factors(_wrap(qmodel, "eora", None, **kw),
+                             _wrap(qmodel, "eora", BlockwiseOptions(sequential=False), **kw))
+
+
+def test_eora_quantize_here_is_not_sequential():
+    """With quantize= the compressed weights exist only after the plan: block by block, reference inputs."""
+    pytest.importorskip("bitsandbytes")
+    model = _model()
+    whole = _wrap(model, "eora", False, quantize="nf4")
+    assert same_init_factors(_wrap(model, "eora", True, quantize="nf4"), whole)
+    with pytest.raises(ValueError, match="sequential=True with quantize=: the compressed blocks exist only after"):
+        _wrap(model, "eora", BlockwiseOptions(sequential=True), quantize="nf4")
 
 
 def test_eora_sequential_differs_and_compensates():
@@ -138,7 +152,7 @@ def test_eora_sequential_differs_and_compensates():
     still brings the compressed model's outputs closer to the reference's; it is deterministic."""
     model = _model()
     qmodel = svdadapt.compress.quantize(model, bits=3, group_size=16)
-    seq = _wrap(qmodel, "eora", BlockwiseOptions(sequential=True), reference=model)
+    seq = _wrap(qmodel, "eora", True, reference=model)  # the default of the block-by-block path for EoRA
     ref = _wrap(qmodel, "eora", False, reference=model)
     first = lora_layers(seq)["model.layers.0.self_attn.q_proj"], lora_layers(ref)["model.layers.0.self_attn.q_proj"]
     assert rel(lora_product(first[0]), lora_product(first[1])) <= TOL  # block 0 reads the same inputs
@@ -148,6 +162,9 @@ def test_eora_sequential_differs_and_compensates():
     error = rel(out(qmodel, x), out(model, x))
     assert rel(out(seq, x), out(model, x)) < 0.7 * error
     assert same_init_factors(seq, _wrap(qmodel, "eora", BlockwiseOptions(sequential=True), reference=model))
+    compressed = _wrap(qmodel, "eora", BlockwiseOptions(memory_budget_mb=0), reference=model, calibrate_on="compressed")
+    assert rel(out(compressed, x), out(model, x)) < 0.7 * error
+    assert not same_init_factors(compressed, seq)
 
 
 class _Doubling(nn.Module):
@@ -200,9 +217,13 @@ def test_errors():
         _wrap(model, "corda", BlockwiseOptions(sequential=True))
     with pytest.raises(TypeError, match="blockwise must be None, True, False or a svdadapt.blockwise.BlockwiseOptions"):
         _wrap(model, "corda", "yes")
+    with pytest.raises(TypeError, match="calibration must be a Covariances, a mapping name -> tensor or an iterable"):
+        svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=3, progress=False)
     for bad in (-1, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="memory_budget_mb must be a finite number"):
             BlockwiseOptions(memory_budget_mb=bad)
+    with pytest.raises(TypeError, match="sequential must be None, True or False, got 'yes'"):
+        BlockwiseOptions(sequential="yes")
     with pytest.raises(ValueError, match="is not a directory"):
         BlockwiseOptions(offload_dir="/no/such/dir")
 

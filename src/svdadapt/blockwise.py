@@ -33,7 +33,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -61,19 +61,20 @@ class BlockwiseOptions:
     offload_dir: where the temporary directory for those goes (None: the system's temporary directory).
     sequential: EoRA only: block i+1 reads the outputs of the compressed, already compensated block i (the paper's
         sequential variant) instead of the reference's (or, with ``calibrate_on="compressed"``, the uncompensated
-        compressed block's).
+        compressed block's). None: sequential where it applies (EoRA without ``quantize=``): it gave the lower
+        perplexity in every setting measured (docs/calibration.md).
     """
 
     memory_budget_mb: float = 1024.0
     offload_dir: str | os.PathLike | None = None
-    sequential: bool = False
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         budget = self.memory_budget_mb
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 or math.isinf(budget):
             raise ValueError(f"memory_budget_mb must be a finite number ≥ 0, got {budget!r}")
-        if not isinstance(self.sequential, bool):
-            raise TypeError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise TypeError(f"sequential must be None, True or False, got {self.sequential!r}")
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
             raise ValueError(f"offload_dir={os.fspath(self.offload_dir)!r} is not a directory")
 
@@ -125,20 +126,25 @@ def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibra
     None (automatic) and True take the block-by-block path when the method needs calibration and ``calibration`` is
     an iterable of batches (precomputed covariances need no forward pass); whether the model is a supported decoder
     stack is decided later, by :func:`plan_blockwise`. An explicit request (True or options) that cannot apply raises.
+    The automatic mode never changes a result: it is not sequential. Otherwise ``sequential=None`` becomes True
+    where it applies (a method that keeps the base, EoRA, without ``quantize=``).
     """
     if blockwise is False:
         return None
     if blockwise is not None and not isinstance(blockwise, (bool, BlockwiseOptions)):
         raise TypeError("blockwise must be None, True, False or a svdadapt.blockwise.BlockwiseOptions, "
                         f"got {blockwise!r}")
-    batches = spec.needs_calibration and calibration is not None and not isinstance(
+    batches = spec.needs_calibration and isinstance(calibration, Iterable) and not isinstance(
         calibration, (Mapping, str, os.PathLike, torch.Tensor))
     if not batches:
         if blockwise is None:
             return None
         raise ValueError(f"blockwise={blockwise!r} calibrates from batches: method {spec.name!r} "
                          + ("was given precomputed covariances" if spec.needs_calibration else "needs no calibration"))
-    options = blockwise if isinstance(blockwise, BlockwiseOptions) else BlockwiseOptions()
+    options = blockwise if isinstance(blockwise, BlockwiseOptions) else BlockwiseOptions(
+        sequential=False if blockwise is None else None)
+    if options.sequential is None:
+        options = replace(options, sequential=not spec.rewrites_base and not quantized)
     if options.sequential and spec.rewrites_base:
         raise ValueError(f"sequential=True compensates a base left as it is (EoRA); {spec.name} rewrites the base "
                          "so that the wrapped model equals the original at init: its blocks already see the "
@@ -477,7 +483,8 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
         batches: as for ``collect_covariances`` (dicts run as ``hook_model(**batch)``, or tensors).
         plan: (one block's targets, their covariances) -> their ``LayerPlan``s (``wrap``'s: a ``ModelSource`` into
             ``engine.plan_layers``, covariance users counted per block).
-        options: memory budget, offload directory, EoRA's sequential variant.
+        options: memory budget, offload directory, EoRA's sequential variant (None here: not sequential; ``resolve``
+            decides it for ``wrap``).
         model: the model being adapted (default ``hook_model``): with ``options.sequential`` its blocks, compensated
             by the plans, carry the hidden states on.
         scaling: the LoRA scaling s of the compensation (``sequential``).
@@ -486,21 +493,21 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     Returns:
         name -> ``LayerPlan``, in the order of ``targets``.
     """
-    model = hook_model if model is None else model
+    model, sequential = hook_model if model is None else model, bool(options.sequential)
     batches, names = list(batches), list(targets)
     mine = my_batches(batches) if world()[1] > 1 else batches  # a process group: each rank runs its share
     hook_targets = _hook_targets(hook_model, names)
     store = _HiddenStates(options.memory_budget_mb * 2 ** 20, options.offload_dir)
     try:
-        stack, blocks, carriers = _stacks(hook_model, model, options.sequential, names)
-        _capture(model if options.sequential else hook_model, carriers, mine, store)
+        stack, blocks, carriers = _stacks(hook_model, model, sequential, names)
+        _capture(model if sequential else hook_model, carriers, mine, store)
     except _Unsupported as e:
         store.close()
         if strict or fallback is None:
             raise ValueError(f"blockwise calibration: {e}") from None
         warnings.warn(f"svdadapt: {e}: calibrating on the whole model", stacklevel=3)
         return fallback(batches)
-    stage = _Stage(store, plan, hook_targets, dict(targets), options.sequential, scaling)
+    stage = _Stage(store, plan, hook_targets, dict(targets), sequential, scaling)
     try:
         plans = _run_blocks(stage, hook_model, mine, stack, blocks, carriers, progress)
     finally:

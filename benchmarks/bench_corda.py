@@ -2,11 +2,15 @@
 
 - svdadapt: ``collect_covariances`` (batched, one covariance per unique input) then
   ``wrap(method="corda", mode="ipa")`` (damped Cholesky per unique input, block-Krylov or full SVD per layer).
+- svdadapt, batches handed to ``wrap(calibration=batches)``: ``blockwise=True`` (one decoder block's covariances
+  at a time, decomposed as soon as they are collected; ``svdadapt.blockwise``) and ``blockwise=False`` (the
+  whole-model path: every covariance, then every decomposition).
 - PEFT 0.21: ``preprocess_corda`` (hooks with batch size 1, one covariance per layer, explicit inverse, full
   SVD of every layer) then ``get_peft_model(init_lora_weights="corda")``.
 
-Each configuration runs in a fresh process (``_common.run_job``): wall times exclude model loading, peak RSS
-is the whole process's (model included).
+Each configuration runs in a fresh process (``_common.run_job``): wall times exclude model loading. Two peak RSS
+figures: the whole process's (loading included: the GGUF loader alone peaks at ~1130 MiB), and the peak of the CorDA
+part with the loaded model resident (Linux: the peak is reset through ``/proc/self/clear_refs`` after loading).
 
     python benchmarks/bench_corda.py                 # 32 sequences x 256 tokens of pydoc text
     python benchmarks/bench_corda.py --seqs 8        # quicker
@@ -22,7 +26,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stopwatch, current_rss_mb, markdown_table, run_job, smollm2, write_results  # noqa: E402
+from _common import Stopwatch, current_rss_mb, markdown_table, peak_rss_mb, run_job, smollm2, write_results  # noqa: E402
+
+
+def _loaded() -> float:
+    """The peak RSS so far (loading), then reset the peak so that the job's ``peak_rss_mb`` covers what follows
+    (Linux ``clear_refs``; elsewhere the peak keeps counting the loading)."""
+    loaded = peak_rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return loaded
+
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -44,14 +61,34 @@ def job_svdadapt(seqs: int, seq_len: int, rank: int, svd: str) -> dict:
 
     model, tok = smollm2()
     batches = _batches(tok, seqs, seq_len)
+    loaded = _loaded()
     sw = Stopwatch()
     with sw("collect"):
         covs = svdadapt.collect_covariances(model, batches, progress=False)
     with sw("decompose"):
         peft_model = svdadapt.wrap(model, "corda", rank=rank, mode="ipa", calibration=covs, svd=svd, progress=False)
     energy = [r["energy"] for r in peft_model.svdadapt["report"].values()]
-    return {**sw.results(), "rss_after_mb": current_rss_mb(), "layers": len(energy),
+    return {**sw.results(), "rss_after_mb": current_rss_mb(), "layers": len(energy), "load_peak_rss_mb": loaded,
             "unique_inputs": len(covs.groups), "cov_mb": covs.nbytes / 2**20, "threads": torch.get_num_threads()}
+
+
+def job_svdadapt_batches(seqs: int, seq_len: int, rank: int, blockwise: bool) -> dict:
+    """``wrap(calibration=batches)``: collection and decomposition in one call (interleaved block by block with
+    ``blockwise=True``)."""
+    import torch
+
+    import svdadapt
+
+    model, tok = smollm2()
+    batches = _batches(tok, seqs, seq_len)
+    loaded = _loaded()
+    sw = Stopwatch()
+    with sw("wrap"):
+        peft_model = svdadapt.wrap(model, "corda", rank=rank, mode="ipa", calibration=batches, blockwise=blockwise,
+                                   progress=False)
+    energy = [r["energy"] for r in peft_model.svdadapt["report"].values()]
+    return {**sw.results(), "rss_after_mb": current_rss_mb(), "layers": len(energy), "load_peak_rss_mb": loaded,
+            "threads": torch.get_num_threads()}
 
 
 def job_peft(seqs: int, seq_len: int, rank: int) -> dict:
@@ -62,6 +99,7 @@ def job_peft(seqs: int, seq_len: int, rank: int) -> dict:
 
     model, tok = smollm2()
     batches = _batches(tok, seqs, seq_len)
+    loaded = _loaded()
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="corda",
                         corda_config=CordaConfig(corda_method="ipm"))
 
@@ -94,7 +132,8 @@ def job_peft(seqs: int, seq_len: int, rank: int) -> dict:
     res = sw.results()
     res["collect_s"] = collect_s[0]
     res["decompose_s"] = res["collect_and_decompose_s"] - collect_s[0] + res["init_s"]  # SVDs + get_peft_model
-    return {**res, "rss_after_mb": current_rss_mb(), "layers": n, "threads": torch.get_num_threads()}
+    return {**res, "rss_after_mb": current_rss_mb(), "layers": n, "load_peak_rss_mb": loaded,
+            "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,18 +154,28 @@ def main(argv: list[str] | None = None) -> dict:
         r.update(impl=f"svdadapt (svd={svd!r})", total_s=r["collect_s"] + r["decompose_s"])
         rows.append(r)
         print(r, flush=True)
+    for blockwise in (True, False):
+        r = run_job("bench_corda:job_svdadapt_batches", env=env, blockwise=blockwise, **kw)
+        r.update(impl=f"svdadapt wrap(calibration=batches, blockwise={blockwise})", total_s=r["wrap_s"],
+                 collect_rss_start_mb=r["wrap_rss_start_mb"])
+        rows.append(r)
+        print(r, flush=True)
     r = run_job("bench_corda:job_peft", env=env, **kw)
     r.update(impl="PEFT preprocess_corda + get_peft_model", total_s=r["collect_and_decompose_s"] + r["init_s"])
     rows.append(r)
     print(r, flush=True)
 
     for r in rows:
+        r["corda_peak_rss_mb"] = r["peak_rss_mb"]  # the peak was reset after loading
+        r["peak_rss_mb"] = max(r["peak_rss_mb"], r["load_peak_rss_mb"])
         if "collect_and_decompose_rss_start_mb" in r:
             r["collect_rss_start_mb"] = r["collect_and_decompose_rss_start_mb"]
     table = markdown_table(rows, [
         ("impl", "implementation", "{}"), ("collect_s", "collect (s)", "{:.1f}"),
         ("decompose_s", "decompose + wrap (s)", "{:.1f}"), ("total_s", "total (s)", "{:.1f}"),
-        ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"), ("collect_rss_start_mb", "RSS at start (MiB)", "{:.0f}")])
+        ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"),
+        ("corda_peak_rss_mb", "peak RSS, loading excluded (MiB)", "{:.0f}"),
+        ("collect_rss_start_mb", "RSS at start (MiB)", "{:.0f}")])
     path = write_results("bench_corda", {"config": {**kw, "model": "SmolLM2-135M-Instruct (fp32)",
                                                     "tokens": args.seqs * args.seq_len, "threads": args.threads}, "rows": rows, "table": table})
     print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def _wrap(method: str):
 def _worker(rank: int, size: int, port: int, method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
     try:
         pm = _wrap(method)
         torch.save({"init": pm.svdadapt.init_factors, "state": pm.state_dict()}, f"{out_dir}/wrap{rank}.pt")
@@ -87,7 +88,7 @@ def test_split_balances_cost_not_count() -> None:
 def _stream_worker(rank: int, size: int, port: int, src: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
     try:
         svdadapt.init_checkpoint(src, out, method="pissa", rank=RANK, max_shard_bytes=1 << 20, progress=False)
     finally:

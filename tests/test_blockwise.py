@@ -189,8 +189,9 @@ def test_unsupported_models_keep_the_whole_model_path(case):
                            "not a chain": (_Doubling(), [{"input_ids": token_ids(2, 5, 3)}],
                                            "block 1 of the stack does not read block 0's output")}[case]
     whole = svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=batches, blockwise=False, progress=False)
-    with pytest.warns(UserWarning, match=f"svdadapt: .*{why}.*: calibrating on the whole model"):
+    with pytest.warns(UserWarning, match=f"svdadapt: .*{why}.*: calibrating on the whole model") as caught:
         auto = svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=iter(batches), progress=False)
+    assert [w.filename for w in caught if "svdadapt:" in str(w.message)] == [__file__]  # points at the call
     assert same_init_factors(auto, whole)
     with pytest.raises(ValueError, match=f"blockwise calibration: .*{why}"):
         svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=batches, blockwise=True, progress=False)
@@ -219,6 +220,8 @@ def test_errors():
         _wrap(model, "corda", "yes")
     with pytest.raises(TypeError, match="calibration must be a Covariances, a mapping name -> tensor or an iterable"):
         svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=3, progress=False)
+    with pytest.raises(TypeError, match="calibration must be a Covariances, a mapping name -> tensor or an iterable"):
+        svdadapt.wrap(copy.deepcopy(model), "corda", rank=2, calibration=3, blockwise=True, progress=False)
     for bad in (-1, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="memory_budget_mb must be a finite number"):
             BlockwiseOptions(memory_budget_mb=bad)

@@ -22,13 +22,16 @@ stack (an explicitly targeted ``lm_head``) are collected first by one whole-mode
 
 EoRA's sequential variant (``sequential=True``): block i+1 reads the outputs of the *compressed* block i with its
 just-computed compensation W_c + s·B·A applied (forward hooks adding s·(x·Aᵀ)·Bᵀ, no PEFT model built): the
-activations the adapted model will see, rather than the reference's.
+activations the adapted model will see, rather than the reference's. It gave the lower perplexity in every setting
+measured (docs/benchmarks.md), so it is the default of an explicit ``wrap(blockwise=True)`` for EoRA; ``wrap``'s
+automatic mode (``blockwise=None``) keeps the whole-model path's inputs, so it never changes a result.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -134,8 +137,9 @@ def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibra
     if blockwise is not None and not isinstance(blockwise, (bool, BlockwiseOptions)):
         raise TypeError("blockwise must be None, True, False or a svdadapt.blockwise.BlockwiseOptions, "
                         f"got {blockwise!r}")
-    batches = spec.needs_calibration and isinstance(calibration, Iterable) and not isinstance(
-        calibration, (Mapping, str, os.PathLike, torch.Tensor))
+    if spec.needs_calibration and not isinstance(calibration, Iterable):
+        return None  # the whole-model path says what calibration must be
+    batches = spec.needs_calibration and not isinstance(calibration, (Mapping, str, os.PathLike, torch.Tensor))
     if not batches:
         if blockwise is None:
             return None
@@ -469,6 +473,16 @@ def _note(progress: bool, stage: _Stage, stack: str, n_blocks: int) -> None:
               f"{_fmt_bytes(store.on_disk)} on disk")
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside svdadapt and torch's decorators (the user's call of ``wrap``),
+    counted from the caller of this function."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 @torch.no_grad()
 def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Any], plan: Plan,
                    options: BlockwiseOptions = BlockwiseOptions(), *, model: nn.Module | None = None,
@@ -505,7 +519,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
         store.close()
         if strict or fallback is None:
             raise ValueError(f"blockwise calibration: {e}") from None
-        warnings.warn(f"svdadapt: {e}: calibrating on the whole model", stacklevel=3)
+        warnings.warn(f"svdadapt: {e}: calibrating on the whole model", stacklevel=_caller_level())
         return fallback(batches)
     stage = _Stage(store, plan, hook_targets, dict(targets), sequential, scaling)
     try:

@@ -109,10 +109,7 @@ class _Preparations:
 
 def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = None) -> LayerPlan:
     """Run ``job``'s method on one layer. Raises ``RuntimeError`` naming the module if the decomposition fails."""
-    # a fresh allocation with the same strides: BLAS/LAPACK results can depend on the data's alignment, and a
-    # weight read from a checkpoint (or memory-mapped) is not aligned as the allocator aligns; this way every
-    # source gives bit-identical factors
-    W = layer.W.clone()
+    W = layer.W
     kw: dict[str, Any] = dict(rank=job.rank, scaling=job.scaling, largest=job.spec.largest(job.mode), svd=job.svd,
                               generator=layer_generator(job.seed, layer.name))
     if job.spec.prepare is not None:

@@ -270,6 +270,30 @@ def make_ft_model(method: str, rank: int, seed: int, model, fp_dir: Path, covs):
     return pm
 
 
+class StartCache:
+    """One initialized start per (start, seed): the sweep's rates reuse it instead of re-running the initialization
+    (LoftQ-5 alone takes minutes). The start's trainable tensors are kept and copied back before each run, so every
+    run begins from exactly the tensors a fresh initialization gives (the initializations are deterministic)."""
+
+    def __init__(self) -> None:
+        self.key, self.model, self.init_s, self.tensors = None, None, 0.0, {}
+
+    def get(self, method: str, seed: int, build) -> tuple[torch.nn.Module, float]:
+        if self.key != (method, seed):
+            self.model = None
+            t0 = time.perf_counter()
+            self.model = build()
+            self.init_s = time.perf_counter() - t0
+            self.key = (method, seed)
+            self.tensors = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in self.tensors:
+                        p.copy_(self.tensors[n])
+        return self.model, self.init_s
+
+
 def best_lr(runs: list[dict], method: str) -> float | None:
     cands = [r for r in runs if r["method"] == method and r["seed"] == 0]
     if not cands:
@@ -297,6 +321,7 @@ def run_finetune(args, model, tok, payload: dict, save) -> None:
     def have(m: str, lr: float, s: int) -> bool:
         return any(r["method"] == m and r["lr"] == lr and r["seed"] == s for r in runs)
 
+    starts = StartCache()
     with tempfile.TemporaryDirectory() as tmp:
         fp_dir = Path(tmp) / "fp32"
         model.save_pretrained(fp_dir)
@@ -312,9 +337,7 @@ def run_finetune(args, model, tok, payload: dict, save) -> None:
                     calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=payload["config"]["calib_len"],
                                                   batch_size=4, max_batches=math.ceil(payload["config"]["calib_seqs"] / 4))
                     covs = svdadapt.collect_covariances(model, calib, progress=False)
-                t0 = time.perf_counter()
-                pm = make_ft_model(m, cfg["rank"], s, model, fp_dir, covs)
-                init_s = time.perf_counter() - t0
+                pm, init_s = starts.get(m, s, lambda: make_ft_model(m, cfg["rank"], s, model, fp_dir, covs))
                 at_init = _tasks.addition_eval(pm, data["val"])
                 out = _tasks.train_addition(pm, data["train"], steps=cfg["steps"], lr=lr, batch_size=cfg["batch_size"],
                                             seed=1000 + s, eval_ids=data["val"], eval_every=cfg["eval_every"],

@@ -501,3 +501,40 @@ def test_llama_sizes():
         assert abs(_synthetic.llama_nbytes(cfg) / 1e9 - gb) / gb < 0.1, (gb, cfg)
     assert _synthetic.llama_for_size(4) == dict(hidden=2048, intermediate=5632, heads=32, kv_heads=32, layers=17,
                                                 vocab=32000)
+
+
+# ------------------------------------------------------------------------------------------ several writers
+
+
+@pytest.mark.parametrize("limit", [1, 2_000, 9_000, 1 << 30])
+def test_plan_shards_is_the_writers_grouping(limit):
+    sd = _state(3)
+    assert shards.plan_shards([(n, t.nbytes) for n, t in sd.items()], limit) == _expected_groups(sd, limit)
+
+
+def test_parts_written_by_two_writers_merge_into_the_one_writer_files(tmp):
+    sd, limit = _state(4), 6_000
+    _write(tmp / "one", sd, limit)
+    plan = shards.plan_shards([(n, t.nbytes) for n, t in sd.items()], limit)
+    assert len(plan) >= 5
+    made: list[str] = []
+
+    def tensor(name):
+        made.append(name)
+        return sd[name]
+
+    odd = {k: names for k, names in enumerate(plan, 1) if k % 2}
+    shards.write_part(tmp / "two", odd, tensor, 0, limit)
+    even = {k: names for k, names in enumerate(plan, 1) if not k % 2}
+    shards.write_part(tmp / "two", even, tensor, 1, limit)
+    # a rerun (an interrupted job resumed) keeps the verified shards and rewrites a damaged one
+    victim = tmp / "two" / "model-00002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    made.clear()
+    shards.write_part(tmp / "two", even, tensor, 1, limit)
+    assert made == plan[1]
+    shards.write_part(tmp / "three", odd, tensor, 0, limit)  # the other writer never ran
+    with pytest.raises(RuntimeError, match=r"shards \['model-00002.safetensors', 'model-00004.safetensors'"):
+        shards.merge_parts(tmp / "three", plan, limit)
+    shards.merge_parts(tmp / "two", plan, limit)
+    assert _files(tmp / "two") == _files(tmp / "one")  # byte-identical, no journal left

@@ -47,7 +47,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -62,6 +62,9 @@ __all__ = [
     "INDEX_FILE",
     "JOURNAL_FILE",
     "DEFAULT_MAX_SHARD_BYTES",
+    "plan_shards",
+    "write_part",
+    "merge_parts",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -78,7 +81,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt
 
 _WORK_RE = re.compile(r"model-(\d{5})\.safetensors")
 _FINAL_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-_TMP_RE = re.compile(r"\.(model-\d{5}\.safetensors|svdadapt-progress\.json|model\.safetensors\.index\.json)\.tmp")
+_TMP_RE = re.compile(r"\.(model-\d{5}\.safetensors|svdadapt-progress\.json|svdadapt-part-\d{5}\.json|"
+                     r"model\.safetensors\.index\.json)\.tmp")
+_PART_RE = re.compile(r"\.svdadapt-part-\d{5}\.json")
 
 # safetensors header dtype -> torch dtype (the optional ones only where this torch has them)
 _DTYPES: dict[str, torch.dtype] = {
@@ -365,6 +370,66 @@ def _final_name(k: int, n: int) -> str:
     return SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
+def _work_name(k: int) -> str:
+    return f"model-{k:05d}.safetensors"
+
+
+def _flush_before(pending: int, pending_bytes: int, nbytes: int, max_shard_bytes: int) -> bool:
+    """Whether a tensor of ``nbytes`` starts a new shard (the one being filled would go over the limit)."""
+    return pending > 0 and pending_bytes + nbytes > max_shard_bytes
+
+
+def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """The names in each shard that a ``ShardWriter`` writes for tensors of these byte sizes added in this order
+    (several processes each writing some of them, ``write_part``, give the one-process files)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if _flush_before(len(current), used, nbytes, max_shard_bytes):
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+        if used >= max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+    return shards + ([current] if current else [])
+
+
+def _compact(name: str, tensor: torch.Tensor, taken: set[int]) -> torch.Tensor:
+    """``tensor`` on the CPU, dense and contiguous, owning its storage (a view of a larger storage would keep it
+    alive; a second name on a storage in the same shard is refused by safetensors): ready to save."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{name}: only dense tensors can be saved, got layout {tensor.layout}")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    if t.numel() and (t.untyped_storage().nbytes() != t.nbytes or t.data_ptr() in taken):
+        t = t.clone()
+    return t
+
+
+def _write_shard(out_dir: Path, work: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One shard file, atomically (temporary name, fsync, rename); returns its journal entry."""
+    tmp = out_dir / f".{work}.tmp"
+    save_file(tensors, str(tmp), metadata=dict(_SHARD_METADATA))
+    fsync_file(tmp)
+    size, sha = tmp.stat().st_size, _sha256(tmp)
+    os.replace(tmp, out_dir / work)
+    _fsync_dir(out_dir)
+    return {"file": work, "names": list(tensors), "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "numel": sum(t.numel() for t in tensors.values()), "size": size, "sha256": sha}
+
+
+def _verified(out_dir: Path, entry: dict[str, Any]) -> bool:
+    f = out_dir / entry["file"]
+    return f.is_file() and f.stat().st_size == entry["size"] and _sha256(f) == entry["sha256"]
+
+
 class ShardWriter:
     """Write tensors, in the order added, as a sharded safetensors checkpoint that resumes after interruption.
 
@@ -456,8 +521,7 @@ class ShardWriter:
                 os.replace(self.out_dir / final, self.out_dir / work)
         kept: list[dict[str, Any]] = []
         for s in shards:
-            f = self.out_dir / s["file"]
-            if not (f.is_file() and f.stat().st_size == s["size"] and _sha256(f) == s["sha256"]):
+            if not _verified(self.out_dir, s):
                 break  # this one and all after it are rewritten
             kept.append(s)
         self._shards = kept
@@ -483,25 +547,14 @@ class ShardWriter:
             raise RuntimeError(f"ShardWriter({self.out_dir}) is closed")
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor names are non-empty strings, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if name in self.done:
             raise ValueError(f"{name!r} is already written in a completed shard of {self.out_dir} (see .done); "
                              f"skip the names in done when resuming")
         if name in self._added:
             raise ValueError(f"{name!r} was added twice")
-        if tensor.layout != torch.strided:
-            raise ValueError(f"{name}: only dense tensors can be saved, got layout {tensor.layout}")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        t = t.contiguous()
-        # a view of a larger storage would keep it alive (and write nothing of it); a second name on a storage
-        # already in this shard is refused by safetensors: both get their own compact copy
-        if t.numel() and (t.untyped_storage().nbytes() != t.nbytes or t.data_ptr() in self._pending_ptrs):
-            t = t.clone()
+        t = _compact(name, tensor, self._pending_ptrs)
         nbytes = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if _flush_before(len(self._pending), self._pending_bytes, nbytes, self.max_shard_bytes):
             self._flush()
         self._pending[name] = t
         self._added.add(name)
@@ -515,15 +568,7 @@ class ShardWriter:
         """Write the pending tensors as the next shard: temp name, fsync, hash, rename, then journal it."""
         if not self._pending:
             return
-        work = f"model-{len(self._shards) + 1:05d}.safetensors"
-        tmp = self.out_dir / f".{work}.tmp"
-        save_file(self._pending, str(tmp), metadata=dict(_SHARD_METADATA))
-        fsync_file(tmp)
-        size, sha = tmp.stat().st_size, _sha256(tmp)
-        os.replace(tmp, self.out_dir / work)
-        _fsync_dir(self.out_dir)
-        self._shards.append({"file": work, "names": list(self._pending), "nbytes": self._pending_bytes,
-                             "numel": sum(t.numel() for t in self._pending.values()), "size": size, "sha256": sha})
+        self._shards.append(_write_shard(self.out_dir, _work_name(len(self._shards) + 1), self._pending))
         self._write_journal()
         self.done.update(self._pending)
         self._pending = {}
@@ -559,6 +604,8 @@ class ShardWriter:
             result = self.out_dir / INDEX_FILE
             _write_json_atomic(result, index)
         self._journal.unlink()
+        for part in self.out_dir.glob(".svdadapt-part-*.json"):  # several writers' journals (merge_parts)
+            part.unlink()
         _fsync_dir(self.out_dir)
         self._closed = True
         return result
@@ -574,3 +621,60 @@ class ShardWriter:
     def __repr__(self) -> str:
         return (f"ShardWriter({str(self.out_dir)!r}, max_shard_bytes={self.max_shard_bytes}, "
                 f"{len(self._shards)} shards done, {len(self._pending)} tensors pending)")
+
+
+# ---------------------------------------------------------------------------------------- several writers
+
+
+def _part_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Work file name -> journal entry, from every writer's part journal in ``out_dir``."""
+    entries: dict[str, dict[str, Any]] = {}
+    for f in sorted(out_dir.glob(".svdadapt-part-*.json")):
+        if _PART_RE.fullmatch(f.name):
+            entries.update({e["file"]: e for e in json.loads(f.read_text())["shards"]})
+    return entries
+
+
+def write_part(out_dir: str | os.PathLike, shards: dict[int, list[str]], tensor: Callable[[str], torch.Tensor],
+               writer: int, max_shard_bytes: int, progress: Callable[[str], None] | None = None) -> None:
+    """Write some shards of a checkpoint that several processes write together: shard k (1-based, of
+    ``plan_shards``) holds ``shards[k]``, each tensor made by ``tensor(name)``, one shard in memory at a time. Each
+    is journaled in this writer's part journal (``.svdadapt-part-<writer>.json``); a shard an interrupted run already
+    wrote (any writer's journal, same names, size and sha256 verified) is kept. ``merge_parts`` then joins them.
+    ``progress(name)`` is called after each tensor."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    known, mine = _part_entries(out), []
+    journal = out / f".svdadapt-part-{writer:05d}.json"
+    for k in sorted(shards):
+        entry = known.get(_work_name(k))
+        if not (entry and entry["names"] == shards[k] and _verified(out, entry)):
+            tensors: dict[str, torch.Tensor] = {}
+            for name in shards[k]:
+                tensors[name] = _compact(name, tensor(name), {t.data_ptr() for t in tensors.values() if t.numel()})
+                if progress is not None:
+                    progress(name)
+            entry = _write_shard(out, _work_name(k), tensors)
+            del tensors
+        mine.append(entry)
+        _write_json_atomic(journal, {"version": _JOURNAL_VERSION, "max_shard_bytes": max_shard_bytes, "shards": mine})
+
+
+def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int) -> Path:
+    """After every ``write_part``: the shards of ``plan`` as one checkpoint, exactly as one ``ShardWriter`` writes it
+    (they are verified, renamed to their final names, indexed), the part journals removed. Returns the index file
+    (or ``model.safetensors`` for one shard)."""
+    out = Path(out_dir)
+    entries = _part_entries(out)
+    missing = [_work_name(k) for k in range(1, len(plan) + 1) if _work_name(k) not in entries]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing} were not written by any process")
+    shards = [entries[_work_name(k)] for k in range(1, len(plan) + 1)]
+    if [e["names"] for e in shards] != plan:
+        raise RuntimeError(f"{out}: the shards written hold other tensors than planned")
+    _write_json_atomic(out / JOURNAL_FILE, {"version": _JOURNAL_VERSION, "max_shard_bytes": max_shard_bytes,
+                                            "shards": shards})
+    writer = ShardWriter(out, max_shard_bytes, resume=True)  # verifies every shard
+    if writer.done != {n for names in plan for n in names}:
+        raise RuntimeError(f"{out}: a shard written by another process does not match its journal")
+    return writer.close()

@@ -27,6 +27,21 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
+def tiny_tokenizer(vocab: int = 300):
+    """A byte-level BPE with ``vocab`` tokens trained in memory on a few pydoc topics (no download)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:8]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
     """A small random LlamaForCausalLM (2 layers, hidden 64, vocab 128), the same weights for the same seed,
     without touching the global RNG."""

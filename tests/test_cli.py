@@ -21,31 +21,17 @@ from svdadapt.cli import main
 from svdadapt.compress import quantize
 from svdadapt.loading import load_model, load_tokenizer
 
-from helpers import make_tiny_llama, out as outputs, rel, same_state, token_ids, train
+from helpers import make_tiny_llama, out as outputs, rel, same_state, tiny_tokenizer, token_ids, train
 
 SEED, VOCAB, RANK = 5, 300, 4
 CALIB_ARGS = ["--seq-len", "32", "--batch-size", "4", "--max-tokens", "512"]  # 4 batches of 4x32
-
-
-def _tiny_tokenizer():
-    """A byte-level BPE with 300 tokens trained in memory on a few pydoc topics (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([topics[k] for k in sorted(topics)[:8]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-model")
     make_tiny_llama(SEED, vocab_size=VOCAB).save_pretrained(d)
-    _tiny_tokenizer().save_pretrained(d)
+    tiny_tokenizer(VOCAB).save_pretrained(d)
     return d
 
 

@@ -85,25 +85,62 @@ def test_split_balances_cost_not_count() -> None:
     assert split_by_cost(costs, 1) == [list(shapes)]
 
 
-def _stream_worker(rank: int, size: int, port: int, src: str, out: str) -> None:
+def _init_checkpoint(src, out, method: str) -> None:
+    kw = {"calibration": BATCHES} if method == "corda" else {}
+    svdadapt.init_checkpoint(src, out, method=method, rank=RANK, max_shard_bytes=1 << 20, progress=False, **kw)
+
+
+def _stream_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
     try:
-        svdadapt.init_checkpoint(src, out, method="pissa", rank=RANK, max_shard_bytes=1 << 20, progress=False)
+        _init_checkpoint(src, out, method)
     finally:
         dist.destroy_process_group()
 
 
-def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(tmp_path, one_thread) -> None:
+def _safetensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("method", ["pissa", "corda"])
+def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(method: str, tmp_path, one_thread) -> None:
+    """Each rank writes its own shards of the base; the files are those of one process: byte for byte for PiSSA;
+    for CorDA up to the order in which the ranks' covariance sums are added."""
     src = tmp_path / "model"
     make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
-    mp.spawn(_stream_worker, args=(2, _free_port(), str(src), str(tmp_path / "two")), nprocs=2, join=True)
-    svdadapt.init_checkpoint(src, tmp_path / "one", method="pissa", rank=RANK, max_shard_bytes=1 << 20,
-                             progress=False)
+    mp.spawn(_stream_worker, args=(2, _free_port(), str(src), str(tmp_path / "two"), method), nprocs=2, join=True)
+    _init_checkpoint(src, tmp_path / "one", method)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert sum(f.name.startswith("model-") for f in files) >= 4  # several shards, split over the ranks
     for f in files:
+        one, two = tmp_path / "one" / f, tmp_path / "two" / f
         if f.name == "adapter_config.json":  # names its own base directory
             continue
-        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+        if method == "pissa":
+            assert one.read_bytes() == two.read_bytes(), f
+        elif f.suffix == ".safetensors":
+            _assert_close_corda(_safetensors(one), _safetensors(two), f)
+
+
+_PAIRS = {"lora_A.weight": "lora_B.weight", ".A0": ".B0", ".A": ".B"}  # adapter file; svdadapt_state: init, current
+
+
+def _assert_close_corda(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], f) -> None:
+    """Adapters by their products B·A (the factors' signs and near-equal directions are free), within 1e-3 as for
+    wrap(); every other tensor within 1e-3 too (the bases W − s·B·A differ by what the products differ)."""
+    assert a.keys() == b.keys(), f
+    rel = lambda x, y: float((x.double() - y.double()).norm() / y.double().norm())  # noqa: E731
+    factors = set()
+    for k in a:
+        end = next((e for e in _PAIRS if k.endswith(e)), None)
+        if end is not None:
+            kb = k[: -len(end)] + _PAIRS[end]
+            factors |= {k, kb}
+            assert rel(b[kb].double() @ b[k].double(), a[kb].double() @ a[k].double()) < 1e-3, (f, k)
+    for k in a.keys() - factors:
+        assert rel(b[k], a[k]) < 1e-3, (f, k)

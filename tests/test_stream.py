@@ -276,9 +276,15 @@ def test_errors_name_the_path_or_module(tmp):
     (tmp / "bare").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json in checkpoint directory.*bare"):
         svdadapt.init_checkpoint(tmp / "bare", tmp / "o", method="pissa", rank=4)
-    for method, needs in [("corda", "calibration data"), ("eora", "calibration data")]:
-        with pytest.raises(ValueError, match=f"method '{method}' needs {needs}.*block-by-block calibration"):
-            svdadapt.init_checkpoint(ck, tmp / "o", method=method, rank=4)
+    with pytest.raises(ValueError, match="method 'corda' needs calibration=: an iterable of batches"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="corda", rank=4)
+    with pytest.raises(TypeError, match="calibrates block by block from batches.*got dict.*svdadapt.wrap"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="corda", rank=4, calibration={"q": torch.eye(2)})
+    with pytest.raises(ValueError, match="method 'pissa' takes no calibration data; drop calibration="):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=4, calibration=[token_ids(1, 4, 0)])
+    with pytest.raises(ValueError, match="streams pissa, milora, corda; method 'eora' compensates a compressed "
+                                         "model against its reference"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="eora", rank=4, calibration=[token_ids(1, 4, 0)])
     with pytest.raises(ValueError, match="unknown method 'lora'"):
         svdadapt.init_checkpoint(ck, tmp / "o", method="lora", rank=4)
     with pytest.raises(ValueError, match=r"rank=33 exceeds min\(out, in\) = 32 of module '.*k_proj' with weight \(32, 64\)"):
@@ -353,3 +359,83 @@ def test_peak_memory_follows_the_largest_tensor(tmp):
     assert got["growth"] < 10 * largest + shard
     assert got["growth"] < total / 3  # the in-memory path needs the whole model
     assert len(list((tmp / "s" / "base").glob("model-*-of-*.safetensors"))) >= 9
+
+
+# ------------------------------------------------------------------------------------------- CorDA, block by block
+
+
+def _calibration(seeds=(0, 1, 2)) -> list[dict]:
+    return [{"input_ids": token_ids(2, 16, s), "attention_mask": torch.ones(2, 16, dtype=torch.long)} for s in seeds]
+
+
+def _adapter_factors(d: Path) -> dict[str, torch.Tensor]:
+    return _tensors(d / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+def test_streamed_corda_equals_wrap_on_the_loaded_model(tmp, mode):
+    """The checkpoint's blocks loaded one at a time give wrap's adapters and residual base, bit for bit."""
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(6))
+    svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=4, mode=mode, calibration=_calibration(),
+                             max_shard_bytes=40_000, progress=False)
+    pm = svdadapt.wrap(make_tiny_llama(6), "corda", 4, mode=mode, calibration=_calibration(), progress=False)
+    factors = _adapter_factors(tmp / "s")
+    assert len(factors) == 2 * 14
+    for n, (A, B) in pm.svdadapt.init_factors.items():
+        key = next(k for k in factors if f".{n}.lora_A." in k)
+        assert torch.equal(factors[key], A) and torch.equal(factors[key.replace("lora_A", "lora_B")], B), n
+    base, state = CheckpointReader(tmp / "s" / "base"), pm.get_base_model().state_dict()
+    for key in base.names:
+        mine = key.replace(".weight", ".base_layer.weight") if key.replace(".weight", ".base_layer.weight") in state \
+            else key
+        assert torch.equal(base.get(key), state[mine]), key
+    meta = json.loads((tmp / "s" / "svdadapt.json").read_text())
+    assert meta["method"] == "corda" and meta["options"]["mode"] == mode and meta["options"]["damping"] == 0.01
+
+
+def test_streamed_corda_holds_one_block_at_a_time(tmp, monkeypatch):
+    from svdadapt.lazy import LazyBlocks
+
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(7))
+    seen: list[int] = []
+    real = LazyBlocks.use
+
+    def use(self, j):
+        real(self, j)
+        seen.append(sum(any(not p.is_meta for p in b.parameters()) for b in self.blocks))
+
+    monkeypatch.setattr(LazyBlocks, "use", use)
+    svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=4, calibration=_calibration(), progress=False)
+    assert max(seen) == 1  # never two blocks in memory
+    n_blocks = make_tiny_llama(7).config.num_hidden_layers
+    assert seen.count(1) == len(seen) and len(seen) >= n_blocks
+
+
+def test_streamed_corda_resumes_with_the_same_calibration_only(tmp, monkeypatch):
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(8))
+    run = dict(method="corda", rank=4, max_shard_bytes=40_000, progress=False)
+    svdadapt.init_checkpoint(ck, tmp / "whole", calibration=_calibration(), **run)
+    calls = _counting_plan_layer(monkeypatch, crash_after=9)
+    with pytest.raises(_Crash):
+        svdadapt.init_checkpoint(ck, tmp / "s", calibration=_calibration(), **run)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"another job \(calibration differ\)"):
+        svdadapt.init_checkpoint(ck, tmp / "s", calibration=_calibration((0, 1, 3)), **run)
+    calls = _counting_plan_layer(monkeypatch)
+    svdadapt.init_checkpoint(ck, tmp / "s", calibration=_calibration(), **run)
+    assert len(calls) == 14 - 9  # the journaled layers are not decomposed again
+    _assert_same_output(tmp / "s", tmp / "whole")
+
+
+def test_cli_streams_corda_as_the_in_memory_init_writes_it(tmp, capsys):
+    from helpers import tiny_tokenizer
+
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(9, vocab_size=300))
+    tiny_tokenizer(300).save_pretrained(ck)
+    (tmp / "calib.txt").write_text(" ".join(["def f(x): return x + 1  # a function"] * 40))
+    calib = ["--calib", str(tmp / "calib.txt"), "--seq-len", "32", "--batch-size", "2"]
+    _cli_init(ck, tmp / "s", "corda", 4, *calib, "--mode", "kpa")
+    assert "one decoder block at a time" in capsys.readouterr().err
+    _cli_init(ck, tmp / "m", "corda", 4, *calib, "--mode", "kpa", "--in-memory")
+    assert "loading" in capsys.readouterr().err
+    _assert_same_output(tmp / "s", tmp / "m")

@@ -379,7 +379,9 @@ def _plural(n: int, word: str) -> str:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
+    """Where the model's data is: the device of its first parameter not on the meta device (weights loaded one
+    block at a time, ``svdadapt.lazy``, leave the others there), CPU for none."""
+    p = next((p for p in model.parameters() if not p.is_meta), None)
     return p.device if p is not None else torch.device("cpu")
 
 

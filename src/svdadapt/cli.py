@@ -146,8 +146,9 @@ def _init_parser(sub: Any) -> None:
                    help="run the decompositions there (e.g. cuda; default: where the model loads, the CPU); the "
                         "sketches stay seeded on the CPU, so a seed gives the same adapter on any device")
     q.add_argument("--in-memory", action="store_true",
-                   help="load the whole model even where it could be streamed (pissa/milora from a safetensors "
-                        "directory are streamed tensor by tensor by default: the same output, memory of one layer)")
+                   help="load the whole model even where it could be streamed (pissa/milora, and corda with text "
+                        "--calib, from a safetensors directory are streamed by default: the same output, memory of "
+                        "one layer, or for corda of one decoder block)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     _calib_options(q)
 
@@ -325,12 +326,14 @@ def _rank() -> int:
 
 
 def _streamable(args: argparse.Namespace) -> bool:
-    """pissa/milora on a safetensors model directory, nothing that needs the whole model: streamed."""
+    """pissa/milora, or corda with text calibration, on a safetensors model directory, nothing that needs the whole
+    model: streamed."""
     from .methods import METHODS
 
     spec, p = METHODS[args.method], Path(args.model)
-    return (not args.in_memory and not spec.needs_calibration and not spec.needs_reference and args.quantize is None
-            and args.device is None and p.is_dir()
+    calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
+    return (not args.in_memory and (calibrated or not spec.needs_calibration) and not spec.needs_reference
+            and args.quantize is None and args.device is None and p.is_dir()
             and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()))
 
 
@@ -341,10 +344,23 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not (out / STREAM_DIR).is_dir():  # an unfinished streaming run there is resumed, not refused
         _fresh_dir(args.out)
-    _say(f"streaming {args.model} tensor by tensor")
+    calibration = None
+    if args.calib:
+        from .loading import load_tokenizer
+
+        _, texts = _calib_files(args.calib)
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except Exception as e:
+            raise ValueError(f"cannot load a tokenizer from {args.model!r} to tokenize --calib text: {e}") from e
+        calibration = _text_calibration(tokenizer, texts, args)
+        _say(f"streaming {args.model} one decoder block at a time")
+    else:
+        _say(f"streaming {args.model} tensor by tensor")
     init_checkpoint(args.model, out, method=args.method, rank=args.rank, alpha=args.alpha,
                     target_modules=_targets(args.target_modules), use_rslora=args.rslora, svd=args.svd,
-                    seed=args.seed, progress=not args.no_progress, resume=True)
+                    seed=args.seed, mode=args.mode, calibration=calibration, progress=not args.no_progress,
+                    resume=True)
     if _rank() == 0:
         info = json.loads((out / "report.json").read_text())
         _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)

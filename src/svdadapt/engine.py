@@ -31,7 +31,7 @@ from .methods import MethodSpec, SVDOptions, finish
 from .qbase import mark_quantized, replace_with_quantized
 from .record import ADAPTER
 
-__all__ = ["LayerInput", "LayerPlan", "Job", "plan_layers", "plan_layer", "apply", "write_factors",
+__all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "apply", "write_factors",
            "layer_generator", "adapter_dtype", "lora_scaling"]
 
 
@@ -86,7 +86,7 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
-class _Preparations:
+class Preparations:
     """Per-covariance preparations (CorDA's C_d and Cholesky factor, EoRA's whitening), computed once per input and
     dropped after its last layer, so only a few are alive at a time instead of one per unique input."""
 
@@ -141,7 +141,7 @@ def plan_layers(job: Job, layers: Iterable[LayerInput], covariance_users: Counte
     ``covariance_users`` counts, per ``id(C)``, the layers that will read it (to drop a preparation after its last
     reader); None keeps every preparation until the end.
     """
-    prep = _Preparations(job, Counter() if covariance_users is None else Counter(covariance_users))
+    prep = Preparations(job, Counter() if covariance_users is None else Counter(covariance_users))
     plans: dict[str, LayerPlan] = {}
     for layer in tqdm(layers, total=total, desc=f"svdadapt {job.spec.name}", disable=not progress, unit="layer"):
         prepared = None

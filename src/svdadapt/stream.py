@@ -15,6 +15,16 @@ base through a ``shards.ShardWriter``; every other tensor is copied through unch
 Which modules are targets is decided exactly as ``wrap`` decides it, on a skeleton of the model built on the meta
 device from config.json (no weight is materialized): ``targets.resolve_targets``.
 
+CorDA (``calibration=`` batches) first runs the calibration one decoder block at a time on that skeleton, each
+block's weights read from the checkpoint only while it runs (``lazy.LazyBlocks`` under ``blockwise.plan_blockwise``,
+the path ``wrap`` takes on a loaded model); a block's targets are decomposed while it is loaded and journaled, and
+the base is then written as for PiSSA, from the journal. Memory: one block, the hidden states (on disk past
+``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
+
+Several processes (``torch.distributed``): the base's shards (the files one process would write,
+``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
+those shards, rank 0 joins them (``shards.merge_parts``) and writes the rest. The files are those of one process.
+
 Memory follows the largest tensor, not the model: a few tensors of one layer (W as stored, W in fp32, the SVD's
 work, the new base) plus the output shard being filled (at most ``max_shard_bytes``); at the end the adapter's
 factors (r·(in + out) per layer), a few times over while they are written.
@@ -33,26 +43,29 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections import Counter
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import checks
+from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
 from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
-from .distributed import my_share, world
-from .engine import Job, plan_layer
+from .distributed import layer_cost, my_share, split_by_cost, world
+from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
+from .lazy import LazyBlocks
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, METHODS, finish, get_method
 from .record import weight_checksum
 from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter,
-                     copy_files, fsync_file)
+                     copy_files, fsync_file, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
 from .targets import saved_modules
 from .wrap import build_job, lora_config, select_targets
@@ -166,14 +179,32 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def _data_free(method: str) -> MethodSpec:
+def _streamable(method: str, calibration: Any) -> MethodSpec:
+    """The method, if a checkpoint alone (and calibration batches) can initialize it."""
     spec = get_method(method)
-    if spec.needs_calibration or spec.needs_reference:
-        free = ", ".join(n for n, s in METHODS.items() if not (s.needs_calibration or s.needs_reference))
-        raise ValueError(f"init_checkpoint streams the data-free methods ({free}); method {method!r} needs "
-                         f"{'calibration data' if spec.needs_calibration else 'a reference model'}, which takes "
-                         "block-by-block calibration, a separate path: use svdadapt.wrap on the loaded model")
+    if spec.needs_reference:
+        streamed = ", ".join(n for n, s in METHODS.items() if not s.needs_reference)
+        raise ValueError(f"init_checkpoint streams {streamed}; method {method!r} compensates a compressed model "
+                         "against its reference, two models a checkpoint does not give: load the compressed model "
+                         "and use svdadapt.wrap (block by block there too)")
+    if spec.needs_calibration and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration=: an iterable of batches (e.g. svdadapt.text_batches)")
+    if spec.needs_calibration and isinstance(calibration, (Mapping, str, os.PathLike, torch.Tensor)):
+        raise TypeError(f"init_checkpoint calibrates block by block from batches (an iterable of dicts or token "
+                        f"tensors), got {type(calibration).__name__}; precomputed covariances need the loaded model: "
+                        "svdadapt.wrap")
+    if not spec.needs_calibration and calibration is not None:
+        raise ValueError(f"method {method!r} takes no calibration data; drop calibration=")
     return spec
+
+
+def _check_run_options(progress: Any, resume: Any, max_shard_bytes: Any, blockwise: Any) -> None:
+    checks.check_flag("progress", progress)
+    checks.check_flag("resume", resume)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    if blockwise is not None and not isinstance(blockwise, BlockwiseOptions):
+        raise TypeError(f"blockwise must be None or a svdadapt.BlockwiseOptions, got {blockwise!r}")
 
 
 def _skeleton(src: Path) -> nn.Module:
@@ -234,22 +265,25 @@ def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any
     return _Checkpoint(src, model, task_type, targets, reader, source)
 
 
-def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int
-             ) -> dict[str, Any]:
+def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int,
+             calibration: str | None) -> dict[str, Any]:
     """What decides the output: a resumed run must have the same."""
     h, reader = hashlib.sha256(), ck.reader
     for n in reader.names:
         h.update(f"{n}:{tuple(reader.shape(n))}:{reader.nbytes(n)};".encode())
     return {"format": _FORMAT, "tensors": h.hexdigest(), "method": job.spec.name, "rank": job.rank, "alpha": alpha,
             "use_rslora": use_rslora, "svd": job.svd.svd, "niter": job.svd.niter, "oversample": job.svd.oversample,
-            "seed": job.seed, "targets": sorted(ck.source.keys), "max_shard_bytes": max_shard_bytes}
+            "seed": job.seed, "targets": sorted(ck.source.keys), "max_shard_bytes": max_shard_bytes,
+            "mode": job.mode, "damping": getattr(job.options, "damping", None), "calibration": calibration}
 
 
 # ------------------------------------------------------------------------------------------------------ the base
 
 
-def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str) -> torch.Tensor:
-    """The new base of one target as stored, its factors planned (or taken from the journal) and journaled."""
+def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str,
+                plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[torch.Tensor, LayerResult]:
+    """The new base of one target as stored, and its journal entry: its factors planned by ``plan_one`` (default
+    ``engine.plan_layer``), or taken from the journal, and journaled."""
     layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
     if not torch.isfinite(layer.W).all():
         raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
@@ -261,7 +295,7 @@ def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str
         raise ValueError(f"the weight of {name!r} in {source.reader.path} changed since the interrupted run: delete "
                          f"{journal.dir.parent} and start again")
     if saved is None:
-        plan = plan_layer(job, layer)
+        plan = plan_layer(job, layer) if plan_one is None else plan_one(layer)
         A, B, report = plan.A, plan.B, plan.report
     else:
         A, B, report = saved.A, saved.B, saved.report
@@ -270,10 +304,10 @@ def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str
     else:
         base = stored
     del layer, stored
-    residual = weight_checksum(base)
-    if saved is None or saved.residual_checksum != residual:
-        journal.put(name, LayerResult(A, B, report, checksum, residual))
-    return base
+    result = LayerResult(A, B, report, checksum, weight_checksum(base))
+    if saved is None or saved.residual_checksum != result.residual_checksum:
+        journal.put(name, result)
+    return base, result
 
 
 def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: _Journal) -> bool:
@@ -306,7 +340,7 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
             if name is None:
                 writer.add(key, reader.get(key))
                 continue
-            writer.add(key, _layer_base(job, source, journal, name))
+            writer.add(key, _layer_base(job, source, journal, name)[0])
             bar.update()
     journal.mark_base_complete()
 
@@ -361,6 +395,57 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslor
     _write_records(out, job.spec, job, alpha, options, config, results, ck.src)
 
 
+def _plan_calibrated(job: Job, ck: _Checkpoint, journal: _Journal, calibration: Iterable[Any],
+                     options: BlockwiseOptions, progress: bool) -> None:
+    """CorDA from a checkpoint: the calibration runs block by block on the meta skeleton, each block's weights loaded
+    only while it runs (``lazy.LazyBlocks``); a block's targets are planned from its covariances while it is loaded
+    and go to the journal, from which ``_write_base`` then writes the base as for the data-free methods. Under
+    ``torch.distributed`` the batches are split over the ranks (covariances all-reduced) and each rank plans its
+    share of every block's targets."""
+    found = find_stack(ck.model)
+    if found is None:
+        raise ValueError(f"init_checkpoint calibrates one decoder block at a time, and {type(ck.model).__name__} "
+                         "has no decoder stack (a ModuleList of identical blocks): load the model and use "
+                         "svdadapt.wrap")
+
+    def plan(block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+        mine = my_share({n: ck.source.shapes[n] for n in block}, job)
+        prep = Preparations(job, Counter(id(covs[n]) for n in mine))
+        for n in mine:
+            def plan_one(layer: LayerInput, _n: str = n) -> LayerPlan:
+                prepared = prep.take(_n, covs[_n], layer.W.device) if job.spec.prepare is not None else None
+                return plan_layer(job, replace(layer, C=covs[_n]), prepared)
+            _layer_base(job, ck.source, journal, n, plan_one)
+        _barrier()
+        return {n: LayerPlan(n, r.A, r.B, r.report) for n in block for r in [journal.require(n)]}
+
+    with LazyBlocks(ck.model, ck.reader, *found):
+        plan_blockwise(ck.model, ck.targets, calibration, plan, options, progress=progress)
+
+
+def _calibration_key(calibration: list[Any]) -> str:
+    """A fingerprint of the calibration batches' tensors (a resumed run must calibrate on the same)."""
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v)
+        else:
+            h.update(repr(obj).encode())
+
+    feed(calibration)
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def _barrier() -> None:
     if world()[1] > 1:
@@ -377,22 +462,41 @@ def _open_journal(out: Path, key: dict[str, Any], resume: bool) -> _Journal:
     return journal if journal is not None else _Journal(out, key, resume=True)
 
 
-def _plan_my_share(job: Job, ck: _Checkpoint, journal: _Journal, progress: bool) -> bool:
-    """Under ``torch.distributed``: each rank decomposes its share of the targets (balanced by cost) into the journal,
-    which every rank sees (``out_dir`` on a shared filesystem); then rank 0 alone writes the outputs, reading the
-    factors from the journal. Returns whether this process writes. One process: nothing to do, True."""
+_IO_FLOPS_PER_BYTE = 10.0  # a byte read and written weighs about as much as 10 flops of decomposition
+
+
+def _write_base_together(job: Job, ck: _Checkpoint, journal: _Journal, base_dir: Path, max_shard_bytes: int,
+                         progress: bool) -> bool:
+    """Under ``torch.distributed``: the base's shards (``shards.plan_shards``: the files one process writes) are
+    split over the ranks by the cost of what they hold (decompositions, and bytes read and written); each rank
+    decomposes the targets of its shards (factors into the journal, which every rank sees: ``out_dir`` on a shared
+    filesystem) and writes those shards (``shards.write_part``); rank 0 then joins them into the checkpoint
+    (``shards.merge_parts``) and writes the other outputs. Returns whether this process goes on to write them."""
     rank, size = world()
-    if size == 1:
-        return True
-    shapes = {n: ck.source.shapes[n] for n in ck.source.names}
-    for name in tqdm(my_share(shapes, job), desc=f"svdadapt {job.spec.name} (rank {rank})", unit="layer",
-                     disable=not progress):
-        if journal.get(name) is None:
-            _layer_base(job, ck.source, journal, name)
+    reader, source = ck.reader, ck.source
+    plan = plan_shards([(key, reader.nbytes(key)) for key in reader.names], max_shard_bytes)
+
+    def cost(names: list[str]) -> float:
+        flops = sum(layer_cost(source.shapes[n], job) for n in map(source.module_of, names) if n is not None)
+        return flops + _IO_FLOPS_PER_BYTE * sum(reader.nbytes(key) for key in names)
+
+    def tensor(key: str) -> torch.Tensor:
+        name = source.module_of(key)
+        return reader.get(key) if name is None else _layer_base(job, source, journal, name)[0]
+
+    if not journal.base_complete:
+        share = split_by_cost({k: cost(names) for k, names in enumerate(plan, 1)}, size)[rank]
+        mine = {int(k): plan[int(k) - 1] for k in share}
+        with tqdm(total=sum(map(len, mine.values())), desc=f"svdadapt {job.spec.name} (rank {rank})",
+                  unit="tensor", disable=not progress) as bar:
+            write_part(base_dir, mine, tensor, rank, max_shard_bytes, lambda _: bar.update())
     _barrier()
     if rank != 0:
         _barrier()  # wait for rank 0's outputs
         return False
+    if not journal.base_complete:
+        merge_parts(base_dir, plan, max_shard_bytes)
+        journal.mark_base_complete()
     return True
 
 
@@ -410,6 +514,10 @@ def init_checkpoint(
     niter: int | None = DEFAULT_NITER,
     oversample: int = DEFAULT_OVERSAMPLE,
     seed: int = 0,
+    mode: str | None = None,
+    damping: float = _DAMPING,
+    calibration: Iterable[Any] | None = None,
+    blockwise: BlockwiseOptions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     resume: bool = True,
@@ -425,10 +533,16 @@ def init_checkpoint(
         checkpoint_dir: a Hugging Face causal-LM directory: config.json and ``model.safetensors`` or
             ``model.safetensors.index.json`` with its shards (other files, e.g. the tokenizer's, are copied).
         out_dir: a new or empty directory (or the one of an interrupted run, with ``resume``).
-        method: a data-free method, ``"pissa"`` or ``"milora"`` (CorDA / EoRA need calibration: ``ValueError``).
-        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed: as in
-            :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
+        method: ``"pissa"``, ``"milora"`` or ``"corda"`` (with ``calibration``); EoRA compensates a compressed
+            model, which a checkpoint does not give (``ValueError``).
+        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping: as
+            in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
+        calibration: CorDA's batches (as for ``wrap``: dicts or token tensors). They run one decoder block at a
+            time on a model whose blocks are loaded from the checkpoint only while they run (``svdadapt.lazy``),
+            each block's targets decomposed at once: memory of one block, the hidden states and the layers outside
+            the stack, never the model. The adapters are those of ``wrap`` on the loaded model (fp32 rounding).
+        blockwise: the hidden states' memory budget and offload directory (``BlockwiseOptions``; None: defaults).
         max_shard_bytes: the largest output shard (tensor bytes; default 1 GiB), also what the writer holds.
         progress: a progress bar over the targeted layers.
         resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
@@ -438,20 +552,23 @@ def init_checkpoint(
     ``FileExistsError`` for an ``out_dir`` that holds something else, ``ValueError`` for bad options, a rank above
     a target's min(out, in), a target missing from the checkpoint or of the wrong shape, tied target weights.
     """
-    src, spec = _checkpoint_dir(checkpoint_dir), _data_free(method)
-    checks.check_flag("progress", progress)
-    checks.check_flag("resume", resume)
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
-    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, None, _DAMPING, _CALIBRATE_ON)
+    src, spec = _checkpoint_dir(checkpoint_dir), _streamable(method, calibration)
+    _check_run_options(progress, resume, max_shard_bytes, blockwise)
+    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, _CALIBRATE_ON)
     ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
+    batches = None if calibration is None else list(calibration)
     out = Path(out_dir)
-    journal = _open_journal(out, _job_key(job, alpha, use_rslora, ck, max_shard_bytes), resume)
-    if not _plan_my_share(job, ck, journal, progress):
-        return out  # another rank writes the outputs
-    _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
+    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and _calibration_key(batches))
+    journal = _open_journal(out, key, resume)
+    if batches is not None:
+        options = replace(blockwise or BlockwiseOptions(), sequential=False)
+        _plan_calibrated(job, ck, journal, batches, options, progress)
+    if world()[1] == 1:
+        _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
+    elif not _write_base_together(job, ck, journal, out / "base", max_shard_bytes, progress):
+        return out  # rank 0 writes the other outputs
     ck.reader.close()
-    options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=_DAMPING,
+    options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
                    use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
     _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal)
     journal.remove()

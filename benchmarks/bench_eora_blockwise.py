@@ -1,8 +1,8 @@
 """EoRA with block-by-block calibration on SmolLM2-135M: which inputs should block i's covariances come from?
 
-- reference (``blockwise=True``, the default): the original model's activations, block after block: the same
+- reference (``BlockwiseOptions(sequential=False)``): the original model's activations, block after block: the same
   covariances as the whole-model path (``blockwise=False``, also run, to show that the adapters are identical);
-- sequential (``BlockwiseOptions(sequential=True)``): block i reads the outputs of the compressed blocks 0..i−1
+- sequential (``BlockwiseOptions(sequential=True)``, what ``wrap``'s default gives for EoRA): block i reads the outputs of the compressed blocks 0..i−1
   with their compensation already applied (the EoRA paper's sequential variant), and its own layers' inputs
   come from the reference block i (``calibrate_on="reference"``) or from the compressed block i
   (``calibrate_on="compressed"``, the paper's choice);
@@ -38,11 +38,12 @@ from svdadapt.blockwise import BlockwiseOptions  # noqa: E402
 
 VARIANTS = {  # key -> (name, wrap keywords)
     "whole": ("whole model, reference inputs", dict(blockwise=False)),
-    "reference": ("blockwise, reference inputs", dict(blockwise=True)),
+    "reference": ("blockwise, reference inputs", dict(blockwise=BlockwiseOptions(sequential=False))),
     "sequential": ("blockwise, sequential (reference block i)", dict(blockwise=BlockwiseOptions(sequential=True))),
     "sequential-compressed": ("blockwise, sequential (compressed block i)",
                               dict(blockwise=BlockwiseOptions(sequential=True), calibrate_on="compressed")),
-    "compressed": ("blockwise, compressed inputs", dict(blockwise=True, calibrate_on="compressed")),
+    "compressed": ("blockwise, compressed inputs", dict(blockwise=BlockwiseOptions(sequential=False),
+                                                         calibrate_on="compressed")),
 }
 
 

@@ -125,7 +125,7 @@ def test_tiny_llama_end_to_end_and_calibrate_on():
         covs = svdadapt.collect_covariances(source, calib, progress=False)
         kw = {} if on is None else {"calibrate_on": on}
         collected = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=calib,
-                                  progress=False, **kw)
+                                  blockwise=False, progress=False, **kw)  # (wrap's default: sequential blocks)
         given = svdadapt.wrap(copy.deepcopy(qmodel), "eora", rank=8, reference=model, calibration=covs,
                               progress=False)
         assert same_init_factors(given, collected), on

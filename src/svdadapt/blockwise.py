@@ -23,8 +23,9 @@ stack (an explicitly targeted ``lm_head``) are collected first by one whole-mode
 EoRA's sequential variant (``sequential=True``): block i+1 reads the outputs of the *compressed* block i with its
 just-computed compensation W_c + s·B·A applied (forward hooks adding s·(x·Aᵀ)·Bᵀ, no PEFT model built): the
 activations the adapted model will see, rather than the reference's. It gave the lower perplexity in every setting
-measured (docs/benchmarks.md), so it is the default of an explicit ``wrap(blockwise=True)`` for EoRA; ``wrap``'s
-automatic mode (``blockwise=None``) keeps the whole-model path's inputs, so it never changes a result.
+measured (docs/benchmarks.md), so it is EoRA's default wherever the block-by-block path applies (``wrap``'s
+automatic ``blockwise=None`` and ``blockwise=True``); ``BlockwiseOptions(sequential=False)`` keeps the whole-model
+path's inputs (the same adapters as ``blockwise=False``).
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibra
     None (automatic) and True take the block-by-block path when the method needs calibration and ``calibration`` is
     an iterable of batches (precomputed covariances need no forward pass); whether the model is a supported decoder
     stack is decided later, by :func:`plan_blockwise`. An explicit request (True or options) that cannot apply raises.
-    The automatic mode never changes a result: it is not sequential. Otherwise ``sequential=None`` becomes True
-    where it applies (a method that keeps the base, EoRA, without ``quantize=``).
+    ``sequential=None`` becomes True where it applies (a method that keeps the base, EoRA, without ``quantize=``):
+    it gave the lower perplexity in every setting measured, so the automatic mode takes it too.
     """
     if blockwise is False:
         return None
@@ -145,8 +146,7 @@ def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibra
             return None
         raise ValueError(f"blockwise={blockwise!r} calibrates from batches: method {spec.name!r} "
                          + ("was given precomputed covariances" if spec.needs_calibration else "needs no calibration"))
-    options = blockwise if isinstance(blockwise, BlockwiseOptions) else BlockwiseOptions(
-        sequential=False if blockwise is None else None)
+    options = blockwise if isinstance(blockwise, BlockwiseOptions) else BlockwiseOptions()
     if options.sequential is None:
         options = replace(options, sequential=not spec.rewrites_base and not quantized)
     if options.sequential and spec.rewrites_base:

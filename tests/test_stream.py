@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import svdadapt
 import svdadapt.stream as stream
+import svdadapt.stream_calibrated as stream_calibrated
+import svdadapt.stream_journal as stream_journal
 from svdadapt.cli import main as cli_main
 from svdadapt.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
 
@@ -168,9 +170,9 @@ class _Crash(RuntimeError):
 
 
 def _counting_plan_layer(monkeypatch, crash_after: int | None = None) -> list[str]:
-    """Patch the engine call stream.py makes: record each layer planned, raise after ``crash_after`` of them."""
+    """Patch the engine call the streaming paths make: record each layer planned, raise after ``crash_after``."""
     calls: list[str] = []
-    real = stream.plan_layer
+    real = stream_journal.plan_layer
 
     def plan(job, layer, *a, **kw):
         if crash_after is not None and len(calls) == crash_after:
@@ -178,7 +180,8 @@ def _counting_plan_layer(monkeypatch, crash_after: int | None = None) -> list[st
         calls.append(layer.name)
         return real(job, layer, *a, **kw)
 
-    monkeypatch.setattr(stream, "plan_layer", plan)
+    monkeypatch.setattr(stream_journal, "plan_layer", plan)
+    monkeypatch.setattr(stream_calibrated, "plan_layer", plan)
     return calls
 
 
@@ -215,7 +218,7 @@ def test_resume_after_the_base_is_written(tmp, monkeypatch, where):
     """Killed after the last shard (before or after the run recorded it): nothing is decomposed again."""
     ck = _checkpoint(tmp / "ck", make_tiny_llama(2))
     _run(ck, tmp / "whole")
-    target = (stream._Journal, "mark_base_complete") if where == "after_base" else (stream, "write_checkpoint")
+    target = (stream.Journal, "mark_base_complete") if where == "after_base" else (stream, "write_checkpoint")
 
     def boom(*a, **kw):
         raise _Crash(where)
@@ -282,9 +285,14 @@ def test_errors_name_the_path_or_module(tmp):
         svdadapt.init_checkpoint(ck, tmp / "o", method="corda", rank=4, calibration={"q": torch.eye(2)})
     with pytest.raises(ValueError, match="method 'pissa' takes no calibration data; drop calibration="):
         svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=4, calibration=[token_ids(1, 4, 0)])
-    with pytest.raises(ValueError, match="streams pissa, milora, corda; method 'eora' compensates a compressed "
-                                         "model against its reference"):
+    with pytest.raises(ValueError, match="method 'eora' from a checkpoint needs reference=: the directory of the "
+                                         "uncompressed checkpoint .checkpoint_dir is the compressed one., got NoneType"):
         svdadapt.init_checkpoint(ck, tmp / "o", method="eora", rank=4, calibration=[token_ids(1, 4, 0)])
+    with pytest.raises(ValueError, match="reference= applies to EoRA only, not to method 'pissa'"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="pissa", rank=4, reference=ck)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory.*nowhere"):
+        svdadapt.init_checkpoint(ck, tmp / "o", method="eora", rank=4, reference=tmp / "nowhere",
+                                 calibration=[token_ids(1, 4, 0)])
     with pytest.raises(ValueError, match="unknown method 'lora'"):
         svdadapt.init_checkpoint(ck, tmp / "o", method="lora", rank=4)
     with pytest.raises(ValueError, match=r"rank=33 exceeds min\(out, in\) = 32 of module '.*k_proj' with weight \(32, 64\)"):
@@ -438,4 +446,47 @@ def test_cli_streams_corda_as_the_in_memory_init_writes_it(tmp, capsys):
     assert "one decoder block at a time" in capsys.readouterr().err
     _cli_init(ck, tmp / "m", "corda", 4, *calib, "--mode", "kpa", "--in-memory")
     assert "loading" in capsys.readouterr().err
+    _assert_same_output(tmp / "s", tmp / "m")
+
+
+# ------------------------------------------------------------------------------------------- EoRA, block by block
+
+
+@pytest.mark.parametrize("calibrate_on, sequential", [("reference", None), ("compressed", None),
+                                                      ("reference", False)])
+def test_streamed_eora_equals_wrap_on_the_loaded_models(tmp, calibrate_on, sequential):
+    """Compressed and reference checkpoints, each read one block at a time: wrap's adapters bit for bit (sequential
+    inputs by default, as wrap's), and the compressed checkpoint copied through as the base."""
+    import copy
+
+    from svdadapt.blockwise import BlockwiseOptions
+
+    model = make_tiny_llama(10)
+    qmodel = svdadapt.compress.quantize(model, bits=3, group_size=16)
+    ref, ck = _checkpoint(tmp / "ref", model), _checkpoint(tmp / "q", qmodel)
+    blockwise = None if sequential is None else BlockwiseOptions(sequential=sequential)
+    svdadapt.init_checkpoint(ck, tmp / "s", method="eora", rank=4, reference=ref, calibrate_on=calibrate_on,
+                             calibration=_calibration(), blockwise=blockwise, max_shard_bytes=40_000, progress=False)
+    pm = svdadapt.wrap(copy.deepcopy(qmodel), "eora", 4, reference=model, calibrate_on=calibrate_on,
+                       calibration=_calibration(), blockwise=blockwise, progress=False)
+    factors = _adapter_factors(tmp / "s")
+    for n, (A, B) in pm.svdadapt.init_factors.items():
+        key = next(k for k in factors if f".{n}.lora_A." in k)
+        assert torch.equal(factors[key], A) and torch.equal(factors[key.replace("lora_A", "lora_B")], B), n
+    _assert_same_base(tmp / "s" / "base", ck)
+    meta = json.loads((tmp / "s" / "svdadapt.json").read_text())
+    assert meta["source"] == {"model": str(ck.resolve()), "reference": str(ref.resolve())}
+
+
+def test_cli_streams_eora_as_the_in_memory_init_writes_it(tmp, capsys):
+    from helpers import tiny_tokenizer
+
+    model = make_tiny_llama(11, vocab_size=300)
+    ref, ck = _checkpoint(tmp / "ref", model), _checkpoint(tmp / "q", svdadapt.compress.quantize(model, bits=3))
+    tiny_tokenizer(300).save_pretrained(ck)
+    (tmp / "calib.txt").write_text(" ".join(["class A: pass  # a class statement"] * 40))
+    args = ["--reference", str(ref), "--calib", str(tmp / "calib.txt"), "--seq-len", "32", "--batch-size", "2"]
+    _cli_init(ck, tmp / "s", "eora", 4, *args)
+    assert "one decoder block at a time" in capsys.readouterr().err
+    _cli_init(ck, tmp / "m", "eora", 4, *args, "--in-memory")
     _assert_same_output(tmp / "s", tmp / "m")

@@ -371,8 +371,10 @@ class _BlockRun(nn.Module):
 
 def _add_lora(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor, *,
               A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """A forward hook: the output of W_c plus the compensation, as PEFT's LoRA layer computes it."""
+    """A forward hook: the output of W_c plus the compensation, as PEFT's LoRA layer computes it (the factors go to
+    the input's device here: a block loaded only while it runs, ``svdadapt.lazy``, has no device before)."""
     x = _first_tensor(args, kwargs)
+    A, B = A.to(x.device), B.to(x.device)
     return out + (((x.to(A.dtype) @ A.mT) @ B.mT) * scaling).to(out.dtype)
 
 
@@ -382,8 +384,7 @@ def _compensated(modules: Mapping[str, nn.Module], plans: Mapping[str, LayerPlan
     handles = []
     try:
         for name, module in modules.items():
-            dev = next(module.parameters()).device
-            A, B = plans[name].A.to(dev), plans[name].B.to(dev)
+            A, B = plans[name].A, plans[name].B
             handles.append(module.register_forward_hook(
                 lambda m, a, k, o, _A=A, _B=B: _add_lora(m, a, k, o, A=_A, B=_B, scaling=scaling), with_kwargs=True))
         yield

@@ -146,9 +146,9 @@ def _init_parser(sub: Any) -> None:
                    help="run the decompositions there (e.g. cuda; default: where the model loads, the CPU); the "
                         "sketches stay seeded on the CPU, so a seed gives the same adapter on any device")
     q.add_argument("--in-memory", action="store_true",
-                   help="load the whole model even where it could be streamed (pissa/milora, and corda with text "
-                        "--calib, from a safetensors directory are streamed by default: the same output, memory of "
-                        "one layer, or for corda of one decoder block)")
+                   help="load the whole model even where it could be streamed (pissa/milora, and corda/eora with "
+                        "text --calib, from safetensors directories are streamed by default: the same output, memory "
+                        "of one layer, or for corda/eora of one decoder block)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     _calib_options(q)
 
@@ -325,16 +325,22 @@ def _rank() -> int:
     return world()[0]
 
 
+def _safetensors_dir(path: str | None) -> bool:
+    p = Path(path) if path else None
+    return p is not None and p.is_dir() and ((p / "model.safetensors").is_file()
+                                             or (p / "model.safetensors.index.json").is_file())
+
+
 def _streamable(args: argparse.Namespace) -> bool:
-    """pissa/milora, or corda with text calibration, on a safetensors model directory, nothing that needs the whole
-    model: streamed."""
+    """pissa/milora, corda/eora with text calibration, on safetensors model directories (eora: MODEL and
+    --reference), nothing that needs the whole model: streamed."""
     from .methods import METHODS
 
-    spec, p = METHODS[args.method], Path(args.model)
+    spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    return (not args.in_memory and (calibrated or not spec.needs_calibration) and not spec.needs_reference
-            and args.quantize is None and args.device is None and p.is_dir()
-            and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()))
+    return (not args.in_memory and (calibrated or not spec.needs_calibration) and args.quantize is None
+            and args.device is None and _safetensors_dir(args.model)
+            and (not spec.needs_reference or _safetensors_dir(args.reference)))
 
 
 def _cmd_init_streaming(args: argparse.Namespace) -> int:
@@ -359,8 +365,8 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
         _say(f"streaming {args.model} tensor by tensor")
     init_checkpoint(args.model, out, method=args.method, rank=args.rank, alpha=args.alpha,
                     target_modules=_targets(args.target_modules), use_rslora=args.rslora, svd=args.svd,
-                    seed=args.seed, mode=args.mode, calibration=calibration, progress=not args.no_progress,
-                    resume=True)
+                    seed=args.seed, mode=args.mode, calibration=calibration, reference=args.reference,
+                    progress=not args.no_progress, resume=True)
     if _rank() == 0:
         info = json.loads((out / "report.json").read_text())
         _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)

@@ -21,7 +21,7 @@ from .calibration import Covariances
 from .engine import Job, LayerPlan
 from .linalg import MIN_BLOCK, auto_niter, choose_svd
 
-__all__ = ["world", "layer_cost", "split_by_cost", "my_share", "gather_plans", "all_reduce_sum", "my_batches",
+__all__ = ["world", "barrier", "layer_cost", "split_by_cost", "my_share", "gather_plans", "all_reduce_sum", "my_batches",
            "reduce_covariances"]
 
 
@@ -31,6 +31,12 @@ def world() -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing outside a process group)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
 
 
 def layer_cost(shape: tuple[int, int], job: Job) -> float:

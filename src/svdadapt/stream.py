@@ -15,11 +15,12 @@ base through a ``shards.ShardWriter``; every other tensor is copied through unch
 Which modules are targets is decided exactly as ``wrap`` decides it, on a skeleton of the model built on the meta
 device from config.json (no weight is materialized): ``targets.resolve_targets``.
 
-CorDA (``calibration=`` batches) first runs the calibration one decoder block at a time on that skeleton, each
-block's weights read from the checkpoint only while it runs (``lazy.LazyBlocks`` under ``blockwise.plan_blockwise``,
-the path ``wrap`` takes on a loaded model); a block's targets are decomposed while it is loaded and journaled, and
-the base is then written as for PiSSA, from the journal. Memory: one block, the hidden states (on disk past
-``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
+CorDA and EoRA (``calibration=`` batches; EoRA: ``checkpoint_dir`` compressed, ``reference=`` uncompressed) first
+run the calibration one decoder block at a time on that skeleton (``stream_calibrated``: each block's weights read
+from the checkpoint only while it runs, ``lazy.LazyBlocks`` under ``blockwise.plan_blockwise``, the path ``wrap``
+takes on a loaded model); a block's targets are decomposed while it is loaded and journaled, and the base is then
+written as for PiSSA, from the journal (EoRA: copied through). Memory: one block (per model), the hidden states (on
+disk past ``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
 
 Several processes (``torch.distributed``): the base's shards (the files one process would write,
 ``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
@@ -29,13 +30,14 @@ Memory follows the largest tensor, not the model: a few tensors of one layer (W 
 work, the new base) plus the output shard being filled (at most ``max_shard_bytes``); at the end the adapter's
 factors (r·(in + out) per layer), a few times over while they are written.
 
-Resuming. ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options, targets, a
-fingerprint of the checkpoint's tensor list) and ``layers/<module>.safetensors`` per finished layer (A₀ (r, in),
-B₀ (out, r), its report and the checksums of W and of the new base), written atomically before that layer's base
-enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run again with ``resume=True`` (the default)
-after an interruption: the completed shards are verified (size, sha256) and kept, the layers already decomposed are
-taken from their files (no SVD; W is read again only for a layer whose base was in the shard being filled, and must
-match its recorded sha256), and the rest is computed as before. The result is bit-identical to an uninterrupted run.
+Resuming (``stream_journal``). ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options,
+targets, a fingerprint of the checkpoint's tensor list) and ``layers/<module>.safetensors`` per finished layer (A₀
+(r, in), B₀ (out, r), its report and the checksums of W and of the new base), written atomically before that layer's
+base enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run again with ``resume=True`` (the
+default) after an interruption: the completed shards are verified (size, sha256) and kept, the layers already
+decomposed are taken from their files (no SVD; W is read again only for a layer whose base was in the shard being
+filled, and must match its recorded sha256), and the rest is computed as before. The result is bit-identical to an
+uninterrupted run.
 ``.svdadapt-stream`` is removed when the run completes.
 """
 
@@ -43,127 +45,36 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections import Counter
 import json
 import os
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import checks
-from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
+from .blockwise import BlockwiseOptions
+from .blockwise import resolve as resolve_blockwise
 from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
-from .distributed import layer_cost, my_share, split_by_cost, world
-from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
-from .lazy import LazyBlocks
+from .distributed import barrier, layer_cost, split_by_cost, world
+from .engine import Job
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from .methods import MethodSpec, METHODS, finish, get_method
-from .record import weight_checksum
+from .methods import MethodSpec, get_method
 from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter,
-                     copy_files, fsync_file, merge_parts, plan_shards, write_part)
+                     copy_files, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
+from .stream_calibrated import calibration_key, plan_calibrated
+from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, open_journal
 from .targets import saved_modules
 from .wrap import build_job, lora_config, select_targets
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
-STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
 _FORMAT = "svdadapt.stream/1"
 _DAMPING, _CALIBRATE_ON = 0.01, "reference"  # wrap's defaults: recorded in the options as wrap records them
-
-
-# ------------------------------------------------------------------------------------------------------ journal
-
-
-@dataclass
-class LayerResult:
-    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
-    (``record.weight_checksum``) of the original weight and of the new base, both as stored."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    report: dict[str, Any]
-    base_checksum: str
-    residual_checksum: str
-
-
-class _Journal:
-    """``out_dir/.svdadapt-stream``: the job's description and one safetensors file per finished layer."""
-
-    def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
-        self.dir = out / STREAM_DIR
-        self.layers = self.dir / "layers"
-        self.resumed = self._open(out, json.loads(json.dumps(key)), resume)
-
-    def _open(self, out: Path, key: dict[str, Any], resume: bool) -> bool:
-        job = self.dir / "job.json"
-        if job.is_file():
-            if not resume:
-                raise FileExistsError(f"{out} holds an unfinished init_checkpoint run ({job}); pass resume=True to "
-                                      "continue it, or delete the directory")
-            saved = json.loads(job.read_text())
-            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-            if differ:
-                raise ValueError(f"{out} holds an unfinished init_checkpoint run of another job ({', '.join(differ)} "
-                                 "differ); pass the same checkpoint and options, or use another out_dir")
-            return True
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (nor an unfinished "
-                                  "init_checkpoint run to resume)")
-        self.layers.mkdir(parents=True)
-        tmp = self.dir / ".job.json.tmp"
-        tmp.write_text(json.dumps(key, indent=2))
-        os.replace(tmp, job)
-        return False
-
-    def _file(self, name: str) -> Path:
-        return self.layers / f"{name}.safetensors"
-
-    def put(self, name: str, r: LayerResult) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"report": json.dumps(r.report), "base_checksum": r.base_checksum,
-                "residual_checksum": r.residual_checksum}
-        tmp = self.layers / f".{name}.tmp"
-        save_file({"A": r.A.contiguous(), "B": r.B.contiguous()}, str(tmp), metadata=meta)
-        fsync_file(tmp)
-        os.replace(tmp, self._file(name))
-
-    def get(self, name: str) -> LayerResult | None:
-        from safetensors import safe_open
-
-        f = self._file(name)
-        if not f.is_file():
-            return None
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata()
-            A, B = h.get_tensor("A").clone(), h.get_tensor("B").clone()
-        report = json.loads(meta["report"])
-        if "shape" in report:
-            report["shape"] = tuple(report["shape"])  # as plan_layer gives it
-        return LayerResult(A, B, report, meta["base_checksum"], meta["residual_checksum"])
-
-    def require(self, name: str) -> LayerResult:
-        r = self.get(name)
-        if r is None:
-            raise RuntimeError(f"the resume journal {self.layers} has no factors for module {name!r}, whose base is "
-                               "already written: delete the output directory and start again")
-        return r
-
-    @property
-    def base_complete(self) -> bool:
-        return (self.dir / "base.complete").is_file()
-
-    def mark_base_complete(self) -> None:
-        (self.dir / "base.complete").write_text("")
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir)
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -179,14 +90,9 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def _streamable(method: str, calibration: Any) -> MethodSpec:
-    """The method, if a checkpoint alone (and calibration batches) can initialize it."""
+def _streamable(method: str, calibration: Any, reference: Any) -> MethodSpec:
+    """The method, if checkpoints (and calibration batches) can initialize it."""
     spec = get_method(method)
-    if spec.needs_reference:
-        streamed = ", ".join(n for n, s in METHODS.items() if not s.needs_reference)
-        raise ValueError(f"init_checkpoint streams {streamed}; method {method!r} compensates a compressed model "
-                         "against its reference, two models a checkpoint does not give: load the compressed model "
-                         "and use svdadapt.wrap (block by block there too)")
     if spec.needs_calibration and calibration is None:
         raise ValueError(f"method {method!r} needs calibration=: an iterable of batches (e.g. svdadapt.text_batches)")
     if spec.needs_calibration and isinstance(calibration, (Mapping, str, os.PathLike, torch.Tensor)):
@@ -195,6 +101,11 @@ def _streamable(method: str, calibration: Any) -> MethodSpec:
                         "svdadapt.wrap")
     if not spec.needs_calibration and calibration is not None:
         raise ValueError(f"method {method!r} takes no calibration data; drop calibration=")
+    if spec.needs_reference and not isinstance(reference, (str, os.PathLike)):
+        raise ValueError(f"method {method!r} from a checkpoint needs reference=: the directory of the uncompressed "
+                         f"checkpoint (checkpoint_dir is the compressed one), got {type(reference).__name__}")
+    if not spec.needs_reference and reference is not None:
+        raise ValueError(f"reference= applies to EoRA only, not to method {method!r}")
     return spec
 
 
@@ -265,52 +176,43 @@ def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any
     return _Checkpoint(src, model, task_type, targets, reader, source)
 
 
-def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int,
-             calibration: str | None) -> dict[str, Any]:
-    """What decides the output: a resumed run must have the same."""
-    h, reader = hashlib.sha256(), ck.reader
+def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
+    """EoRA's uncompressed checkpoint: the same targets (names, shapes) as the compressed model's."""
+    src = _checkpoint_dir(ref)
+    model = _skeleton(src)
+    modules = dict(model.named_modules())
+    missing = [n for n in ck.targets if n not in modules]
+    if missing:
+        raise ValueError(f"the reference checkpoint {str(src)!r} has no module {missing[0]!r}")
+    targets = {n: modules[n] for n in ck.targets}
+    reader = CheckpointReader(src)
+    return _Checkpoint(src, model, ck.task_type, targets, reader, CheckpointSource(reader, targets))
+
+
+def _tensors_key(reader: CheckpointReader) -> str:
+    h = hashlib.sha256()
     for n in reader.names:
         h.update(f"{n}:{tuple(reader.shape(n))}:{reader.nbytes(n)};".encode())
-    return {"format": _FORMAT, "tensors": h.hexdigest(), "method": job.spec.name, "rank": job.rank, "alpha": alpha,
-            "use_rslora": use_rslora, "svd": job.svd.svd, "niter": job.svd.niter, "oversample": job.svd.oversample,
-            "seed": job.seed, "targets": sorted(ck.source.keys), "max_shard_bytes": max_shard_bytes,
-            "mode": job.mode, "damping": getattr(job.options, "damping", None), "calibration": calibration}
+    return h.hexdigest()
+
+
+def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int,
+             calibration: str | None, options: BlockwiseOptions | None, reference: _Checkpoint | None
+             ) -> dict[str, Any]:
+    """What decides the output: a resumed run must have the same."""
+    return {"format": _FORMAT, "tensors": _tensors_key(ck.reader), "method": job.spec.name, "rank": job.rank,
+            "alpha": alpha, "use_rslora": use_rslora, "svd": job.svd.svd, "niter": job.svd.niter,
+            "oversample": job.svd.oversample, "seed": job.seed, "targets": sorted(ck.source.keys),
+            "max_shard_bytes": max_shard_bytes, "mode": job.mode, "damping": getattr(job.options, "damping", None),
+            "calibration": calibration, "calibrate_on": getattr(job.options, "calibrate_on", None),
+            "sequential": None if options is None else options.sequential,
+            "reference": None if reference is None else _tensors_key(reference.reader)}
 
 
 # ------------------------------------------------------------------------------------------------------ the base
 
 
-def _layer_base(job: Job, source: CheckpointSource, journal: _Journal, name: str,
-                plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[torch.Tensor, LayerResult]:
-    """The new base of one target as stored, and its journal entry: its factors planned by ``plan_one`` (default
-    ``engine.plan_layer``), or taken from the journal, and journaled."""
-    layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
-    if not torch.isfinite(layer.W).all():
-        raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
-                         f"{layer.W.numel()} entries) in {source.reader.file_of(source.keys[name])}; svdadapt "
-                         "cannot decompose it")
-    checksum = weight_checksum(stored)
-    saved = journal.get(name)
-    if saved is not None and saved.base_checksum != checksum:
-        raise ValueError(f"the weight of {name!r} in {source.reader.path} changed since the interrupted run: delete "
-                         f"{journal.dir.parent} and start again")
-    if saved is None:
-        plan = plan_layer(job, layer) if plan_one is None else plan_one(layer)
-        A, B, report = plan.A, plan.B, plan.report
-    else:
-        A, B, report = saved.A, saved.B, saved.report
-    if job.spec.rewrites_base:  # (out, in) from the rounded factors, cast once to the stored dtype
-        base = source.as_stored(name, finish(layer.W, A, B, job.scaling, stored.dtype))
-    else:
-        base = stored
-    del layer, stored
-    result = LayerResult(A, B, report, checksum, weight_checksum(base))
-    if saved is None or saved.residual_checksum != result.residual_checksum:
-        journal.put(name, result)
-    return base, result
-
-
-def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: _Journal) -> bool:
+def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: Journal) -> bool:
     """A resumed run killed after the ShardWriter closed but before it was recorded: a complete checkpoint with
     every tensor, and the factors of every target."""
     if not journal.resumed or (base_dir / JOURNAL_FILE).exists():
@@ -322,7 +224,7 @@ def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointS
     return complete and all(journal.get(n) is not None for n in source.names)
 
 
-def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, base_dir: Path, journal: _Journal,
+def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, base_dir: Path, journal: Journal,
                 max_shard_bytes: int, progress: bool) -> None:
     """Every tensor of the checkpoint, in its order, into ``base_dir``: targets rewritten, the rest copied."""
     if journal.base_complete or _finished_base(base_dir, reader, source, journal):
@@ -340,7 +242,7 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
             if name is None:
                 writer.add(key, reader.get(key))
                 continue
-            writer.add(key, _layer_base(job, source, journal, name)[0])
+            writer.add(key, layer_base(job, source, journal, name)[0])
             bar.update()
     journal.mark_base_complete()
 
@@ -365,7 +267,7 @@ def _write_adapter(adapter_dir: Path, model: nn.Module, config: Any, results: Ma
 
 
 def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options: dict[str, Any], config: Any,
-                   results: Mapping[str, LayerResult], src: Path) -> None:
+                   results: Mapping[str, LayerResult], src: Path, reference: str | os.PathLike | None) -> None:
     """svdadapt.json + svdadapt_state.safetensors (``checkpoint.write_checkpoint``) and report.json, with the
     fields ``export.checkpoint_meta`` and the CLI's init write."""
     report = {n: r.report for n, r in results.items()}
@@ -376,7 +278,7 @@ def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options:
                             "quantize": None}
     if spec.rewrites_base:
         meta["residual_checksums"] = {n: r.residual_checksum for n, r in results.items()}
-    meta["source"] = {"model": os.path.abspath(src), "reference": None}
+    meta["source"] = {"model": os.path.abspath(src), "reference": reference and os.path.abspath(reference)}
     init = {n: (r.A, r.B) for n, r in results.items()}
     write_checkpoint(out, meta, init, init, resume=True, portable=False)
     summary = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options, "quantize": None,
@@ -385,87 +287,20 @@ def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options:
 
 
 def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslora: bool, options: dict[str, Any],
-                   journal: _Journal) -> None:
+                   journal: Journal, reference: str | os.PathLike | None) -> None:
     """Everything but the base's tensors: its other files, the adapter, svdadapt.json, the state, report.json."""
     copy_files(ck.reader.files, out / "base")
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
     config = lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
     config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
     _write_adapter(out / "adapter", ck.model, config, results, out / "base")
-    _write_records(out, job.spec, job, alpha, options, config, results, ck.src)
-
-
-def _plan_calibrated(job: Job, ck: _Checkpoint, journal: _Journal, calibration: Iterable[Any],
-                     options: BlockwiseOptions, progress: bool) -> None:
-    """CorDA from a checkpoint: the calibration runs block by block on the meta skeleton, each block's weights loaded
-    only while it runs (``lazy.LazyBlocks``); a block's targets are planned from its covariances while it is loaded
-    and go to the journal, from which ``_write_base`` then writes the base as for the data-free methods. Under
-    ``torch.distributed`` the batches are split over the ranks (covariances all-reduced) and each rank plans its
-    share of every block's targets."""
-    found = find_stack(ck.model)
-    if found is None:
-        raise ValueError(f"init_checkpoint calibrates one decoder block at a time, and {type(ck.model).__name__} "
-                         "has no decoder stack (a ModuleList of identical blocks): load the model and use "
-                         "svdadapt.wrap")
-
-    def plan(block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
-        mine = my_share({n: ck.source.shapes[n] for n in block}, job)
-        prep = Preparations(job, Counter(id(covs[n]) for n in mine))
-        for n in mine:
-            def plan_one(layer: LayerInput, _n: str = n) -> LayerPlan:
-                prepared = prep.take(_n, covs[_n], layer.W.device) if job.spec.prepare is not None else None
-                return plan_layer(job, replace(layer, C=covs[_n]), prepared)
-            _layer_base(job, ck.source, journal, n, plan_one)
-        _barrier()
-        return {n: LayerPlan(n, r.A, r.B, r.report) for n in block for r in [journal.require(n)]}
-
-    with LazyBlocks(ck.model, ck.reader, *found):
-        plan_blockwise(ck.model, ck.targets, calibration, plan, options, progress=progress)
-
-
-def _calibration_key(calibration: list[Any]) -> str:
-    """A fingerprint of the calibration batches' tensors (a resumed run must calibrate on the same)."""
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, Mapping):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                feed(v)
-        else:
-            h.update(repr(obj).encode())
-
-    feed(calibration)
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def _open_journal(out: Path, key: dict[str, Any], resume: bool) -> _Journal:
-    """The journal; under ``torch.distributed`` rank 0 creates it and the other ranks join it."""
-    rank, size = world()
-    if size == 1:
-        return _Journal(out, key, resume)
-    journal = _Journal(out, key, resume) if rank == 0 else None
-    _barrier()
-    return journal if journal is not None else _Journal(out, key, resume=True)
+    _write_records(out, job.spec, job, alpha, options, config, results, ck.src, reference)
 
 
 _IO_FLOPS_PER_BYTE = 10.0  # a byte read and written weighs about as much as 10 flops of decomposition
 
 
-def _write_base_together(job: Job, ck: _Checkpoint, journal: _Journal, base_dir: Path, max_shard_bytes: int,
+def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: Path, max_shard_bytes: int,
                          progress: bool) -> bool:
     """Under ``torch.distributed``: the base's shards (``shards.plan_shards``: the files one process writes) are
     split over the ranks by the cost of what they hold (decompositions, and bytes read and written); each rank
@@ -482,7 +317,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: _Journal, base_dir:
 
     def tensor(key: str) -> torch.Tensor:
         name = source.module_of(key)
-        return reader.get(key) if name is None else _layer_base(job, source, journal, name)[0]
+        return reader.get(key) if name is None else layer_base(job, source, journal, name)[0]
 
     if not journal.base_complete:
         share = split_by_cost({k: cost(names) for k, names in enumerate(plan, 1)}, size)[rank]
@@ -490,9 +325,9 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: _Journal, base_dir:
         with tqdm(total=sum(map(len, mine.values())), desc=f"svdadapt {job.spec.name} (rank {rank})",
                   unit="tensor", disable=not progress) as bar:
             write_part(base_dir, mine, tensor, rank, max_shard_bytes, lambda _: bar.update())
-    _barrier()
+    barrier()
     if rank != 0:
-        _barrier()  # wait for rank 0's outputs
+        barrier()  # wait for rank 0's outputs
         return False
     if not journal.base_complete:
         merge_parts(base_dir, plan, max_shard_bytes)
@@ -517,6 +352,8 @@ def init_checkpoint(
     mode: str | None = None,
     damping: float = _DAMPING,
     calibration: Iterable[Any] | None = None,
+    reference: str | os.PathLike | None = None,
+    calibrate_on: str = _CALIBRATE_ON,
     blockwise: BlockwiseOptions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
@@ -533,8 +370,9 @@ def init_checkpoint(
         checkpoint_dir: a Hugging Face causal-LM directory: config.json and ``model.safetensors`` or
             ``model.safetensors.index.json`` with its shards (other files, e.g. the tokenizer's, are copied).
         out_dir: a new or empty directory (or the one of an interrupted run, with ``resume``).
-        method: ``"pissa"``, ``"milora"`` or ``"corda"`` (with ``calibration``); EoRA compensates a compressed
-            model, which a checkpoint does not give (``ValueError``).
+        method: ``"pissa"``, ``"milora"``, ``"corda"`` (with ``calibration``) or ``"eora"`` (with
+            ``calibration`` and ``reference``: ``checkpoint_dir`` is then the compressed model, a float checkpoint
+            such as ``svdadapt.compress`` gives, copied through as the base).
         rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
@@ -542,7 +380,10 @@ def init_checkpoint(
             time on a model whose blocks are loaded from the checkpoint only while they run (``svdadapt.lazy``),
             each block's targets decomposed at once: memory of one block, the hidden states and the layers outside
             the stack, never the model. The adapters are those of ``wrap`` on the loaded model (fp32 rounding).
-        blockwise: the hidden states' memory budget and offload directory (``BlockwiseOptions``; None: defaults).
+        reference, calibrate_on: EoRA's uncompressed checkpoint directory (also read one block at a time) and
+            which model the batches run on, as in ``wrap``.
+        blockwise: the hidden states' memory budget, offload directory and EoRA's sequential inputs
+            (``BlockwiseOptions``; None: defaults, as ``wrap``'s: sequential for EoRA).
         max_shard_bytes: the largest output shard (tensor bytes; default 1 GiB), also what the writer holds.
         progress: a progress bar over the targeted layers.
         resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
@@ -552,17 +393,20 @@ def init_checkpoint(
     ``FileExistsError`` for an ``out_dir`` that holds something else, ``ValueError`` for bad options, a rank above
     a target's min(out, in), a target missing from the checkpoint or of the wrong shape, tied target weights.
     """
-    src, spec = _checkpoint_dir(checkpoint_dir), _streamable(method, calibration)
+    src, spec = _checkpoint_dir(checkpoint_dir), _streamable(method, calibration, reference)
     _check_run_options(progress, resume, max_shard_bytes, blockwise)
-    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, _CALIBRATE_ON)
+    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
     ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
+    ref = None if reference is None else _open_reference(reference, ck)
     batches = None if calibration is None else list(calibration)
+    blocks = None if batches is None else resolve_blockwise(blockwise or True, spec, batches, quantized=False)
     out = Path(out_dir)
-    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and _calibration_key(batches))
-    journal = _open_journal(out, key, resume)
+    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and calibration_key(batches), blocks, ref)
+    journal = open_journal(out, key, resume)
     if batches is not None:
-        options = replace(blockwise or BlockwiseOptions(), sequential=False)
-        _plan_calibrated(job, ck, journal, batches, options, progress)
+        plan_calibrated(job, ck, journal, batches, blocks, progress, ref, calibrate_on)
+        if ref is not None:
+            ref.reader.close()
     if world()[1] == 1:
         _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
     elif not _write_base_together(job, ck, journal, out / "base", max_shard_bytes, progress):
@@ -570,7 +414,7 @@ def init_checkpoint(
     ck.reader.close()
     options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
                    use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
-    _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal)
+    _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal, reference)
     journal.remove()
-    _barrier()
+    barrier()
     return out

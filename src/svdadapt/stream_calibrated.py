@@ -1,0 +1,98 @@
+"""CorDA and EoRA from checkpoints, one decoder block at a time: the calibration of ``init_checkpoint``.
+
+The batches run block by block (``blockwise.plan_blockwise``, the path ``wrap`` takes on a loaded model) on the
+meta-device skeleton of the checkpoint, each block's weights read only while it runs (``lazy.LazyBlocks``). A block's
+targets are planned from its covariances while it is loaded and journaled (``stream_journal.layer_base``); the base
+is then written from the journal as for the data-free methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
+from .distributed import barrier, my_share
+from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
+from .lazy import LazyBlocks
+from .stream_journal import Journal, layer_base
+
+__all__ = ["plan_calibrated", "calibration_key"]
+
+
+def _stack(model: nn.Module, what: str) -> tuple[str, nn.ModuleList]:
+    found = find_stack(model)
+    if found is None:
+        raise ValueError(f"init_checkpoint calibrates one decoder block at a time, and the {what} "
+                         f"({type(model).__name__}) has no decoder stack (a ModuleList of identical blocks): load the "
+                         "model and use svdadapt.wrap")
+    return found
+
+
+def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[Any], options: BlockwiseOptions,
+                    progress: bool, reference: Any = None, calibrate_on: str = "reference") -> None:
+    """Every target's factors into the journal, the covariances collected one decoder block at a time.
+
+    ``ck`` (``stream._Checkpoint``) is the model adapted (CorDA: the original; EoRA: the compressed one), its
+    skeleton run with each block loaded only while it runs (``lazy.LazyBlocks``); a block's targets are planned from
+    its covariances while it is loaded. EoRA: ``reference`` is the uncompressed checkpoint, opened the same way; its
+    blocks are run when ``calibrate_on="reference"``, each target's reference weight is read from it, and with
+    ``options.sequential`` the hidden states are carried on by the compensated compressed blocks (as ``wrap``).
+    Under ``torch.distributed`` the batches are split over the ranks (covariances all-reduced) and each rank plans
+    its share of every block's targets."""
+    stack = _stack(ck.model, "model")
+    ref_stack = None if reference is None else _stack(reference.model, "reference")
+    if ref_stack is not None and (ref_stack[0] != stack[0] or len(ref_stack[1]) != len(stack[1])):
+        raise ValueError(f"the reference's decoder stack {ref_stack[0]!r} ({len(ref_stack[1])} blocks) is not the "
+                         f"model's {stack[0]!r} ({len(stack[1])} blocks)")
+
+    def plan(block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+        mine = my_share({n: ck.source.shapes[n] for n in block}, job)
+        prep = Preparations(job, Counter(id(covs[n]) for n in mine))
+        for n in mine:
+            def plan_one(layer: LayerInput, _n: str = n) -> LayerPlan:
+                prepared = prep.take(_n, covs[_n], layer.W.device) if job.spec.prepare is not None else None
+                W_ref = None if reference is None else reference.source.read(_n)[0].W
+                return plan_layer(job, replace(layer, C=covs[_n], reference=W_ref), prepared)
+            layer_base(job, ck.source, journal, n, plan_one)
+        barrier()
+        return {n: LayerPlan(n, r.A, r.B, r.report) for n in block for r in [journal.require(n)]}
+
+    with ExitStack() as lazy:
+        lazy.enter_context(LazyBlocks(ck.model, ck.reader, *stack))
+        hook_model = ck.model
+        if reference is not None:
+            lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
+            hook_model = reference.model if calibrate_on == "reference" else ck.model
+        plan_blockwise(hook_model, ck.targets, calibration, plan, options, model=ck.model, scaling=job.scaling,
+                       progress=progress)
+
+
+def calibration_key(calibration: list[Any]) -> str:
+    """A fingerprint of the calibration batches' tensors (a resumed run must calibrate on the same)."""
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v)
+        else:
+            h.update(repr(obj).encode())
+
+    feed(calibration)
+    return h.hexdigest()

@@ -1,0 +1,159 @@
+"""The resume journal of ``init_checkpoint``: ``out_dir/.svdadapt-stream`` and one layer's plan-or-journal step.
+
+``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
+each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
+atomically before that base enters a shard. ``layer_base`` is the one step every streaming path takes per target:
+read W from the checkpoint, plan it (or take the journaled factors, checked against W's sha256), build the new base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributed import barrier, world
+from .engine import Job, LayerInput, LayerPlan, plan_layer
+from .methods import finish
+from .record import weight_checksum
+from .shards import fsync_file
+from .sources import CheckpointSource
+
+__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "layer_base"]
+
+STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
+
+
+
+@dataclass
+class LayerResult:
+    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
+    (``record.weight_checksum``) of the original weight and of the new base, both as stored."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    report: dict[str, Any]
+    base_checksum: str
+    residual_checksum: str
+
+
+class Journal:
+    """``out_dir/.svdadapt-stream``: the job's description and one safetensors file per finished layer."""
+
+    def __init__(self, out: Path, key: dict[str, Any], resume: bool) -> None:
+        self.dir = out / STREAM_DIR
+        self.layers = self.dir / "layers"
+        self.resumed = self._open(out, json.loads(json.dumps(key)), resume)
+
+    def _open(self, out: Path, key: dict[str, Any], resume: bool) -> bool:
+        job = self.dir / "job.json"
+        if job.is_file():
+            if not resume:
+                raise FileExistsError(f"{out} holds an unfinished init_checkpoint run ({job}); pass resume=True to "
+                                      "continue it, or delete the directory")
+            saved = json.loads(job.read_text())
+            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+            if differ:
+                raise ValueError(f"{out} holds an unfinished init_checkpoint run of another job ({', '.join(differ)} "
+                                 "differ); pass the same checkpoint and options, or use another out_dir")
+            return True
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (nor an unfinished "
+                                  "init_checkpoint run to resume)")
+        self.layers.mkdir(parents=True)
+        tmp = self.dir / ".job.json.tmp"
+        tmp.write_text(json.dumps(key, indent=2))
+        os.replace(tmp, job)
+        return False
+
+    def _file(self, name: str) -> Path:
+        return self.layers / f"{name}.safetensors"
+
+    def put(self, name: str, r: LayerResult) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"report": json.dumps(r.report), "base_checksum": r.base_checksum,
+                "residual_checksum": r.residual_checksum}
+        tmp = self.layers / f".{name}.tmp"
+        save_file({"A": r.A.contiguous(), "B": r.B.contiguous()}, str(tmp), metadata=meta)
+        fsync_file(tmp)
+        os.replace(tmp, self._file(name))
+
+    def get(self, name: str) -> LayerResult | None:
+        from safetensors import safe_open
+
+        f = self._file(name)
+        if not f.is_file():
+            return None
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+            A, B = h.get_tensor("A").clone(), h.get_tensor("B").clone()
+        report = json.loads(meta["report"])
+        if "shape" in report:
+            report["shape"] = tuple(report["shape"])  # as plan_layer gives it
+        return LayerResult(A, B, report, meta["base_checksum"], meta["residual_checksum"])
+
+    def require(self, name: str) -> LayerResult:
+        r = self.get(name)
+        if r is None:
+            raise RuntimeError(f"the resume journal {self.layers} has no factors for module {name!r}, whose base is "
+                               "already written: delete the output directory and start again")
+        return r
+
+    @property
+    def base_complete(self) -> bool:
+        return (self.dir / "base.complete").is_file()
+
+    def mark_base_complete(self) -> None:
+        (self.dir / "base.complete").write_text("")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir)
+
+
+def open_journal(out: Path, key: dict[str, Any], resume: bool) -> Journal:
+    """The journal; under ``torch.distributed`` rank 0 creates it and the other ranks join it."""
+    rank, size = world()
+    if size == 1:
+        return Journal(out, key, resume)
+    journal = Journal(out, key, resume) if rank == 0 else None
+    barrier()
+    return journal if journal is not None else Journal(out, key, resume=True)
+
+
+
+
+def layer_base(job: Job, source: CheckpointSource, journal: Journal, name: str,
+                plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[torch.Tensor, LayerResult]:
+    """The new base of one target as stored, and its journal entry: its factors planned by ``plan_one`` (default
+    ``engine.plan_layer``), or taken from the journal, and journaled."""
+    layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
+    if not torch.isfinite(layer.W).all():
+        raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
+                         f"{layer.W.numel()} entries) in {source.reader.file_of(source.keys[name])}; svdadapt "
+                         "cannot decompose it")
+    checksum = weight_checksum(stored)
+    saved = journal.get(name)
+    if saved is not None and saved.base_checksum != checksum:
+        raise ValueError(f"the weight of {name!r} in {source.reader.path} changed since the interrupted run: delete "
+                         f"{journal.dir.parent} and start again")
+    if saved is None:
+        plan = plan_layer(job, layer) if plan_one is None else plan_one(layer)
+        A, B, report = plan.A, plan.B, plan.report
+    else:
+        A, B, report = saved.A, saved.B, saved.report
+    if job.spec.rewrites_base:  # (out, in) from the rounded factors, cast once to the stored dtype
+        base = source.as_stored(name, finish(layer.W, A, B, job.scaling, stored.dtype))
+    else:
+        base = stored
+    del layer, stored
+    result = LayerResult(A, B, report, checksum, weight_checksum(base))
+    if saved is None or saved.residual_checksum != result.residual_checksum:
+        journal.put(name, result)
+    return base, result

@@ -191,6 +191,63 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------ fine-tuning protocol
+def add_finetune_arguments(p: Any, *, lrs: str, out: Path) -> None:
+    """The options of the fine-tuning protocol that bench_finetune and bench_quant share (a learning-rate sweep on
+    seed 0, each start's best rate on the other seeds), and how a run is stored and reported."""
+    p.add_argument("--lrs", default=lrs, help="shared learning-rate sweep, run on seed 0")
+    p.add_argument("--seeds", default="0,1", help="seed 0 sweeps; the others run each start's best rate")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--target-loss", type=float, default=0.5)
+    p.add_argument("--n-val", type=int, default=128, help="held-out items that pick the learning rate")
+    p.add_argument("--n-test", type=int, default=256, help="held-out items scored at the end")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(out))
+    p.add_argument("--fresh", action="store_true", help="ignore what --out holds")
+    p.add_argument("--report-only", action="store_true", help="print the tables and redraw the PNG from --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_seeds(p: Any, text: str) -> list[int]:
+    seeds = [int(s) for s in text.split(",")]
+    if 0 not in seeds:
+        p.error("--seeds must include 0 (the sweep seed)")
+    return seeds
+
+
+def best_lr(runs: list[dict], method: str) -> float | None:
+    """The sweep (seed 0) learning rate with the highest validation accuracy; ties: lower final training loss."""
+    cands = [r for r in runs if r["method"] == method and r["seed"] == 0]
+    if not cands:
+        return None
+    return min(cands, key=lambda r: (-r["val_accuracy"], r["final_train_loss"]))["lr"]
+
+
+def sweep_grid(runs: list[dict], methods: Sequence[str], label: str = "method") -> str:
+    """Markdown grid of the seed-0 sweep: a row per method, a column per learning rate, cells "val / test"
+    exact match, the chosen rate in bold."""
+    lrs = sorted({r["lr"] for r in runs if r["seed"] == 0})
+    lines = [f"| {label} | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for m in methods:
+        cells = []
+        for lr in lrs:
+            r = next((r for r in runs if r["method"] == m and r["lr"] == lr and r["seed"] == 0), None)
+            cell = "—" if r is None else f"{r['val_accuracy']:.3f} / {r['test_accuracy']:.3f}"
+            cells.append(f"**{cell}**" if r is not None and lr == best_lr(runs, m) else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_only(out: Path, report: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict[str, Any]:
+    """``--report-only``: the tables printed and the PNG redrawn from the stored results."""
+    payload = json.loads(out.read_text())
+    print(report(payload))
+    plot(payload, out.with_suffix(".png"))
+    return payload
+
+
 # --------------------------------------------------------------------------------------------- models
 def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 4, heads: int = 32,
                  kv_heads: int | None = None, vocab: int = 32000, seed: int = 0):

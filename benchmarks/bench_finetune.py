@@ -40,7 +40,8 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent / "examples"))
 
 import _tasks  # noqa: E402
-from _common import RESULTS_DIR, machine_info, markdown_table, write_results  # noqa: E402
+from _common import (RESULTS_DIR, add_finetune_arguments, best_lr, machine_info, markdown_table,  # noqa: E402
+                     parse_seeds, report_only, sweep_grid, write_results)
 
 NAME = "bench_finetune"
 METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
@@ -107,14 +108,6 @@ def one_run(base, tok, data, covs, *, method: str, lr: float, seed: int, cfg: di
 
 
 # --------------------------------------------------------------------------------------------------- protocol
-def best_lr(runs: list[dict], method: str) -> float | None:
-    """The sweep (seed 0) learning rate with the highest validation accuracy; ties: lower final training loss."""
-    cands = [r for r in runs if r["method"] == method and r["seed"] == 0]
-    if not cands:
-        return None
-    return min(cands, key=lambda r: (-r["val_accuracy"], r["final_train_loss"]))["lr"]
-
-
 def _stats(xs: list[float | None]) -> tuple[float | None, float | None, float | None]:
     vals = [x for x in xs if x is not None]
     if not vals:
@@ -206,21 +199,6 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_grid(runs: list[dict], methods) -> str:
-    """Markdown grid of the seed-0 sweep: a row per method, a column per learning rate, cells "val / test"
-    exact match, the chosen rate in bold."""
-    lrs = sorted({r["lr"] for r in runs if r["seed"] == 0})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for m in methods:
-        cells = []
-        for lr in lrs:
-            r = next((r for r in runs if r["method"] == m and r["lr"] == lr and r["seed"] == 0), None)
-            cell = "—" if r is None else f"{r['val_accuracy']:.3f} / {r['test_accuracy']:.3f}"
-            cells.append(f"**{cell}**" if r is not None and lr == best_lr(runs, m) else cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def report(payload: dict) -> str:
     runs, cfg = payload["runs"], payload["config"]
     sweep = sorted([r for r in runs if r["seed"] == 0], key=lambda r: (cfg["methods"].index(r["method"]), r["lr"]))
@@ -238,30 +216,15 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     bundled SmolLM2. Returns the payload written to ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2", help="shared learning-rate sweep, run on seed 0")
-    p.add_argument("--seeds", default="0,1", help="seed 0 sweeps; the others run each method's best lr")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--target-loss", type=float, default=0.5)
-    p.add_argument("--n-val", type=int, default=128, help="held-out items that pick the learning rate")
-    p.add_argument("--n-test", type=int, default=256, help="held-out items scored at the end")
     p.add_argument("--targets", default="all-linear", help=_tasks.TARGETS_HELP)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model", default=None, help=_tasks.MODEL_HELP)
-    p.add_argument("--out", default=str(RESULTS_DIR / f"{NAME}.json"))
-    p.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
-    p.add_argument("--report-only", action="store_true", help="print the tables and redraw the PNG from --out")
-    p.add_argument("--no-progress", action="store_true")
+    add_finetune_arguments(p, lrs="1e-4,3e-4,1e-3,3e-3,1e-2", out=RESULTS_DIR / f"{NAME}.json")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     if args.report_only:
-        payload = json.loads(out.read_text())
-        print(report(payload))
-        plot(payload, out.with_suffix(".png"))
-        return payload
+        return report_only(out, report, plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -269,9 +232,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     if unknown:
         p.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
-    if 0 not in seeds:
-        p.error("--seeds must include 0 (the sweep seed)")
+    seeds = parse_seeds(p, args.seeds)
     cfg = dict(methods=methods, lrs=lrs, seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
                eval_every=args.eval_every, target_loss=args.target_loss, model=args.model or "SmolLM2-135M-Instruct",
                target_modules=args.targets, alpha="rank", n_val=args.n_val, n_test=args.n_test)

@@ -63,7 +63,8 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent / "examples"))
 
 import _tasks  # noqa: E402
-from _common import RESULTS_DIR, machine_info, markdown_table, smollm2, write_results  # noqa: E402
+from _common import (RESULTS_DIR, add_finetune_arguments, best_lr, machine_info, markdown_table,  # noqa: E402
+                     parse_seeds, report_only, smollm2, sweep_grid, write_results)
 from bench_eora import calibration_texts, code_texts  # noqa: E402
 
 NAME = "bench_quant"
@@ -294,13 +295,6 @@ class StartCache:
         return self.model, self.init_s
 
 
-def best_lr(runs: list[dict], method: str) -> float | None:
-    cands = [r for r in runs if r["method"] == method and r["seed"] == 0]
-    if not cands:
-        return None
-    return min(cands, key=lambda r: (-r["val_accuracy"], r["final_train_loss"]))["lr"]
-
-
 def run_finetune(args, model, tok, payload: dict, save) -> None:
     import svdadapt
 
@@ -405,20 +399,6 @@ FT_COLUMNS = [("method", "start", "{}"), ("lr", "lr", "{:g}"), ("seeds", "seeds"
               ("s_per_step", "s/step", "{:.2f}")]
 
 
-def sweep_grid(ft: dict) -> str:
-    runs = ft["runs"]
-    lrs = sorted({r["lr"] for r in runs if r["seed"] == 0})
-    lines = ["| start | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for m in ft["config"]["methods"]:
-        cells = []
-        for lr in lrs:
-            r = next((r for r in runs if r["method"] == m and r["lr"] == lr and r["seed"] == 0), None)
-            cell = "—" if r is None else f"{r['val_accuracy']:.3f} / {r['test_accuracy']:.3f}"
-            cells.append(f"**{cell}**" if r is not None and lr == best_lr(runs, m) else cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def report(payload: dict) -> str:
     parts = []
     if payload.get("init"):
@@ -429,7 +409,7 @@ def report(payload: dict) -> str:
             parts.append(f"PEFT's LoftQ on this CPU: {e}")
     ft = payload.get("finetune")
     if ft and ft.get("runs"):
-        parts.append(f"fine-tuning sweep (seed 0), validation / test exact match:\n{sweep_grid(ft)}")
+        parts.append(f"fine-tuning sweep (seed 0), validation / test exact match:\n{sweep_grid(ft['runs'], ft['config']['methods'], 'start')}")
         parts.append(f"each start at its best rate (steps to loss = first step whose 10-step average training loss "
                      f"is <= {ft['config']['target_loss']}):\n{markdown_table(ft_summary(ft), FT_COLUMNS)}")
     return "\n\n".join(parts)
@@ -512,28 +492,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--starts", default="fp,qlora," + ",".join(INIT_STARTS), help="part 1's starts")
     p.add_argument("--methods", default=",".join(FT_METHODS), help="fine-tuning starts")
     p.add_argument("--ft-rank", type=int, default=16)
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="shared learning-rate sweep, run on seed 0")
     p.add_argument("--method-lrs", default="", help="per-start rates instead of the sweep, e.g. qpissa=1e-3/3e-4,qlora=3e-3")
-    p.add_argument("--seeds", default="0,1", help="seed 0 sweeps; the others run each start's best rate")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--target-loss", type=float, default=0.5)
-    p.add_argument("--n-val", type=int, default=128)
-    p.add_argument("--n-test", type=int, default=256)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=str(RESULTS_DIR / f"{NAME}.json"))
-    p.add_argument("--fresh", action="store_true", help="ignore what --out holds")
-    p.add_argument("--report-only", action="store_true", help="print the tables and redraw the PNG from --out")
-    p.add_argument("--no-progress", action="store_true")
+    add_finetune_arguments(p, lrs="3e-4,1e-3,3e-3", out=RESULTS_DIR / f"{NAME}.json")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     if args.report_only:
-        payload = json.loads(out.read_text())
-        print(report(payload))
-        plot(payload, out.with_suffix(".png"))
-        return payload
+        return report_only(out, report, plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
@@ -545,9 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.starts = [s.strip() for s in args.starts.split(",") if s.strip()]
     if any(s not in LABELS for s in args.starts):
         p.error(f"--starts: choose from {', '.join(LABELS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if 0 not in seeds:
-        p.error("--seeds must include 0 (the sweep seed)")
+    seeds = parse_seeds(p, args.seeds)
 
     config = {"model": "SmolLM2-135M-Instruct (fp32)", "scheme": "nf4", "ranks": args.ranks,
               "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens,

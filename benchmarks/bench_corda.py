@@ -5,6 +5,11 @@
 - svdadapt, batches handed to ``wrap(calibration=batches)``: ``blockwise=True`` (one decoder block's covariances
   at a time, decomposed as soon as they are collected; ``svdadapt.blockwise``) and ``blockwise=False`` (the
   whole-model path: every covariance, then every decomposition).
+- svdadapt streamed from a checkpoint: ``init_checkpoint(dir, out, method="corda", calibration=batches)`` on the
+  model saved as safetensors (written by a separate job first): the model is never loaded; one decoder block's
+  weights are in memory at a time (``svdadapt.lazy``), the base is written tensor by tensor. Its peak RSS is the
+  whole process's, and its time includes writing the new base (540 MB, in ``--shard-mb`` shards: the writer holds
+  the shard it fills) and adapter.
 - PEFT 0.21: ``preprocess_corda`` (hooks with batch size 1, one covariance per layer, explicit inverse, full
   SVD of every layer) then ``get_peft_model(init_lora_weights="corda")``.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +97,32 @@ def job_svdadapt_batches(seqs: int, seq_len: int, rank: int, blockwise: bool) ->
             "threads": torch.get_num_threads()}
 
 
+def job_save_checkpoint(path: str) -> dict:
+    """SmolLM2 as a safetensors directory (model + tokenizer), for the streamed row."""
+    model, tok = smollm2()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return {}
+
+
+def job_svdadapt_streamed(seqs: int, seq_len: int, rank: int, checkpoint: str, out: str, shard_mb: int) -> dict:
+    import torch
+
+    import svdadapt
+    from svdadapt.loading import load_tokenizer
+
+    batches = _batches(load_tokenizer(checkpoint), seqs, seq_len)
+    sw = Stopwatch()
+    with sw("init_checkpoint"):
+        svdadapt.init_checkpoint(checkpoint, out, method="corda", mode="ipa", rank=rank, calibration=batches,
+                                 max_shard_bytes=shard_mb << 20, progress=False)
+    import json
+
+    layers = len(json.loads((Path(out) / "report.json").read_text())["layers"])
+    return {**sw.results(), "rss_after_mb": current_rss_mb(), "layers": layers, "load_peak_rss_mb": 0.0,
+            "threads": torch.get_num_threads()}
+
+
 def job_peft(seqs: int, seq_len: int, rank: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -144,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids "
                         "OpenMP oversubscription, which slows LAPACK SVDs ~10x")
+    p.add_argument("--shard-mb", type=int, default=100,
+                   help="output shard size of the streamed row (the writer holds one shard; default 100)")
     args = p.parse_args(argv)
     kw = dict(seqs=args.seqs, seq_len=args.seq_len, rank=args.rank)
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
@@ -160,6 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
                  collect_rss_start_mb=r["wrap_rss_start_mb"])
         rows.append(r)
         print(r, flush=True)
+    with tempfile.TemporaryDirectory(prefix="svdadapt-bench-corda-") as tmp:
+        run_job("bench_corda:job_save_checkpoint", path=f"{tmp}/ck")
+        r = run_job("bench_corda:job_svdadapt_streamed", env=env, checkpoint=f"{tmp}/ck", out=f"{tmp}/out",
+                    shard_mb=args.shard_mb, **kw)
+    r.update(impl=f"svdadapt init_checkpoint (streamed, block by block, {args.shard_mb} MiB output shards)",
+             total_s=r["init_checkpoint_s"],
+             collect_rss_start_mb=r["init_checkpoint_rss_start_mb"])
+    rows.append(r)
+    print(r, flush=True)
     r = run_job("bench_corda:job_peft", env=env, **kw)
     r.update(impl="PEFT preprocess_corda + get_peft_model", total_s=r["collect_and_decompose_s"] + r["init_s"])
     rows.append(r)

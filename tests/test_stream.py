@@ -380,13 +380,16 @@ def _adapter_factors(d: Path) -> dict[str, torch.Tensor]:
     return _tensors(d / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["ipa", "kpa"])
-def test_streamed_corda_equals_wrap_on_the_loaded_model(tmp, mode):
-    """The checkpoint's blocks loaded one at a time give wrap's adapters and residual base, bit for bit."""
-    ck = _checkpoint(tmp / "ck", make_tiny_llama(6))
+@pytest.mark.parametrize("mode, dtype", [("ipa", torch.float32), ("kpa", torch.float32), ("ipa", torch.bfloat16)])
+def test_streamed_corda_equals_wrap_on_the_loaded_model(tmp, mode, dtype):
+    """The checkpoint's blocks loaded one at a time give wrap's adapters and residual base, bit for bit (a bf16
+    checkpoint runs in bf16, as from_pretrained loads it)."""
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(6, dtype))
     svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=4, mode=mode, calibration=_calibration(),
                              max_shard_bytes=40_000, progress=False)
-    pm = svdadapt.wrap(make_tiny_llama(6), "corda", 4, mode=mode, calibration=_calibration(), progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(ck)  # as a user loads it (bf16 stays bf16)
+    assert loaded.dtype == dtype
+    pm = svdadapt.wrap(loaded, "corda", 4, mode=mode, calibration=_calibration(), progress=False)
     factors = _adapter_factors(tmp / "s")
     assert len(factors) == 2 * 14
     for n, (A, B) in pm.svdadapt.init_factors.items():

@@ -4,10 +4,11 @@ synthetic random-weight Llama checkpoints (``_synthetic.write_random_llama``: fp
 
   (a) in memory: ``from_pretrained`` then ``svdadapt.wrap(method="pissa")``, and ``wrap(method="corda")`` with
       random-token calibration (4 batches of 1 x 128 tokens);
-  (b) streaming: ``svdadapt.init_checkpoint(method="pissa")`` (tensor by tensor; writes base/ and adapter/).
-      Streaming CorDA is not supported by ``init_checkpoint``: its refusal is recorded, nothing is timed;
+  (b) streaming: ``svdadapt.init_checkpoint(method="pissa")`` (tensor by tensor; writes base/ and adapter/), and
+      ``init_checkpoint(method="corda", calibration=...)`` (the same calibration, one decoder block loaded at a time);
   (c) streaming with 2 processes: 2 gloo ranks (``torch.multiprocessing.spawn``) each call ``init_checkpoint``;
-      each rank decomposes its share of the layers, rank 0 then writes the outputs;
+      each rank decomposes the layers of its shards of the base and writes those shards, rank 0 then joins them and
+      writes the adapter (CorDA: the calibration batches split over the ranks, covariances all-reduced);
   (d) PEFT ``init_lora_weights="pissa_niter_16"`` on the loaded model (``get_peft_model``), the reference;
 
 and one point past the machine: a Llama-7B-shaped checkpoint (bf16 on disk, 13.5 GB; 27 GB in fp32) initialized
@@ -26,6 +27,7 @@ page cache where it holds them (this measures the work, not a cold disk).
 
     python benchmarks/bench_scale.py                        # 0.5 1 2 4 GB, then the 7B point (~45 min, 2 cores)
     python benchmarks/bench_scale.py --sizes 0.5 1 2 --skip-7b  # the small sizes only (~20 min)
+    python benchmarks/bench_scale.py --paths stream_corda stream2_corda --rerun --skip-7b   # measure these again
     python benchmarks/bench_scale.py --report-only          # reprint the table, redraw the PNG from the JSON
 
 Resumable: the JSON is written after every row, and a rerun skips the rows already there with the same rank,
@@ -57,13 +59,15 @@ NAME = "bench_scale"
 RANK = 16
 SIZES = (0.5, 1.0, 2.0, 4.0)
 CALIB_BATCHES, CALIB_TOKENS = 4, 128
-PATHS = ("memory_pissa", "memory_corda", "stream_pissa", "stream_corda", "stream2_pissa", "peft_pissa_niter_16")
+PATHS = ("memory_pissa", "memory_corda", "stream_pissa", "stream_corda", "stream2_pissa", "stream2_corda",
+         "peft_pissa_niter_16")
 LABELS = {
     "memory_pissa": "(a) in memory: from_pretrained + wrap pissa",
     "memory_corda": "(a) in memory: from_pretrained + wrap corda",
     "stream_pissa": "(b) streaming init_checkpoint pissa",
     "stream_corda": "(b) streaming init_checkpoint corda",
     "stream2_pissa": "(c) streaming pissa, 2 processes",
+    "stream2_corda": "(c) streaming corda, 2 processes",
     "peft_pissa_niter_16": "(d) PEFT pissa_niter_16 (get_peft_model)",
     "stream_pissa_7b": "(b) streaming init_checkpoint pissa",
 }
@@ -148,15 +152,22 @@ def job_memory(ckpt: str, method: str, threads: int | None = None, rank: int = R
             "wall_s": wall_s, "cpu_s": cpu_s, "layers": layers, "threads": torch.get_num_threads()}
 
 
-def job_stream(ckpt: str, out: str, threads: int | None = None, rank: int = RANK) -> dict:
+def _stream(ckpt: str, out: str, method: str, rank: int) -> None:
+    import svdadapt
+
+    vocab = json.loads(Path(ckpt, "config.json").read_text())["vocab_size"]
+    kw = {"calibration": _calibration(vocab)} if method == "corda" else {}
+    svdadapt.init_checkpoint(ckpt, out, method=method, rank=rank, progress=False, **kw)
+
+
+def job_stream(ckpt: str, out: str, threads: int | None = None, rank: int = RANK, method: str = "pissa") -> dict:
     """(b): ``init_checkpoint`` in this process; the output's size and adapter checksum, then the output deleted."""
     rss0 = _imports(threads)
     import torch
-    import svdadapt
 
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        svdadapt.init_checkpoint(ckpt, out, method="pissa", rank=rank, progress=False)
+        _stream(ckpt, out, method, rank)
         wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         info = _output_info(out)
     finally:
@@ -179,14 +190,13 @@ def _free_port() -> int:
 
 
 def _stream2_worker(rank: int, size: int, port: int, ckpt: str, out: str, result_dir: str, threads: int | None,
-                    lora_rank: int, t_spawn: float) -> None:
+                    lora_rank: int, t_spawn: float, method: str) -> None:
     """One rank of (c): its RSS after imports, its ``init_checkpoint`` time and CPU time, its own peak RSS, and
     when (seconds after the spawn) it had imported everything and joined the process group."""
     rss0 = _imports(threads)
     imported_s = time.time() - t_spawn
     import torch
     import torch.distributed as dist
-    import svdadapt
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
@@ -194,7 +204,7 @@ def _stream2_worker(rank: int, size: int, port: int, ckpt: str, out: str, result
         dist.barrier()
         ready_s = time.time() - t_spawn
         t0, c0 = time.perf_counter(), time.process_time()
-        svdadapt.init_checkpoint(ckpt, out, method="pissa", rank=lora_rank, progress=False)
+        _stream(ckpt, out, method, lora_rank)
         init_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     finally:
         dist.destroy_process_group()
@@ -203,7 +213,8 @@ def _stream2_worker(rank: int, size: int, port: int, ckpt: str, out: str, result
          "threads": torch.get_num_threads(), "imported_s": imported_s, "ready_s": ready_s}))
 
 
-def job_stream2(ckpt: str, out: str, threads: int | None = None, rank: int = RANK, nprocs: int = 2) -> dict:
+def job_stream2(ckpt: str, out: str, threads: int | None = None, rank: int = RANK, nprocs: int = 2,
+                method: str = "pissa") -> dict:
     """(c): ``nprocs`` gloo ranks spawned from here; wall time from spawn to join, each rank's own peak RSS."""
     rss0 = _imports(threads)
     import torch.multiprocessing as mp
@@ -211,8 +222,8 @@ def job_stream2(ckpt: str, out: str, threads: int | None = None, rank: int = RAN
     result_dir = tempfile.mkdtemp(prefix="bench_scale_ranks_")
     try:
         t0 = time.perf_counter()
-        mp.spawn(_stream2_worker, args=(nprocs, _free_port(), ckpt, out, result_dir, threads, rank, time.time()),
-                 nprocs=nprocs, join=True)
+        mp.spawn(_stream2_worker, args=(nprocs, _free_port(), ckpt, out, result_dir, threads, rank, time.time(),
+                                        method), nprocs=nprocs, join=True)
         wall_s = time.perf_counter() - t0
         ranks = [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(nprocs)]
         info = _output_info(out)
@@ -226,18 +237,6 @@ def job_stream2(ckpt: str, out: str, threads: int | None = None, rank: int = RAN
             "ranks": ranks, "nprocs": nprocs, "threads": ranks[0]["threads"], **info,
             # the row's memory: the rank with the largest growth (each rank is its own process)
             "rank_peak_rss_mb": ranks[worst]["peak_rss_mb"], "rss_imports_mb": ranks[worst]["rss_imports_mb"]}
-
-
-def stream_corda_refusal(ckpt: str) -> dict:
-    """(b) for CorDA: ``init_checkpoint`` refuses methods that need calibration; record its message."""
-    import svdadapt
-
-    try:
-        svdadapt.init_checkpoint(ckpt, os.path.join(tempfile.gettempdir(), "bench_scale_never_written"),
-                                 method="corda", rank=RANK, progress=False)
-    except ValueError as e:
-        return {"supported": False, "error": str(e)}
-    return {"supported": True}  # pragma: no cover - would need this benchmark updated
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -293,9 +292,9 @@ def report(payload: dict) -> str:
         t = dict(r)
         t["size"] = f"{r['ckpt_gb']:.2f} GB ({r['ckpt_dtype']})" if r.get("ckpt_gb") else "—"
         t["label"] = LABELS.get(r["path"], r["path"])
-        if r["path"] == "stream_corda" and not r.get("supported", True):
+        if r["path"] == "stream_corda" and not r.get("supported", True):  # rows of before it was supported
             t["label"] += ": not supported (ValueError)"
-        if r["path"] == "stream2_pissa" and r.get("startup_s") is not None:
+        if r["path"].startswith("stream2_") and r.get("startup_s") is not None:
             t["label"] += (f" (start-up {r['startup_s']:.1f} s, then the slowest rank's call "
                            f"{r['rank_init_s']:.1f} s)")
         table.append(t)
@@ -305,7 +304,8 @@ def report(payload: dict) -> str:
     checks = [f"{g:g} GB: {'identical' if same.get(g) == r.get('adapter_sha256') else 'DIFFERENT'}"
               for r in rows if r["path"] == "stream2_pissa" and (g := r["size_gb"]) in same]
     if checks:
-        out.append("\nadapter_model.safetensors of 2 processes vs 1 process: " + ", ".join(checks))
+        out.append("\nPiSSA adapter_model.safetensors of 2 processes vs 1 process: " + ", ".join(checks)
+                   + " (CorDA's differ in the last bits: its covariances are sums all-reduced in another order)")
     for r in rows:
         if r.get("out_bytes"):
             out.append(f"output of {LABELS[r['path']]} at {r['ckpt_gb']:.2f} GB: {r['out_bytes'] / 1e9:.2f} GB "
@@ -322,7 +322,8 @@ def plot(payload: dict, path: Path) -> None:
     rows = payload["rows"]
     fig, (ax_m, ax_t, ax_c) = plt.subplots(1, 3, figsize=(16, 5.4))
     styles = {"memory_pissa": ("C0", "o", "-"), "memory_corda": ("C1", "s", "-"), "stream_pissa": ("C2", "^", "-"),
-              "stream2_pissa": ("C3", "v", "--"), "peft_pissa_niter_16": ("C7", "D", ":")}
+              "stream_corda": ("C4", "<", "-"), "stream2_pissa": ("C3", "v", "--"), "stream2_corda": ("C5", ">", "--"),
+              "peft_pissa_niter_16": ("C7", "D", ":")}
     for p, (color, marker, ls) in styles.items():
         pts = sorted(((r["ckpt_gb"], r) for r in rows if r["path"] == p and r.get("growth_mb") is not None),
                      key=lambda t: t[0])
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system's temporary dir)")
     ap.add_argument("--fresh", action="store_true", help="ignore the rows already in the JSON")
+    ap.add_argument("--rerun", action="store_true",
+                    help="measure the selected --paths and --sizes again, replacing their rows (others are kept)")
     ap.add_argument("--report-only", action="store_true", help="reprint the table and redraw the PNG from the JSON")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -395,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"{json_path} holds another configuration; starting over", file=sys.stderr)
     done = {_row_key(r) for r in rows}
+    if args.rerun:
+        done -= {(p, gb) for p in args.paths for gb in args.sizes}
     loads: list[float] = []
 
     def save() -> None:
@@ -435,11 +440,12 @@ def main(argv: list[str] | None = None) -> dict:
                         r = run_job(f"{NAME}:job_memory", ckpt=ckpt, method="peft_pissa_niter_16", **kw)
                     elif p == "stream_pissa":
                         r = run_job(f"{NAME}:job_stream", ckpt=ckpt, out=out, **kw)
+                    elif p == "stream_corda":
+                        r = run_job(f"{NAME}:job_stream", ckpt=ckpt, out=out, method="corda", **kw)
                     elif p == "stream2_pissa":
                         r = run_job(f"{NAME}:job_stream2", ckpt=ckpt, out=out, **kw)
-                    else:  # stream_corda: the refusal, recorded as such; nothing to time
-                        r = run_job(f"{NAME}:stream_corda_refusal", ckpt=ckpt, timeout=600)
-                        r = {k: v for k, v in r.items() if k not in ("peak_rss_mb", "job_s")}
+                    else:
+                        r = run_job(f"{NAME}:job_stream2", ckpt=ckpt, out=out, method="corda", **kw)
                     add(_finish_row({"path": p, **common, **r}))
             finally:
                 shutil.rmtree(ckpt, ignore_errors=True)

@@ -144,3 +144,28 @@ def _assert_close_corda(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             assert rel(b[kb].double() @ b[k].double(), a[kb].double() @ a[k].double()) < 1e-3, (f, k)
     for k in a.keys() - factors:
         assert rel(b[k], a[k]) < 1e-3, (f, k)
+
+
+def test_cli_under_torchrun_writes_the_one_process_files(tmp_path) -> None:
+    """``torchrun --nproc_per_node 2 -m svdadapt.cli init``: the CLI joins the process group itself."""
+    import subprocess
+    import sys
+
+    from svdadapt.cli import main as cli_main
+
+    src = tmp_path / "model"
+    make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
+    args = ["init", str(src), "--method", "pissa", "--rank", str(RANK), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "svdadapt.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("svdadapt init") == 1  # one process group: rank 0 alone reports
+    torch.set_num_threads(1)
+    assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for f in files:
+        if f.name != "adapter_config.json":  # names its own base directory
+            assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f

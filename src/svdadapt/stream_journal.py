@@ -30,7 +30,6 @@ __all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "layer_base"]
 STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
 
 
-
 @dataclass
 class LayerResult:
     """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256

@@ -82,8 +82,8 @@ def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Mo
 
 class LazyBlocks:
     """``model`` (on the meta device) made runnable from ``reader``: outside ``blocks`` loaded now, each block
-    loaded when called, the block before it unloaded. ``close()`` (or the ``with`` block's end) unloads the last one
-    and removes the hooks.
+    loaded when called, the block before it unloaded. ``close()`` (or the ``with`` block's end) puts every weight
+    back on the meta device and removes the hooks.
 
     Args:
         model: the skeleton, built on the meta device from the checkpoint's config.
@@ -93,7 +93,7 @@ class LazyBlocks:
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, stack: str, blocks: nn.ModuleList) -> None:
-        self.reader, self.stack, self.blocks = reader, stack, blocks
+        self.model, self.reader, self.stack, self.blocks = model, reader, stack, blocks
         self.init_weights = getattr(model, "_init_weights", None)
         self.current: int | None = None
         self.loads = 0
@@ -117,7 +117,9 @@ class LazyBlocks:
             self.current = None
 
     def close(self) -> None:
+        """Every weight back on the meta device (the skeleton keeps its names and shapes), the hooks removed."""
         self.release()
+        self.model.to("meta")
         for h in self.handles:
             h.remove()
         self.handles = []

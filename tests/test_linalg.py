@@ -241,3 +241,18 @@ def test_damped_cholesky() -> None:
 
     with pytest.raises(ValueError, match="non-positive or non-finite mean diagonal"):
         damped_cholesky(torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("damping", [0.01, 0.0])
+def test_damped_cholesky_in_place_is_the_same_and_leaves_c_damped(damping) -> None:
+    """inplace=True forms C_d in C itself (no second d×d matrix): the same L and λ bit for bit, C = C + λ·mean·I on
+    return, even after failed attempts (an indefinite C fails the first Cholesky; its diagonal is restored)."""
+    X = torch.randn(30, 6, generator=gen(5), dtype=torch.float64)
+    for C in (X.mT @ X, torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))):
+        L, lam = damped_cholesky(C.clone(), damping=damping)
+        work = C.clone()
+        L2, lam2 = damped_cholesky(work, damping=damping, inplace=True)
+        assert lam2 == lam and torch.equal(L2, L)
+        expected = C + lam * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        assert torch.equal(work, expected)
+    assert lam > damping  # the indefinite one needed more damping than the first attempt

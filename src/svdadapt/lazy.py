@@ -3,11 +3,13 @@
 The streaming CorDA init (``stream.py``) runs calibration batches through a model it never loads whole. It takes
 the meta-device skeleton built from config.json and
 
-* loads everything outside the decoder stack at once (embeddings, final norm, output head: small next to the
-  stack), tied weights shared as ``from_pretrained`` shares them, and computes the buffers a checkpoint does not
-  hold (rotary ``inv_freq``) with the model's own ``_init_weights``, as ``from_pretrained`` does;
-* loads a block of the stack only when it is called (a forward pre-hook) and puts the previous one back on the
-  meta device, so at most one block's weights are in memory.
+* loads what comes before the decoder stack at once (the embeddings), and what comes after it (final norm, output
+  head, rotary embedding) on its first call (a forward pre-hook): a calibration that stops after the last block
+  never reads the output head. Tied weights are shared as ``from_pretrained`` shares them; the buffers a checkpoint
+  does not hold (rotary ``inv_freq``) are computed with the model's own ``_init_weights``, as ``from_pretrained``
+  does;
+* loads a block of the stack only when it is called and puts the previous one back on the meta device, so at most
+  one block's weights are in memory.
 
 ``blockwise.plan_blockwise`` runs such a model exactly as a loaded one: block 0's inputs are captured for every
 batch, then each block runs once over all batches (one load per block; the capture's chain check on the first batch
@@ -16,7 +18,7 @@ loads every block once more). Tensors keep the checkpoint's dtype, as ``from_pre
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,42 +33,50 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _load_tensors(module: nn.Module, prefix: str, reader: CheckpointReader, skip: Callable[[str], bool],
-                  init_weights: Callable[[nn.Module], None] | None) -> None:
-    """Every parameter and buffer under ``module`` (names from ``prefix``, except those ``skip`` names) from the
-    checkpoint; a parameter the checkpoint lacks takes the loaded tensor of the parameter it is tied to, a buffer
-    the checkpoint lacks is computed by ``init_weights`` on its module (which must hold no parameters)."""
-    loaded: dict[int, nn.Parameter] = {}  # id of the meta parameter -> its loaded replacement
-    missing: list[tuple[str, nn.Module, str, nn.Parameter]] = []
-    computed: dict[str, nn.Module] = {}
-    for mname, m in module.named_modules(prefix=prefix):
-        if skip(mname):
-            continue
-        for pname, p in list(m._parameters.items()):
-            key = _join(mname, pname)
-            if p is None:
-                continue
-            if key not in reader:
-                missing.append((key, m, pname, p))
-                continue
-            new = loaded.get(id(p)) or nn.Parameter(reader.get(key), requires_grad=False)
-            loaded[id(p)] = new
-            m._parameters[pname] = new
-        for bname, b in list(m._buffers.items()):
-            if b is None:
-                continue
-            key = _join(mname, bname)
-            if key in reader:
-                m._buffers[bname] = reader.get(key)
-            elif b.is_meta:
-                computed[mname] = m
-    for key, m, pname, p in missing:
-        if id(p) not in loaded:
-            raise ValueError(f"checkpoint {reader.path} has no tensor {key!r}, and the model ties it to no tensor "
-                             "the checkpoint holds")
-        m._parameters[pname] = loaded[id(p)]
-    for mname, m in computed.items():
-        _compute_buffers(mname, m, init_weights)
+class _Loader:
+    """Loads modules' own parameters and buffers from the checkpoint. A tied parameter (several names, one tensor)
+    is read under whichever of its names the checkpoint holds and loaded once for all of them; a buffer the
+    checkpoint lacks is computed by ``init_weights`` on its module (which must hold no parameters)."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader,
+                 init_weights: Callable[[nn.Module], None] | None) -> None:
+        self.reader, self.init_weights = reader, init_weights
+        names: dict[int, tuple[nn.Parameter, list[str]]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), (p, []))[1].append(name)
+        # only tied parameters are remembered (the meta parameter is kept, so its id is never reused)
+        self.tied = {k: v for k, v in names.items() if len(v[1]) > 1}
+        self.loaded: dict[int, nn.Parameter] = {}
+
+    def load(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
+        for name, module in modules:
+            for pname, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[pname] = self._parameter(_join(name, pname), p)
+            missing = False
+            for bname, b in list(module._buffers.items()):
+                if b is None or not b.is_meta:
+                    continue
+                key = _join(name, bname)
+                if key in self.reader:
+                    module._buffers[bname] = self.reader.get(key)
+                else:
+                    missing = True
+            if missing:
+                _compute_buffers(name, module, self.init_weights)
+
+    def _parameter(self, key: str, p: nn.Parameter) -> nn.Parameter:
+        if id(p) in self.loaded:
+            return self.loaded[id(p)]
+        keys = self.tied[id(p)][1] if id(p) in self.tied else [key]
+        found = next((k for k in keys if k in self.reader), None)
+        if found is None:
+            raise ValueError(f"checkpoint {self.reader.path} has no tensor {key!r}"
+                             + (", nor under the names of the tensor it is tied to" if len(keys) > 1 else ""))
+        loaded = nn.Parameter(self.reader.get(found), requires_grad=False)
+        if id(p) in self.tied:
+            self.loaded[id(p)] = loaded
+        return loaded
 
 
 def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Module], None] | None) -> None:
@@ -81,9 +91,11 @@ def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Mo
 
 
 class LazyBlocks:
-    """``model`` (on the meta device) made runnable from ``reader``: outside ``blocks`` loaded now, each block
-    loaded when called, the block before it unloaded. ``close()`` (or the ``with`` block's end) puts every weight
-    back on the meta device and removes the hooks.
+    """``model`` (on the meta device) made runnable from ``reader``. The modules registered before ``blocks`` (the
+    embeddings) are loaded now; each block is loaded when called, the block before it unloaded; the modules after
+    the stack (final norm, output head, rotary embedding) are loaded on their first call, so a calibration that stops
+    after the last block never reads the output head. ``close()`` (or the ``with`` block's end) puts every weight back
+    on the meta device and removes the hooks.
 
     Args:
         model: the skeleton, built on the meta device from the checkpoint's config.
@@ -93,21 +105,24 @@ class LazyBlocks:
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, stack: str, blocks: nn.ModuleList) -> None:
-        self.model, self.reader, self.stack, self.blocks = model, reader, stack, blocks
-        self.init_weights = getattr(model, "_init_weights", None)
+        self.model, self.stack, self.blocks = model, stack, blocks
+        self.loader = _Loader(model, reader, getattr(model, "_init_weights", None))
         self.current: int | None = None
         self.loads = 0
-        inside = stack + "."
-        _load_tensors(model, "", reader, lambda n: n == stack or n.startswith(inside), self.init_weights)
         self.handles = [block.register_forward_pre_hook(lambda m, a, _j=j: self.use(_j))
                         for j, block in enumerate(blocks)]
+        before, after = _around(model, stack)
+        self.loader.load(before)
+        for name, module in after:
+            self.handles.append(module.register_forward_pre_hook(
+                lambda m, a, _n=name: self.loader.load([(_n, m)])))
 
     def use(self, j: int) -> None:
         """Block ``j`` in memory, the previous one back on the meta device."""
         if self.current == j:
             return
         self.release()
-        _load_tensors(self.blocks[j], f"{self.stack}.{j}", self.reader, lambda n: False, self.init_weights)
+        self.loader.load(self.blocks[j].named_modules(prefix=f"{self.stack}.{j}"))
         self.current = j
         self.loads += 1
 
@@ -120,6 +135,7 @@ class LazyBlocks:
         """Every weight back on the meta device (the skeleton keeps its names and shapes), the hooks removed."""
         self.release()
         self.model.to("meta")
+        self.loader.loaded.clear()
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -129,3 +145,18 @@ class LazyBlocks:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _around(model: nn.Module, stack: str) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """The modules registered before the stack and those after it (with tensors of their own), in order."""
+    before: list[tuple[str, nn.Module]] = []
+    after: list[tuple[str, nn.Module]] = []
+    seen_stack = False
+    for name, module in model.named_modules():
+        if name == stack or name.startswith(stack + "."):
+            seen_stack = True
+            continue
+        if not (module._parameters or module._buffers):
+            continue
+        (after if seen_stack else before).append((name, module))
+    return before, after

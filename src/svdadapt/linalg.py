@@ -219,12 +219,23 @@ def truncated_svd(
     raise ValueError(f"svd must be 'auto', 'full' or 'randomized', got {svd!r}")
 
 
-def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e6) -> tuple[torch.Tensor, float]:
+def shift_diagonal(C: torch.Tensor, shift: torch.Tensor | float, inplace: bool = False) -> torch.Tensor:
+    """C + shift·I (d, d), without building the identity (a d×d fp64 matrix for each covariance); in place with
+    ``inplace``. The same values as ``C + shift * eye``."""
+    out = C if inplace else C.clone()
+    out.diagonal().add_(shift)
+    return out
+
+
+def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e6, *,
+                    inplace: bool = False) -> tuple[torch.Tensor, float]:
     """Cholesky factor of ``C_d = C + λ·mean(diag C)·I`` with λ doubled from ``damping`` until C_d is
     positive definite and its condition number is at most ``max_cond``.
 
     Args:
         C: (d, d) symmetric positive semi-definite covariance.
+        inplace: form C_d in ``C`` itself (no second d×d matrix): on return ``C`` holds C_d. A failed attempt
+            restores C's diagonal exactly before the next.
     Returns:
         ``(L, λ)``: the lower factor (d, d) with ``L Lᵀ = C_d``, and the damping factor used.
     """
@@ -232,12 +243,21 @@ def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e
     scale = C.diagonal().mean()
     if not torch.isfinite(scale) or scale <= 0:
         raise ValueError(f"covariance has non-positive or non-finite mean diagonal {scale.item()}")
-    eye = torch.eye(d, dtype=C.dtype, device=C.device)
+    diagonal = C.diagonal().clone() if inplace else None
+
+    def attempt(shift: torch.Tensor) -> torch.Tensor | None:
+        L, info = torch.linalg.cholesky_ex(shift_diagonal(C, shift, inplace))
+        if info.item() == 0:
+            return L
+        if inplace:
+            C.diagonal().copy_(diagonal)
+        return None
+
     if damping > 0 and d / damping + 1 <= max_cond:
         # for PSD C, λ_max ≤ trace = d·mean(diag), so cond(C_d) ≤ d/λ + 1 already: skip the eigenvalues
         # (an fp64 eigvalsh per input would dominate CorDA's decomposition time)
-        L, info = torch.linalg.cholesky_ex(C + damping * scale * eye)
-        if info.item() == 0:
+        L = attempt(damping * scale)
+        if L is not None:
             return L, damping
     eig = torch.linalg.eigvalsh(C)  # ascending; C is symmetric
     lam = damping
@@ -245,8 +265,8 @@ def damped_cholesky(C: torch.Tensor, damping: float = 0.01, max_cond: float = 1e
         shift = lam * scale
         lo, hi = eig[0] + shift, eig[-1] + shift
         if lo > 0 and hi / lo <= max_cond:
-            L, info = torch.linalg.cholesky_ex(C + shift * eye)
-            if info.item() == 0:
+            L = attempt(shift)
+            if L is not None:
                 return L, lam
         lam = lam * 2 if lam > 0 else 1e-6  # damping=0 that fails must still grow
     raise ValueError(f"could not damp the covariance to a condition number below {max_cond:g}")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
+from .linalg import (DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening)
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
            "milora", "corda", "eora", "finish", "SVD_CHOICES",
@@ -123,10 +123,8 @@ def _fraction(part: torch.Tensor, total: torch.Tensor) -> float:
 @torch.no_grad()
 def prepare_corda(C: torch.Tensor, *, options: CordaOptions = CordaOptions()) -> dict[str, Any]:
     """Per-covariance work shared by every layer that reads the same input: C_d and its Cholesky factor."""
-    C64 = C.to(torch.float64)
-    L, lam = damped_cholesky(C64, options.damping)
-    eye = torch.eye(C64.shape[0], dtype=C64.dtype, device=C64.device)
-    Cd = C64 + lam * C64.diagonal().mean() * eye  # as damped_cholesky formed it; cheaper than L @ Lᵀ
+    Cd = C.to(torch.float64, copy=True)  # C_d is formed in this copy: two d×d fp64 matrices in all
+    L, lam = damped_cholesky(Cd, options.damping, inplace=True)
     return {"Cd": Cd, "L": L, "damping": lam}
 
 

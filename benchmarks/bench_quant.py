@@ -33,10 +33,8 @@ Resumable: every finished row / run is written to ``benchmarks/results/bench_qua
 is there with the same configuration (``--fresh`` starts over). ``--report-only`` reprints and redraws the PNG.
 
     python benchmarks/bench_quant.py --threads 1                    # everything: 3-rate sweep, 2 seeds, 100 steps
-                                                                    # (16 runs; not run yet, several hours here)
     python benchmarks/bench_quant.py --threads 1 --parts init --eval-tokens 4096   # part 1 as last run (~48 min, loaded)
-    python benchmarks/bench_quant.py --threads 1 --parts finetune --seeds 0 --steps 60 --eval-every 20 \\
-        --method-lrs qlora=3e-3,loftq=3e-3,qpissa=1e-3,eora=3e-3   # the reduced part 2 as last run (~40 min, loaded)
+    python benchmarks/bench_quant.py --threads 1 --parts finetune   # part 2 as last run (16 runs, ~75 min)
     python benchmarks/bench_quant.py --report-only                  # reprint the tables, redraw the PNG
 
 LoftQ needs scipy (PEFT's ``LoraConfig`` checks for it when ``init_lora_weights="loftq"``): ``pip install scipy``.

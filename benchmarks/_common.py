@@ -240,12 +240,18 @@ def sweep_grid(runs: list[dict], methods: Sequence[str], label: str = "method") 
     return "\n".join(lines)
 
 
-def report_only(out: Path, report: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict[str, Any]:
-    """``--report-only``: the tables printed and the PNG redrawn from the stored results."""
-    payload = json.loads(out.read_text())
+def show(out: Path, payload: dict[str, Any], report: Callable[[dict], str], plot: Callable[[dict, Path], None]
+         ) -> dict[str, Any]:
+    """The tables printed and the PNG (next to ``out``) drawn."""
     print(report(payload))
     plot(payload, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return payload
+
+
+def report_only(out: Path, report: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict[str, Any]:
+    """``--report-only``: the tables printed and the PNG redrawn from the stored results."""
+    return show(out, json.loads(out.read_text()), report, plot)
 
 
 # --------------------------------------------------------------------------------------------- models

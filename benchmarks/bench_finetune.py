@@ -41,7 +41,7 @@ sys.path.insert(0, str(BENCH_DIR.parent / "examples"))
 
 import _tasks  # noqa: E402
 from _common import (RESULTS_DIR, add_finetune_arguments, best_lr, machine_info, markdown_table,  # noqa: E402
-                     parse_seeds, report_only, sweep_grid, write_results)
+                     parse_seeds, report_only, show, sweep_grid, write_results)
 
 NAME = "bench_finetune"
 METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
@@ -297,10 +297,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
                   f"{row['train_s']:.0f} s", flush=True)
     payload["bench_s_this_invocation"] = time.perf_counter() - t_all
     save()
-    print(report(payload))
-    plot(payload, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return payload
+    return show(out, payload, report, plot)
 
 
 if __name__ == "__main__":

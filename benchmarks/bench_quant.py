@@ -62,7 +62,7 @@ sys.path.insert(0, str(BENCH_DIR.parent / "examples"))
 
 import _tasks  # noqa: E402
 from _common import (RESULTS_DIR, add_finetune_arguments, best_lr, machine_info, markdown_table,  # noqa: E402
-                     parse_seeds, report_only, smollm2, sweep_grid, write_results)
+                     parse_seeds, report_only, show, smollm2, sweep_grid, write_results)
 from bench_eora import calibration_texts, code_texts  # noqa: E402
 
 NAME = "bench_quant"
@@ -557,10 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_finetune(args, model, tok, payload, save)
     payload["bench_s_this_invocation"] = time.perf_counter() - t0
     save()
-    print(report(payload))
-    plot(payload, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return payload
+    return show(out, payload, report, plot)
 
 
 if __name__ == "__main__":

@@ -34,27 +34,48 @@ def _wrap(method: str):
     return svdadapt.wrap(make_tiny_llama(hidden_size=256, intermediate_size=512), method, RANK, progress=False, **kw)
 
 
-def _worker(rank: int, size: int, port: int, method: str, out_dir: str) -> None:
+def _as_rank(rank: int, size: int, port: int, body) -> None:
+    """Run ``body()`` as one rank of a gloo process group, then leave the process at once.
+
+    A clean return would let the interpreter tear the process group down through the objects that hold it (DDP's
+    Reducer): its destructor joins a gloo worker thread that may be waiting for the GIL the main thread holds — a
+    hang seen once in CI after the DDP steps. ``os._exit(0)`` after a successful body skips that teardown; a failure
+    still destroys the group and propagates to ``mp.spawn``."""
+    import sys
+
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
     try:
-        pm = _wrap(method)
-        torch.save({"init": pm.svdadapt.init_factors, "state": pm.state_dict()}, f"{out_dir}/wrap{rank}.pt")
-        ddp = torch.nn.parallel.DistributedDataParallel(pm)
-        opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
-        ids = token_ids(2, 12, seed=10 + rank)  # each rank its own data
-        losses = []
-        for _ in range(3):
-            loss = ddp(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss))
-        trained = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
-        torch.save({"trained": trained, "losses": losses}, f"{out_dir}/train{rank}.pt")
-    finally:
+        body()
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _train_ddp(method: str, rank: int, out_dir: str) -> None:
+    pm = _wrap(method)
+    torch.save({"init": pm.svdadapt.init_factors, "state": pm.state_dict()}, f"{out_dir}/wrap{rank}.pt")
+    ddp = torch.nn.parallel.DistributedDataParallel(pm)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    ids = token_ids(2, 12, seed=10 + rank)  # each rank its own data
+    losses = []
+    for _ in range(3):
+        loss = ddp(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    trained = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    torch.save({"trained": trained, "losses": losses}, f"{out_dir}/train{rank}.pt")
+
+
+def _worker(rank: int, size: int, port: int, method: str, out_dir: str) -> None:
+    _as_rank(rank, size, port, lambda: _train_ddp(method, rank, out_dir))
 
 
 @pytest.mark.parametrize("method", ["pissa", "corda"])
@@ -91,13 +112,7 @@ def _init_checkpoint(src, out, method: str) -> None:
 
 
 def _stream_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
-    try:
-        _init_checkpoint(src, out, method)
-    finally:
-        dist.destroy_process_group()
+    _as_rank(rank, size, port, lambda: _init_checkpoint(src, out, method))
 
 
 def _safetensors(path) -> dict[str, torch.Tensor]:

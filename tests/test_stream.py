@@ -493,3 +493,28 @@ def test_cli_streams_eora_as_the_in_memory_init_writes_it(tmp, capsys):
     assert "one decoder block at a time" in capsys.readouterr().err
     _cli_init(ck, tmp / "m", "eora", 4, *args, "--in-memory")
     _assert_same_output(tmp / "s", tmp / "m")
+
+
+@pytest.mark.parametrize("method", ["corda", "eora"])
+def test_streamed_with_a_target_outside_the_stack_equals_wrap(tmp, method):
+    """An explicitly targeted lm_head: collected by a whole-model pass, its weight loaded outside the blocks."""
+    import copy
+
+    targets = ["q_proj", "down_proj", "lm_head"]
+    model = make_tiny_llama(12)
+    adapted = svdadapt.compress.quantize(model, bits=3, group_size=16) if method == "eora" else model
+    ck = _checkpoint(tmp / "ck", adapted)
+    kw = {}
+    if method == "eora":
+        kw = dict(reference=_checkpoint(tmp / "ref", model))
+    svdadapt.init_checkpoint(ck, tmp / "s", method=method, rank=4, target_modules=targets, calibration=_calibration(),
+                             progress=False, **kw)
+    if method == "eora":
+        kw = dict(reference=model)
+    pm = svdadapt.wrap(copy.deepcopy(adapted), method, 4, target_modules=targets, calibration=_calibration(),
+                       progress=False, **kw)
+    factors = _adapter_factors(tmp / "s")
+    assert any(".lm_head.lora_A." in k for k in factors)
+    for n, (A, B) in pm.svdadapt.init_factors.items():
+        key = next(k for k in factors if f".{n}.lora_A." in k)
+        assert torch.equal(factors[key], A) and torch.equal(factors[key.replace("lora_A", "lora_B")], B), n

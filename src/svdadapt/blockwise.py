@@ -50,7 +50,7 @@ from .engine import LayerPlan
 from .methods import MethodSpec
 from .distributed import my_batches, reduce_covariances, world
 
-__all__ = ["BlockwiseOptions", "find_stack", "resolve", "plan_blockwise"]
+__all__ = ["BlockwiseOptions", "find_stack", "block_of", "resolve", "plan_blockwise"]
 
 # one block's targets (name -> module of the adapted model) and their checked covariances -> their plans
 Plan = Callable[[dict[str, nn.Module], dict[str, torch.Tensor]], dict[str, LayerPlan]]
@@ -115,7 +115,7 @@ def find_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def _block_of(name: str, stack: str, n_blocks: int) -> int | None:
+def block_of(name: str, stack: str, n_blocks: int) -> int | None:
     """The index of the block holding module ``name``, or None when it is outside the stack."""
     if not name.startswith(stack + "."):
         return None
@@ -456,7 +456,7 @@ def _stacks(hook_model: nn.Module, model: nn.Module, sequential: bool, names: li
     if found is None:
         raise _Unsupported(f"{type(hook_model).__name__} has no decoder stack (a ModuleList of identical blocks)")
     stack, blocks = found
-    if not any(_block_of(n, stack, len(blocks)) is not None for n in names):
+    if not any(block_of(n, stack, len(blocks)) is not None for n in names):
         raise _Unsupported(f"no targeted layer lies inside the decoder stack {stack!r}")
     if not sequential or model is hook_model:
         return stack, blocks, blocks
@@ -536,7 +536,7 @@ def _run_blocks(stage: _Stage, hook_model: nn.Module, batches: list[Any], stack:
     """The targets outside the stack (one whole-model pass with hooks on them alone), then block after block up to
     the last one holding a target."""
     names = list(stage.targets)
-    where = {n: _block_of(n, stack, len(blocks)) for n in names}
+    where = {n: block_of(n, stack, len(blocks)) for n in names}
     plans: dict[str, LayerPlan] = {}
     outside = [n for n in names if where[n] is None]
     if outside:

@@ -1,7 +1,7 @@
 """A model on the meta device whose weights come from a safetensors checkpoint, one decoder block at a time.
 
-The streaming CorDA init (``stream.py``) runs calibration batches through a model it never loads whole. It takes
-the meta-device skeleton built from config.json and
+The streaming CorDA / EoRA init (``stream_calibrated.py``) runs calibration batches through a model it never
+loads whole. It takes the meta-device skeleton built from config.json and
 
 * loads what comes before the decoder stack at once (the embeddings), and what comes after it (final norm, output
   head, rotary embedding) on its first call (a forward pre-hook): a calibration that stops after the last block
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blockwise import block_of
 from .shards import CheckpointReader
 
 __all__ = ["LazyBlocks"]
@@ -125,6 +126,17 @@ class LazyBlocks:
         self.loader.load(self.blocks[j].named_modules(prefix=f"{self.stack}.{j}"))
         self.current = j
         self.loads += 1
+
+    def ensure(self, names: Iterable[str]) -> None:
+        """The modules called ``names`` in memory (without running them): inside the stack, the block holding them
+        (one block at a time: the names of one block); outside it, each module's own tensors."""
+        modules = dict(self.model.named_modules())
+        for name in names:
+            j = block_of(name, self.stack, len(self.blocks))
+            if j is not None:
+                self.use(j)
+            else:
+                self.loader.load([(name, modules[name])])
 
     def release(self) -> None:
         if self.current is not None:

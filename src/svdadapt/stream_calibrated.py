@@ -12,7 +12,6 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +21,9 @@ from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
 from .distributed import barrier, my_share
 from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
 from .lazy import LazyBlocks
-from .stream_journal import Journal, layer_base
+from .record import weight_checksum
+from .layers import read_weight
+from .stream_journal import Journal, journal_plan
 
 __all__ = ["plan_calibrated", "calibration_key"]
 
@@ -54,19 +55,31 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
                          f"model's {stack[0]!r} ({len(stack[1])} blocks)")
 
     def plan(block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+        """This rank's share of the block's targets, planned from the loaded block's own weights (the checkpoint is
+        not read again) and journaled; the base is built later, when it is written."""
+        # EoRA on the reference's inputs ran the reference's modules: load the model's own (sequential: they run next)
+        lazy_model.ensure(block)
         mine = my_share({n: ck.source.shapes[n] for n in block}, job)
         prep = Preparations(job, Counter(id(covs[n]) for n in mine))
+        entries = {}
+
+        def plan_one(layer: LayerInput) -> LayerPlan:
+            prepared = prep.take(layer.name, layer.C, layer.W.device) if job.spec.prepare is not None else None
+            return plan_layer(job, layer, prepared)
+
         for n in mine:
-            def plan_one(layer: LayerInput, _n: str = n) -> LayerPlan:
-                prepared = prep.take(_n, covs[_n], layer.W.device) if job.spec.prepare is not None else None
-                W_ref = None if reference is None else reference.source.read(_n)[0].W
-                return plan_layer(job, replace(layer, C=covs[_n], reference=W_ref), prepared)
-            layer_base(job, ck.source, journal, n, plan_one)
+            W_ref = None if reference is None else reference.source.read(n)[0].W
+            layer = LayerInput(n, read_weight(n, block[n]), covs[n], W_ref)
+            entries[n], fresh = journal_plan(job, journal, layer, block[n].weight, str(ck.reader.file_of(
+                ck.source.keys[n])), plan_one)
+            if fresh:
+                journal.put(n, entries[n])
         barrier()
-        return {n: LayerPlan(n, r.A, r.B, r.report) for n in block for r in [journal.require(n)]}
+        entries.update({n: journal.require(n) for n in block if n not in entries})  # the other ranks' share
+        return {n: LayerPlan(n, entries[n].A, entries[n].B, entries[n].report) for n in block}
 
     with ExitStack() as lazy:
-        lazy.enter_context(LazyBlocks(ck.model, ck.reader, *stack))
+        lazy_model = lazy.enter_context(LazyBlocks(ck.model, ck.reader, *stack))
         hook_model = ck.model
         if reference is not None:
             lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
@@ -81,9 +94,7 @@ def calibration_key(calibration: list[Any]) -> str:
 
     def feed(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(weight_checksum(obj).encode())
         elif isinstance(obj, Mapping):
             for k in sorted(obj):
                 h.update(str(k).encode())

@@ -2,8 +2,8 @@
 
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
 each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
-atomically before that base enters a shard. ``layer_base`` is the one step every streaming path takes per target:
-read W from the checkpoint, plan it (or take the journaled factors, checked against W's sha256), build the new base.
+atomically before that base enters a shard. ``journal_plan`` plans one target (or takes the journaled factors,
+checked against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from .record import weight_checksum
 from .shards import fsync_file
 from .sources import CheckpointSource
 
-__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "layer_base"]
+__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "journal_plan", "layer_base"]
 
 STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
 
@@ -33,7 +33,8 @@ STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
 @dataclass
 class LayerResult:
     """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
-    (``record.weight_checksum``) of the original weight and of the new base, both as stored."""
+    (``record.weight_checksum``) of the original weight and of the new base, both as stored ("" while the base is
+    not yet built: a layer planned during block-by-block calibration)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -126,33 +127,39 @@ def open_journal(out: Path, key: dict[str, Any], resume: bool) -> Journal:
     return journal if journal is not None else Journal(out, key, resume=True)
 
 
-
-
-def layer_base(job: Job, source: CheckpointSource, journal: Journal, name: str,
-                plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[torch.Tensor, LayerResult]:
-    """The new base of one target as stored, and its journal entry: its factors planned by ``plan_one`` (default
-    ``engine.plan_layer``), or taken from the journal, and journaled."""
-    layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
+def journal_plan(job: Job, journal: Journal, layer: LayerInput, stored: torch.Tensor, where: str,
+                 plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[LayerResult, bool]:
+    """One target's factors: those an interrupted run journaled for this very weight (its sha256 must match), or
+    planned now by ``plan_one`` (default ``engine.plan_layer``). ``stored`` is the weight as the checkpoint stores it,
+    ``where`` the file it comes from (for messages). Returns the entry (a new one has no residual checksum yet: "")
+    and whether it was planned now; nothing is journaled here."""
+    name = layer.name
     if not torch.isfinite(layer.W).all():
         raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
-                         f"{layer.W.numel()} entries) in {source.reader.file_of(source.keys[name])}; svdadapt "
-                         "cannot decompose it")
+                         f"{layer.W.numel()} entries) in {where}; svdadapt cannot decompose it")
     checksum = weight_checksum(stored)
     saved = journal.get(name)
-    if saved is not None and saved.base_checksum != checksum:
-        raise ValueError(f"the weight of {name!r} in {source.reader.path} changed since the interrupted run: delete "
-                         f"{journal.dir.parent} and start again")
-    if saved is None:
-        plan = plan_layer(job, layer) if plan_one is None else plan_one(layer)
-        A, B, report = plan.A, plan.B, plan.report
-    else:
-        A, B, report = saved.A, saved.B, saved.report
+    if saved is not None:
+        if saved.base_checksum != checksum:
+            raise ValueError(f"the weight of {name!r} in {where} changed since the interrupted run: delete "
+                             f"{journal.dir.parent} and start again")
+        return saved, False
+    plan = plan_layer(job, layer) if plan_one is None else plan_one(layer)
+    return LayerResult(plan.A, plan.B, plan.report, checksum, ""), True
+
+
+def layer_base(job: Job, source: CheckpointSource, journal: Journal, name: str) -> tuple[torch.Tensor, LayerResult]:
+    """The new base of one target as stored (its factors from :func:`journal_plan`), and its journal entry, written
+    with the new base's checksum."""
+    layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
+    entry, _ = journal_plan(job, journal, layer, stored, str(source.reader.file_of(source.keys[name])))
     if job.spec.rewrites_base:  # (out, in) from the rounded factors, cast once to the stored dtype
-        base = source.as_stored(name, finish(layer.W, A, B, job.scaling, stored.dtype))
+        base = source.as_stored(name, finish(layer.W, entry.A, entry.B, job.scaling, stored.dtype))
     else:
         base = stored
     del layer, stored
-    result = LayerResult(A, B, report, checksum, weight_checksum(base))
-    if saved is None or saved.residual_checksum != result.residual_checksum:
-        journal.put(name, result)
-    return base, result
+    residual = weight_checksum(base)
+    if entry.residual_checksum != residual:
+        entry = replace(entry, residual_checksum=residual)
+        journal.put(name, entry)
+    return base, entry

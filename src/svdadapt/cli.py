@@ -326,9 +326,10 @@ def _rank() -> int:
 
 
 def _safetensors_dir(path: str | None) -> bool:
+    from .shards import INDEX_FILE, SINGLE_FILE
+
     p = Path(path) if path else None
-    return p is not None and p.is_dir() and ((p / "model.safetensors").is_file()
-                                             or (p / "model.safetensors.index.json").is_file())
+    return p is not None and p.is_dir() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file())
 
 
 def _streamable(args: argparse.Namespace) -> bool:
@@ -352,14 +353,8 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
         _fresh_dir(args.out)
     calibration = None
     if args.calib:
-        from .loading import load_tokenizer
-
         _, texts = _calib_files(args.calib)
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except Exception as e:
-            raise ValueError(f"cannot load a tokenizer from {args.model!r} to tokenize --calib text: {e}") from e
-        calibration = _text_calibration(tokenizer, texts, args)
+        calibration = _text_calibration(_tokenizer(args.model, True, out), texts, args)
         _say(f"streaming {args.model} one decoder block at a time")
     else:
         _say(f"streaming {args.model} tensor by tensor")
@@ -406,19 +401,26 @@ def _check_init_args(args: argparse.Namespace) -> None:
         raise ImportError("--quantize needs bitsandbytes: pip install bitsandbytes")
 
 
+def _tokenizer(model: str, needed: bool, out: Path) -> Any:
+    """MODEL's tokenizer; a bare weights directory has none, which is an error only when text must be tokenized."""
+    from .loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except Exception as e:
+        if needed:
+            raise ValueError(f"cannot load a tokenizer from {model!r} to tokenize --calib text: {e}") from e
+        _say(f"warning: no tokenizer in {model!r} ({type(e).__name__}); {out / 'base'} will have none")
+        return None
+
+
 def _load_init_inputs(args: argparse.Namespace, needs_tokenizer: bool, out: Path) -> tuple[Any, Any, Any]:
     """(model, tokenizer or None, reference model or None)."""
     from . import loading
 
     _say(f"loading {args.model}")
     model = loading.load_model(args.model)
-    try:
-        tokenizer = loading.load_tokenizer(args.model)
-    except Exception as e:  # a bare weights directory: fine unless text has to be tokenized
-        if needs_tokenizer:
-            raise ValueError(f"cannot load a tokenizer from {args.model!r} to tokenize --calib text: {e}") from e
-        _say(f"warning: no tokenizer in {args.model!r} ({type(e).__name__}); {out / 'base'} will have none")
-        tokenizer = None
+    tokenizer = _tokenizer(args.model, needs_tokenizer, out)
     reference = None
     if args.reference is not None:
         _say(f"loading reference {args.reference}")

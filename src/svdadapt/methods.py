@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .linalg import (DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening)
+from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
            "milora", "corda", "eora", "finish", "SVD_CHOICES",

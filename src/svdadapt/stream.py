@@ -376,10 +376,8 @@ def init_checkpoint(
         rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
-        calibration: CorDA's batches (as for ``wrap``: dicts or token tensors). They run one decoder block at a
-            time on a model whose blocks are loaded from the checkpoint only while they run (``svdadapt.lazy``),
-            each block's targets decomposed at once: memory of one block, the hidden states and the layers outside
-            the stack, never the model. The adapters are those of ``wrap`` on the loaded model (fp32 rounding).
+        calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded
+            from the checkpoint only while it runs (``svdadapt.lazy``): ``wrap``'s adapters, bit for bit.
         reference, calibrate_on: EoRA's uncompressed checkpoint directory (also read one block at a time) and
             which model the batches run on, as in ``wrap``.
         blockwise: the hidden states' memory budget, offload directory and EoRA's sequential inputs
@@ -389,9 +387,8 @@ def init_checkpoint(
         resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
             with False an unfinished run there is an error.
 
-    Raises ``FileNotFoundError`` naming the path for a missing directory, config.json or weights file,
-    ``FileExistsError`` for an ``out_dir`` that holds something else, ``ValueError`` for bad options, a rank above
-    a target's min(out, in), a target missing from the checkpoint or of the wrong shape, tied target weights.
+    Raises ``FileNotFoundError``, ``FileExistsError``, ``ValueError`` or ``TypeError`` naming the path, module or
+    option at fault (the list: docs/errors.md#init-checkpoint).
     """
     src, spec = _checkpoint_dir(checkpoint_dir), _streamable(method, calibration, reference)
     _check_run_options(progress, resume, max_shard_bytes, blockwise)

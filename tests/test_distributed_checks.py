@@ -182,3 +182,62 @@ def test_fewer_batches_than_ranks_is_one_error_on_every_rank(raised, case: str) 
 def test_no_collective_is_left_waiting(raised) -> None:
     """After every failure above, the same two processes run a correct call together."""
     assert raised["afterwards"] == ["ok", "ok"]
+
+
+# ------------------------------------------------------------------------------------------- in one process
+def test_the_calibration_fingerprint_is_the_resume_journals_key() -> None:
+    """Ranks compare batches by the hash a resumed init_checkpoint compares them by."""
+    from svdadapt.distributed import fingerprint
+    from svdadapt.stream_calibrated import calibration_key
+
+    assert fingerprint(BATCHES) == calibration_key(BATCHES)
+    assert fingerprint(BATCHES) != fingerprint(BATCHES[::-1])
+
+
+def test_arguments_compare_by_value_not_by_process() -> None:
+    """A set's order follows each process's hash seed, a module's repr its address: neither may differ ranks."""
+    from svdadapt.distributed import _comparable
+
+    assert _comparable({"v_proj", "q_proj", "k_proj"}) == ["k_proj", "q_proj", "v_proj"]
+    assert _comparable(_model()) == "LlamaForCausalLM"
+    assert _comparable(x for x in "ab") == "generator"
+    assert _comparable({"w": torch.zeros(2, 3)}) == {"w": "tensor(2, 3) torch.float32"}
+
+
+def test_the_shared_error_keeps_a_builtin_type_and_names_the_ranks() -> None:
+    from svdadapt.distributed import _outcome, _shared_error
+
+    class Custom(Exception):
+        pass
+
+    e = _shared_error([None, _outcome(KeyError("x")), _outcome(ValueError("y"))])
+    assert type(e) is KeyError and e.args == ("ranks 1, 2: KeyError: 'x'",) and e.failed_ranks == [1, 2]
+    e = _shared_error([_outcome(Custom("z")), None])
+    assert type(e) is RuntimeError and str(e) == "rank 0: Custom: z" and e.failed_ranks == [0]
+
+
+def test_one_process_errors_are_unchanged() -> None:
+    """Outside a process group the decorator is a plain call: no rank prefix, no collective."""
+    with pytest.raises(ValueError, match=r"\Acalibration saw no tokens"):
+        svdadapt.wrap(_model(), "corda", RANK, calibration=[], progress=False)
+
+
+# ------------------------------------------------------------------------------------------- svdadapt init
+def test_cli_under_torchrun_reports_the_failing_ranks_error_on_every_rank(tmp_path) -> None:
+    """``torchrun -m svdadapt.cli init`` on a checkpoint with a NaN weight: the rank that reads it and the rank
+    waiting for it both print the same line (today's alternative: one rank's error, the other killed)."""
+    import os
+    import subprocess
+    import sys
+
+    _nan_model().save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "svdadapt.cli", "init", str(tmp_path / "model"), "--method", "pissa",
+                          "--rank", str(RANK), "--no-progress", "--out", str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("svdadapt: error:")]
+    assert errors and all(line == errors[0] for line in errors), run.stderr[-3000:]
+    assert re.fullmatch(rf"svdadapt: error: rank [01]: ValueError: module {re.escape(repr(NAN_MODULE))} has a weight "
+                        r"with NaN or inf \(1 of 8192 entries\) in \S+; svdadapt cannot decompose it", errors[0])

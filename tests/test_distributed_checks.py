@@ -69,6 +69,23 @@ def _fails_mid_plan(rank: int, paths: dict):
         module.plan_layer = original
 
 
+def _objects_over_gloo_beside_nccl(rank: int, paths: dict):
+    """A default group without a CPU backend (NCCL, here only reported as such): outcomes, jobs and plans travel
+    through one gloo group made beside it, and the result is that of the default group."""
+    from unittest import mock
+
+    from svdadapt import distributed
+
+    direct = _wrap(rank, paths).svdadapt.init_factors
+    with mock.patch.object(torch.distributed, "get_backend", return_value="nccl"):
+        beside = _wrap(rank, paths).svdadapt.init_factors
+    group = distributed._CPU_GROUP
+    if len(group) != 2 or group[0] is not torch.distributed.group.WORLD or group[1] is None:
+        raise AssertionError(f"no gloo group made beside the default one: {group}")
+    if direct.keys() != beside.keys() or not all(torch.equal(direct[n][i], beside[n][i]) for n in direct for i in (0, 1)):
+        raise AssertionError("other factors through the gloo group")
+
+
 CASES = {
     "seed": lambda rank, paths: _wrap(rank, paths, seed=rank),
     "method": lambda rank, paths: _wrap(rank, paths, ["pissa", "milora"][rank]),
@@ -85,6 +102,7 @@ CASES = {
     "stream_nan": lambda rank, paths: _init(rank, paths, "stream_nan", src="nan_model", method="pissa"),
     "stream_one_batch": lambda rank, paths: _init(rank, paths, "stream_one_batch", method="corda",
                                                   calibration=BATCHES[:1]),
+    "objects_over_gloo": _objects_over_gloo_beside_nccl,
     "afterwards": lambda rank, paths: _wrap(rank, paths),  # the group still works: nobody left in a collective
 }
 
@@ -177,6 +195,10 @@ def test_fewer_batches_than_ranks_is_one_error_on_every_rank(raised, case: str) 
         "ValueError: ranks 0, 1: ValueError: calibration has 1 batch for 2 ranks: svdadapt splits the batches over the "
         "ranks (rank i collects on batches i, i+2, ...), so every rank needs one: pass at least 2 batches (or run in "
         "one process)")
+
+
+def test_object_collectives_of_a_gpu_group_use_a_gloo_group(raised) -> None:
+    assert raised["objects_over_gloo"] == ["ok", "ok"]
 
 
 def test_no_collective_is_left_waiting(raised) -> None:

@@ -57,6 +57,23 @@ def barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------- failing together
+_CPU_GROUP: list[Any] = []  # [default group, a gloo group over its ranks] once made (NCCL jobs)
+
+
+def _object_group() -> Any:
+    """The group that small Python objects (outcomes, jobs, CPU plans) travel through: the default group when it
+    has a CPU backend (gloo, or "cpu:gloo,cuda:nccl"), else a gloo group over the same ranks, made once by every
+    rank at the same point (the first exchange, on entering ``wrap`` / ``init_checkpoint``), so that an object
+    collective never depends on which GPU each rank has selected."""
+    dist = torch.distributed
+    if "gloo" in str(dist.get_backend()):
+        return None
+    default = dist.group.WORLD
+    if not _CPU_GROUP or _CPU_GROUP[0] is not default:
+        _CPU_GROUP[:] = [default, dist.new_group(backend="gloo")]
+    return _CPU_GROUP[1]
+
+
 def _outcome(error: BaseException | None) -> tuple[str, bool, str] | None:
     """What a rank tells the others: None, or (type name, whether it is a builtin exception, message)."""
     if error is None:
@@ -88,7 +105,7 @@ def check_in(error: BaseException | None = None) -> None:
     if size == 1:
         return
     outcomes: list[Any] = [None] * size
-    torch.distributed.all_gather_object(outcomes, _outcome(error))
+    torch.distributed.all_gather_object(outcomes, _outcome(error), group=_object_group())
     if any(o is not None for o in outcomes):
         raise _shared_error(outcomes) from error
 
@@ -136,7 +153,7 @@ def gather_plans(local: Mapping[str, LayerPlan], order: Sequence[str]) -> dict[s
         return {n: local[n] for n in order}
     check_in()
     parts: list[dict[str, LayerPlan] | None] = [None] * size
-    torch.distributed.all_gather_object(parts, dict(local))
+    torch.distributed.all_gather_object(parts, dict(local), group=_object_group())
     merged = {n: p for part in parts for n, p in (part or {}).items()}
     missing = [n for n in order if n not in merged]
     if missing:
@@ -265,7 +282,7 @@ def _agree(what: str, job: Callable[[], dict[str, Any]]) -> None:
     except Exception as e:  # noqa: BLE001 - told to every rank below
         mine, error = None, e
     parts: list[Any] = [None] * size
-    torch.distributed.all_gather_object(parts, (mine, _outcome(error)))
+    torch.distributed.all_gather_object(parts, (mine, _outcome(error)), group=_object_group())
     jobs, outcomes = [p[0] for p in parts], [p[1] for p in parts]
     if any(o is not None for o in outcomes):
         raise _shared_error(outcomes) from error

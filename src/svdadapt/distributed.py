@@ -97,17 +97,24 @@ def _shared_error(outcomes: list[tuple[str, bool, str] | None]) -> Exception:
     return error
 
 
-def check_in(error: BaseException | None = None) -> None:
-    """One all_gather of every rank's outcome (``error``: this rank's failure, None: it is fine). Returns when no
-    rank failed; else raises on every rank the first failing rank's error (``_shared_error``), from ``error`` on
-    the rank that raised it. Nothing outside a process group (``error`` is then the caller's to raise)."""
-    size = world()[1]
-    if size == 1:
-        return
-    outcomes: list[Any] = [None] * size
-    torch.distributed.all_gather_object(outcomes, _outcome(error), group=_object_group())
+def _exchange(payload: Any = None, error: BaseException | None = None) -> list[Any]:
+    """One all_gather of (this rank's outcome, ``payload``): every rank's payload, in rank order, when no rank
+    failed; else, on every rank, the first failing rank's error (``_shared_error``), raised from ``error`` on the
+    rank that raised it."""
+    parts: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(parts, (_outcome(error), payload), group=_object_group())
+    outcomes = [p[0] for p in parts]
     if any(o is not None for o in outcomes):
         raise _shared_error(outcomes) from error
+    return [p[1] for p in parts]
+
+
+def check_in(error: BaseException | None = None) -> None:
+    """Tell every rank this rank's outcome (``error``: its failure, None: it is fine), and hear theirs: returns
+    when no rank failed, else raises the first failing rank's error on every rank (``_exchange``). Nothing outside
+    a process group (``error`` is then the caller's to raise)."""
+    if world()[1] > 1:
+        _exchange(None, error)
 
 
 def layer_cost(shape: tuple[int, int], job: Job) -> float:
@@ -148,12 +155,9 @@ def my_share(shapes: Mapping[str, tuple[int, int]], job: Job) -> list[str]:
 
 def gather_plans(local: Mapping[str, LayerPlan], order: Sequence[str]) -> dict[str, LayerPlan]:
     """Every rank's plans, on every rank, in ``order`` (CPU tensors, pickled by ``all_gather_object``)."""
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return {n: local[n] for n in order}
-    check_in()
-    parts: list[dict[str, LayerPlan] | None] = [None] * size
-    torch.distributed.all_gather_object(parts, dict(local), group=_object_group())
+    parts = _exchange(dict(local))  # a rank that failed before this point raises here, on every rank
     merged = {n: p for part in parts for n, p in (part or {}).items()}
     missing = [n for n in order if n not in merged]
     if missing:
@@ -274,19 +278,13 @@ def _difference(what: str, jobs: list[dict[str, Any]]) -> ValueError | None:
 
 
 def _agree(what: str, job: Callable[[], dict[str, Any]]) -> None:
-    """One all_gather of every rank's job (or the error computing it): raises on every rank the first difference
-    from rank 0's job, else the first failing rank's error."""
-    size = world()[1]
+    """One all_gather of every rank's job (or the error computing it): raises on every rank the first failing
+    rank's error, else the first difference from rank 0's job."""
     try:
         mine, error = job(), None
-    except Exception as e:  # noqa: BLE001 - told to every rank below
+    except Exception as e:  # noqa: BLE001 - told to every rank by the exchange
         mine, error = None, e
-    parts: list[Any] = [None] * size
-    torch.distributed.all_gather_object(parts, (mine, _outcome(error)), group=_object_group())
-    jobs, outcomes = [p[0] for p in parts], [p[1] for p in parts]
-    if any(o is not None for o in outcomes):
-        raise _shared_error(outcomes) from error
-    difference = _difference(what, jobs)
+    difference = _difference(what, _exchange(mine, error))
     if difference is not None:
         raise difference
 

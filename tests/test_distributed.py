@@ -4,18 +4,16 @@ gathers the factors; every rank ends with the model one process would build."""
 from __future__ import annotations
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import svdadapt
 from svdadapt.distributed import layer_cost, split_by_cost
 from svdadapt.engine import Job
 from svdadapt.methods import METHODS, SVDOptions
+from dist_harness import as_rank, free_port
 from helpers import make_tiny_llama, token_ids
 
 RANK = 4
@@ -23,38 +21,9 @@ BATCHES = [{"input_ids": token_ids(2, 12, seed=s), "attention_mask": torch.ones(
            for s in range(4)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wrap(method: str):
     kw = {"calibration": BATCHES} if method == "corda" else {}
     return svdadapt.wrap(make_tiny_llama(hidden_size=256, intermediate_size=512), method, RANK, progress=False, **kw)
-
-
-def _as_rank(rank: int, size: int, port: int, body) -> None:
-    """Run ``body()`` as one rank of a gloo process group, then leave the process at once.
-
-    A clean return would let the interpreter tear the process group down through the objects that hold it (DDP's
-    Reducer): its destructor joins a gloo worker thread that may be waiting for the GIL the main thread holds — a
-    hang seen once in CI after the DDP steps. ``os._exit(0)`` after a successful body skips that teardown; a failure
-    still destroys the group and propagates to ``mp.spawn``."""
-    import sys
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
-    try:
-        body()
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _train_ddp(method: str, rank: int, out_dir: str) -> None:
@@ -75,12 +44,12 @@ def _train_ddp(method: str, rank: int, out_dir: str) -> None:
 
 
 def _worker(rank: int, size: int, port: int, method: str, out_dir: str) -> None:
-    _as_rank(rank, size, port, lambda: _train_ddp(method, rank, out_dir))
+    as_rank(rank, size, port, lambda: _train_ddp(method, rank, out_dir))
 
 
 @pytest.mark.parametrize("method", ["pissa", "corda"])
 def test_two_ranks_build_the_one_process_model_then_train_in_ddp(method: str, tmp_path, one_thread) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)
     single = _wrap(method)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"wrap{rank}.pt")
@@ -112,7 +81,7 @@ def _init_checkpoint(src, out, method: str) -> None:
 
 
 def _stream_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
-    _as_rank(rank, size, port, lambda: _init_checkpoint(src, out, method))
+    as_rank(rank, size, port, lambda: _init_checkpoint(src, out, method))
 
 
 def _safetensors(path) -> dict[str, torch.Tensor]:
@@ -127,7 +96,7 @@ def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(method: str, 
     for CorDA up to the order in which the ranks' covariance sums are added."""
     src = tmp_path / "model"
     make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
-    mp.spawn(_stream_worker, args=(2, _free_port(), str(src), str(tmp_path / "two"), method), nprocs=2, join=True)
+    mp.spawn(_stream_worker, args=(2, free_port(), str(src), str(tmp_path / "two"), method), nprocs=2, join=True)
     _init_checkpoint(src, tmp_path / "one", method)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
@@ -173,7 +142,7 @@ def test_cli_under_torchrun_writes_the_one_process_files(tmp_path) -> None:
     args = ["init", str(src), "--method", "pissa", "--rank", str(RANK), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), "-m", "svdadapt.cli", *args, "--out", str(tmp_path / "two")],
+                          str(free_port()), "-m", "svdadapt.cli", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("svdadapt init") == 1  # one process group: rank 0 alone reports

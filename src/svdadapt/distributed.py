@@ -7,22 +7,39 @@ the engine on its share and the plans are all-gathered, so every rank ends with 
 process with the same seed and per-process thread count. Covariances are all-reduced sums of the ranks' shares
 of the calibration batches (equal to one process up to the order of the float additions).
 
+Every rank must pass the same arguments, and one rank's failure must not leave the others waiting in a
+collective. ``same_job`` (a decorator on ``wrap`` and ``init_checkpoint``) gives both: the call's arguments
+(calibration batches by their sha256) are compared with rank 0's before any work, and every collective below first
+exchanges each rank's outcome (``check_in``), so a rank that raised between two collectives meets the others at
+the next one; every rank then raises the first failing rank's error ("rank 1: ValueError: ...").
+
 No process pool or socket protocol of our own: ``torch.distributed`` is the engine.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
+import hashlib
 import heapq
-from collections.abc import Mapping, Sequence
+import inspect
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from .calibration import Covariances
 from .engine import Job, LayerPlan
 from .linalg import MIN_BLOCK, auto_niter, choose_svd
+from .record import weight_checksum
 
-__all__ = ["world", "barrier", "layer_cost", "split_by_cost", "my_share", "gather_plans", "all_reduce_sum", "my_batches",
-           "reduce_covariances"]
+__all__ = ["world", "barrier", "check_in", "same_job", "fingerprint", "layer_cost", "split_by_cost", "my_share",
+           "gather_plans", "all_reduce_sum", "my_batches", "reduce_covariances"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def world() -> tuple[int, int]:
@@ -34,9 +51,70 @@ def world() -> tuple[int, int]:
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing outside a process group)."""
+    """Wait for every rank (nothing outside a process group); raises, on every rank, the error of a rank that
+    failed since the last collective (``check_in``)."""
+    check_in()
+
+
+# ------------------------------------------------------------------------------------------- failing together
+_CPU_GROUP: list[Any] = []  # [default group, a gloo group over its ranks] once made (NCCL jobs)
+
+
+def _object_group() -> Any:
+    """The group that small Python objects (outcomes, jobs, CPU plans) travel through: the default group when it
+    has a CPU backend (gloo, or "cpu:gloo,cuda:nccl"), else a gloo group over the same ranks, made once by every
+    rank at the same point (the first exchange, on entering ``wrap`` / ``init_checkpoint``), so that an object
+    collective never depends on which GPU each rank has selected."""
+    dist = torch.distributed
+    if "gloo" in str(dist.get_backend()):
+        return None
+    default = dist.group.WORLD
+    if not _CPU_GROUP or _CPU_GROUP[0] is not default:
+        _CPU_GROUP[:] = [default, dist.new_group(backend="gloo")]
+    return _CPU_GROUP[1]
+
+
+def _outcome(error: BaseException | None) -> tuple[str, bool, str] | None:
+    """What a rank tells the others: None, or (type name, whether it is a builtin exception, message)."""
+    if error is None:
+        return None
+    kind = type(error)
+    return kind.__name__, getattr(builtins, kind.__name__, None) is kind, str(error)
+
+
+def _shared_error(outcomes: list[tuple[str, bool, str] | None]) -> Exception:
+    """The exception every rank raises: the first failing rank's, named by rank, of its type where that is a
+    builtin exception (else RuntimeError); ``failed_ranks`` lists the ranks that failed."""
+    failed = [r for r, o in enumerate(outcomes) if o is not None]
+    name, is_builtin, message = outcomes[failed[0]]
+    ranks = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
+    text = f"{ranks}: {name}: {message}"
+    try:
+        error = getattr(builtins, name)(text) if is_builtin else RuntimeError(text)
+    except Exception:  # noqa: BLE001 - a builtin that takes other arguments (UnicodeDecodeError)
+        error = RuntimeError(text)
+    error.failed_ranks = failed
+    return error
+
+
+def _exchange(payload: Any = None, error: BaseException | None = None) -> list[Any]:
+    """One all_gather of (this rank's outcome, ``payload``): every rank's payload, in rank order, when no rank
+    failed; else, on every rank, the first failing rank's error (``_shared_error``), raised from ``error`` on the
+    rank that raised it."""
+    parts: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(parts, (_outcome(error), payload), group=_object_group())
+    outcomes = [p[0] for p in parts]
+    if any(o is not None for o in outcomes):
+        raise _shared_error(outcomes) from error
+    return [p[1] for p in parts]
+
+
+def check_in(error: BaseException | None = None) -> None:
+    """Tell every rank this rank's outcome (``error``: its failure, None: it is fine), and hear theirs: returns
+    when no rank failed, else raises the first failing rank's error on every rank (``_exchange``). Nothing outside
+    a process group (``error`` is then the caller's to raise)."""
     if world()[1] > 1:
-        torch.distributed.barrier()
+        _exchange(None, error)
 
 
 def layer_cost(shape: tuple[int, int], job: Job) -> float:
@@ -77,11 +155,9 @@ def my_share(shapes: Mapping[str, tuple[int, int]], job: Job) -> list[str]:
 
 def gather_plans(local: Mapping[str, LayerPlan], order: Sequence[str]) -> dict[str, LayerPlan]:
     """Every rank's plans, on every rank, in ``order`` (CPU tensors, pickled by ``all_gather_object``)."""
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return {n: local[n] for n in order}
-    parts: list[dict[str, LayerPlan] | None] = [None] * size
-    torch.distributed.all_gather_object(parts, dict(local))
+    parts = _exchange(dict(local))  # a rank that failed before this point raises here, on every rank
     merged = {n: p for part in parts for n, p in (part or {}).items()}
     missing = [n for n in order if n not in merged]
     if missing:
@@ -97,9 +173,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def my_batches(batches: Sequence) -> list:
-    """This rank's share of the calibration batches: every size-th one, from its rank on."""
+    """This rank's share of the calibration batches (every rank passes the same list, ``same_job`` checks it):
+    every size-th one, from its rank on."""
     rank, size = world()
-    return list(batches)[rank::size]
+    batches = list(batches)
+    if size > 1 and len(batches) < size:
+        raise ValueError(f"calibration has {len(batches)} batch{'es' if len(batches) != 1 else ''} for {size} ranks: "
+                         f"svdadapt splits the batches over the ranks (rank i collects on batches i, i+{size}, ...), "
+                         f"so every rank needs one: pass at least {size} batches (or run in one process)")
+    return batches[rank::size]
 
 
 def reduce_covariances(covs: Covariances) -> Covariances:
@@ -107,6 +189,7 @@ def reduce_covariances(covs: Covariances) -> Covariances:
     (all-reduced sums of XᵀX and of the token counts); names that shared a tensor still share one."""
     if world()[1] == 1:
         return covs
+    check_in()
     matrices: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for group in covs.groups:
@@ -117,3 +200,125 @@ def reduce_covariances(covs: Covariances) -> Covariances:
         for name in group:
             matrices[name], counts[name] = C, tokens
     return Covariances({n: matrices[n] for n in covs}, counts)
+
+
+# ------------------------------------------------------------------------------------------- the same job
+_PER_RANK = {"model", "progress"}  # each rank's own copy of the model; progress bars shown on some ranks only
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of calibration data: every tensor by ``record.weight_checksum``, mappings by sorted key, sequences in
+    order, anything else by its repr (``stream_calibrated.calibration_key``'s rule)."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(weight_checksum(x).encode())
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=str):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def _comparable(value: Any) -> Any:
+    """An argument as ranks compare it: plain values as they are, sets sorted, tensors by dtype and shape, modules
+    by class (their weights are each rank's copy), anything else by a repr without a memory address."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (PurePath, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {value.dtype}"
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    if isinstance(value, Mapping):
+        return {str(k): _comparable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, (set, frozenset)):  # a set's order follows each process's hash seed
+        return sorted((_comparable(v) for v in value), key=repr)
+    text = repr(value)
+    return type(value).__name__ if " at 0x" in text else text
+
+
+def _is_batches(calibration: Any) -> bool:
+    return isinstance(calibration, Iterable) and not isinstance(calibration, (Mapping, str, os.PathLike,
+                                                                              torch.Tensor))
+
+
+def _job(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The fields ranks compare: every argument but the per-rank ones, calibration by its ``fingerprint``."""
+    job = {k: _comparable(v) for k, v in arguments.items() if k not in _PER_RANK and k != "calibration"}
+    if arguments.get("calibration") is not None:
+        job["calibration"] = fingerprint(arguments["calibration"])
+    return job
+
+
+def _difference(what: str, jobs: list[dict[str, Any]]) -> ValueError | None:
+    """The first argument in which a rank's job differs from rank 0's, as the error every rank raises."""
+    for rank, job in enumerate(jobs[1:], 1):
+        key = next((k for k in jobs[0] if job.get(k) != jobs[0][k]), None)
+        if key == "calibration":
+            return ValueError(
+                f"{what}: the ranks were given different calibration data (sha256 {str(jobs[0][key])[:12]} on rank 0, "
+                f"{str(job[key])[:12]} on rank {rank}): under torch.distributed every rank passes the same batches, "
+                f"and svdadapt splits them over the ranks (rank i collects on batches i, i+{len(jobs)}, ...)")
+        if key is not None:
+            return ValueError(f"{what}: the ranks disagree on {key}: {jobs[0][key]!r} on rank 0, {job[key]!r} on rank "
+                              f"{rank}; every rank must pass the same arguments")
+    return None
+
+
+def _agree(what: str, job: Callable[[], dict[str, Any]]) -> None:
+    """One all_gather of every rank's job (or the error computing it): raises on every rank the first failing
+    rank's error, else the first difference from rank 0's job."""
+    try:
+        mine, error = job(), None
+    except Exception as e:  # noqa: BLE001 - told to every rank by the exchange
+        mine, error = None, e
+    difference = _difference(what, _exchange(mine, error))
+    if difference is not None:
+        raise difference
+
+
+def same_job(fn: F) -> F:
+    """Decorator of the entry points (``wrap``, ``init_checkpoint``). Under a process group: the call's arguments
+    are compared with rank 0's first (``_agree``: one collective; an iterable of calibration batches is listed once
+    and passed on as that list); a rank that raises tells the others at their next collective (``check_in``), and
+    every rank checks in once more on leaving, so all ranks return, or all raise the same error."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if world()[1] == 1:
+            return fn(*args, **kwargs)
+        bound: list[inspect.BoundArguments] = []
+
+        def job() -> dict[str, Any]:
+            b = signature.bind(*args, **kwargs)
+            b.apply_defaults()
+            if _is_batches(b.arguments.get("calibration")):
+                b.arguments["calibration"] = list(b.arguments["calibration"])
+            bound.append(b)
+            return _job(dict(b.arguments))
+
+        _agree(fn.__name__, job)
+        try:
+            result = fn(*bound[0].args, **bound[0].kwargs)
+        except Exception as e:
+            # told already (raised by a check-in), or the group itself broke (nothing can be told through it)
+            if not hasattr(e, "failed_ranks") and not isinstance(e, torch.distributed.DistError):
+                check_in(e)
+            raise
+        check_in()
+        return result
+
+    return call  # type: ignore[return-value]

@@ -59,7 +59,7 @@ from . import checks
 from .blockwise import BlockwiseOptions
 from .blockwise import resolve as resolve_blockwise
 from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
-from .distributed import barrier, layer_cost, split_by_cost, world
+from .distributed import barrier, layer_cost, same_job, split_by_cost, world
 from .engine import Job
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, get_method
@@ -335,6 +335,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
     return True
 
 
+@same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all
 def init_checkpoint(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,

@@ -13,7 +13,7 @@ from . import checks
 from .blockwise import BlockwiseOptions, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances
-from .distributed import gather_plans, my_batches, my_share, reduce_covariances, world
+from .distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine import Job, LayerPlan, apply, lora_scaling, plan_layer, plan_layers
 from .export import attach
 from .layers import kind_of, layer_checksum
@@ -174,6 +174,7 @@ def _plans(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibratio
                           progress=progress)
 
 
+@same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all
 @torch.no_grad()
 def wrap(
     model: nn.Module,

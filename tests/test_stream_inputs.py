@@ -217,3 +217,17 @@ def test_streamed_corda_on_a_converted_moe_layout_is_refused_up_front(tmp, confi
         svdadapt.init_checkpoint(tmp / "ck", tmp / "s", method="corda", rank=2, calibration=_calibration(),
                                  progress=False)
     assert not (tmp / "s").exists()  # before any work
+
+
+def test_streamed_pissa_on_a_converted_moe_layout_copies_the_experts_in_it(tmp):
+    """Data-free methods read only the targets: the experts are copied in the checkpoint's layout, which
+    from_pretrained converts as it loads the base."""
+    model = _seeded(MixtralConfig(**_MOE, num_local_experts=2))
+    model.save_pretrained(tmp / "ck")
+    svdadapt.init_checkpoint(tmp / "ck", tmp / "s", method="pissa", rank=2, progress=False)
+    targets = json.loads((tmp / "s" / "svdadapt.json").read_text())["targets"]
+    assert sorted(targets) == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
+    base = AutoModelForCausalLM.from_pretrained(tmp / "s" / "base").state_dict()
+    for key, want in model.state_dict().items():
+        if "experts" in key or "mlp.gate" in key:
+            assert torch.equal(base[key], want), key

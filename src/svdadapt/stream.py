@@ -37,7 +37,9 @@ base enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run ag
 default) after an interruption: the completed shards are verified (size, sha256) and kept, the layers already
 decomposed are taken from their files (no SVD; W is read again only for a layer whose base was in the shard being
 filled, and must match its recorded sha256), and the rest is computed as before. The result is bit-identical to an
-uninterrupted run.
+uninterrupted run. Each entry carries a sha256 of its contents (a damaged one is decomposed again); ``job.json``
+also records the input files' stats, and a resumed run re-checks the tensors of a file whose stats changed
+(``stream_inputs``). ``out_dir`` is locked while a run writes into it (``stream_journal.locked``).
 ``.svdadapt-stream`` is removed when the run completes.
 """
 

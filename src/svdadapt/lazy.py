@@ -82,15 +82,15 @@ class _Loader:
 
 def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Module], None] | None) -> None:
     """The buffers of ``module`` that no checkpoint holds (``persistent=False``: rotary ``inv_freq``, Gemma's
-    ``embed_scale``), computed as ``from_pretrained`` computes them: the model's ``_init_weights`` on the module, its
-    parameters (already loaded) flagged ``_is_hf_initialized`` so that transformers' init functions leave them as
-    they are."""
+    ``embed_scale``), computed as ``from_pretrained`` computes them: the model's ``_init_weights`` on the module, the
+    tensors already loaded (its parameters, persistent buffers) flagged ``_is_hf_initialized`` so that
+    transformers' init functions leave them as they are."""
     if init_weights is None:
         raise ValueError(f"module {name!r} ({type(module).__name__}) has buffers the checkpoint does not hold; "
                          "svdadapt cannot compute them without loading the model")
-    for p in module._parameters.values():
-        if p is not None:
-            p._is_hf_initialized = True  # what from_pretrained sets on every loaded tensor
+    loaded = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and not t.is_meta]
+    for t in loaded:
+        t._is_hf_initialized = True  # what from_pretrained sets on every tensor it loaded
     for bname, b in list(module._buffers.items()):
         if b is not None and b.is_meta:
             module._buffers[bname] = torch.empty_like(b, device="cpu")

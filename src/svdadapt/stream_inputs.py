@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .record import weight_checksum
-from .shards import CheckpointReader, written_tensors
+from .shards import CheckpointReader, ProgressJournalError, written_tensors
 from .sources import CheckpointSource
 from .stream_journal import Journal
 
@@ -149,7 +149,10 @@ def check_unchanged(journal: Journal, reader: CheckpointReader, saved: dict[str,
     changed = _changed(reader, saved)
     if not changed:
         return
-    written = written_tensors(base_dir) if source is not None else {}
+    try:
+        written = written_tensors(base_dir) if source is not None else {}
+    except ProgressJournalError:
+        written = {}  # the base's writer refuses to go on, naming its journal: nothing of it is kept
     used = calibrated and any(journal.layers.glob("*.safetensors"))  # calibration inputs of journaled layers
     check = _checker(reader, source, journal, written, used)
     for key in changed:

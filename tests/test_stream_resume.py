@@ -253,3 +253,19 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp):
         holder.wait()
     _run(ck, tmp / "s")
     assert (tmp / "s" / "svdadapt.json").is_file()
+
+
+def test_a_truncated_shard_of_a_finished_base_is_written_again(tmp, monkeypatch):
+    """Killed after the base was finished (its progress journal gone): a shard cut short is not a finished base."""
+    ck = _checkpoint(tmp / "ck", 9)
+    _run(ck, tmp / "whole")
+    with monkeypatch.context() as m:
+        m.setattr(stream.Journal, "mark_base_complete", lambda self: (_ for _ in ()).throw(_Crash("base")))
+        with pytest.raises(_Crash):
+            _run(ck, tmp / "s")
+    shard = sorted((tmp / "s" / "base").glob("model-*-of-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    calls = _counting(monkeypatch)
+    _run(ck, tmp / "s")
+    assert calls == []  # every layer's factors come from the journal
+    assert _file_bytes(tmp / "s") == _file_bytes(tmp / "whole")

@@ -227,21 +227,24 @@ def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, m
 
 def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: Journal) -> bool:
     """A resumed run killed after the ShardWriter closed but before it was recorded: a complete checkpoint with
-    every tensor (the targets' entries are checked after, by ``_complete_journal``)."""
+    every tensor (the targets' entries are checked after, by ``_complete_journal``). One that is not (a shard
+    missing, truncated or holding other tensors) is written again (``_base_writer``)."""
     if not journal.resumed or (base_dir / JOURNAL_FILE).exists():
         return False
     if not ((base_dir / SINGLE_FILE).is_file() or (base_dir / INDEX_FILE).is_file()):
         return False
-    with CheckpointReader(base_dir) as written:  # opens and checks every shard's header
-        complete = set(written.names) == set(reader.names)
-    return complete
+    try:
+        with CheckpointReader(base_dir) as written:  # opens and checks every shard's header
+            return set(written.names) == set(reader.names)
+    except (ValueError, FileNotFoundError):
+        return False
 
 
 def _base_writer(base_dir: Path, max_shard_bytes: int, journal: Journal) -> ShardWriter:
     """The base's ShardWriter, resuming the interrupted run's; an unreadable progress journal is an error naming it
     and the way out (the base is written again from the journal's factors)."""
-    try:
-        return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed)
+    try:  # a resumed run without a progress journal: the base files there are not a finished base, rewrite them
+        return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed, overwrite=journal.resumed)
     except ProgressJournalError as e:
         raise ValueError(f"{e.path}: unreadable progress journal of the base (truncated or corrupt); delete "
                          f"{base_dir} to write the base again (the decomposed layers in {journal.layers} are kept), "

@@ -2,8 +2,10 @@
 
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
 each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
-atomically before that base enters a shard. ``journal_plan`` plans one target (or takes the journaled factors,
-checked against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
+atomically before that base enters a shard, with a sha256 of all of it (``entry_checksum``: a damaged entry is
+removed and decomposed again). ``job.json`` also records the input files' stats (``stream_inputs``). ``locked``
+holds ``out_dir`` for one run at a time. ``journal_plan`` plans one target (or takes the journaled factors, checked
+against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
 
 from __future__ import annotations

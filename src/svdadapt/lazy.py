@@ -6,8 +6,8 @@ loads whole. It takes the meta-device skeleton built from config.json and
 * loads what comes before the decoder stack at once (the embeddings), and what comes after it (final norm, output
   head, rotary embedding) on its first call (a forward pre-hook): a calibration that stops after the last block
   never reads the output head. Tied weights are shared as ``from_pretrained`` shares them; the buffers a checkpoint
-  does not hold (rotary ``inv_freq``) are computed with the model's own ``_init_weights``, as ``from_pretrained``
-  does;
+  does not hold (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed with the model's own
+  ``_init_weights``, as ``from_pretrained`` does;
 * loads a block of the stack only when it is called and puts the previous one back on the meta device, so at most
   one block's weights are in memory.
 
@@ -37,7 +37,7 @@ def _join(prefix: str, name: str) -> str:
 class _Loader:
     """Loads modules' own parameters and buffers from the checkpoint. A tied parameter (several names, one tensor)
     is read under whichever of its names the checkpoint holds and loaded once for all of them; a buffer the
-    checkpoint lacks is computed by ``init_weights`` on its module (which must hold no parameters)."""
+    checkpoint lacks is computed by ``init_weights`` on its module (its parameters loaded first and left as loaded)."""
 
     def __init__(self, model: nn.Module, reader: CheckpointReader,
                  init_weights: Callable[[nn.Module], None] | None) -> None:
@@ -81,10 +81,16 @@ class _Loader:
 
 
 def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Module], None] | None) -> None:
-    """The buffers of ``module`` that no checkpoint holds (``persistent=False``), computed as transformers does."""
-    if init_weights is None or any(p is not None for p in module._parameters.values()):
+    """The buffers of ``module`` that no checkpoint holds (``persistent=False``: rotary ``inv_freq``, Gemma's
+    ``embed_scale``), computed as ``from_pretrained`` computes them: the model's ``_init_weights`` on the module, the
+    tensors already loaded (its parameters, persistent buffers) flagged ``_is_hf_initialized`` so that
+    transformers' init functions leave them as they are."""
+    if init_weights is None:
         raise ValueError(f"module {name!r} ({type(module).__name__}) has buffers the checkpoint does not hold; "
                          "svdadapt cannot compute them without loading the model")
+    loaded = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and not t.is_meta]
+    for t in loaded:
+        t._is_hf_initialized = True  # what from_pretrained sets on every tensor it loaded
     for bname, b in list(module._buffers.items()):
         if b is not None and b.is_meta:
             module._buffers[bname] = torch.empty_like(b, device="cpu")

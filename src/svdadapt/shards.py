@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -65,6 +65,8 @@ __all__ = [
     "plan_shards",
     "write_part",
     "merge_parts",
+    "written_tensors",
+    "ProgressJournalError",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -99,6 +101,14 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+
+
+class ProgressJournalError(ValueError):
+    """A writer's progress journal (``path``) cannot be read: truncated or corrupt."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class _Entry:
@@ -141,6 +151,16 @@ def _header(path: Path) -> dict[str, _Entry]:
                      h["data_offsets"][0])
         for name, h in items
     }
+
+
+def _check_shard_name(index: Path, shard: Any, example: str) -> None:
+    """An index names its shards by file name inside its own directory (a symlink there may point anywhere, as in
+    the Hugging Face cache): an absolute path or a ``..`` component would read a file outside the checkpoint."""
+    parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
+    if not parts or PurePosixPath(shard).is_absolute() or Path(shard).is_absolute() or ".." in parts \
+            or "\\" in shard:
+        raise ValueError(f"{index} maps tensor {example!r} to shard {shard!r}, outside the checkpoint directory "
+                         f"{index.parent}: an index names its shards by their file names in that directory")
 
 
 class CheckpointReader:
@@ -204,6 +224,7 @@ class CheckpointReader:
             by_shard.setdefault(shard, []).append(name)
         headers: dict[str, dict[str, _Entry]] = {}
         for shard, names in by_shard.items():
+            _check_shard_name(index, shard, names[0])
             file = index.parent / shard
             if not file.is_file():
                 raise ValueError(f"{index} maps {len(names)} tensors (e.g. {names[0]!r}) to shard {shard}, "
@@ -542,8 +563,8 @@ class ShardWriter:
             shards = journal["shards"]
             saved_max = journal["max_shard_bytes"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{self._journal}: unreadable progress journal ({e!r}); delete the directory's "
-                             f"checkpoint files or pass overwrite=True without resume") from e
+            raise ProgressJournalError(self._journal, f"{self._journal}: unreadable progress journal ({e!r}); delete "
+                                       "the directory's checkpoint files or pass overwrite=True without resume") from e
         if journal.get("version") != _JOURNAL_VERSION:
             raise ValueError(f"{self._journal}: journal version {journal.get('version')!r}, expected "
                              f"{_JOURNAL_VERSION}")
@@ -644,8 +665,33 @@ def _part_entries(out_dir: Path) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for f in sorted(out_dir.glob(".svdadapt-part-*.json")):
         if _PART_RE.fullmatch(f.name):
-            entries.update({e["file"]: e for e in json.loads(f.read_text())["shards"]})
+            try:
+                entries.update({e["file"]: e for e in json.loads(f.read_text())["shards"]})
+            except (ValueError, KeyError, TypeError) as e:
+                raise ProgressJournalError(f, f"{f}: unreadable part journal ({e!r})") from e
     return entries
+
+
+def written_tensors(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> file, for the tensors an interrupted (or finished) write into ``out_dir`` holds in its
+    journaled shards (``ShardWriter``'s progress journal, the part journals of ``write_part``) or, without a
+    journal, in the complete checkpoint there. Nothing is verified here; empty if nothing was written."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return {}
+    journal = out / JOURNAL_FILE
+    if journal.is_file():
+        try:
+            shards = json.loads(journal.read_text())["shards"]
+            found = {n: out / s["file"] for s in shards for n in s["names"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProgressJournalError(journal, f"{journal}: unreadable progress journal ({e!r})") from e
+    else:
+        found = {n: out / e["file"] for e in _part_entries(out).values() for n in e["names"]}
+    if not found and ((out / SINGLE_FILE).is_file() or (out / INDEX_FILE).is_file()):
+        with CheckpointReader(out) as done:
+            found = {n: done.file_of(n) for n in done.names}
+    return found
 
 
 def write_part(out_dir: str | os.PathLike, shards: dict[int, list[str]], tensor: Callable[[str], torch.Tensor],

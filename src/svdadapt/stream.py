@@ -37,7 +37,9 @@ base enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run ag
 default) after an interruption: the completed shards are verified (size, sha256) and kept, the layers already
 decomposed are taken from their files (no SVD; W is read again only for a layer whose base was in the shard being
 filled, and must match its recorded sha256), and the rest is computed as before. The result is bit-identical to an
-uninterrupted run.
+uninterrupted run. Each entry carries a sha256 of its contents (a damaged one is decomposed again); ``job.json``
+also records the input files' stats, and a resumed run re-checks the tensors of a file whose stats changed
+(``stream_inputs``). ``out_dir`` is locked while a run writes into it (``stream_journal.locked``).
 ``.svdadapt-stream`` is removed when the run completes.
 """
 
@@ -63,11 +65,12 @@ from .distributed import barrier, layer_cost, same_job, split_by_cost, world
 from .engine import Job
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, get_method
-from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter,
-                     copy_files, merge_parts, plan_shards, write_part)
+from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
+                     ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
 from .stream_calibrated import calibration_key, plan_calibrated
-from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, open_journal
+from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
+from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, locked, open_journal
 from .targets import saved_modules
 from .wrap import build_job, lora_config, select_targets
 
@@ -171,6 +174,7 @@ def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any
     if spec.rewrites_base:
         _check_untied(model, targets)
     reader = CheckpointReader(src)
+    check_layout(model, reader, spec.needs_calibration)
     source = CheckpointSource(reader, targets)
     _check_rank(rank, source.shapes)
     return _Checkpoint(src, model, task_type, targets, reader, source)
@@ -180,13 +184,20 @@ def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
     """EoRA's uncompressed checkpoint: the same targets (names, shapes) as the compressed model's."""
     src = _checkpoint_dir(ref)
     model = _skeleton(src)
+    if model.config.model_type != ck.model.config.model_type:
+        raise ValueError(f"the reference checkpoint {str(src)!r} is a {model.config.model_type!r} model, the "
+                         f"compressed one a {ck.model.config.model_type!r}: EoRA compensates a model with its own "
+                         "uncompressed weights")
     modules = dict(model.named_modules())
     missing = [n for n in ck.targets if n not in modules]
     if missing:
         raise ValueError(f"the reference checkpoint {str(src)!r} has no module {missing[0]!r}")
     targets = {n: modules[n] for n in ck.targets}
     reader = CheckpointReader(src)
-    return _Checkpoint(src, model, ck.task_type, targets, reader, CheckpointSource(reader, targets))
+    check_layout(model, reader, True, "reference checkpoint")
+    source = CheckpointSource(reader, targets)
+    check_reference(ck.source, source, src)
+    return _Checkpoint(src, model, ck.task_type, targets, reader, source)
 
 
 def _tensors_key(reader: CheckpointReader) -> str:
@@ -206,7 +217,9 @@ def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, m
             "max_shard_bytes": max_shard_bytes, "mode": job.mode, "damping": getattr(job.options, "damping", None),
             "calibration": calibration, "calibrate_on": getattr(job.options, "calibrate_on", None),
             "sequential": None if options is None else options.sequential,
-            "reference": None if reference is None else _tensors_key(reference.reader)}
+            "reference": None if reference is None else _tensors_key(reference.reader),
+            "inputs": {"model": input_stats(ck.reader),
+                       "reference": None if reference is None else input_stats(reference.reader)}}
 
 
 # ------------------------------------------------------------------------------------------------------ the base
@@ -214,14 +227,50 @@ def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, m
 
 def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointSource, journal: Journal) -> bool:
     """A resumed run killed after the ShardWriter closed but before it was recorded: a complete checkpoint with
-    every tensor, and the factors of every target."""
+    every tensor (the targets' entries are checked after, by ``_complete_journal``). One that is not (a shard
+    missing, truncated or holding other tensors) is written again (``_base_writer``)."""
     if not journal.resumed or (base_dir / JOURNAL_FILE).exists():
         return False
     if not ((base_dir / SINGLE_FILE).is_file() or (base_dir / INDEX_FILE).is_file()):
         return False
-    with CheckpointReader(base_dir) as written:  # opens and checks every shard's header
-        complete = set(written.names) == set(reader.names)
-    return complete and all(journal.get(n) is not None for n in source.names)
+    try:
+        with CheckpointReader(base_dir) as written:  # opens and checks every shard's header
+            return set(written.names) == set(reader.names)
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+def _base_writer(base_dir: Path, max_shard_bytes: int, journal: Journal) -> ShardWriter:
+    """The base's ShardWriter, resuming the interrupted run's; an unreadable progress journal is an error naming it
+    and the way out (the base is written again from the journal's factors)."""
+    try:  # a resumed run without a progress journal: the base files there are not a finished base, rewrite them
+        return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed, overwrite=journal.resumed)
+    except ProgressJournalError as e:
+        raise ValueError(f"{e.path}: unreadable progress journal of the base (truncated or corrupt); delete "
+                         f"{base_dir} to write the base again (the decomposed layers in {journal.layers} are kept), "
+                         f"or delete {base_dir.parent} and start again") from e
+
+
+def _complete_journal(job: Job, source: CheckpointSource, journal: Journal) -> None:
+    """Every target's entry, once the base is written: one that was damaged (``Journal.get`` removed it) is made
+    again from W, as the interrupted run made it (data-free methods: the same factors and base, bit for bit)."""
+    for name in source.names:
+        if journal.get(name) is None:
+            if job.spec.needs_calibration:  # its covariance is gone with the calibration
+                journal.require(name)
+            layer_base(job, source, journal, name)
+
+
+def _check_inputs(journal: Journal, ck: _Checkpoint, ref: _Checkpoint | None, out: Path, calibrated: bool) -> None:
+    """A resumed run: the input files as the interrupted run used them (``stream_inputs.check_unchanged``); their
+    stats are then recorded anew."""
+    saved = journal.saved_inputs or {}
+    check_unchanged(journal, ck.reader, saved.get("model"), ck.source, out / "base", calibrated, out)
+    if ref is not None:
+        check_unchanged(journal, ref.reader, saved.get("reference"), None, out / "base", calibrated, out)
+    if world()[0] == 0:
+        journal.record_inputs({"model": input_stats(ck.reader),
+                               "reference": None if ref is None else input_stats(ref.reader)})
 
 
 def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, base_dir: Path, journal: Journal,
@@ -231,12 +280,11 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
         journal.mark_base_complete()
         return
     bar = tqdm(total=len(source), desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
-    with bar, ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed) as writer:
+    with bar, _base_writer(base_dir, max_shard_bytes, journal) as writer:
         for key in reader.names:
             name = source.module_of(key)
-            if key in writer.done:  # in a verified shard of the interrupted run
+            if key in writer.done:  # in a verified shard of the interrupted run (its entry: _complete_journal)
                 if name is not None:
-                    journal.require(name)
                     bar.update()
                 continue
             if name is None:
@@ -400,19 +448,23 @@ def init_checkpoint(
     blocks = None if batches is None else resolve_blockwise(blockwise or True, spec, batches, quantized=False)
     out = Path(out_dir)
     key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and calibration_key(batches), blocks, ref)
-    journal = open_journal(out, key, resume)
-    if batches is not None:
-        plan_calibrated(job, ck, journal, batches, blocks, progress, ref, calibrate_on)
-        if ref is not None:
-            ref.reader.close()
-    if world()[1] == 1:
-        _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
-    elif not _write_base_together(job, ck, journal, out / "base", max_shard_bytes, progress):
-        return out  # rank 0 writes the other outputs
-    ck.reader.close()
-    options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
-                   use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
-    _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal, reference)
-    journal.remove()
+    with locked(out):
+        journal = open_journal(out, key, resume)
+        if journal.resumed:
+            _check_inputs(journal, ck, ref, out, batches is not None)
+        if batches is not None:
+            plan_calibrated(job, ck, journal, batches, blocks, progress, ref, calibrate_on)
+            if ref is not None:
+                ref.reader.close()
+        if world()[1] == 1:
+            _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
+        elif not _write_base_together(job, ck, journal, out / "base", max_shard_bytes, progress):
+            return out  # rank 0 writes the other outputs
+        _complete_journal(job, ck.source, journal)
+        ck.reader.close()
+        options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
+                       use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
+        _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal, reference)
+        journal.remove()
     barrier()
     return out

@@ -2,19 +2,29 @@
 
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
 each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
-atomically before that base enters a shard. ``journal_plan`` plans one target (or takes the journaled factors,
-checked against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
+atomically before that base enters a shard, with a sha256 of all of it (``entry_checksum``: a damaged entry is
+removed and decomposed again). ``job.json`` also records the input files' stats (``stream_inputs``). ``locked``
+holds ``out_dir`` for one run at a time. ``journal_plan`` plans one target (or takes the journaled factors, checked
+against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -25,7 +35,7 @@ from .record import weight_checksum
 from .shards import fsync_file
 from .sources import CheckpointSource
 
-__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "journal_plan", "layer_base"]
+__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
 
 STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
 
@@ -57,8 +67,9 @@ class Journal:
             if not resume:
                 raise FileExistsError(f"{out} holds an unfinished init_checkpoint run ({job}); pass resume=True to "
                                       "continue it, or delete the directory")
-            saved = json.loads(job.read_text())
-            differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+            saved = _read_job(job)
+            self.saved_inputs = saved.get("inputs")
+            differ = sorted(k for k in set(saved) | set(key) if k != "inputs" and saved.get(k) != key.get(k))
             if differ:
                 raise ValueError(f"{out} holds an unfinished init_checkpoint run of another job ({', '.join(differ)} "
                                  "differ); pass the same checkpoint and options, or use another out_dir")
@@ -67,10 +78,21 @@ class Journal:
             raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (nor an unfinished "
                                   "init_checkpoint run to resume)")
         self.layers.mkdir(parents=True)
+        self.saved_inputs = key.get("inputs")
+        self._write_job(key)
+        return False
+
+    def _write_job(self, key: dict[str, Any]) -> None:
         tmp = self.dir / ".job.json.tmp"
         tmp.write_text(json.dumps(key, indent=2))
-        os.replace(tmp, job)
-        return False
+        os.replace(tmp, self.dir / "job.json")
+
+    def record_inputs(self, inputs: dict[str, Any]) -> None:
+        """The input files' stats (``stream_inputs.input_stats``) as now, once a resumed run found them unchanged
+        in content: the next resume compares with these."""
+        key = _read_job(self.dir / "job.json")
+        key["inputs"] = self.saved_inputs = inputs
+        self._write_job(key)
 
     def _file(self, name: str) -> Path:
         return self.layers / f"{name}.safetensors"
@@ -80,20 +102,26 @@ class Journal:
 
         meta = {"report": json.dumps(r.report), "base_checksum": r.base_checksum,
                 "residual_checksum": r.residual_checksum}
+        meta["entry_checksum"] = _entry_checksum(r.A, r.B, meta)
         tmp = self.layers / f".{name}.tmp"
         save_file({"A": r.A.contiguous(), "B": r.B.contiguous()}, str(tmp), metadata=meta)
         fsync_file(tmp)
         os.replace(tmp, self._file(name))
 
     def get(self, name: str) -> LayerResult | None:
-        from safetensors import safe_open
-
+        """The journaled entry of ``name``; None if there is none, or if its file is damaged (unreadable, or not
+        what was written: its ``entry_checksum`` covers A, B and the metadata), which is then removed with a warning
+        so that the layer is decomposed again."""
         f = self._file(name)
         if not f.is_file():
             return None
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata()
-            A, B = h.get_tensor("A").clone(), h.get_tensor("B").clone()
+        try:
+            A, B, meta = _read_entry(f)
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"svdadapt: damaged resume journal entry {f} ({e}): module {name!r} is decomposed again",
+                          stacklevel=2)
+            f.unlink()
+            return None
         report = json.loads(meta["report"])
         if "shape" in report:
             report["shape"] = tuple(report["shape"])  # as plan_layer gives it
@@ -115,6 +143,64 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir)
+
+
+def _read_job(job: Path) -> dict[str, Any]:
+    """The saved job of an unfinished run; ValueError naming the file if it is not the JSON object written."""
+    try:
+        saved = json.loads(job.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{job}: unreadable resume journal (truncated or corrupt: {e}); the interrupted run cannot "
+                         f"be continued: delete {job.parent.parent} and start again") from e
+    return saved
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the directory ``out`` (created if missing) while a run writes into it: a second
+    run into the same directory is an error, not a race. ``fcntl.flock`` on the directory itself: no file is
+    added, and the operating system releases the lock when the process dies. Under ``torch.distributed`` rank 0
+    holds it for all ranks; where there is no ``fcntl`` (Windows) there is no lock."""
+    if world()[0] != 0 or fcntl is None or (out.exists() and not out.is_dir()):
+        yield  # a path that is not a directory is refused by the journal
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"output directory {str(out)!r} is in use by another init_checkpoint run (it holds "
+                               "the directory's lock): wait for that run to end, or pass another out_dir") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _entry_checksum(A: torch.Tensor, B: torch.Tensor, meta: dict[str, str]) -> str:
+    """sha256 over a journal entry's factors and metadata fields (everything ``Journal.get`` returns)."""
+    h = hashlib.sha256(weight_checksum(A).encode() + weight_checksum(B).encode())
+    for k in ("report", "base_checksum", "residual_checksum"):
+        h.update(f"{k}={meta[k]};".encode())
+    return h.hexdigest()
+
+
+def _read_entry(f: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """(A, B, metadata) of a journal entry, checked against its ``entry_checksum``; ValueError if it does not
+    match or the file cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            A, B = h.get_tensor("A").clone(), h.get_tensor("B").clone()
+    except SafetensorError as e:
+        raise ValueError(f"not a readable safetensors file: {e}") from e
+    if meta.get("entry_checksum") != _entry_checksum(A, B, meta):
+        raise ValueError("its checksum does not match its contents")
+    return A, B, meta
 
 
 def open_journal(out: Path, key: dict[str, Any], resume: bool) -> Journal:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import _collect, _first_tensor, _fmt_bytes, _model_device, _run_batch, _version
+from .calibration import _collect, _first_tensor, _fmt_bytes, _model_device, _run_batch, _version, _caller_level
 from .checks import check_covariances
 from .engine import LayerPlan
 from .methods import MethodSpec
@@ -244,11 +243,17 @@ def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, t
     return key, x, args, {k: v for k, v in kwargs.items() if k != key}
 
 
-def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A block run on its own must not append to the forward's KV cache: caches become None, ``use_cache`` False
-    (attention then reads the new keys and values themselves, the values the cache would have handed back)."""
-    return {k: None if type(v).__name__.endswith("Cache") else (False if k == "use_cache" else v)
-            for k, v in kwargs.items()}
+def _is_cache(v: Any) -> bool:
+    """A KV cache object (transformers' ``Cache`` classes, ``DynamicCache``, ``EncoderDecoderCache`` ...)."""
+    return any(c.__name__.endswith("Cache") for c in type(v).__mro__)
+
+
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block run on its own must not append to the forward's KV cache: caches become None, positional (GPT-2
+    passes its cache second) or keyword, and ``use_cache`` False (attention then reads the new keys and values
+    themselves, the values the cache would have handed back)."""
+    args = tuple(None if _is_cache(v) else v for v in args)
+    return args, {k: None if _is_cache(v) else (False if k == "use_cache" else v) for k, v in kwargs.items()}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -282,7 +287,7 @@ class _Capture:
             raise _Unsupported(f"block {j} of the stack ran out of order or more than once per forward pass")
         self.calls[j] += 1
         if j == 0:
-            self.store.add(hidden, key, rest, _without_cache(kw), self.mask)
+            self.store.add(hidden, key, *_without_cache(rest, kw), self.mask)
             self.first = (key, rest, kw)
             if not self.checking:
                 raise _Stop
@@ -472,16 +477,6 @@ def _note(progress: bool, stage: _Stage, stack: str, n_blocks: int) -> None:
         print(f"svdadapt calibration: block by block over {stack!r} ({n_blocks} blocks), {len(stage.targets)} layers, "
               f"{stage.tokens:,} tokens; hidden states {_fmt_bytes(store.used)} in memory, "
               f"{_fmt_bytes(store.on_disk)} on disk")
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside svdadapt and torch's decorators (the user's call of ``wrap``),
-    counted from the caller of this function."""
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 @torch.no_grad()

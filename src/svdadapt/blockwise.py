@@ -47,6 +47,7 @@ from .calibration import _collect, _first_tensor, _fmt_bytes, _model_device, _ru
 from .checks import check_covariances
 from .engine import LayerPlan
 from .methods import MethodSpec
+from .targets import shared_modules
 from .distributed import my_batches, reduce_covariances, world
 
 __all__ = ["BlockwiseOptions", "find_stack", "block_of", "resolve", "plan_blockwise"]
@@ -463,6 +464,8 @@ def _stacks(hook_model: nn.Module, model: nn.Module, sequential: bool, names: li
     stack, blocks = found
     if not any(block_of(n, stack, len(blocks)) is not None for n in names):
         raise _Unsupported(f"no targeted layer lies inside the decoder stack {stack!r}")
+    for a, b in shared_modules(hook_model, names)[:1]:  # one block's pass would see one of its uses only
+        raise _Unsupported(f"module {a!r} is also used as {b!r}: its covariance comes from both uses")
     if not sequential or model is hook_model:
         return stack, blocks, blocks
     other = find_stack(model)

@@ -4,7 +4,9 @@ The whole-model path (``calibration.collect_covariances``) runs the model once p
 and holds every covariance until the plan is done. For a decoder stack (transformers Llama-family models:
 ``model.model.layers``, blocks run one after the other, each reading the previous one's output) this module instead
 
-1. captures the inputs of block 0 for every batch: a forward pre-hook records (args, kwargs) and stops the forward.
+1. captures the inputs of block 0 for every batch: a forward pre-hook records (args, kwargs) and stops the forward
+   (which runs with ``use_cache=False`` where the model takes it; a cache left in the arguments, positional as GPT-2
+   passes it or keyword, is dropped: a block run again must not attend to the keys of an earlier run).
    On batch 0 the forward runs through the whole stack first, to check that the blocks form a chain: block j reads
    block j−1's output (the same tensor, unchanged) with the same keyword arguments as block 0 (attention mask,
    position embeddings). Where they do not (per-layer sliding-window masks, anything between the blocks) the
@@ -18,7 +20,8 @@ and holds every covariance until the plan is done. For a decoder stack (transfor
 The inputs a block sees are those of the whole-model forward, so the covariances, and the adapters, are the same.
 Hidden states stay in memory up to ``BlockwiseOptions.memory_budget_mb`` and go to disk beyond (a temporary directory,
 one file per batch, rewritten after every block); the per-batch keyword arguments stay in memory. Targets outside the
-stack (an explicitly targeted ``lm_head``) are collected first by one whole-model pass with hooks on them alone.
+stack (an explicitly targeted ``lm_head``) are collected first by one whole-model pass with hooks on them alone. A
+target module object used in two places (two blocks) is left to the whole-model path, which sees both uses.
 
 EoRA's sequential variant (``sequential=True``): block i+1 reads the outputs of the *compressed* block i with its
 just-computed compensation W_c + s·B·A applied (forward hooks adding s·(x·Aᵀ)·Bᵀ, no PEFT model built): the

@@ -14,7 +14,9 @@ object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by ob
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
 Padding is dropped with the mask of the stack an input belongs to: ``attention_mask`` in the encoder (or the only
-stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model (the rule: :class:`_Masks`).
+stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model, from inputs laid out (batch, seq, in)
+or (batch·seq, in) (the rule: :class:`_Masks`). Forwards run without a KV cache (``use_cache=False`` where the
+model takes it).
 """
 
 from __future__ import annotations
@@ -266,7 +268,10 @@ class _Masks:
         same version: cross-attention k/v) take ``attention_mask``; inputs laid out like the decoder sequence take
         ``decoder_attention_mask`` (none given: every decoder token counts); an input laid out like the encoder
         mask but not like the decoder sequence (encoder states transformed first) takes ``attention_mask``;
-      - anything else (another layout, e.g. tokens gathered for an MoE expert) counts all its rows.
+      - an input laid out (batch·seq, in), one row per token (MoE blocks flatten the hidden states for their shared
+        expert), takes the mask of its (batch, seq) layout flattened;
+      - anything else (another layout, e.g. tokens gathered for a routed MoE expert) counts all its rows
+        (:meth:`unmasked_padding` tells the collector, which warns when the batch has padding).
     """
 
     def __init__(self, enc: torch.Tensor | None, dec: torch.Tensor | None) -> None:
@@ -532,7 +537,8 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules
     Args:
         model: any ``nn.Module``; run in eval mode under ``torch.no_grad`` (its training flag is restored).
         batches: iterable of dicts (``model(**batch)``, tensors moved to the model's device; an
-            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in); in an
+            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in) or
+            (batch·seq, in) (other layouts count every row, with a warning when there is padding); in an
             encoder–decoder model it is the encoder's, and ``decoder_attention_mask`` the decoder's, none: every
             decoder token counts) or of tensors (``model(batch)``, every position counts). Any batch size and
             sequence length.

@@ -315,9 +315,10 @@ class _Masks:
     def unmasked_padding(self, x: torch.Tensor) -> bool:
         """True when the batch has padding but ``x`` is laid out like no sequence of it (e.g. rows gathered for a
         routed MoE expert): its padding rows cannot be told apart and count."""
+        layouts = [tuple(self.enc.shape)] if self.enc is not None else []
+        layouts += [self.dec_shape] if self.dec_shape is not None else []
         padded = any(m is not None and not bool(m.all()) for m in (self.enc, self.dec))
-        layouts = [tuple(m.shape) for m in (self.enc,) if m is not None] + [s for s in (self.dec_shape,) if s]
-        return padded and not any(_fits(x, s) for s in layouts)
+        return padded and not any(_fits(x, layout) for layout in layouts)
 
 
 def _fits(x: torch.Tensor, layout: tuple[int, ...]) -> bool:

@@ -73,6 +73,14 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
     return found
 
 
+def _stacked_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(full name, parameter) of every parameter of 3 or more dimensions outside convolutions (whose kernels are
+    3-D / 4-D weights of layers PEFT wraps as modules): stacked per-expert weights."""
+    convs = (nn.modules.conv._ConvNd,)
+    return [(f"{m_name}.{p_name}" if m_name else p_name, p) for m_name, m in model.named_modules()
+            if not isinstance(m, convs) for p_name, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+
+
 def _refuse_parameters(model: nn.Module, selector: str | list[str], layers: dict[str, nn.Module]) -> None:
     """A selector (a regex, or one entry of a list) that matches no adaptable layer but names parameters of 3 or
     more dimensions (transformers 5's MoE experts: ``experts.gate_up_proj`` (E, 2·I, H), ``experts.down_proj``
@@ -80,8 +88,8 @@ def _refuse_parameters(model: nn.Module, selector: str | list[str], layers: dict
     for sel in [selector] if isinstance(selector, str) else [[t] for t in selector]:
         if any(matches(sel, n) for n in layers):
             continue
-        hits = [(n, tuple(p.shape)) for n, p in model.named_parameters()
-                if p.dim() >= 3 and (matches(sel, n) or matches(sel, n.rpartition(".")[0]))]
+        hits = [(n, tuple(p.shape)) for n, p in _stacked_parameters(model)
+                if matches(sel, n) or matches(sel, n.rpartition(".")[0])]
         if hits:
             shown = ", ".join(f"{n} {shape}" for n, shape in hits[:2]) + (" ..." if len(hits) > 2 else "")
             what = f"target_modules={sel!r}" if isinstance(selector, str) else f"target_modules entry {sel[0]!r}"

@@ -4,7 +4,9 @@ The whole-model path (``calibration.collect_covariances``) runs the model once p
 and holds every covariance until the plan is done. For a decoder stack (transformers Llama-family models:
 ``model.model.layers``, blocks run one after the other, each reading the previous one's output) this module instead
 
-1. captures the inputs of block 0 for every batch: a forward pre-hook records (args, kwargs) and stops the forward.
+1. captures the inputs of block 0 for every batch: a forward pre-hook records (args, kwargs) and stops the forward
+   (which runs with ``use_cache=False`` where the model takes it; a cache left in the arguments, positional as GPT-2
+   passes it or keyword, is dropped: a block run again must not attend to the keys of an earlier run).
    On batch 0 the forward runs through the whole stack first, to check that the blocks form a chain: block j reads
    block j−1's output (the same tensor, unchanged) with the same keyword arguments as block 0 (attention mask,
    position embeddings). Where they do not (per-layer sliding-window masks, anything between the blocks) the
@@ -18,7 +20,8 @@ and holds every covariance until the plan is done. For a decoder stack (transfor
 The inputs a block sees are those of the whole-model forward, so the covariances, and the adapters, are the same.
 Hidden states stay in memory up to ``BlockwiseOptions.memory_budget_mb`` and go to disk beyond (a temporary directory,
 one file per batch, rewritten after every block); the per-batch keyword arguments stay in memory. Targets outside the
-stack (an explicitly targeted ``lm_head``) are collected first by one whole-model pass with hooks on them alone.
+stack (an explicitly targeted ``lm_head``) are collected first by one whole-model pass with hooks on them alone. A
+target module object used in two places (two blocks) is left to the whole-model path, which sees both uses.
 
 EoRA's sequential variant (``sequential=True``): block i+1 reads the outputs of the *compressed* block i with its
 just-computed compensation W_c + s·B·A applied (forward hooks adding s·(x·Aᵀ)·Bᵀ, no PEFT model built): the
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -44,10 +46,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import _collect, _first_tensor, _fmt_bytes, _model_device, _run_batch, _version
+from .calibration import _collect, _first_tensor, _fmt_bytes, _model_device, _run_batch, _version, _caller_level
 from .checks import check_covariances
 from .engine import LayerPlan
 from .methods import MethodSpec
+from .targets import shared_modules
 from .distributed import my_batches, reduce_covariances, world
 
 __all__ = ["BlockwiseOptions", "find_stack", "block_of", "resolve", "plan_blockwise"]
@@ -244,11 +247,17 @@ def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, t
     return key, x, args, {k: v for k, v in kwargs.items() if k != key}
 
 
-def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A block run on its own must not append to the forward's KV cache: caches become None, ``use_cache`` False
-    (attention then reads the new keys and values themselves, the values the cache would have handed back)."""
-    return {k: None if type(v).__name__.endswith("Cache") else (False if k == "use_cache" else v)
-            for k, v in kwargs.items()}
+def _is_cache(v: Any) -> bool:
+    """A KV cache object (transformers' ``Cache`` classes, ``DynamicCache``, ``EncoderDecoderCache`` ...)."""
+    return any(c.__name__.endswith("Cache") for c in type(v).__mro__)
+
+
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block run on its own must not append to the forward's KV cache: caches become None, positional (GPT-2
+    passes its cache second) or keyword, and ``use_cache`` False (attention then reads the new keys and values
+    themselves, the values the cache would have handed back)."""
+    args = tuple(None if _is_cache(v) else v for v in args)
+    return args, {k: None if _is_cache(v) else (False if k == "use_cache" else v) for k, v in kwargs.items()}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -282,7 +291,7 @@ class _Capture:
             raise _Unsupported(f"block {j} of the stack ran out of order or more than once per forward pass")
         self.calls[j] += 1
         if j == 0:
-            self.store.add(hidden, key, rest, _without_cache(kw), self.mask)
+            self.store.add(hidden, key, *_without_cache(rest, kw), self.mask)
             self.first = (key, rest, kw)
             if not self.checking:
                 raise _Stop
@@ -458,6 +467,8 @@ def _stacks(hook_model: nn.Module, model: nn.Module, sequential: bool, names: li
     stack, blocks = found
     if not any(block_of(n, stack, len(blocks)) is not None for n in names):
         raise _Unsupported(f"no targeted layer lies inside the decoder stack {stack!r}")
+    for a, b in shared_modules(hook_model, names)[:1]:  # one block's pass would see one of its uses only
+        raise _Unsupported(f"module {a!r} is also used as {b!r}: its covariance comes from both uses")
     if not sequential or model is hook_model:
         return stack, blocks, blocks
     other = find_stack(model)
@@ -472,16 +483,6 @@ def _note(progress: bool, stage: _Stage, stack: str, n_blocks: int) -> None:
         print(f"svdadapt calibration: block by block over {stack!r} ({n_blocks} blocks), {len(stage.targets)} layers, "
               f"{stage.tokens:,} tokens; hidden states {_fmt_bytes(store.used)} in memory, "
               f"{_fmt_bytes(store.on_disk)} on disk")
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside svdadapt and torch's decorators (the user's call of ``wrap``),
-    counted from the caller of this function."""
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 @torch.no_grad()

@@ -14,13 +14,18 @@ object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by ob
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
 Padding is dropped with the mask of the stack an input belongs to: ``attention_mask`` in the encoder (or the only
-stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model (the rule: :class:`_Masks`).
+stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model, from inputs laid out (batch, seq, in)
+or (batch·seq, in) (the rule: :class:`_Masks`). Forwards run without a KV cache (``use_cache=False`` where the
+model takes it).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import sys
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -263,7 +268,10 @@ class _Masks:
         same version: cross-attention k/v) take ``attention_mask``; inputs laid out like the decoder sequence take
         ``decoder_attention_mask`` (none given: every decoder token counts); an input laid out like the encoder
         mask but not like the decoder sequence (encoder states transformed first) takes ``attention_mask``;
-      - anything else (another layout, e.g. tokens gathered for an MoE expert) counts all its rows.
+      - an input laid out (batch·seq, in), one row per token (MoE blocks flatten the hidden states for their shared
+        expert), takes the mask of its (batch, seq) layout flattened;
+      - anything else (another layout, e.g. tokens gathered for a routed MoE expert) counts all its rows
+        (:meth:`unmasked_padding` tells the collector, which warns when the batch has padding).
     """
 
     def __init__(self, enc: torch.Tensor | None, dec: torch.Tensor | None) -> None:
@@ -292,16 +300,39 @@ class _Masks:
         self.last = stack
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The (batch, seq) mask for ``x`` laid out (batch, seq, in), or None: every row counts."""
-        shape = tuple(x.shape[:2])
-        enc = self.enc if self.enc is not None and tuple(self.enc.shape) == shape else None
+        """The mask of ``x``'s real tokens: (batch, seq) for ``x`` laid out (batch, seq, in), (batch·seq,) for ``x``
+        laid out (batch·seq, in) (a (batch, seq) layout flattened, as MoE blocks hand their shared expert), or
+        None: every row counts."""
+        enc = self.enc if self.enc is not None and _fits(x, tuple(self.enc.shape)) else None
         if (self.running[-1] if self.running else self.last) == _ENCODER:
-            return enc
+            return _flat(enc, x)
         if any(r() is x and v == _version(x) for r, v in self.enc_states):
-            return enc
-        if self.dec_shape is not None and shape == self.dec_shape:
-            return self.dec
-        return enc if self.dec_shape is not None else None
+            return _flat(enc, x)
+        if self.dec_shape is not None and _fits(x, self.dec_shape):
+            return _flat(self.dec, x)
+        return _flat(enc, x) if self.dec_shape is not None else None
+
+    def unmasked_padding(self, x: torch.Tensor) -> bool:
+        """True when the batch has padding but ``x`` is laid out like no sequence of it (e.g. rows gathered for a
+        routed MoE expert): its padding rows cannot be told apart and count."""
+        layouts = [tuple(self.enc.shape)] if self.enc is not None else []
+        layouts += [self.dec_shape] if self.dec_shape is not None else []
+        padded = any(m is not None and not bool(m.all()) for m in (self.enc, self.dec))
+        return padded and not any(_fits(x, layout) for layout in layouts)
+
+
+def _fits(x: torch.Tensor, layout: tuple[int, ...]) -> bool:
+    """``x`` (..., in) is laid out (batch, seq, in) or (batch·seq, in) for ``layout`` = (batch, seq)."""
+    if x.dim() == 3:
+        return tuple(x.shape[:2]) == layout
+    return x.dim() == 2 and x.shape[0] == layout[0] * layout[1]
+
+
+def _flat(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` (batch, seq) as ``x`` needs it: itself for (batch, seq, in), flattened for (batch·seq, in)."""
+    if mask is None:
+        return None
+    return mask if x.dim() == 3 else mask.reshape(-1)
 
 
 class _Collector:
@@ -319,6 +350,7 @@ class _Collector:
         # tells the same object apart before and after an in-place op (h.relu_()); the weakref guards against a
         # freed tensor's id being reused by a later, different input in the same forward
         self.seen: dict[tuple[int, object], tuple[weakref.ref, str, set[str]]] = {}
+        self.unmasked: dict[str, tuple[int, ...]] = {}  # name -> input shape: padding in the batch, not removable
 
     def begin(self, batch: int, masks: _Masks) -> None:
         self.batch, self.masks, self.seen = batch, masks, {}
@@ -340,7 +372,7 @@ class _Collector:
             return
         key = self.key_of.setdefault(name, name)
         self.seen[ident] = (weakref.ref(x), key, {name})
-        self._accumulate(name, key, self._rows(x))
+        self._accumulate(name, key, self._rows(name, x))
 
     def _accumulate(self, name: str, key: str, rows: torch.Tensor) -> None:
         """Add Σ x xᵀ of ``rows`` (n, in) to ``key``'s accumulator (in, in)."""
@@ -355,10 +387,12 @@ class _Collector:
         acc.addmm_(rows.mT, rows)
         self.count[key] = self.count.get(key, 0) + rows.shape[0]
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in)
-        like the mask that :class:`_Masks` assigns it."""
-        m = self.masks.mask_for(x) if x.dim() == 3 else None
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in) or
+        (batch·seq, in) like the mask that :class:`_Masks` assigns it (any other layout: noted in ``unmasked``)."""
+        m = self.masks.mask_for(x) if x.dim() in (2, 3) else None
+        if m is None and name not in self.unmasked and self.masks.unmasked_padding(x):
+            self.unmasked[name] = tuple(x.shape)
         return x[m] if m is not None else x.reshape(-1, x.shape[-1])
 
     def end(self) -> None:
@@ -410,18 +444,50 @@ def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collec
     return handles
 
 
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (transformers models), else ``{}``:
+    a calibration forward never needs a KV cache, and one built during it would be handed to every block
+    (``svdadapt.blockwise`` runs the blocks again on their own)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature (a builtin)
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
 def _run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state: _Collector) -> None:
+    """Run ``model`` on batch ``i`` (moved to ``device``), without a KV cache where the model takes ``use_cache``."""
     if isinstance(batch, Mapping):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         state.begin(i, _batch_masks(batch, i))
-        model(**batch)
+        model(**{**batch, **_no_cache(model)})
     elif isinstance(batch, torch.Tensor):
         state.begin(i, _Masks(None, None))
-        model(batch.to(device))
+        model(batch.to(device), **_no_cache(model))
     else:
         raise TypeError(f"batch {i} is a {type(batch).__name__}; a batch is a dict (run as model(**batch)) "
                         "or a tensor (run as model(batch))")
     state.end()
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside svdadapt and torch's decorators (the user's call), counted
+    from the caller of this function."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _note_unmasked(unmasked: Mapping[str, tuple[int, ...]]) -> None:
+    """One warning line for the targets whose padding rows counted (their inputs fit no (batch, seq) layout)."""
+    if unmasked:
+        name, shape = next(iter(unmasked.items()))
+        more = f" and {len(unmasked) - 1} more" if len(unmasked) > 1 else ""
+        warnings.warn(f"svdadapt calibration: the input of module {name!r}{more} (shape {shape}) is laid out neither "
+                      "(batch, seq, in) nor (batch·seq, in) like the attention_mask, so its padding rows count; "
+                      "pass unpadded batches for it (docs/calibration.md)", stacklevel=_caller_level())
 
 
 @torch.no_grad()
@@ -455,6 +521,7 @@ def _collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.
     if missing:
         raise ValueError(f"calibration saw no tokens for module {missing[0]!r} ({len(missing)} of {len(targets)} "
                          f"targets): it did not take part in the forward pass or all its tokens were padding")
+    _note_unmasked(state.unmasked)
     mean = {key: state.acc[key].div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
     covs = Covariances({n: mean[state.key_of[n]] for n in targets},
                        {n: state.count[state.key_of[n]] for n in targets})
@@ -471,7 +538,8 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules
     Args:
         model: any ``nn.Module``; run in eval mode under ``torch.no_grad`` (its training flag is restored).
         batches: iterable of dicts (``model(**batch)``, tensors moved to the model's device; an
-            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in); in an
+            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in) or
+            (batch·seq, in) (other layouts count every row, with a warning when there is padding); in an
             encoder–decoder model it is the encoder's, and ``decoder_attention_mask`` the decoder's, none: every
             decoder token counts) or of tensors (``model(batch)``, every position counts). Any batch size and
             sequence length.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .layers import kind_of, read_weight
-from .targets import shared_weights
+from .targets import shared_modules, shared_weights
 
 __all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "reference_weights",
            "check_covariances"]
@@ -40,8 +40,9 @@ def check_seed(seed: Any) -> None:
 
 
 def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], rank: int, rewrites_base: bool) -> None:
-    """Every target is float, finite, at least ``rank`` on its short side (the error names the tightest layer),
-    and, for a method that rewrites the base, shares its weight with no other module."""
+    """Every target is float, finite, at least ``rank`` on its short side (the error names the tightest layer), held
+    in one place only (not one module object used twice), and, for a method that rewrites the base, shares its
+    weight with no other module."""
     limits = {}
     for name, module in targets.items():
         W = read_weight(name, module)
@@ -53,6 +54,10 @@ def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], ran
     if rank > min(limits[tightest]):
         raise ValueError(f"rank={rank} exceeds min(out, in) = {min(limits[tightest])} of module {tightest!r} with "
                          f"weight {limits[tightest]}")
+    for a, b in shared_modules(model, targets)[:1]:
+        raise ValueError(f"module {a!r} is also used as {b!r} (one module object in two places): PEFT would adapt it "
+                         f"in one place only; give each place its own module (copy.deepcopy) or leave {a!r} out of "
+                         "target_modules")
     if rewrites_base:
         pairs = shared_weights(model, targets)
         if pairs:

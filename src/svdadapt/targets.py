@@ -15,7 +15,7 @@ from torch import nn
 from .layers import KIND_NAMES, is_target_type
 
 __all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights",
-           "saved_modules"]
+           "shared_modules", "saved_modules"]
 
 Selector = str | Iterable[str]
 
@@ -62,6 +62,8 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
     if exclude_modules is not None:
         exclude_modules = _as_selector(exclude_modules)
         found = {n: m for n, m in found.items() if not matches(exclude_modules, n)}
+    if not _is_all_linear(target_modules):
+        _refuse_parameters(model, target_modules, layers)
     if not found:
         raise ValueError(
             f"target_modules={target_modules!r}{'' if exclude_modules is None else f' minus exclude_modules={exclude_modules!r}'} "
@@ -69,6 +71,33 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
             f"{', '.join(list(layers)[:12])}{' ...' if len(layers) > 12 else ''}"
         )
     return found
+
+
+def _stacked_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(full name, parameter) of every parameter of 3 or more dimensions outside convolutions (whose kernels are
+    3-D / 4-D weights of layers PEFT wraps as modules): stacked per-expert weights."""
+    convs = (nn.modules.conv._ConvNd,)
+    return [(f"{m_name}.{p_name}" if m_name else p_name, p) for m_name, m in model.named_modules()
+            if not isinstance(m, convs) for p_name, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+
+
+def _refuse_parameters(model: nn.Module, selector: str | list[str], layers: dict[str, nn.Module]) -> None:
+    """A selector (a regex, or one entry of a list) that matches no adaptable layer but names parameters of 3 or
+    more dimensions (transformers 5's MoE experts: ``experts.gate_up_proj`` (E, 2·I, H), ``experts.down_proj``
+    (E, H, I)) or the module holding them: ``ValueError`` saying that these are parameters."""
+    for sel in [selector] if isinstance(selector, str) else [[t] for t in selector]:
+        if any(matches(sel, n) for n in layers):
+            continue
+        hits = [(n, tuple(p.shape)) for n, p in _stacked_parameters(model)
+                if matches(sel, n) or matches(sel, n.rpartition(".")[0])]
+        if hits:
+            shown = ", ".join(f"{n} {shape}" for n, shape in hits[:2]) + (" ..." if len(hits) > 2 else "")
+            what = f"target_modules={sel!r}" if isinstance(selector, str) else f"target_modules entry {sel[0]!r}"
+            raise ValueError(
+                f"{what} matched no adaptable layer but {len(hits)} parameters of 3 or more dimensions in "
+                f"{type(model).__name__} ({shown}; MoE expert weights), which are parameters, not layers: PEFT adapts "
+                "those through LoraConfig(target_parameters=...), which svdadapt does not support yet; target the "
+                "adaptable layers instead (e.g. the attention projections, a shared expert)")
 
 
 def peft_target_list(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -118,4 +147,23 @@ def shared_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, st
             if other != n and (other, n) not in seen:
                 pairs.append((n, other))
                 seen.add((n, other))
+    return pairs
+
+
+def shared_modules(model: nn.Module, names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs (target, another place holding the same module object): one module used in two places (two parents, or
+    two attributes of one parent). ``named_modules()`` names such a module once, and PEFT replaces it in that place
+    only: the other place would keep the bare layer, whose weight a method may rewrite. A parent reachable under two
+    names (an alias of a whole submodule) is one place: replacing its child changes both paths."""
+    places: dict[int, dict[tuple[int, str], str]] = {}  # id(module) -> (id(parent), attribute) -> full name
+    for prefix, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), {}).setdefault((id(parent), attr), f"{prefix}.{attr}" if prefix else attr)
+    modules = dict(model.named_modules())
+    pairs = []
+    for n in names:
+        others = [p for p in places.get(id(modules[n]), {}).values() if p != n]
+        if others:
+            pairs.append((n, others[0]))
     return pairs

@@ -82,10 +82,23 @@ def test_eora_quantize_refuses_too():
 def test_int8_takes_any_shape():
     model = _mlp(100, 64, 8)
     x = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
-    pm = svdadapt.wrap(model, "pissa", rank=4, quantize="int8", progress=False).eval()
-    assert [type(pm.base_model.model[i].base_layer).__name__ for i in (0, 2)] == ["Linear8bitLt"] * 2
     with torch.no_grad():
-        assert pm(x).shape == (3, 8)  # the eval forward that fails for a 4-bit layer of these shapes
+        want = model[0](x).double()
+    pm = svdadapt.wrap(copy.deepcopy(model), "pissa", rank=4, quantize="int8", progress=False).eval()
+    assert [type(pm.base_model.model[i].base_layer).__name__ for i in (0, 2)] == ["Linear8bitLt"] * 2
+    layer = pm.base_model.model[0]
+    with torch.no_grad():  # the eval forward that fails for a 4-bit layer of these shapes
+        got = layer(x).double()
+    # int8 row-wise absmax: each weight of the residual R = W - s·B·A is off by at most half a step (rowmax|R| / 254)
+    # and each input by half a step of its row's absmax (max|x| / 254), after both are rounded to fp16 (2^-11
+    # relative each); the first-order terms, the product of the two steps, and fp32's accumulation of the adapter
+    R, ax = model[0].weight.double() - lora_product(layer), x.double().abs()
+    dW = R.abs().amax(dim=1, keepdim=True) / 254 + R.abs() * 2**-11  # (out, in)
+    dx = ax.amax(dim=1, keepdim=True) / 254 + ax * 2**-11  # (rows, in)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    adapter = layer.scaling["default"] * (B.abs() @ A.abs()).detach()  # (out, in)
+    bound = ax @ dW.T + dx @ R.abs().T + dx @ dW.T + 104 * torch.finfo(torch.float32).eps * (ax @ adapter.T)
+    assert ((got - want).abs() <= bound).all(), float(((got - want).abs() / bound).max())
 
 
 def test_eora_on_a_quantized_model_of_such_shapes():

@@ -17,10 +17,14 @@ LoRA for the ORIGINAL model (the same directory :func:`svdadapt.save` writes, so
 ``export`` refuses an adapter of another init: an svdadapt.save directory must hold DIR's very A₀, B₀, and a PEFT
 adapter whose ``base_model_name_or_path`` is the base/ of another init directory must share its ``init_checksum``.
 
-Exit status: 0 success; 2 the command line is wrong (unknown method, missing option, option that the method does
-not take, missing or empty input file, output that would be overwritten); 1 the run failed (e.g. rank above a
-layer's size, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors are one
-line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
+Exit status (docs/lifecycle.md#exit-codes): 0 success; 2 the command line is wrong, decidable from the arguments,
+the machine and the named paths alone and checked before anything is loaded (unknown method, missing option, option
+the method does not take, options that contradict each other such as ``--svd randomized`` with a bottom-r method,
+a ``--device`` this machine lacks, ``--quantize`` without bitsandbytes, a missing input path or one of the wrong kind
+(a directory without config.json / svdadapt.json / adapter files), an empty text file, an output that exists or
+cannot be created); 1 the run failed on what the inputs hold (e.g. rank above a layer's size, ``--seq-len`` beyond
+the model's positions, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors
+are one line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from torch import nn
 
 __all__ = [
     "SCHEMES",
+    "BLOCKSIZE",
+    "cpu_layout_problem",
     "require_bnb",
     "is_bnb_layer",
     "is_cpu_packed",
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 SCHEMES = ("nf4", "fp4", "int8")
+BLOCKSIZE = 64  # the 4-bit block size of the layers built here (bitsandbytes' default)
+CPU_ROW_TILE = 32  # bitsandbytes' CPU repacking interleaves the rows of a 4-bit layer in tiles of this many
 
 _INSTALL_HINT = "quantize= needs bitsandbytes: pip install bitsandbytes"
 
@@ -92,6 +96,17 @@ def scheme_of(module: nn.Module) -> str:
         qs = module.weight.quant_state
         return qs.quant_type if qs is not None else module.weight.quant_type
     return "int8"
+
+
+def cpu_layout_problem(out_features: int, in_features: int, blocksize: int = BLOCKSIZE) -> str | None:
+    """Why a 4-bit layer of this shape cannot run an eval forward on a CPU with AVX512-BF16 (bitsandbytes 0.50
+    repacks it first, which needs in_features a multiple of ``blocksize``, every block inside one row, and
+    out_features a multiple of :data:`CPU_ROW_TILE`), or None if it can."""
+    if in_features % blocksize:
+        return f"in_features={in_features} is not a multiple of the 4-bit block size {blocksize}"
+    if out_features % CPU_ROW_TILE:
+        return f"out_features={out_features} is not a multiple of {CPU_ROW_TILE}, the row tile of the CPU layout"
+    return None
 
 
 def _check_scheme(scheme: str) -> None:
@@ -304,7 +319,7 @@ def quantize_linear(
         layer = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=compress_statistics, quant_type=scheme,
                                   quant_storage=quant_storage, device="meta")
-        bs = 64 if blocksize is None else blocksize
+        bs = BLOCKSIZE if blocksize is None else blocksize
         data, qs = _quantize_4bit(weight.cpu(), scheme, bs, compress_statistics, quant_storage, bf16_scales,
                                   compute_dtype)
         _set_4bit(layer, data, qs, bs, compress_statistics, scheme, quant_storage)

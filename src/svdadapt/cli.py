@@ -17,10 +17,14 @@ LoRA for the ORIGINAL model (the same directory :func:`svdadapt.save` writes, so
 ``export`` refuses an adapter of another init: an svdadapt.save directory must hold DIR's very A₀, B₀, and a PEFT
 adapter whose ``base_model_name_or_path`` is the base/ of another init directory must share its ``init_checksum``.
 
-Exit status: 0 success; 2 the command line is wrong (unknown method, missing option, option that the method does
-not take, missing or empty input file, output that would be overwritten); 1 the run failed (e.g. rank above a
-layer's size, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors are one
-line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
+Exit status (docs/lifecycle.md#exit-codes): 0 success; 2 the command line is wrong, decidable from the arguments,
+the machine and the named paths alone and checked before anything is loaded (unknown method, missing option, option
+the method does not take, options that contradict each other such as ``--svd randomized`` with a bottom-r method,
+a ``--device`` this machine lacks, ``--quantize`` without bitsandbytes, a missing input path or one of the wrong kind
+(a directory without config.json / svdadapt.json / adapter files), an empty text file, an output that exists or
+cannot be created); 1 the run failed on what the inputs hold (e.g. rank above a layer's size, ``--seq-len`` beyond
+the model's positions, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors
+are one line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
 """
 
 from __future__ import annotations
@@ -157,10 +161,52 @@ def _init_parser(sub: Any) -> None:
 
 
 def _must_exist_model(path: str, what: str = "model") -> None:
+    """A .gguf file, or a directory holding config.json (what makes it a Hugging Face model directory)."""
     p = Path(path)
     ok = p.is_file() if p.suffix == ".gguf" else p.is_dir()
     if not ok:
         raise UsageError(f"no such {what} directory or .gguf file: {path!r}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UsageError(f"{what} directory {path!r} has no config.json (not a Hugging Face model directory)")
+
+
+def _check_device(value: str) -> None:
+    """``--device`` parses as a torch device of a backend this machine has (index included)."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {value!r} is not a torch device ({_one_line(e)}); e.g. cpu, cuda, cuda:1") from None
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cpu" and (available is None or not available()):
+        raise UsageError(f"--device {value!r}: this machine has no available {dev.type} device; drop --device to "
+                         "run on the CPU")
+    count = getattr(backend, "device_count", None)
+    if dev.type != "cpu" and dev.index is not None and count is not None and dev.index >= count():
+        raise UsageError(f"--device {value!r}: this machine has {count()} {dev.type} device(s), "
+                         f"{dev.type}:0 to {dev.type}:{count() - 1}")
+
+
+def _position_limit(config: Any) -> tuple[str, int] | None:
+    """(attribute, value) of the longest sequence a model config allows: max_position_embeddings or n_positions
+    (of its text config, for a multimodal one); None if it declares none (e.g. a model without positions)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions"):
+        limit = getattr(text, attr, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return getattr(text, "attribute_map", {}).get(attr, attr), limit  # the key its config.json holds
+    return None
+
+
+def _check_seq_len(seq_len: int, config: Any, model: str) -> None:
+    """``--seq-len`` within the positions the model has (beyond them a position table is indexed out of range, and
+    a rotary model computes on positions it never saw)."""
+    limit = _position_limit(config)
+    if limit is not None and seq_len > limit[1]:
+        raise ValueError(f"--seq-len {seq_len} exceeds the {limit[0]} = {limit[1]} of {model!r}; use --seq-len "
+                         f"{limit[1]} or less")
 
 
 def _calib_files(files: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -187,8 +233,17 @@ def _has_text(path: str) -> bool:
     return False
 
 
-def _fresh_dir(path: str) -> Path:
+def _creatable(path: str) -> Path:
+    """``path`` can be created: its nearest existing ancestor is a directory."""
     p = Path(path)
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"output {path!r} cannot be created: {str(parent)!r} is not a directory")
+    return p
+
+
+def _fresh_dir(path: str) -> Path:
+    p = _creatable(path)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise UsageError(f"output {path!r} exists and is not an empty directory")
     return p
@@ -311,6 +366,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     covs_path, texts = _calib_files(args.calib or [])
     out = _fresh_dir(args.out)
     model, tokenizer, reference = _load_init_inputs(args, bool(texts), out)
+    if texts:
+        _check_seq_len(args.seq_len, model.config, args.model)
+        if reference is not None:
+            _check_seq_len(args.seq_len, reference.config, args.reference)
     calibration = _text_calibration(tokenizer, texts, args) if texts else covs_path
     pm = _wrap_model(args, model, calibration, reference)
     if _rank() == 0:  # under torchrun every rank holds the same model: one writes it
@@ -354,6 +413,8 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
     calibration = None
     if args.calib:
         _, texts = _calib_files(args.calib)
+        for model in filter(None, (args.model, args.reference)):
+            _check_seq_len(args.seq_len, _config(model), model)
         calibration = _text_calibration(_tokenizer(args.model, True, out), texts, args)
         _say(f"streaming {args.model} one decoder block at a time")
     else:
@@ -366,6 +427,13 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
         info = json.loads((out / "report.json").read_text())
         _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)
     return 0
+
+
+def _config(model: str) -> Any:
+    """The config of a model directory, without its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model)
 
 
 def _check_init_args(args: argparse.Namespace) -> None:
@@ -397,8 +465,27 @@ def _check_init_args(args: argparse.Namespace) -> None:
         rewriting = ", ".join(m.name for m in METHODS.values() if m.rewrites_base)
         raise UsageError(f"--quant-iters applies to the methods that rewrite the base ({rewriting}), "
                          f"not {args.method}")
+    _check_svd(args)
+    _check_machine(args)
+
+
+def _check_svd(args: argparse.Namespace) -> None:
+    """A randomized sketch finds the largest singular triplets only (MethodSpec.largest)."""
+    from .methods import METHODS
+
+    spec = METHODS[args.method]
+    mode = spec.resolve_mode(args.mode)
+    if args.svd == "randomized" and not spec.largest(mode):
+        raise UsageError(f"--svd randomized cannot find the smallest singular triplets that --method {args.method}"
+                         f"{f' --mode {mode}' if mode else ''} keeps; use --svd full or auto")
+
+
+def _check_machine(args: argparse.Namespace) -> None:
+    """What the options ask of this machine: the --device backend, bitsandbytes for --quantize."""
+    if args.device is not None:
+        _check_device(args.device)
     if args.quantize is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("--quantize needs bitsandbytes: pip install bitsandbytes")
+        raise UsageError("--quantize needs bitsandbytes, which is not installed: pip install bitsandbytes")
 
 
 def _tokenizer(model: str, needed: bool, out: Path) -> Any:
@@ -516,7 +603,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     covs_path, texts = _calib_files(args.calib)
     if covs_path is not None:
         raise UsageError(f"calibrate reads text files, got covariances {covs_path!r}")
-    if Path(args.out).exists():
+    if _creatable(args.out).exists():
         raise UsageError(f"output {args.out!r} exists")
 
     import torch
@@ -526,6 +613,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     _say(f"loading {args.model}")
     model = loading.load_model(args.model)
+    _check_seq_len(args.seq_len, model.config, args.model)
     tokenizer = loading.load_tokenizer(args.model)
     batches = _text_batches(tokenizer, texts, args)
     covs = collect_covariances(model, batches, target_modules=_targets(args.target_modules),
@@ -646,9 +734,13 @@ def _trained_state(adapter: Path, d: Path, saved: Any) -> tuple[dict, dict]:
 
 def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """(init directory, trained adapter directory, new output directory), checked."""
+    from .checkpoint import META_FILE
+
     d = Path(args.dir)
     if not d.is_dir():
         raise UsageError(f"no such init directory: {args.dir!r}")
+    if not (d / META_FILE).is_file():
+        raise UsageError(f"{args.dir!r} has no {META_FILE} (not a directory written by `svdadapt init`)")
     adapter = Path(args.adapter) if args.adapter is not None else d / "adapter"
     if not adapter.is_dir():
         raise UsageError(f"no such adapter directory: {str(adapter)!r}")

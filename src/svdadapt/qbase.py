@@ -33,6 +33,18 @@ class QuantOptions:
             raise ValueError(f"quant_iters must be an integer >= 1, got {self.iters!r}")
         bnb.require_bnb()
 
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Every target (name -> (out, in)) can be a 4-bit layer that runs on any machine; the error names the
+        first that cannot (bitsandbytes' CPU kernel fails on its first eval forward). int8 takes any shape."""
+        if self.scheme == "int8":
+            return
+        for name, (out_f, in_f) in shapes.items():
+            problem = bnb.cpu_layout_problem(out_f, in_f)
+            if problem is not None:
+                raise ValueError(f"quantize={self.scheme!r} cannot quantize module {name!r} of weight ({out_f}, "
+                                 f"{in_f}): {problem} (bitsandbytes' CPU kernel fails on it); leave it out of the "
+                                 "targets (exclude_modules=) or use quantize='int8'")
+
 
 @torch.no_grad()
 def quantize_dequantize(W: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -237,6 +237,8 @@ def wrap(
         task_type = "CAUSAL_LM"
     targets = select_targets(model, target_modules, exclude_modules, saved_modules(task_type, modules_to_save))
     _check_packing(spec, targets, quant)
+    if quant is not None:
+        quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})
     checks.check_target_weights(model, targets, rank, spec.rewrites_base)
     references = checks.reference_weights(reference, targets) if reference is not None else None
     plans = _plans(job, model, targets, calibration, reference, references, quant, blockwise, progress)

@@ -1,6 +1,7 @@
 """Block-by-block and whole-model calibration on models whose blocks are called differently from Llama's: GPT-2 (a
-KV cache handed to the blocks positionally, padded batches), Qwen2-MoE (a shared expert reading the hidden states
-flattened to (batch·seq, hidden)), and a model whose blocks share one Linear module object."""
+KV cache handed to the blocks positionally, padded batches), Gemma2 (sliding-window and full attention layers: each
+block gets its own mask), Qwen2-MoE (a shared expert reading the hidden states flattened to (batch·seq, hidden)),
+and a model whose blocks share one Linear module object."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM)
 from transformers.cache_utils import DynamicCache
 
 import svdadapt
@@ -104,6 +106,51 @@ def _check_brute_force(covs, model: nn.Module, batches) -> None:
         assert N in (None, tokens), n
         bound = (tokens + 3) * U / (1 - (tokens + 3) * U) * scale[n]
         assert bool(((covs[n].double() - want[n]).abs() <= bound).all()), n
+
+
+# ------------------------------------------------------------------------------------------------------ Gemma2
+def _gemma2() -> Gemma2ForCausalLM:
+    """Layers alternate sliding-window (window 4, shorter than the batches) and full attention."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                              max_position_embeddings=64)
+        return Gemma2ForCausalLM(config).eval()
+
+
+def test_gemma2_blocks_with_masks_of_their_own_equal_whole_model():
+    """Each block runs again with the mask the model built for its own attention type (recorded for every batch
+    without running the stack twice): the same kernels on the same inputs, so bit-identical to the whole-model
+    path; the sliding-window mask really differs from the full one here (else the test would not see it)."""
+    model, batches = _gemma2(), _padded()
+    calls = []
+    hook = model.model.layers[1].register_forward_pre_hook(lambda m, a, k: calls.append(k["attention_mask"]),
+                                                          with_kwargs=True)
+    with torch.no_grad():
+        model(**batches[0], use_cache=False)
+    hook.remove()
+    first = model.model.layers[0]
+    with torch.no_grad():
+        seen = []
+        h = first.register_forward_pre_hook(lambda m, a, k: seen.append(k["attention_mask"]), with_kwargs=True)
+        model(**batches[0], use_cache=False)
+        h.remove()
+    assert not torch.equal(calls[0], seen[0])  # layer 0 slides, layer 1 does not
+    whole = svdadapt.collect_covariances(model, batches, progress=False)
+    block = _blockwise_covariances(model, batches)
+    assert list(block) == list(whole) and len(whole) == 3 * 7
+    assert all(torch.equal(block[n], whole[n]) for n in whole)
+
+
+def test_gemma2_wrap_runs_block_by_block():
+    """CorDA's automatic path now runs block by block on Gemma2 (no fallback note) and gives the whole-model
+    path's adapters bit for bit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="svdadapt")
+        auto = svdadapt.wrap(_gemma2(), "corda", rank=2, calibration=_padded(), progress=False)
+    whole = svdadapt.wrap(_gemma2(), "corda", rank=2, calibration=_padded(), blockwise=False, progress=False)
+    assert same_init_factors(auto, whole)
 
 
 # ------------------------------------------------------------------------------------------------------ GPT-2

@@ -163,12 +163,7 @@ def test_gemma_embed_scale_is_rebuilt_as_from_pretrained_does(tmp, config):
         assert torch.equal(got(x), want(x))
 
 
-@pytest.mark.parametrize("config", [
-    _GEMMAS[0],
-    pytest.param(_GEMMAS[1], marks=pytest.mark.xfail(
-        raises=ValueError, strict=True, reason="Gemma2 alternates sliding-window and full attention: its blocks take "
-        "per-layer masks, which block-by-block calibration does not run yet")),
-], ids=["gemma", "gemma2"])
+@pytest.mark.parametrize("config", _GEMMAS, ids=["gemma", "gemma2"])
 def test_streamed_corda_on_gemma_equals_wrap(tmp, config):
     _seeded(config).save_pretrained(tmp / "ck")
     svdadapt.init_checkpoint(tmp / "ck", tmp / "s", method="corda", rank=4, calibration=_calibration(),

@@ -163,40 +163,50 @@ def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibra
 
 
 # ------------------------------------------------------------------------------------------------ hidden states
-def _nbytes(obj: Any) -> int:
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(v) for v in obj)
-    if isinstance(obj, Mapping):
-        return sum(_nbytes(v) for v in obj.values())
-    return 0
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+Call = tuple[str | None, tuple[Any, ...], dict[str, Any]]  # (keyword of the hidden state or None, args, kwargs)
 
 
 class _HiddenStates:
-    """Per batch: the hidden state entering the current block (batch, seq, d), how the block is called (the keyword
-    carrying the hidden state, or None for the first positional argument; the other arguments) and the batch's
-    attention mask. Hidden states stay in memory while the running total (keyword arguments included) is within
-    ``budget`` bytes, and go to one file per batch beyond it."""
+    """Per batch: the hidden state entering the current block (batch, seq, d), how the blocks are called (a
+    ``Call``: the keyword carrying the hidden state, or None for the first positional argument, and the other
+    arguments; one for every block, or one per block where they differ, e.g. per-layer attention masks) and the
+    batch's attention mask. Hidden states stay in memory while the running total (the calls' tensors included, each
+    counted once) is within ``budget`` bytes, and go to one file per batch beyond it."""
 
     def __init__(self, budget: float, offload_dir: str | os.PathLike | None) -> None:
         self.budget, self.offload_dir = budget, offload_dir
         self.used = self.on_disk = 0
         self.items: list[torch.Tensor | str] = []
         self.devices: list[torch.device] = []
-        self.calls: list[tuple[str | None, tuple[Any, ...], dict[str, Any]]] = []
+        self.calls: list[list[Call]] = []  # per batch: [the call of every block] or [block 0's, block 1's, ...]
         self.masks: list[torch.Tensor | None] = []
+        self._counted: set[int] = set()  # ids of the call tensors counted in ``used`` (held here: ids stay valid)
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, hidden: torch.Tensor, key: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-            mask: torch.Tensor | None) -> None:
-        self.calls.append((key, args, kwargs))
+    def add(self, hidden: torch.Tensor, call: Call, mask: torch.Tensor | None) -> None:
+        """A batch: its hidden state entering block 0 and block 0's call."""
+        self.calls.append([])
+        self.add_call(len(self.calls) - 1, call)
         self.masks.append(mask)
         self.devices.append(hidden.device)
-        self.used += _nbytes((args, kwargs))
         if self.used + _nbytes(hidden) <= self.budget:
             self.used += _nbytes(hidden)
             self.items.append(hidden)
@@ -206,6 +216,14 @@ class _HiddenStates:
         self.items.append(os.path.join(self._dir.name, f"batch{len(self.items)}.pt"))
         self.on_disk += _nbytes(hidden)
         self.set(len(self.items) - 1, hidden)
+
+    def add_call(self, i: int, call: Call) -> None:
+        """Batch i's call of the next block (after block 0's: blocks called with arguments of their own)."""
+        self.calls[i].append(call)
+        for t in _tensors(call[1:]):
+            if id(t) not in self._counted:
+                self._counted.add(id(t))
+                self.used += _nbytes(t)
 
     def get(self, i: int) -> torch.Tensor:
         item = self.items[i]
@@ -221,9 +239,10 @@ class _HiddenStates:
             hidden = hidden.clone()
         torch.save(hidden, self.items[i])
 
-    def run(self, block: nn.Module, i: int) -> torch.Tensor:
-        """``block`` on batch i's hidden state; returns its output hidden state."""
-        key, args, kwargs = self.calls[i]
+    def run(self, block: nn.Module, i: int, j: int) -> torch.Tensor:
+        """``block`` (block j of the stack) on batch i's hidden state; returns its output hidden state."""
+        calls = self.calls[i]
+        key, args, kwargs = calls[j if len(calls) > 1 else 0]
         hidden = self.get(i)
         out = block(hidden, *args, **kwargs) if key is None else block(*args, **{key: hidden}, **kwargs)
         return out if isinstance(out, torch.Tensor) else out[0]
@@ -276,43 +295,84 @@ def _same(a: Any, b: Any) -> bool:
 
 class _Capture:
     """Hooks on the blocks: record block 0's call for every batch (then stop the forward); on the first batch, run
-    the whole stack and check that it is a chain (:mod:`svdadapt.blockwise`)."""
+    the whole stack and check that it is a chain (:mod:`svdadapt.blockwise`). Blocks called with arguments of their
+    own (``varies``: per-layer attention masks, as Gemma2's sliding-window and full layers) have every block's call
+    recorded: on the first batch from the real forward, on the others by ``_Recorder`` stand-ins."""
 
     def __init__(self, blocks: nn.ModuleList, store: _HiddenStates) -> None:
         self.blocks, self.store = blocks, store
-        self.checking, self.mask = True, None
+        self.checking, self.varies, self.mask = True, False, None
         self.calls = [0] * len(blocks)
         self.first: Any = None  # block 0's (keyword, other args, kwargs) in the checked forward
         self.last: tuple[torch.Tensor, object] | None = None  # the previous block's output and its version
+        self.template: Any = None  # the last block's output in the checked forward (what a stand-in returns)
 
     def pre(self, j: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         key, hidden, rest, kw = _split(args, kwargs)
         if self.calls[j] or (j and self.calls[j - 1] != 1):
             raise _Unsupported(f"block {j} of the stack ran out of order or more than once per forward pass")
         self.calls[j] += 1
+        self.record(j, key, hidden, rest, kw)
         if j == 0:
-            self.store.add(hidden, key, *_without_cache(rest, kw), self.mask)
             self.first = (key, rest, kw)
             if not self.checking:
                 raise _Stop
             return
         if self.last is None or hidden is not self.last[0] or _version(hidden) != self.last[1]:
             raise _Unsupported(f"block {j} of the stack does not read block {j - 1}'s output as it left it")
-        if not _same((key, rest, kw), self.first):
-            raise _Unsupported(f"block {j} of the stack is called with other arguments than block 0 "
-                               "(a per-layer attention mask?)")
+        self.varies = self.varies or not _same((key, rest, kw), self.first)
+
+    def record(self, j: int, key: str | None, hidden: torch.Tensor, rest: tuple[Any, ...],
+               kw: dict[str, Any]) -> None:
+        call = (key, *_without_cache(rest, kw))
+        if j == 0:
+            self.store.add(hidden, call, self.mask)
+        else:
+            self.store.add_call(len(self.store) - 1, call)
 
     def post(self, j: int, out: Any) -> None:
         hidden = out if isinstance(out, torch.Tensor) else out[0]
         self.last = (hidden, _version(hidden))
         if j == len(self.blocks) - 1:
+            self.template = out
             raise _Stop
+
+    def end_check(self) -> None:
+        """After the checked forward: one call for every block unless their arguments differ."""
+        self.checking = False
+        if not self.varies:
+            del self.store.calls[0][1:]
 
     def begin(self, batch: Any) -> None:
         self.calls = [0] * len(self.blocks)
         self.last = None
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         self.mask = mask if isinstance(mask, torch.Tensor) else None
+
+
+class _Recorder(nn.Module):
+    """Stands in for block j while the calls of blocks with arguments of their own are recorded: records the call
+    and hands the hidden state on unchanged (shaped like the real block's output), so no block runs or is loaded.
+    Other attributes are the block's own (a model may read e.g. ``layer.attention_type``)."""
+
+    def __init__(self, j: int, block: nn.Module, cap: _Capture) -> None:
+        super().__init__()
+        object.__setattr__(self, "_stand_in", (j, block, cap))  # not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        j, _, cap = self._stand_in
+        key, hidden, rest, kw = _split(args, kwargs)
+        cap.record(j, key, hidden, rest, kw)
+        if j == len(cap.blocks) - 1:
+            raise _Stop
+        out = cap.template
+        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._stand_in[1], name)
 
 
 class _Batch:
@@ -338,25 +398,33 @@ def _eval(module: nn.Module) -> Iterator[None]:
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, batches: list[Any], store: _HiddenStates) -> None:
-    """Block 0's inputs for every batch into ``store``; ``_Unsupported`` when the stack is not a chain."""
+    """Block 0's inputs and the blocks' calls for every batch into ``store``; ``_Unsupported`` when the stack is not
+    a chain."""
     cap = _Capture(blocks, store)
     handles = []
     for j, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(
             lambda m, a, k, _j=j: cap.pre(_j, m, a, k), with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, o, _j=j: cap.post(_j, o)))
+    originals = list(blocks)
     device = _model_device(model)
     try:
         with _eval(model):
             for i, batch in enumerate(batches):
+                if i == 1 and cap.varies:  # the other batches' calls, without running any block
+                    for j, block in enumerate(originals):
+                        blocks[j] = _Recorder(j, block, cap)
                 cap.begin(batch)
                 try:
                     _run_batch(model, batch, i, device, _Batch())
                 except _Stop:
-                    cap.checking = False
+                    if i == 0:
+                        cap.end_check()
                     continue
                 raise _Unsupported("the forward pass ended without running the whole stack of blocks")
     finally:
+        for j, block in enumerate(originals):
+            blocks[j] = block
         for h in handles:
             h.remove()
 
@@ -367,13 +435,13 @@ class _BlockRun(nn.Module):
     batch j's hidden state (the mask only tells the hooks which rows are padding) and, with ``keep``, stores the
     output as the next block's input."""
 
-    def __init__(self, block: nn.Module, store: _HiddenStates, keep: bool) -> None:
+    def __init__(self, block: nn.Module, index: int, store: _HiddenStates, keep: bool) -> None:
         super().__init__()
         self.block = block
-        self.store, self.keep = store, keep
+        self.index, self.store, self.keep = index, store, keep
 
     def forward(self, slot: int, attention_mask: torch.Tensor | None = None) -> None:
-        out = self.store.run(self.block, slot)
+        out = self.store.run(self.block, slot, self.index)
         if self.keep:
             self.store.set(slot, out)
 
@@ -414,10 +482,11 @@ class _Stage:
     scaling: float
     tokens: int = 0
 
-    def step(self, names: list[str], collect_block: nn.Module, propagate_block: nn.Module) -> dict[str, LayerPlan]:
-        """Plan the block's ``names`` from their covariances and move every hidden state past the block."""
+    def step(self, index: int, names: list[str], collect_block: nn.Module, propagate_block: nn.Module
+             ) -> dict[str, LayerPlan]:
+        """Plan block ``index``'s ``names`` from their covariances and move every hidden state past the block."""
         plans: dict[str, LayerPlan] = {}
-        runner = _BlockRun(collect_block, self.store, keep=not self.sequential)
+        runner = _BlockRun(collect_block, index, self.store, keep=not self.sequential)
         if names:
             slots = [{"slot": j} if m is None else {"slot": j, "attention_mask": m}
                      for j, m in enumerate(self.store.masks)]
@@ -429,7 +498,7 @@ class _Stage:
         if self.sequential:
             with _eval(propagate_block), _compensated({n: self.targets[n] for n in names}, plans, self.scaling):
                 for j in range(len(self.store)):
-                    self.store.set(j, self.store.run(propagate_block, j))
+                    self.store.set(j, self.store.run(propagate_block, j, index))
         return plans
 
     def covariances_and_plans(self, run: nn.Module, batches: list[Any], names: list[str]) -> dict[str, LayerPlan]:
@@ -544,5 +613,5 @@ def _run_blocks(stage: _Stage, hook_model: nn.Module, batches: list[Any], stack:
         plans.update(stage.covariances_and_plans(hook_model, batches, outside))
     last = max(i for i in where.values() if i is not None)
     for i in tqdm(range(last + 1), desc="svdadapt blocks", unit="block", disable=not progress):
-        plans.update(stage.step([n for n in names if where[n] == i], blocks[i], carriers[i]))
+        plans.update(stage.step(i, [n for n in names if where[n] == i], blocks[i], carriers[i]))
     return {n: plans[n] for n in names}

@@ -207,12 +207,11 @@ def test_no_collective_is_left_waiting(raised) -> None:
 
 
 # ------------------------------------------------------------------------------------------- in one process
-def test_the_calibration_fingerprint_is_the_resume_journals_key() -> None:
-    """Ranks compare batches by the hash a resumed init_checkpoint compares them by."""
+def test_the_calibration_fingerprint_follows_the_batches() -> None:
+    """Ranks (and a resumed init_checkpoint) compare batches by this hash: it sees their order and their tensors."""
     from svdadapt.distributed import fingerprint
-    from svdadapt.stream_calibrated import calibration_key
 
-    assert fingerprint(BATCHES) == calibration_key(BATCHES)
+    assert fingerprint(BATCHES) == fingerprint([dict(b) for b in BATCHES])
     assert fingerprint(BATCHES) != fingerprint(BATCHES[::-1])
 
 

@@ -208,7 +208,8 @@ _PER_RANK = {"model", "progress"}  # each rank's own copy of the model; progress
 
 def fingerprint(obj: Any) -> str:
     """sha256 of calibration data: every tensor by ``record.weight_checksum``, mappings by sorted key, sequences in
-    order, anything else by its repr (``stream_calibrated.calibration_key``'s rule)."""
+    order, anything else by its repr. The ranks compare their batches by it, and a resumed ``init_checkpoint`` its
+    calibration."""
     h = hashlib.sha256()
 
     def feed(x: Any) -> None:

@@ -61,14 +61,14 @@ from . import checks
 from .blockwise import BlockwiseOptions
 from .blockwise import resolve as resolve_blockwise
 from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
-from .distributed import barrier, layer_cost, same_job, split_by_cost, world
+from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
 from .engine import Job
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, get_method
 from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
-from .stream_calibrated import calibration_key, plan_calibrated
+from .stream_calibrated import plan_calibrated
 from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
 from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, locked, open_journal
 from .targets import saved_modules
@@ -447,7 +447,7 @@ def init_checkpoint(
     batches = None if calibration is None else list(calibration)
     blocks = None if batches is None else resolve_blockwise(blockwise or True, spec, batches, quantized=False)
     out = Path(out_dir)
-    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and calibration_key(batches), blocks, ref)
+    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and fingerprint(batches), blocks, ref)
     with locked(out):
         journal = open_journal(out, key, resume)
         if journal.resumed:

@@ -8,9 +8,8 @@ is then written from the journal as for the data-free methods.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import Any
 
@@ -21,11 +20,10 @@ from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
 from .distributed import barrier, my_share
 from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
 from .lazy import LazyBlocks
-from .record import weight_checksum
 from .layers import read_weight
 from .stream_journal import Journal, journal_plan
 
-__all__ = ["plan_calibrated", "calibration_key"]
+__all__ = ["plan_calibrated"]
 
 
 def _stack(model: nn.Module, what: str) -> tuple[str, nn.ModuleList]:
@@ -86,24 +84,3 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
             hook_model = reference.model if calibrate_on == "reference" else ck.model
         plan_blockwise(hook_model, ck.targets, calibration, plan, options, model=ck.model, scaling=job.scaling,
                        progress=progress)
-
-
-def calibration_key(calibration: list[Any]) -> str:
-    """A fingerprint of the calibration batches' tensors (a resumed run must calibrate on the same)."""
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            h.update(weight_checksum(obj).encode())
-        elif isinstance(obj, Mapping):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                feed(v)
-        else:
-            h.update(repr(obj).encode())
-
-    feed(calibration)
-    return h.hexdigest()

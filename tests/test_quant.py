@@ -25,11 +25,8 @@ RANK = 8  # tiny Llama: hidden 64, intermediate 128
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """conftest's one_thread for every test here (SVDADAPT_TEST_THREADS sets another count)."""
 
 
 def fro(t: torch.Tensor) -> float:

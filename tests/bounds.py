@@ -92,7 +92,7 @@ def subspace_angle(err_2: float, gap: float) -> float:
 
 
 def truncated_svd_error(W: torch.Tensor, rank: int, largest: bool = True, dtype: torch.dtype = torch.float32,
-                        S: torch.Tensor | None = None) -> float:
+                        S: torch.Tensor | None = None, drift: float = 0.0) -> float:
     """Bound on ‖[W̃]_r − [W]_r‖_F, the rank-r truncation (largest or smallest r singular triplets) of W (m, n)
     from an SVD computed in ``dtype``, with the factors B = U·√S, A = √S·Vᵀ then formed in ``dtype``:
 
@@ -101,10 +101,11 @@ def truncated_svd_error(W: torch.Tensor, rank: int, largest: bool = True, dtype:
       kept part by at most σ_i/(σ_i − σ_j)·|e| ≤ (1 + σ_c/δ)·|e| (σ_c, gap at the cut, ``cut``; δ = gap − 2‖E‖₂
       for the second-order terms, Wedin/Weyl); the kept block moves by E itself: ≤ (1 + σ_c/δ)·‖E‖_F in all;
     - forming B and A and their product rounds each term u_i·σ_i·v_i three times: ≤ γ_3·Σσ_i (kept).
-    ``inf`` when the gap is not larger than twice the error (the truncation is not determined). ``S``: W's
-    singular values (descending) if already computed."""
+    ``inf`` when the gap is not larger than twice the error (the truncation is not determined). ``S``: the
+    reference's singular values (descending) if already computed; ``drift``: ‖W − reference‖_F when W is
+    itself a rounded copy of the reference (e.g. an fp64 matrix cast to fp32), added to E."""
     S = torch.linalg.svdvals(W.detach().double()) if S is None else S.double()
-    E = svd_backward_error(W, dtype)
+    E = svd_backward_error(W, dtype) + drift
     sigma_c, gap = cut(S, rank, largest)
     if gap <= 2 * E:
         return math.inf

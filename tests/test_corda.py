@@ -27,7 +27,7 @@ def _ours_error(W: torch.Tensor, Cd: torch.Tensor, layer, largest: bool) -> tupl
     WC = W.double() @ Cd
     S = torch.linalg.svdvals(WC)
     drift = unit_roundoff(torch.float32) * float(WC.norm())
-    B, A = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
+    B, A = layer.lora_B["default"].weight.detach().double(), layer.lora_A["default"].weight.detach().double()
     factors = gamma(3) * layer.scaling["default"] * float(((B.abs() @ A.abs()) @ Cd.abs()).norm())
     return truncated_svd_error(WC.float(), RANK, largest, S=S, drift=drift) + factors, S
 

@@ -1,9 +1,10 @@
 """Shared fixtures: the tiny Llama factory (fast), the real SmolLM2-135M (slow, loaded once per session), one BLAS
-thread. Plain helper functions live in helpers.py."""
+thread (or ``SVDADAPT_TEST_THREADS``). Plain helper functions live in helpers.py."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -53,11 +54,16 @@ def smollm2_dir(_smollm2_session, tmp_path_factory):
     return d
 
 
+TEST_THREADS = int(os.environ.get("SVDADAPT_TEST_THREADS", "1"))
+
+
 @pytest.fixture
 def one_thread():
     """Many small BLAS/LAPACK calls: with other processes on the CPU, a second OpenMP thread makes them
-    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet."""
+    up to 100x slower (spin-waiting), and one thread is as fast when the machine is quiet. The environment
+    variable ``SVDADAPT_TEST_THREADS`` (default 1) sets another count, to run the numeric tests at another
+    summation order (.ci/run does)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(n)

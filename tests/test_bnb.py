@@ -33,6 +33,7 @@ ERR_BOUND = {"nf4": 0.10, "fp4": 0.13, "int8": 0.01}
 # the training paths dequantize and multiply in fp32 (measured ~2e-7)
 TOL_BF16 = 2e-2
 TOL_INT8 = 2e-2
+# two fp32 forwards through the same dequantized weights: ~√n·u per layer, n ≤ 128, 2 blocks (measured ~1e-6)
 TOL_FP32 = 1e-5
 
 
@@ -347,6 +348,7 @@ def test_peft_lora_on_quantize_linear(scheme):
     y = model(x)
     A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight  # (r, in), (out, r)
     ref = x @ D.T + b + 2.0 * (x @ A.T) @ B.T
+    # TOL_FP32's argument: the same weights, another fp32 kernel
     assert max_rel(y, ref) < 1e-5
     y.square().mean().backward()
     assert A.grad is not None and A.grad.abs().sum() > 0
@@ -418,6 +420,7 @@ def test_transformers_4bit_llama_forward_save_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
     # down_proj: in_features 128 > blocksize, the case bitsandbytes' own unpacking gets wrong
+    # a "close to" check of a dequantized 4-bit weight: nf4 steps are ~1e-1 of a block's absmax; a reload moves none
     assert rel(dequantize(reloaded.model.layers[0].mlp.down_proj), before["model.layers.0.mlp.down_proj"]) < 1e-2
 
 

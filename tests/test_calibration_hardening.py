@@ -137,7 +137,7 @@ def _encdec_reference(model, batches, names, rule: str) -> dict[str, tuple[torch
     return ref
 
 
-def _assert_matches(covs, ref, rtol: float = 1e-12) -> None:
+def _assert_matches(covs, ref, rtol: float = 1e-12) -> None:  # fp64 sums of ≤ 100 products: γ_100 ≈ 1e-14
     for n, (C, N) in ref.items():
         assert covs.token_count(n) == N, n
         assert rel(covs[n], C) < rtol, (n, rel(covs[n], C))
@@ -165,7 +165,7 @@ def test_encoder_decoder_masks_belong_to_their_stack(build, dec_len):
         old = _encdec_reference(model, batches, names, "old")
         for n in decoder_own:
             assert old[n][1] == enc_tokens != dec_tokens
-            assert rel(covs[n], old[n][0]) > 1e-2, n
+            assert rel(covs[n], old[n][0]) > 1e-2, n  # "moved by more than": O(1) vs rounding ~1e-15
 
 
 @pytest.mark.parametrize("build", [tiny_t5, tiny_bart], ids=["t5", "bart"])
@@ -217,6 +217,7 @@ def test_fp32_collection_matches_brute_force_to_rounding():
     batches = _encdec_batches(8)
     names = list(resolve_targets(model, "all-linear"))
     covs = svdadapt.collect_covariances(model, batches, target_modules=names, progress=False)
+    # the reference runs its own fp32 forward (another batch order): fp32 activations differ by ~√n·u per layer
     _assert_matches(covs, _encdec_reference(model, batches, names, "stack"), rtol=1e-5)
 
 
@@ -267,9 +268,10 @@ def test_inputs_changed_in_place_are_new_inputs():
     for n in names:
         C, N = _reference(rec[n], [None] * len(rec[n]))
         assert covs.token_count(n) == N == 13
-        assert rel(covs[n], C) < 1e-12, n
+        assert rel(covs[n], C) < 1e-12, n  # fp64 on both sides: γ_N ≈ 1e-14 for the N ≤ 100 tokens
     # the old grouping (object identity) would have given `after` the covariance of `before`, `scaled` that of `first`
     assert rel(covs["after"], covs["before"]) > 0.1 and covs["after"] is not covs["before"]
+    # ×2 inputs: exact in binary, then fp64 sums (γ_N ≈ 1e-14)
     assert torch.allclose(covs["scaled"], 4 * covs["first"], rtol=1e-12, atol=0)
     assert covs["q"] is covs["k"] is covs["v"]
     assert covs.groups == (("q", "k", "v"), ("before",), ("after",), ("first",), ("scaled",))
@@ -396,5 +398,5 @@ def test_gpt2_conv1d_layers_match_brute_force():
         d_in = mods[n].weight.shape[0]  # Conv1D stores (in, out)
         assert covs[n].shape == (d_in, d_in)
         C, N = _reference(rec[n], [b["attention_mask"] for b in batches])
-        assert covs.token_count(n) == N == 30 and rel(covs[n], C) < 1e-12, n
+        assert covs.token_count(n) == N == 30 and rel(covs[n], C) < 1e-12, n  # fp64, 30 tokens: γ_30 ≈ 3e-15
     assert covs["transformer.h.0.mlp.c_proj"].shape == (128, 128)

@@ -80,6 +80,7 @@ def test_init_dir_is_the_wrapped_model(tiny_dir, pissa_init):
     ref = svdadapt.wrap(load_model(tiny_dir), "pissa", rank=RANK, progress=False)
     assert same_state(pm.state_dict(), ref.state_dict())  # bit for bit the model svdadapt.wrap returns
     assert {n for n, p in pm.named_parameters() if p.requires_grad} == {n for n, p in ref.named_parameters() if p.requires_grad}
+    # two fp32 forwards of the same effective weights
     assert rel(_logits(pm), _logits(load_model(tiny_dir))) < 1e-5
     assert (init / "base" / "tokenizer.json").is_file() and (init / "base" / "model.safetensors").is_file()
     rep = json.loads((init / "report.json").read_text())
@@ -90,6 +91,7 @@ def test_init_dir_is_the_wrapped_model(tiny_dir, pissa_init):
 def test_train_then_export_loads_on_the_original_model(tiny_dir, pissa_init, tmp_path, capsys):
     pm = _train(_from_init(pissa_init))
     want = _logits(pm)
+    # a "moved by more than" check: training moves logits by O(1e-1)
     assert rel(want, _logits(load_model(tiny_dir))) > 1e-2
     pm.save_pretrained(tmp_path / "trained")  # plain PEFT save: the model came from plain from_pretrained
     capsys.readouterr()
@@ -98,6 +100,7 @@ def test_train_then_export_loads_on_the_original_model(tiny_dir, pissa_init, tmp
     assert "  layers changed by training  14 / 14\n" in printed
     assert f"  exported rank               {2 * RANK} (= [A; A0], [B, -B0])\n" in printed
     vanilla = PeftModel.from_pretrained(load_model(tiny_dir), tmp_path / "lora")
+    # fp32 merge of s·B·A into W, seen through the trained model (as in test_export)
     assert rel(_logits(vanilla), want) < 1e-4
     # the export is also a svdadapt.save directory: load resumes the trained rank-r model bit-exactly
     re = svdadapt.load(load_model(tiny_dir), tmp_path / "lora", progress=False)
@@ -112,6 +115,7 @@ def test_export_of_an_adapter_trained_in_place(tiny_dir, tiny_dir_copy_init, tmp
     pm = _train(_from_init(init), steps=2)
     pm.save_pretrained(init / "adapter")  # the user trains DIR/adapter in place
     assert main(["export", str(init), "--out", str(tmp_path / "lora")]) == 0
+    # fp32 merge, as above
     assert rel(_logits(PeftModel.from_pretrained(load_model(tiny_dir), tmp_path / "lora")), _logits(pm)) < 1e-4
 
 
@@ -316,6 +320,7 @@ def test_gguf_round_trip(_smollm2_session, tmp_path):
     pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(init / "base"), init / "adapter",
                                    is_trainable=True)
     with torch.no_grad():
+        # exact at init: two fp32 forwards (√n·u per layer) plus one rounding of the residual base
         assert rel(pm(x).logits, orig_logits) < 1e-4
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
@@ -326,9 +331,11 @@ def test_gguf_round_trip(_smollm2_session, tmp_path):
     pm.eval()
     with torch.no_grad():
         trained = pm(x).logits
+    # a "moved by more than" check
     assert rel(trained, orig_logits) > 1e-2
     pm.save_pretrained(tmp_path / "trained")
     assert main(["export", str(init), "--adapter", str(tmp_path / "trained"), "--out", str(tmp_path / "lora")]) == 0
     vanilla = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora")
     with torch.no_grad():
+        # fp32 merge, as above
         assert rel(vanilla(x).logits, trained) < 1e-4

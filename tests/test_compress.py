@@ -36,8 +36,10 @@ def test_quantize_grid_and_error_bound(bits, symmetric):
             assert Qg[row].unique().numel() <= 2**bits
         codes = Qg / scale
         # values are integer multiples of the scale (offset by the integer zero point), 0 exactly representable
+        # codes are integers stored in fp32: only fp32 division noise (≤ u·|code| ≤ 1e-5 for |code| ≤ 127)
         assert (codes - codes.round()).abs().max() < 1e-3
         # round to nearest: at most half a step (reached exactly at the top of a symmetric grid), + fp32 noise
+        # round-to-nearest is within half a step; 1e-6·max is the fp32 scale division's rounding (a few u)
         assert ((Wg - Qg).abs() <= scale / 2 + 1e-6 * Wg.abs().max()).all()
 
 

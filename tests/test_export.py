@@ -60,8 +60,10 @@ def test_vanilla_peft_loads_export_on_original_base(trained):
     torch.manual_seed(12345)  # a different global RNG state, as in a fresh process
     base = make_tiny_llama(SEED)
     orig_logits = _logits(base)
+    # a "moved by more than" check: training moves logits by O(1e-1), rounding by ~1e-6
     assert rel(want, orig_logits) > 1e-2  # training changed the model (else the check below is empty)
     vanilla = PeftModel.from_pretrained(base, d)
+    # fp32 merge of s·B·A into W (γ_{r+2}·(|W| + s|B||A|) per weight) seen in the trained logits: ~1e-6 measured
     assert rel(_logits(vanilla), want) < 1e-4
     cfg = json.loads((d / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (2 * RANK, 2 * RANK, True)
@@ -79,6 +81,7 @@ def test_raw_rank_r_adapter_would_be_wrong_on_original_base(trained, tmp_path):
     _, pm, want, _ = trained
     PeftModel.save_pretrained(pm, tmp_path)  # the unguarded PEFT method
     raw = PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)
+    # a "moved by more than" check, as above
     assert rel(_logits(raw), want) > 1e-2
 
 
@@ -131,7 +134,9 @@ def test_unwrap_gives_the_original_weights(trained):
         assert (su[k] - so[k]).abs().max() <= 4 * eps * so[k].abs().max(), k
     # PEFT's disable_adapter() would give W_res instead: far from W
     with pm.disable_adapter():
+        # a "moved by more than" check, as above
         assert rel(_logits(pm), _logits(original)) > 1e-2
+    # the same fp32 weights, another forward order only (√n·u ≈ 7e-7 per layer)
     assert rel(_logits(u), _logits(original)) < 1e-6
 
 
@@ -139,6 +144,7 @@ def test_unwrap_merge_gives_the_trained_model(trained):
     _, pm, want, _ = trained
     m = svdadapt.unwrap(copy.deepcopy(pm), merge=True)
     assert not any(isinstance(x, BaseTunerLayer) for x in m.modules())
+    # one fp32 rounding of the merged weight per layer, through 2 blocks (√n·u per layer, ~10x margin)
     assert rel(_logits(m), want) < 1e-5
 
 
@@ -156,6 +162,7 @@ def test_load_names_a_single_changed_module(trained):
     _, _, _, d = trained
     base = make_tiny_llama(SEED)
     with torch.no_grad():
+        # an input, not a tolerance: 1e-6 of a weight is below the outputs' fp32 noise
         base.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6  # one entry, far below anything visible in outputs
     with pytest.raises(ValueError, match=r"first mismatch at module 'model\.layers\.1\.mlp\.down_proj'"):
         svdadapt.load(base, d, progress=False)
@@ -210,6 +217,7 @@ def test_save_pretrained_is_svdadapt_save(trained, tmp_path):
     for f in ("adapter_model.safetensors", STATE_FILE):
         x, y = load_file(d / f), load_file(tmp_path / f)
         assert same_state(x, y), f
+    # fp32 merge, as in the round trip above
     assert rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
     with pytest.raises(ValueError, match=r"path_initial_model_for_weight_conversion is not needed on an svdadapt model"):
         pm.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
@@ -258,7 +266,9 @@ def test_rslora_export_keeps_the_scaling(tmp_path):
     svdadapt.save(pm, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == 2 * RANK and cfg["use_rslora"] is True
+    # 6·√2 computed in fp64 on both sides: a few u64 (1e-15 ≈ 4·u64)
     assert cfg["lora_alpha"] == pytest.approx(6.0 * math.sqrt(2), rel=1e-15)
+    # fp32 merge, as above
     assert rel(_logits(PeftModel.from_pretrained(make_tiny_llama(SEED), tmp_path)), want) < 1e-4
 
 
@@ -277,6 +287,7 @@ def test_eora_save_is_an_ordinary_lora_for_the_compressed_base(tmp_path):
     sd = load_file(tmp_path / "adapter_model.safetensors")
     peft_sd = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
     assert same_state(sd, peft_sd)
+    # the same fp32 weights, another forward order only
     assert rel(_logits(PeftModel.from_pretrained(copy.deepcopy(compressed), tmp_path)), want) < 1e-6
     re = svdadapt.load(copy.deepcopy(compressed), tmp_path, progress=False)
     assert same_state(re.state_dict(), pm.state_dict())

@@ -67,6 +67,7 @@ from transformers.pytorch_utils import Conv1D
 import peft
 import svdadapt
 
+# derived in the module docstring: a few roundings (u64, √n·u32, u_bf16 = 2^-8) per layer, up to four layers
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 INVALID = ("rank_too_big", "rank_zero", "rank_not_int", "alpha_bad", "nan_weight", "no_match")
@@ -401,6 +402,7 @@ def _eora_layer_errors(pm, reference: nn.Module, compressed: nn.Module, calibrat
     finally:
         for h in handles:
             h.remove()
+    # noise floor of errors squared, relative to ‖dW‖²‖X‖²: the fp32 factors' rounding (~2u32·κ) or fp64's (~1e-15)
     u = 1e-12 if x_calib.dtype == torch.float64 else 1e-5
     out = {}
     for n in targets:
@@ -517,7 +519,7 @@ def perturb(pm, seed: int) -> None:
         if hasattr(m, "lora_A"):
             for w in (m.lora_A["default"].weight, m.lora_B["default"].weight):
                 noise = torch.randn(w.shape, generator=g, dtype=torch.float64).to(w.dtype)
-                w.add_(0.05 * (float(w.abs().mean()) + 1e-3) * noise)
+                w.add_(0.05 * (float(w.abs().mean()) + 1e-3) * noise)  # a step size, not a tolerance
 
 
 def check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, bound: torch.Tensor, info: str,
@@ -527,7 +529,7 @@ def check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, bo
     err = rel(got, want)
     if err <= tol or bool(((got - want).abs() <= 2 * bound).all()):
         return
-    worst = float(((got - want).abs() / (2 * bound).clamp_min(1e-300)).max())
+    worst = float(((got - want).abs() / (2 * bound).clamp_min(1e-300)).max())  # 1e-300: no division by zero
     raise AssertionError(f"{what}: relative output error {err:.3e} > {tol:.1e}, and an entry is off by {worst:.3g}x "
                          f"the rounding bound{note_}:\n{info}")
 
@@ -667,6 +669,7 @@ def test_wrap_exact_and_round_trip_or_documented_error(one_thread, case: Case):
             assert bits(base_now[n]) == bits(untouched_mods[n].weight), f"eora rewrote the base of {n!r}:\n{info}"
         errors = _eora_layer_errors(pm, original, untouched, calibrated_on, x_calib, targets)
         for n, (e0, e1, slack) in errors.items():
+            # "no worse": 1e-6 relative for fp64 norms of fp32 factors, plus the floor u·‖dW‖²·‖X‖² (_eora_layer_errors)
             assert e1 <= e0 * (1 + 1e-6) + slack, \
                 f"eora increased the calibration error of {n!r}: {e1:.6e} > {e0:.6e} (slack {slack:.1e}):\n{info}"
         ratios = {n: (e1 / e0 if e0 else 0.0) for n, (e0, e1, _) in errors.items()}

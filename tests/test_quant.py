@@ -25,11 +25,8 @@ RANK = 8  # tiny Llama: hidden 64, intermediate 128
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """conftest's one_thread for every test here (SVDADAPT_TEST_THREADS sets another count)."""
 
 
 def fro(t: torch.Tensor) -> float:
@@ -85,7 +82,7 @@ def check_qpissa_beats_qlora(model, rank: int, scheme: str, tol: float = 1e-4) -
     for n in W0:
         # the alternation keeps its best step and step 1 is the iters=1 result: never worse (fp64 recomputation
         # of an fp32 choice: a relative slack of 1e-6)
-        assert errors[5][n]["qpissa"] <= errors[1][n]["qpissa"] * (1 + 1e-6), n
+        assert errors[5][n]["qpissa"] <= errors[1][n]["qpissa"] * (1 + 1e-6), n  # fp32 norms: γ_n ≪ 1e-6
     return errors
 
 
@@ -163,7 +160,7 @@ def test_qpissa_trains_saves_and_reloads_bit_identically(tmp_path):
     assert trainable and all("lora_A" in k or "lora_B" in k for k in trainable)
 
     pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)  # a learning rate
     losses = []
     for _ in range(8):
         loss = pm(x, labels=x).loss
@@ -255,6 +252,8 @@ def test_training_after_eval_forward_has_the_same_gradients():
     fresh = svdadapt.wrap(make_tiny_llama(), "pissa", RANK, quantize="nf4", progress=False)
     want = lora_grads(fresh, x)
     got = lora_grads(pm, x)
+    # the same weights through another fp32 kernel layout: gradients differ by the forwards' and backwards'
+    # summation order, ~√n·u per layer (n ≤ 128), through 2 blocks and back
     assert all(fro(got[k] - want[k]) <= 1e-5 * fro(want[k]) for k in want)
 
 
@@ -289,7 +288,7 @@ def eora_optimum(dW: torch.Tensor, X: torch.Tensor, rank: int) -> torch.Tensor:
     """argmin over rank-r M of ‖(ΔW − M)·Xᵀ‖_F in fp64: C = XᵀX/N = S·Sᵀ (S = Q·Λ^½), M* = [ΔW·S]_r·S⁺."""
     C = X.T @ X / X.shape[0]
     evals, Q = torch.linalg.eigh(C)
-    keep = evals > evals[-1] * 1e-12
+    keep = evals > evals[-1] * 1e-12  # fp64 eigenvalues below 1e-12·λ_max are rounding (d·u64 ≈ 1e-14)
     evals, Q = evals[keep], Q[:, keep]
     U, s, Vh = torch.linalg.svd(dW @ (Q * evals.sqrt()), full_matrices=False)
     return (U[:, :rank] * s[:rank]) @ Vh[:rank] @ (Q / evals.sqrt()).T
@@ -306,6 +305,7 @@ def check_eora(pm, reference, X_cal, X_held, rank: int) -> None:
         dW = reference.get_submodule(n).weight.detach().double() - sbnb.dequantize(base).double()
         M = lora_product(layer)
         got, best = fro((dW - M) @ X_cal[n].T), fro((dW - eora_optimum(dW, X_cal[n], rank)) @ X_cal[n].T)
+        # best ≤ got: an fp64 optimum, 1e-9 ≫ fp64 noise; got ≤ best·(1 + 1e-3): fp32 factors, second order
         assert best <= got * (1 + 1e-9) and got <= best * (1 + 1e-3), (n, got, best)
         U, s, Vh = torch.linalg.svd(dW, full_matrices=False)
         plain = (U[:, :rank] * s[:rank]) @ Vh[:rank]
@@ -332,6 +332,7 @@ def eora_setup(tmp_path):
     X_cal, X_held = layer_inputs(model, names, cal), layer_inputs(model, names, held)
     for n in names:  # the library's covariances are the XᵀX/N of these inputs
         C = X_cal[n].T @ X_cal[n] / X_cal[n].shape[0]
+        # fp32 accumulation over the calibration tokens vs fp64: ≤ γ_N·‖|X|ᵀ|X|‖, ~√N·u typical (N ≤ 64)
         assert fro(covs[n].double() - C) < 1e-6 * fro(C) and covs.token_count(n) == X_cal[n].shape[0], n
     return model, load_nf4, covs, X_cal, X_held
 

@@ -149,11 +149,14 @@ def test_loads_with_transformers_peft_and_svdadapt(tmp):
     want = out(original, x)
     base = AutoModelForCausalLM.from_pretrained(tmp / "s" / "base")
     wrapped = PeftModel.from_pretrained(base, tmp / "s" / "adapter").eval()
+    # two fp32 forwards of the same effective weights (√n·u per layer, n ≤ 128)
     torch.testing.assert_close(out(wrapped, x), want, rtol=1e-5, atol=1e-5)  # exact at init, up to fp32 rounding
     with wrapped.disable_adapter():  # the base alone is the residual W − s·B₀·A₀, far from W
+        # a "differs by more than" check: O(1) vs rounding
         assert (out(wrapped, x) - want).abs().max() > 1e-3
 
     loaded = svdadapt.load(make_tiny_llama(0), tmp / "s")  # verifies W's checksums, rebuilds the residual
+    # as at init: two fp32 forwards
     torch.testing.assert_close(out(loaded, x), want, rtol=1e-5, atol=1e-5)
     rebuilt = dict(loaded.get_base_model().named_parameters())
     reader = CheckpointReader(tmp / "s" / "base")

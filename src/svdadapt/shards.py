@@ -27,8 +27,9 @@ renamed, so a kill mid-write never leaves a half shard under a shard's name), an
 sha256 in the progress journal ``.svdadapt-progress.json``. The shard count N is known only at ``close()``, which
 renames them to transformers' ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
 (``{"metadata": {"total_size", "total_parameters"}, "weight_map"}``), or, for one shard, renames it to
-``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal. A directory with a
-journal is unfinished; one without is a complete checkpoint.
+``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal, keeping the shards'
+sizes and hashes in ``.svdadapt-written.json`` (for the manifest of the directory that holds them: each shard is read
+once). A directory with a journal is unfinished; one without is a complete checkpoint.
 
 Resuming. ``ShardWriter(out_dir, resume=True)`` re-verifies every journaled shard (exists, size, sha256); the
 first bad or missing one and everything after it are discarded, stray temporary files removed, and ``done`` is
@@ -40,7 +41,6 @@ Leaf module: torch, safetensors and the standard library only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -53,6 +53,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .manifest import sha256_file
+
 __all__ = [
     "CheckpointReader",
     "ShardWriter",
@@ -61,6 +63,7 @@ __all__ = [
     "SINGLE_FILE",
     "INDEX_FILE",
     "JOURNAL_FILE",
+    "WRITTEN_FILE",
     "DEFAULT_MAX_SHARD_BYTES",
     "plan_shards",
     "write_part",
@@ -70,10 +73,10 @@ __all__ = [
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 JOURNAL_FILE = ".svdadapt-progress.json"
+WRITTEN_FILE = ".svdadapt-written.json"  # final shard name -> size, sha256 (kept after close)
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 _JOURNAL_VERSION = 1
 _SHARD_METADATA = {"format": "pt"}  # what save_pretrained writes; older transformers refuse files without it
-_HASH_CHUNK = 1 << 20
 
 # Files of a model directory that are weights in some format: never copied through (the rewritten base must not
 # ship the original weights next to it). Hidden files (.gitattributes, our journal) are skipped as well.
@@ -347,12 +350,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file  # one hashing helper for the shards and the directory manifests
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -458,6 +456,9 @@ def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int) -
                  "weight_map": weight_map}
         result = out_dir / INDEX_FILE
         _write_json_atomic(result, index)
+    # the shards' hashes, computed as they were written, for the directory's manifest (read once, not twice)
+    _write_json_atomic(out_dir / WRITTEN_FILE, {finals[e["file"]]: {"size": e["size"], "sha256": e["sha256"]}
+                                                for e in shards})
     (out_dir / JOURNAL_FILE).unlink()
     for part in out_dir.glob(".svdadapt-part-*.json"):  # several writers' journals (merge_parts)
         part.unlink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 import math
@@ -43,6 +44,7 @@ FORMAT = "svdadapt.lifecycle/1"
 _PREFIX = "base_model.model."  # PEFT's state-dict prefix in front of the module name
 EXTRA = "extra:"  # resume-state prefix of the adapter's other tensors (modules_to_save)
 TRAINED_DIR = "adapter"  # an init directory's adapter folder, meant to be overwritten by the trained adapter
+RECORD_DIGEST = "svdadapt:record_sha256"  # state tensor (32 uint8): sha256 of svdadapt.json's own fields
 _OWN_FIELDS = ("format", "init_checksum", "files", "trained_dir")  # what write_checkpoint itself records
 
 
@@ -150,15 +152,33 @@ def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
             for tag, t in zip(("A0", "B0", "A", "B"), (*init[n], *current[n])):
                 state[f"{n}.{tag}"] = t.detach().cpu().contiguous().clone()
         state.update({EXTRA + k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
+        fields = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in _OWN_FIELDS},
+                  "init_checksum": factors_checksum({n: init[n] for n in meta["targets"]})}
+        # one metadata key only: safetensors writes several in a per-process random order (not byte-identical)
+        state[RECORD_DIGEST] = torch.frombuffer(bytearray.fromhex(_record_digest(fields)), dtype=torch.uint8)
         save_file(state, str(d / STATE_FILE), metadata={"format": FORMAT})
         written = [STATE_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if portable else [])
-        record = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in _OWN_FIELDS},
-                  "init_checksum": factors_checksum({n: init[n] for n in meta["targets"]}),
-                  "files": dict(sorted({**dict(files or {}), **entries(d, written)}.items()))}
+        record = {**fields, "files": dict(sorted({**dict(files or {}), **entries(d, written)}.items()))}
         if trained_dir is not None:
             record["trained_dir"] = trained_dir
         _write_record(d / META_FILE, record)
     return d
+
+
+def _record_digest(record: Mapping[str, Any]) -> str:
+    """sha256 of the record's own fields (the manifest left out), as JSON reads them back: kept in the state file's
+    metadata, so a field of svdadapt.json changed after the save is found (the manifest holds the state's sha256)."""
+    fields = {k: v for k, v in record.items() if k not in ("files", "trained_dir")}
+    canonical = json.loads(json.dumps(fields, default=_json_default))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _check_record_digest(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    digest = state.get(RECORD_DIGEST)
+    want = None if digest is None else bytes(digest.tolist()).hex()
+    if want is not None and want != _record_digest(meta):  # older directories carry none
+        raise ValueError(f"{str(d / META_FILE)!r} was changed after it was written: its fields do not match the "
+                         f"record digest in {STATE_FILE}; write the directory again")
 
 
 def _write_record(path: Path, record: Mapping[str, Any]) -> None:
@@ -287,6 +307,7 @@ def read_checkpoint(directory: str | os.PathLike, *, check_base: bool = False) -
     meta = read_metadata(d)
     changed = _changed_files(d, meta, check_base) if "files" in meta else []  # before any file is parsed
     state = _load_state(d / STATE_FILE)
+    _check_record_digest(d, meta, state)
     init, current = _state_factors(d, meta, state)
     want = meta.get("init_checksum")
     if want is not None and factors_checksum(init) != want:

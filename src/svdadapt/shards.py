@@ -27,9 +27,10 @@ renamed, so a kill mid-write never leaves a half shard under a shard's name), an
 sha256 in the progress journal ``.svdadapt-progress.json``. The shard count N is known only at ``close()``, which
 renames them to transformers' ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
 (``{"metadata": {"total_size", "total_parameters"}, "weight_map"}``), or, for one shard, renames it to
-``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal, keeping the shards'
-sizes and hashes in ``.svdadapt-written.json`` (for the manifest of the directory that holds them: each shard is read
-once). A directory with a journal is unfinished; one without is a complete checkpoint.
+``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal (with
+``keep_hashes=True`` keeping the shards' sizes and hashes in ``.svdadapt-written.json``, for the manifest of the
+directory that holds them: each shard is read once). A directory with a journal is unfinished; one without is a
+complete checkpoint.
 
 Resuming. ``ShardWriter(out_dir, resume=True)`` re-verifies every journaled shard (exists, size, sha256); the
 first bad or missing one and everything after it are discarded, stray temporary files removed, and ``done`` is
@@ -437,10 +438,11 @@ def _write_progress(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes
     _write_json_atomic(out_dir / JOURNAL_FILE, obj)
 
 
-def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int) -> Path:
+def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int, keep_hashes: bool = False) -> Path:
     """The journaled work shards renamed to their final names, the index written (for several shards), the
-    journals removed. The renames are journaled first, so a kill in between stays resumable. Returns the index
-    file, or ``model.safetensors`` for a single shard."""
+    journals removed (with ``keep_hashes``, the shards' sizes and sha256 kept in ``WRITTEN_FILE``). The renames are
+    journaled first, so a kill in between stays resumable. Returns the index file, or ``model.safetensors`` for a
+    single shard."""
     n = len(shards)
     finals = {s["file"]: _final_name(k, n) for k, s in enumerate(shards, 1)}
     _write_progress(out_dir, shards, max_shard_bytes, finalizing=finals)
@@ -456,9 +458,9 @@ def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int) -
                  "weight_map": weight_map}
         result = out_dir / INDEX_FILE
         _write_json_atomic(result, index)
-    # the shards' hashes, computed as they were written, for the directory's manifest (read once, not twice)
-    _write_json_atomic(out_dir / WRITTEN_FILE, {finals[e["file"]]: {"size": e["size"], "sha256": e["sha256"]}
-                                                for e in shards})
+    if keep_hashes:  # the shards' hashes, computed as they were written, for a manifest (each shard read once)
+        _write_json_atomic(out_dir / WRITTEN_FILE, {finals[e["file"]]: {"size": e["size"], "sha256": e["sha256"]}
+                                                    for e in shards})
     (out_dir / JOURNAL_FILE).unlink()
     for part in out_dir.glob(".svdadapt-part-*.json"):  # several writers' journals (merge_parts)
         part.unlink()
@@ -480,18 +482,20 @@ class ShardWriter:
     is already on disk: skip those names and add the rest in the original order; adding a name in ``done`` is an
     error). Without a journal, resume starts from scratch. ``max_shard_bytes`` must equal the journal's.
     ``overwrite``: a fresh write into a directory that already holds checkpoint files (ours or a
-    transformers checkpoint) deletes them first; without it that is a FileExistsError.
+    transformers checkpoint) deletes them first; without it that is a FileExistsError. ``keep_hashes``: ``close()``
+    keeps the shards' sizes and sha256 in ``WRITTEN_FILE`` (for the manifest of the directory holding them).
 
     See the module docstring for the file names and the journal. Use as a context manager to ``close()`` on a
     clean exit and leave the journal in place (resumable) when an exception escapes.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *,
-                 resume: bool = False, overwrite: bool = False):
+                 resume: bool = False, overwrite: bool = False, keep_hashes: bool = False):
         if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
+        self.keep_hashes = keep_hashes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._journal = self.out_dir / JOURNAL_FILE
         self._shards: list[dict[str, Any]] = []  # completed shards, as journaled
@@ -512,7 +516,7 @@ class ShardWriter:
     def _ours(self) -> list[Path]:
         """Files in out_dir that a checkpoint write (ours or transformers') owns."""
         return sorted(f for f in self.out_dir.iterdir()
-                      if f.name in (SINGLE_FILE, INDEX_FILE, JOURNAL_FILE) or _WORK_RE.fullmatch(f.name)
+                      if f.name in (SINGLE_FILE, INDEX_FILE, JOURNAL_FILE, WRITTEN_FILE) or _WORK_RE.fullmatch(f.name)
                       or _FINAL_RE.fullmatch(f.name) or _TMP_RE.fullmatch(f.name))
 
     def _start_fresh(self, resume: bool, overwrite: bool) -> None:
@@ -620,7 +624,7 @@ class ShardWriter:
         self._flush()
         if not self._shards:
             raise ValueError(f"no tensors were written to {self.out_dir}")
-        result = _finish(self.out_dir, self._shards, self.max_shard_bytes)
+        result = _finish(self.out_dir, self._shards, self.max_shard_bytes, self.keep_hashes)
         self._closed = True
         return result
 
@@ -677,7 +681,8 @@ def write_part(out_dir: str | os.PathLike, shards: dict[int, list[str]], tensor:
         _write_json_atomic(journal, {"version": _JOURNAL_VERSION, "max_shard_bytes": max_shard_bytes, "shards": mine})
 
 
-def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int) -> Path:
+def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int,
+                keep_hashes: bool = False) -> Path:
     """After every ``write_part``: the shards of ``plan`` as one checkpoint, exactly as one ``ShardWriter`` writes it
     (renamed to their final names, indexed), the part journals removed. Returns the index file (or
     ``model.safetensors`` for one shard)."""
@@ -693,4 +698,4 @@ def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_byt
     wrong = [e["file"] for e in shards if (out / e["file"]).stat().st_size != e["size"]]
     if wrong:
         raise RuntimeError(f"{out}: shards {wrong} do not have the size their writer journaled")
-    return _finish(out, shards, max_shard_bytes)
+    return _finish(out, shards, max_shard_bytes, keep_hashes)

@@ -232,7 +232,8 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
         journal.mark_base_complete()
         return
     bar = tqdm(total=len(source), desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
-    with bar, ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed) as writer:
+    with bar, ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed,
+                               keep_hashes=True) as writer:
         for key in reader.names:
             name = source.module_of(key)
             if key in writer.done:  # in a verified shard of the interrupted run
@@ -341,7 +342,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
         barrier()  # wait for rank 0's outputs
         return False
     if not journal.base_complete:
-        merge_parts(base_dir, plan, max_shard_bytes)
+        merge_parts(base_dir, plan, max_shard_bytes, keep_hashes=True)  # the manifest takes their hashes
         journal.mark_base_complete()
     return True
 

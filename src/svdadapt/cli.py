@@ -16,6 +16,9 @@ over DIR/adapter or elsewhere (then pass ``--adapter``); ``svdadapt export DIR -
 LoRA for the ORIGINAL model (the same directory :func:`svdadapt.save` writes, so ``svdadapt.load`` resumes from it).
 ``export`` refuses an adapter of another init: an svdadapt.save directory must hold DIR's very A₀, B₀, and a PEFT
 adapter whose ``base_model_name_or_path`` is the base/ of another init directory must share its ``init_checksum``.
+``svdadapt verify DIR`` checks every file of DIR against the manifest in DIR/svdadapt.json (``export`` does too, and
+``report`` checks the record's fields): a DIR/adapter overwritten by training is said, after checking that it is a
+trained adapter of this init; any other difference is an error naming the file.
 
 Exit status: 0 success; 2 the command line is wrong (unknown method, missing option, option that the method does
 not take, missing or empty input file, output that would be overwritten); 1 the run failed (e.g. rank above a

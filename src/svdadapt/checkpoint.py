@@ -126,48 +126,62 @@ def write_checkpoint(directory: str | os.PathLike, meta: Mapping[str, Any],
     ``svdadapt export`` and by the init directory writers.
     """
     extras = dict(extras or {})
-    from safetensors.torch import save_file
-
     d = Path(directory)
     if d.is_file():
         raise ValueError(f"{str(d)!r} is a file; svdadapt writes a directory")
     d.mkdir(parents=True, exist_ok=True)
-    rewrites = bool(meta["rewrites_base"])
     if portable:
-        cfg = config_from_dict(meta["lora_config"])
-        weights: dict[str, torch.Tensor] = {}
-        for n in meta["targets"]:
-            A, B = current[n]
-            if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
-                A0, B0 = init[n]
-                A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
-            weights[adapter_key(n, "A")] = A.contiguous().clone()
-            weights[adapter_key(n, "B")] = B.contiguous().clone()
-        weights.update({k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
-        save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        save_config(_portable_config(cfg, rewrites), d)
+        _write_portable(d, meta, init, current, extras)
     if resume:
-        state = {}
-        for n in meta["targets"]:
-            for tag, t in zip(("A0", "B0", "A", "B"), (*init[n], *current[n])):
-                state[f"{n}.{tag}"] = t.detach().cpu().contiguous().clone()
-        state.update({EXTRA + k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
-        fields = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in _OWN_FIELDS},
-                  "init_checksum": factors_checksum({n: init[n] for n in meta["targets"]})}
-        # one metadata key only: safetensors writes several in a per-process random order (not byte-identical)
-        state[RECORD_DIGEST] = torch.frombuffer(bytearray.fromhex(_record_digest(fields)), dtype=torch.uint8)
-        save_file(state, str(d / STATE_FILE), metadata={"format": FORMAT})
-        written = [STATE_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if portable else [])
-        record = {**fields, "files": dict(sorted({**dict(files or {}), **entries(d, written)}.items()))}
-        if trained_dir is not None:
-            record["trained_dir"] = trained_dir
-        _write_record(d / META_FILE, record)
+        _write_resume(d, meta, init, current, extras, portable, files, trained_dir)
     return d
 
 
+def _write_portable(d: Path, meta: Mapping[str, Any], init: Mapping[str, Factors], current: Mapping[str, Factors],
+                    extras: Mapping[str, torch.Tensor]) -> None:
+    """adapter_model.safetensors + adapter_config.json: the plain LoRA for the original base."""
+    from safetensors.torch import save_file
+
+    rewrites = bool(meta["rewrites_base"])
+    weights: dict[str, torch.Tensor] = {}
+    for n in meta["targets"]:
+        A, B = current[n]
+        if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
+            A0, B0 = init[n]
+            A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
+        weights[adapter_key(n, "A")] = A.contiguous().clone()
+        weights[adapter_key(n, "B")] = B.contiguous().clone()
+    weights.update({k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
+    save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_config(_portable_config(config_from_dict(meta["lora_config"]), rewrites), d)
+
+
+def _write_resume(d: Path, meta: Mapping[str, Any], init: Mapping[str, Factors], current: Mapping[str, Factors],
+                  extras: Mapping[str, torch.Tensor], portable: bool, files: Mapping[str, Mapping[str, Any]] | None,
+                  trained_dir: str | None) -> None:
+    """svdadapt_state.safetensors, then svdadapt.json with the manifest of every file written."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for n in meta["targets"]:
+        for tag, t in zip(("A0", "B0", "A", "B"), (*init[n], *current[n])):
+            state[f"{n}.{tag}"] = t.detach().cpu().contiguous().clone()
+    state.update({EXTRA + k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
+    fields = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in _OWN_FIELDS},
+              "init_checksum": factors_checksum({n: init[n] for n in meta["targets"]})}
+    # a tensor, not a second metadata key: safetensors writes several keys in a per-process random order
+    state[RECORD_DIGEST] = torch.frombuffer(bytearray.fromhex(_record_digest(fields)), dtype=torch.uint8)
+    save_file(state, str(d / STATE_FILE), metadata={"format": FORMAT})
+    written = [STATE_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if portable else [])
+    record = {**fields, "files": dict(sorted({**dict(files or {}), **entries(d, written)}.items()))}
+    if trained_dir is not None:
+        record["trained_dir"] = trained_dir
+    _write_record(d / META_FILE, record)
+
+
 def _record_digest(record: Mapping[str, Any]) -> str:
-    """sha256 of the record's own fields (the manifest left out), as JSON reads them back: kept in the state file's
-    metadata, so a field of svdadapt.json changed after the save is found (the manifest holds the state's sha256)."""
+    """sha256 of the record's own fields (the manifest left out), as JSON reads them back: kept in the state file,
+    so a field of svdadapt.json changed after the save is found (the manifest holds the state's sha256)."""
     fields = {k: v for k, v in record.items() if k not in ("files", "trained_dir")}
     canonical = json.loads(json.dumps(fields, default=_json_default))
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()

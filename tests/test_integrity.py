@@ -8,11 +8,9 @@ import json
 import re
 import shutil
 import struct
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 

@@ -11,9 +11,10 @@ from .calibration import Covariances, collect_covariances, text_batches
 from .export import export_lora, load, save, unwrap
 from .stream import init_checkpoint
 from .blockwise import BlockwiseOptions
+from .checkpoint import verify
 
 __version__ = "0.1.0"
 
 __all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__",
            "Covariances", "collect_covariances", "text_batches", "compress", "save", "load", "export_lora", "unwrap",
-           "init_checkpoint", "BlockwiseOptions"]
+           "init_checkpoint", "BlockwiseOptions", "verify"]

@@ -1,4 +1,4 @@
-"""The ``svdadapt`` command line: ``init``, ``calibrate``, ``export``, ``report`` over the library functions.
+"""The ``svdadapt`` command line: ``init``, ``calibrate``, ``export``, ``report``, ``verify`` over the library.
 
 ``svdadapt init MODEL ... --out DIR`` writes what any trainer can use without svdadapt installed::
 
@@ -16,6 +16,9 @@ over DIR/adapter or elsewhere (then pass ``--adapter``); ``svdadapt export DIR -
 LoRA for the ORIGINAL model (the same directory :func:`svdadapt.save` writes, so ``svdadapt.load`` resumes from it).
 ``export`` refuses an adapter of another init: an svdadapt.save directory must hold DIR's very A₀, B₀, and a PEFT
 adapter whose ``base_model_name_or_path`` is the base/ of another init directory must share its ``init_checksum``.
+``svdadapt verify DIR`` checks every file of DIR against the manifest in DIR/svdadapt.json (``export`` does too, and
+``report`` checks the record's fields): a DIR/adapter overwritten by training is said, after checking that it is a
+trained adapter of this init; any other difference is an error naming the file.
 
 Exit status (docs/lifecycle.md#exit-codes): 0 success; 2 the command line is wrong, decidable from the arguments,
 the machine and the named paths alone and checked before anything is loaded (unknown method, missing option, option
@@ -77,7 +80,7 @@ def _positive_float(v: str) -> float:
 def _parser() -> _Parser:
     p = _Parser(prog="svdadapt", description="LoRA adapters initialized from a model's own weights and activations.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
-                           help="init, calibrate, export or report (`svdadapt COMMAND --help` for its options)")
+                           help="init, calibrate, export, report or verify (`svdadapt COMMAND --help` for its options)")
     sub.required = True
     _init_parser(sub)
 
@@ -101,6 +104,11 @@ def _parser() -> _Parser:
     q = sub.add_parser("report", help="print the per-layer report of an init or save directory")
     q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
     q.add_argument("--layers", action="store_true", help="one row per layer instead of per module kind")
+
+    q = sub.add_parser("verify", help="check every file of an init or save directory against its svdadapt.json",
+                       description="Compare the size and sha256 of every file svdadapt wrote into DIR with the "
+                                   "manifest in DIR/svdadapt.json; exit 1 naming the first file that differs.")
+    q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
     return p
 
 
@@ -540,12 +548,13 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
 
 
 def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any) -> None:
-    """DIR/adapter (PEFT's raw rank-r adapter for DIR/base), the resume record, report.json, then DIR/base."""
+    """DIR/adapter (PEFT's raw rank-r adapter for DIR/base), report.json, DIR/base, then the resume record with the
+    manifest of them all (svdadapt.json last: each file hashed once, after it is written)."""
     from peft import PeftModel
 
-    from .bnb import is_bnb_layer, restore_layout
-    from .checkpoint import write_checkpoint
+    from .checkpoint import TRAINED_DIR, sorted_sets, write_checkpoint
     from .export import checkpoint_meta
+    from .manifest import entries, files_under
 
     info = pm.svdadapt
     meta = checkpoint_meta(pm)
@@ -557,21 +566,31 @@ def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any
     # the raw rank-r adapter, correct on DIR/base (PEFT's own save, bypassing the guard that converts for W)
     cfg = pm.peft_config["default"]
     cfg.base_model_name_or_path, original_name = str((out / "base").resolve()), cfg.base_model_name_or_path
-    PeftModel.save_pretrained(pm, str(out / "adapter"))
+    with sorted_sets(cfg):  # byte-identical adapter_config.json whatever the hash seed
+        PeftModel.save_pretrained(pm, str(out / TRAINED_DIR))
     cfg.base_model_name_or_path = original_name
-    # resume record in DIR itself (no portable adapter: untrained, ΔW = 0); `svdadapt export` completes it
-    write_checkpoint(out, meta, info.init_factors, info.init_factors, resume=True, portable=False)
     report = {"method": args.method, "rank": args.rank, "alpha": info.alpha, "options": info.options,
               "quantize": info.quantize, "model": meta["source"]["model"], "layers": info.report}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
-    _say(f"saving base to {out / 'base'}")
+    _save_base(pm, out / "base", tokenizer)
+    files = entries(out, files_under(out, "base") + files_under(out, TRAINED_DIR) + ["report.json"])
+    # resume record in DIR itself (no portable adapter: untrained, ΔW = 0); `svdadapt export` completes it
+    write_checkpoint(out, meta, info.init_factors, info.init_factors, resume=True, portable=False, files=files,
+                     trained_dir=TRAINED_DIR)
+
+
+def _save_base(pm: Any, base_dir: Path, tokenizer: Any) -> None:
+    """The rewritten base as an ordinary transformers model directory (consumes ``pm``'s adapters)."""
+    from .bnb import is_bnb_layer, restore_layout
+
+    _say(f"saving base to {base_dir}")
     base = pm.unload()  # adapters out, rewritten weights in: an ordinary transformers model
     for m in base.modules():
         if is_bnb_layer(m):  # bitsandbytes 0.50 saves a CPU-repacked 4-bit layer corrupted
             restore_layout(m)
-    base.save_pretrained(str(out / "base"))
+    base.save_pretrained(str(base_dir))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out / "base"))
+        tokenizer.save_pretrained(str(base_dir))
 
 
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
@@ -629,26 +648,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> tuple[dict, dict]:
     """(name -> trained (A, B), the adapter's other tensors by key) of a PEFT adapter directory."""
-    from .checkpoint import ADAPTER_WEIGHTS, adapter_key, adapter_keys
+    from .checkpoint import read_trained_adapter
 
-    cfg = _adapter_config(adapter)
-    want = meta["lora_config"]
-    for k in ("r", "lora_alpha", "use_rslora"):
-        if cfg.get(k) != want.get(k):
-            raise ValueError(f"trained adapter {str(adapter)!r} has {k}={cfg.get(k)!r}, the init directory has "
-                             f"{want.get(k)!r}: it was not trained from this init")
-    sd = _load_safetensors(adapter / ADAPTER_WEIGHTS)
-    current = {}
-    for n in meta["targets"]:
-        ka, kb = adapter_key(n, "A"), adapter_key(n, "B")
-        if ka not in sd or kb not in sd:
-            raise ValueError(f"trained adapter {str(adapter)!r} has no LoRA factors for module {n!r} (key {ka!r})")
-        if sd[ka].shape != init[n][0].shape or sd[kb].shape != init[n][1].shape:
-            raise ValueError(f"trained adapter {str(adapter)!r}: module {n!r} has shapes {tuple(sd[ka].shape)}, "
-                             f"{tuple(sd[kb].shape)}; expected {tuple(init[n][0].shape)}, {tuple(init[n][1].shape)}")
-        current[n] = (sd[ka], sd[kb])
-    lora = adapter_keys(meta["targets"])
-    return current, {k: v for k, v in sd.items() if k not in lora}
+    _adapter_config(adapter)  # a usage error if it is not an adapter directory at all
+    return read_trained_adapter(adapter, meta, init)
 
 
 def _adapter_config(adapter: Path) -> dict[str, Any]:
@@ -665,15 +668,6 @@ def _adapter_config(adapter: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(path)!r} is not a PEFT adapter config (a JSON {type(cfg).__name__})")
     return cfg
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a cut or foreign file
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: {e})") from None
 
 
 def _check_same_init(adapter: Path, d: Path, mine: Any, theirs: Any) -> None:
@@ -755,10 +749,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import quantization_gap
 
     d, adapter, out = _export_paths(args)
-    saved = read_checkpoint(d)
+    saved = read_checkpoint(d, check_base=True)  # every file of DIR against its manifest, base/ included
+    _say_verified(saved.verified)
     meta, init = saved.meta, saved.init
     current, extras = _trained_state(adapter, d, saved)
-    meta = {k: v for k, v in meta.items() if k not in ("format", "init_checksum")}
+    meta = {k: v for k, v in meta.items() if k not in ("format", "init_checksum", "files", "trained_dir")}
     write_checkpoint(out, meta, init, current, resume=True, extras=extras)
     moved = sum(int(not (a.equal(init[n][0]) and b.equal(init[n][1]))) for n, (a, b) in current.items())
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
@@ -775,6 +770,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(gap)
     if moved == 0:
         _say("warning: the adapter equals its initialization (no training?): the exported LoRA is zero")
+    return 0
+
+
+def _say_verified(v: Any) -> None:
+    """One line for an init directory whose adapter/ training overwrote (checked to be a trained adapter)."""
+    if v is not None and v.trained:
+        _say(f"{v.directory / 'adapter'}: changed since init: a trained adapter of this init (r, alpha, targets, "
+             "factor shapes checked)")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import META_FILE, verify
+
+    d = Path(args.dir)
+    if not (d / META_FILE).is_file():
+        raise UsageError(f"{args.dir!r} has no {META_FILE} (not an init or save directory)")
+    v = verify(d)
+    _say_verified(v)
+    print(f"svdadapt verify: {d}: {len(v.checked)} files match svdadapt.json"
+          + (f", {len(v.trained)} changed by training (a trained adapter of this init)" if v.trained else ""))
     return 0
 
 
@@ -797,7 +812,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"init": _cmd_init, "calibrate": _cmd_calibrate, "export": _cmd_export, "report": _cmd_report}
+_COMMANDS = {"init": _cmd_init, "calibrate": _cmd_calibrate, "export": _cmd_export, "report": _cmd_report,
+             "verify": _cmd_verify}
 
 
 def _join_process_group() -> None:

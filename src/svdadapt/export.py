@@ -207,11 +207,17 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     residual W − s·B₀·A₀ recomputed exactly as ``wrap`` did: bit-identical to the saved state on the same kind of
     device; a warning says so if not), then the saved A, B restored. With ``verify`` (default) each target weight
     is checked against the saved sha256 first, and a mismatch raises ``ValueError`` naming the first bad module.
+    Every file of ``directory`` is checked against the manifest in its svdadapt.json first (an init directory's
+    base/ excepted: ``svdadapt.verify`` checks it), and a file that differs raises ``ValueError`` naming it.
     ``base_model`` is modified in place (as ``wrap`` does). Returns the ``peft.PeftModel``.
     """
     d = Path(directory)
-    saved = read_checkpoint(d)
+    saved = read_checkpoint(d)  # every file load reads checked against the manifest in svdadapt.json
     meta, init = saved.meta, saved.init
+    if saved.verified is not None and saved.verified.trained:
+        warnings.warn(f"{str(d / 'adapter')!r} changed since init (a trained adapter of this init): svdadapt.load "
+                      "restores the initial factors of the state file, not it; `svdadapt export` converts it",
+                      stacklevel=2)
     if is_peft(base_model):
         raise TypeError(f"base_model is already a PEFT model ({type(base_model).__name__}); pass the plain base model")
     if verify:

@@ -7,12 +7,13 @@ record without importing each other.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ADAPTER", "AdaptRecord", "Factors", "weight_checksum", "factors_checksum"]
+__all__ = ["ADAPTER", "AdaptRecord", "Factors", "weight_checksum", "factors_checksum", "check_record"]
 
 ADAPTER = "default"  # the PEFT adapter name svdadapt fills
 
@@ -81,3 +82,99 @@ class AdaptRecord:
     def summary(self) -> dict[str, Any]:
         """The JSON-able part (everything but the factor tensors)."""
         return {k: getattr(self, k) for k in self.keys() if k != "init_factors"}
+
+
+# ------------------------------------------------------------------------------------ the directory record, checked
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _field_error(where: str, name: str, want: str, value: Any) -> ValueError:
+    shown = repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
+    return ValueError(f"{where}: field {name!r} must be {want}, got {shown}")
+
+
+def _check_scalars(meta: Mapping[str, Any], where: str) -> None:
+    if not isinstance(meta["method"], str):
+        raise _field_error(where, "method", "a method name (a string)", meta["method"])
+    if not _is_int(meta["rank"]) or meta["rank"] < 1:
+        raise _field_error(where, "rank", "a positive integer", meta["rank"])
+    if not _is_number(meta["alpha"]) or meta["alpha"] <= 0:
+        raise _field_error(where, "alpha", "a finite positive number", meta["alpha"])
+    if not isinstance(meta["rewrites_base"], bool):
+        raise _field_error(where, "rewrites_base", "true or false", meta["rewrites_base"])
+    if not isinstance(meta.get("options", {}), Mapping):
+        raise _field_error(where, "options", "a mapping", meta["options"])
+    if meta.get("quantize") is not None and not isinstance(meta["quantize"], str):
+        raise _field_error(where, "quantize", "null or a scheme name", meta["quantize"])
+
+
+def _check_targets(meta: Mapping[str, Any], where: str) -> list[str]:
+    targets = meta["targets"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise _field_error(where, "targets", "a non-empty list of module names (strings)", targets)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{where}: field 'targets' names a module twice")
+    return targets
+
+
+def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -> None:
+    """Every checksum entry present for every target; the report a mapping of mappings, rank within each shape."""
+    for key, needed in (("base_checksums", True), ("residual_checksums", bool(meta["rewrites_base"]))):
+        sums = meta.get(key)
+        if sums is None and not (needed and key == "base_checksums"):
+            continue
+        if not isinstance(sums, Mapping):
+            raise _field_error(where, key, "a mapping of module name to sha256", sums)
+        missing = next((t for t in targets if not isinstance(sums.get(t), str)), None)
+        if missing is not None:
+            raise ValueError(f"{where}: field {key!r} has no checksum for target {missing!r}")
+    if not isinstance(meta.get("init_checksum"), str):
+        raise _field_error(where, "init_checksum", "the sha256 of the initial factors (a string)",
+                           meta.get("init_checksum"))
+    report = meta.get("report") or {}
+    if not isinstance(report, Mapping) or not all(isinstance(r, Mapping) for r in report.values()):
+        raise _field_error(where, "report", "a mapping of module name to a mapping of numbers", report)
+    for t in targets:
+        shape = (report.get(t) or {}).get("shape")
+        if isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and meta["rank"] > min(shape):
+            raise ValueError(f"{where}: field 'rank' = {meta['rank']} exceeds min(out, in) = {min(shape)} of "
+                             f"target {t!r} (shape {tuple(shape)})")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _check_lora_config(meta: Mapping[str, Any], where: str, targets: list[str]) -> None:
+    """lora_config agrees with the record: r, lora_alpha, use_rslora, and its target list covers every target."""
+    cfg = meta["lora_config"]
+    if not isinstance(cfg, Mapping):
+        raise _field_error(where, "lora_config", "a mapping (a PEFT LoraConfig as a dict)", cfg)
+    use_rslora = (meta.get("options") or {}).get("use_rslora", cfg.get("use_rslora"))
+    for key, want in (("r", meta["rank"]), ("lora_alpha", meta["alpha"]), ("use_rslora", use_rslora)):
+        if cfg.get(key) != want or isinstance(cfg.get(key), bool) != isinstance(want, bool):
+            raise ValueError(f"{where}: field 'lora_config' has {key}={cfg.get(key)!r}, the record has {want!r}")
+    patterns = cfg.get("target_modules")
+    if isinstance(patterns, list):
+        if not all(isinstance(p, str) for p in patterns):
+            raise _field_error(where, "lora_config.target_modules", "a list of module names", patterns)
+        stray = next((t for t in targets if not any(_matches(t, p) for p in patterns)), None)
+        if stray is not None:
+            raise ValueError(f"{where}: field 'lora_config' has target_modules={patterns!r}, which does not cover "
+                             f"target {stray!r} of the record")
+
+
+def check_record(meta: Mapping[str, Any], where: str) -> None:
+    """Types, ranges and agreement of the fields of an svdadapt.json record (``where`` names it in the message):
+    ``ValueError`` naming the first bad field, in one line."""
+    _check_scalars(meta, where)
+    targets = _check_targets(meta, where)
+    _check_lora_config(meta, where, targets)
+    _check_per_target(meta, where, targets)

@@ -27,8 +27,10 @@ renamed, so a kill mid-write never leaves a half shard under a shard's name), an
 sha256 in the progress journal ``.svdadapt-progress.json``. The shard count N is known only at ``close()``, which
 renames them to transformers' ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
 (``{"metadata": {"total_size", "total_parameters"}, "weight_map"}``), or, for one shard, renames it to
-``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal. A directory with a
-journal is unfinished; one without is a complete checkpoint.
+``model.safetensors`` with no index, as ``save_pretrained`` does; then it removes the journal (with
+``keep_hashes=True`` keeping the shards' sizes and hashes in ``.svdadapt-written.json``, for the manifest of the
+directory that holds them: each shard is read once). A directory with a journal is unfinished; one without is a
+complete checkpoint.
 
 Resuming. ``ShardWriter(out_dir, resume=True)`` re-verifies every journaled shard (exists, size, sha256); the
 first bad or missing one and everything after it are discarded, stray temporary files removed, and ``done`` is
@@ -40,7 +42,6 @@ Leaf module: torch, safetensors and the standard library only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -53,6 +54,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .manifest import sha256_file
+
 __all__ = [
     "CheckpointReader",
     "ShardWriter",
@@ -61,6 +64,7 @@ __all__ = [
     "SINGLE_FILE",
     "INDEX_FILE",
     "JOURNAL_FILE",
+    "WRITTEN_FILE",
     "DEFAULT_MAX_SHARD_BYTES",
     "plan_shards",
     "write_part",
@@ -72,10 +76,10 @@ __all__ = [
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 JOURNAL_FILE = ".svdadapt-progress.json"
+WRITTEN_FILE = ".svdadapt-written.json"  # final shard name -> size, sha256 (kept after close)
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 _JOURNAL_VERSION = 1
 _SHARD_METADATA = {"format": "pt"}  # what save_pretrained writes; older transformers refuse files without it
-_HASH_CHUNK = 1 << 20
 
 # Files of a model directory that are weights in some format: never copied through (the rewritten base must not
 # ship the original weights next to it). Hidden files (.gitattributes, our journal) are skipped as well.
@@ -368,12 +372,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file  # one hashing helper for the shards and the directory manifests
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -460,10 +459,11 @@ def _write_progress(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes
     _write_json_atomic(out_dir / JOURNAL_FILE, obj)
 
 
-def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int) -> Path:
+def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int, keep_hashes: bool = False) -> Path:
     """The journaled work shards renamed to their final names, the index written (for several shards), the
-    journals removed. The renames are journaled first, so a kill in between stays resumable. Returns the index
-    file, or ``model.safetensors`` for a single shard."""
+    journals removed (with ``keep_hashes``, the shards' sizes and sha256 kept in ``WRITTEN_FILE``). The renames are
+    journaled first, so a kill in between stays resumable. Returns the index file, or ``model.safetensors`` for a
+    single shard."""
     n = len(shards)
     finals = {s["file"]: _final_name(k, n) for k, s in enumerate(shards, 1)}
     _write_progress(out_dir, shards, max_shard_bytes, finalizing=finals)
@@ -479,6 +479,9 @@ def _finish(out_dir: Path, shards: list[dict[str, Any]], max_shard_bytes: int) -
                  "weight_map": weight_map}
         result = out_dir / INDEX_FILE
         _write_json_atomic(result, index)
+    if keep_hashes:  # the shards' hashes, computed as they were written, for a manifest (each shard read once)
+        _write_json_atomic(out_dir / WRITTEN_FILE, {finals[e["file"]]: {"size": e["size"], "sha256": e["sha256"]}
+                                                    for e in shards})
     (out_dir / JOURNAL_FILE).unlink()
     for part in out_dir.glob(".svdadapt-part-*.json"):  # several writers' journals (merge_parts)
         part.unlink()
@@ -500,18 +503,20 @@ class ShardWriter:
     is already on disk: skip those names and add the rest in the original order; adding a name in ``done`` is an
     error). Without a journal, resume starts from scratch. ``max_shard_bytes`` must equal the journal's.
     ``overwrite``: a fresh write into a directory that already holds checkpoint files (ours or a
-    transformers checkpoint) deletes them first; without it that is a FileExistsError.
+    transformers checkpoint) deletes them first; without it that is a FileExistsError. ``keep_hashes``: ``close()``
+    keeps the shards' sizes and sha256 in ``WRITTEN_FILE`` (for the manifest of the directory holding them).
 
     See the module docstring for the file names and the journal. Use as a context manager to ``close()`` on a
     clean exit and leave the journal in place (resumable) when an exception escapes.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *,
-                 resume: bool = False, overwrite: bool = False):
+                 resume: bool = False, overwrite: bool = False, keep_hashes: bool = False):
         if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
+        self.keep_hashes = keep_hashes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._journal = self.out_dir / JOURNAL_FILE
         self._shards: list[dict[str, Any]] = []  # completed shards, as journaled
@@ -532,7 +537,7 @@ class ShardWriter:
     def _ours(self) -> list[Path]:
         """Files in out_dir that a checkpoint write (ours or transformers') owns."""
         return sorted(f for f in self.out_dir.iterdir()
-                      if f.name in (SINGLE_FILE, INDEX_FILE, JOURNAL_FILE) or _WORK_RE.fullmatch(f.name)
+                      if f.name in (SINGLE_FILE, INDEX_FILE, JOURNAL_FILE, WRITTEN_FILE) or _WORK_RE.fullmatch(f.name)
                       or _FINAL_RE.fullmatch(f.name) or _TMP_RE.fullmatch(f.name))
 
     def _start_fresh(self, resume: bool, overwrite: bool) -> None:
@@ -640,7 +645,7 @@ class ShardWriter:
         self._flush()
         if not self._shards:
             raise ValueError(f"no tensors were written to {self.out_dir}")
-        result = _finish(self.out_dir, self._shards, self.max_shard_bytes)
+        result = _finish(self.out_dir, self._shards, self.max_shard_bytes, self.keep_hashes)
         self._closed = True
         return result
 
@@ -722,7 +727,8 @@ def write_part(out_dir: str | os.PathLike, shards: dict[int, list[str]], tensor:
         _write_json_atomic(journal, {"version": _JOURNAL_VERSION, "max_shard_bytes": max_shard_bytes, "shards": mine})
 
 
-def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int) -> Path:
+def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int,
+                keep_hashes: bool = False) -> Path:
     """After every ``write_part``: the shards of ``plan`` as one checkpoint, exactly as one ``ShardWriter`` writes it
     (renamed to their final names, indexed), the part journals removed. Returns the index file (or
     ``model.safetensors`` for one shard)."""
@@ -738,4 +744,4 @@ def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_byt
     wrong = [e["file"] for e in shards if (out / e["file"]).stat().st_size != e["size"]]
     if wrong:
         raise RuntimeError(f"{out}: shards {wrong} do not have the size their writer journaled")
-    return _finish(out, shards, max_shard_bytes)
+    return _finish(out, shards, max_shard_bytes, keep_hashes)

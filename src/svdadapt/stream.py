@@ -60,12 +60,13 @@ from tqdm.auto import tqdm
 from . import checks
 from .blockwise import BlockwiseOptions
 from .blockwise import resolve as resolve_blockwise
-from .checkpoint import ADAPTER_WEIGHTS, adapter_key, config_dict, write_checkpoint
+from .checkpoint import ADAPTER_WEIGHTS, TRAINED_DIR, adapter_key, config_dict, save_config, write_checkpoint
 from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
 from .engine import Job
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, get_method
-from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
+from .manifest import entries, files_under
+from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, WRITTEN_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
 from .stream_calibrated import plan_calibrated
@@ -244,7 +245,8 @@ def _base_writer(base_dir: Path, max_shard_bytes: int, journal: Journal) -> Shar
     """The base's ShardWriter, resuming the interrupted run's; an unreadable progress journal is an error naming it
     and the way out (the base is written again from the journal's factors)."""
     try:  # a resumed run without a progress journal: the base files there are not a finished base, rewrite them
-        return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed, overwrite=journal.resumed)
+        return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed, overwrite=journal.resumed,
+                           keep_hashes=True)
     except ProgressJournalError as e:
         raise ValueError(f"{e.path}: unreadable progress journal of the base (truncated or corrupt); delete "
                          f"{base_dir} to write the base again (the decomposed layers in {journal.layers} are kept), "
@@ -309,15 +311,15 @@ def _write_adapter(adapter_dir: Path, model: nn.Module, config: Any, results: Ma
     auto = None if cfg.task_type is not None else {"base_model_class": type(model).__name__,
                                                    "parent_library": type(model).__module__}
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(str(adapter_dir), auto_mapping_dict=auto)
+    save_config(cfg, adapter_dir, auto_mapping_dict=auto)  # sets sorted: the same bytes on every run
     weights = {adapter_key(n, w): t.contiguous() for n, r in results.items() for w, t in (("A", r.A), ("B", r.B))}
     save_file(weights, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options: dict[str, Any], config: Any,
                    results: Mapping[str, LayerResult], src: Path, reference: str | os.PathLike | None) -> None:
-    """svdadapt.json + svdadapt_state.safetensors (``checkpoint.write_checkpoint``) and report.json, with the
-    fields ``export.checkpoint_meta`` and the CLI's init write."""
+    """report.json, then svdadapt.json + svdadapt_state.safetensors (``checkpoint.write_checkpoint``), with the
+    fields ``export.checkpoint_meta`` and the CLI's init write and the manifest of every file of ``out``."""
     report = {n: r.report for n, r in results.items()}
     meta: dict[str, Any] = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options,
                             "targets": list(results), "rewrites_base": spec.rewrites_base,
@@ -328,10 +330,20 @@ def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options:
         meta["residual_checksums"] = {n: r.residual_checksum for n, r in results.items()}
     meta["source"] = {"model": os.path.abspath(src), "reference": reference and os.path.abspath(reference)}
     init = {n: (r.A, r.B) for n, r in results.items()}
-    write_checkpoint(out, meta, init, init, resume=True, portable=False)
     summary = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options, "quantize": None,
                "model": meta["source"]["model"], "layers": report}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=list))
+    write_checkpoint(out, meta, init, init, resume=True, portable=False, files=_written_files(out),
+                     trained_dir=TRAINED_DIR)
+    (out / "base" / WRITTEN_FILE).unlink(missing_ok=True)
+
+
+def _written_files(out: Path) -> dict[str, dict[str, Any]]:
+    """The manifest of base/, adapter/ and report.json: the base shards' hashes from the ShardWriter, which hashed
+    them as it wrote them (``shards.WRITTEN_FILE``), the other (small) files hashed here."""
+    written = out / "base" / WRITTEN_FILE
+    known = {f"base/{k}": v for k, v in json.loads(written.read_text()).items()} if written.is_file() else {}
+    return entries(out, files_under(out, "base") + files_under(out, TRAINED_DIR) + ["report.json"], known)
 
 
 def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslora: bool, options: dict[str, Any],
@@ -341,7 +353,7 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslor
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
     config = lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
     config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
-    _write_adapter(out / "adapter", ck.model, config, results, out / "base")
+    _write_adapter(out / TRAINED_DIR, ck.model, config, results, out / "base")
     _write_records(out, job.spec, job, alpha, options, config, results, ck.src, reference)
 
 
@@ -378,7 +390,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
         barrier()  # wait for rank 0's outputs
         return False
     if not journal.base_complete:
-        merge_parts(base_dir, plan, max_shard_bytes)
+        merge_parts(base_dir, plan, max_shard_bytes, keep_hashes=True)  # the manifest takes their hashes
         journal.mark_base_complete()
     return True
 

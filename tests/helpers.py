@@ -144,3 +144,18 @@ def same_init_factors(a: nn.Module, b: nn.Module) -> bool:
 def raises_exactly(exc: type[BaseException], message: str):
     """``pytest.raises`` that wants exactly ``message`` (the whole text, not a pattern)."""
     return pytest.raises(exc, match=r"\A" + re.escape(message) + r"\Z")
+
+
+def output_bytes(path) -> bytes:
+    """An output file's bytes, for comparing two output directories of one job: of svdadapt.json without the
+    manifest's entry of adapter/adapter_config.json, which names its own base directory (so its hash differs
+    between two directories); every other file as it is."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.name != "svdadapt.json":
+        return path.read_bytes()
+    meta = json.loads(path.read_text())
+    meta.get("files", {}).pop("adapter/adapter_config.json", None)
+    return json.dumps(meta).encode()

@@ -16,7 +16,7 @@ from svdadapt.distributed import layer_cost, split_by_cost
 from svdadapt.engine import Job
 from svdadapt.methods import METHODS, SVDOptions
 from dist_harness import as_rank, free_port
-from helpers import make_tiny_llama, token_ids
+from helpers import make_tiny_llama, output_bytes, token_ids
 
 RANK = 4
 BATCHES = [{"input_ids": token_ids(2, 12, seed=s), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
@@ -110,19 +110,9 @@ def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(method: str, 
         if f.name == "adapter_config.json":  # names its own base directory
             continue
         if method == "pissa":
-            assert _bytes(one) == _bytes(two), f
+            assert output_bytes(one) == output_bytes(two), f
         elif f.suffix == ".safetensors":
             _assert_close_corda(_safetensors(one), _safetensors(two), f)
-
-
-def _bytes(path) -> bytes:
-    """A file's bytes; of svdadapt.json without the manifest's entry of adapter_config.json (which names its own
-    base directory, so its hash differs between two output directories)."""
-    if path.name != "svdadapt.json":
-        return path.read_bytes()
-    meta = json.loads(path.read_text())
-    del meta["files"]["adapter/adapter_config.json"]
-    return json.dumps(meta).encode()
 
 
 _PAIRS = {"lora_A.weight": "lora_B.weight", ".A0": ".B0", ".A": ".B"}  # adapter file; svdadapt_state: init, current
@@ -168,4 +158,4 @@ def test_cli_under_torchrun_writes_the_one_process_files(tmp_path) -> None:
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
     for f in files:
         if f.name != "adapter_config.json":  # names its own base directory
-            assert _bytes(tmp_path / "one" / f) == _bytes(tmp_path / "two" / f), f
+            assert output_bytes(tmp_path / "one" / f) == output_bytes(tmp_path / "two" / f), f

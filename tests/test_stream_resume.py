@@ -26,7 +26,7 @@ import svdadapt.stream_inputs as stream_inputs
 import svdadapt.stream_journal as stream_journal
 from svdadapt.shards import JOURNAL_FILE, CheckpointReader, written_tensors
 
-from helpers import make_tiny_llama
+from helpers import make_tiny_llama, output_bytes
 
 FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svdadapt.json", "report.json"]
 
@@ -87,8 +87,9 @@ def _counting(monkeypatch) -> list[str]:
 
 
 def _file_bytes(d: Path) -> dict[str, bytes]:
-    """Every output file's bytes but adapter_config.json (its base path names the directory)."""
-    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*"))
+    """Every output file's bytes but adapter_config.json (its base path names the directory; svdadapt.json's manifest
+    entry of it is left out too)."""
+    return {str(f.relative_to(d)): output_bytes(f) for f in sorted(d.rglob("*"))
             if f.is_file() and f.name != "adapter_config.json"}
 
 

@@ -67,3 +67,13 @@ def one_thread():
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tmp():
+    """A scratch directory under the system's temporary directory (short paths), deleted afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="svdadapt-test-") as d:
+        yield Path(d)

@@ -261,4 +261,4 @@ def test_cli_under_torchrun_reports_the_failing_ranks_error_on_every_rank(tmp_pa
     errors = [line for line in run.stderr.splitlines() if line.startswith("svdadapt: error:")]
     assert errors and all(line == errors[0] for line in errors), run.stderr[-3000:]
     assert re.fullmatch(rf"svdadapt: error: rank [01]: ValueError: module {re.escape(repr(NAN_MODULE))} has a weight "
-                        r"with NaN or inf \(1 of 8192 entries\) in \S+; svdadapt cannot decompose it", errors[0])
+                        r"with NaN or inf \(1 of 8192 entries\) in \S+; svdadapt cannot decompose it", errors[0]), errors[0]

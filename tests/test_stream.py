@@ -13,7 +13,6 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -39,13 +38,6 @@ FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svd
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Bit-identity with the in-memory path holds at equal thread counts; one thread is also the fastest here."""
-
-
-@pytest.fixture
-def tmp():
-    """A scratch directory under /tmp, deleted afterwards."""
-    with tempfile.TemporaryDirectory(prefix="svdadapt-stream-") as d:
-        yield Path(d)
 
 
 def _checkpoint(d: Path, model: torch.nn.Module, shard: str = "100KB") -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ from helpers import make_tiny_llama, token_ids
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Bit-identity with the in-memory path holds at equal thread counts."""
-
-
-@pytest.fixture
-def tmp():
-    with tempfile.TemporaryDirectory(prefix="svdadapt-inputs-") as d:
-        yield Path(d)
 
 
 def _calibration() -> list[dict]:

@@ -12,12 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import svdadapt
@@ -34,12 +32,6 @@ FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svd
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Bit-identity between runs holds at equal thread counts."""
-
-
-@pytest.fixture
-def tmp():
-    with tempfile.TemporaryDirectory(prefix="svdadapt-resume-") as d:
-        yield Path(d)
 
 
 class _Crash(RuntimeError):

@@ -180,7 +180,7 @@ def test_gram_bottom_matches_fp64_lapack(m: int, n: int) -> None:
 
 
 def test_gram_bottom_falls_back_to_lapack_when_ill_conditioned() -> None:
-    """σ_min/σ₁ = 1e-7, below GRAM_FLOOR·n (~2e-6 at n = 300): the Gram route would lose to fp32 LAPACK, so the
+    """σ_min/σ₁ = 1e-7, below GRAM_FLOOR·n (5.6e-6 at n = 300): the Gram route would lose to fp32 LAPACK, so the
     result is LAPACK's bit for bit; the same for fp64 input and for a zero matrix."""
     s = torch.cat([torch.linspace(1, 0.1, 296), torch.tensor([1e-3, 1e-5, 1e-6, 1e-7])]).double()
     M, _, _ = known(700, 300, s, seed=4)

@@ -267,8 +267,9 @@ def _ritz(M: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, G: torch.Tensor, ra
 # (typical constant; the worst case is larger), so σ_i moves by n·eps64·σ₁²/(2σ_i) and the bottom subspace by
 # n·eps64·σ₁² / (σ²_{n-r} − σ²_{n-r+1}); fp32 LAPACK moves σ_i by ~eps32·σ₁ and the subspace by
 # eps32·σ₁ / (σ_{n-r} − σ_{n-r+1}). The Gram route is the more accurate one of the two while
-# σ_i ≥ n·(eps64/eps32)·σ₁ ≈ n·9.3e-10·σ₁; the floor keeps a factor 10 above that (n·9.3e-9: 5.3e-6 at n = 576,
-# 3.8e-5 at n = 4096), where σ_i² is still ~n·80 times the Gram's rounding, so the test itself is reliable.
+# σ_i ≥ n·(eps64/eps32)·σ₁ ≈ n·1.9e-9·σ₁ (machine epsilons); the floor keeps a factor 10 above that (n·1.9e-8:
+# 1.1e-5 at n = 576, 7.6e-5 at n = 4096), where σ_i² is still ~n·1.6 times the Gram's rounding n·eps64·σ₁², so the
+# test itself reads a resolved value.
 GRAM_FLOOR = 10 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
 
 

@@ -41,8 +41,8 @@ def barrier() -> None:
 
 def layer_cost(shape: tuple[int, int], job: Job) -> float:
     """Estimated flops of one layer's decomposition: m·n·min(m, n) for an exact SVD (LAPACK or the Gram route),
-    ~(2·niter + 1)·b·m·n for a block-Krylov sketch with blocks of b columns (niter=None: its cap, auto_niter; the
-    adaptive stop only shortens it), plus W·C (m·n²) for methods that multiply by a covariance."""
+    ~(2·niter + 1)·b·m·n for a block-Krylov sketch with blocks of b columns, plus W·C (m·n²) for methods that
+    multiply by a covariance."""
     m, n = shape
     largest = job.spec.largest(job.mode)
     chosen = choose_svd(shape, job.rank, largest, job.svd.niter, job.svd.oversample) if job.svd.svd == "auto" \

@@ -44,13 +44,11 @@ _DEAD = 1e-5
 
 @dataclass
 class TruncatedSVD:
-    """``U`` (m, k), ``S`` (k,) descending, ``Vh`` (k, n) with ``M ≈ U @ diag(S) @ Vh``; ``niter`` the Krylov
-    steps a sketch took (None for an exact SVD)."""
+    """``U`` (m, k), ``S`` (k,) descending, ``Vh`` (k, n) with ``M ≈ U @ diag(S) @ Vh``."""
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
-    niter: int | None = None  # Krylov steps taken; None for an exact SVD
 
 
 def auto_niter(short_side: int) -> int:
@@ -109,145 +107,58 @@ def randomized_svd(
     """Top-``rank`` SVD of ``M`` (m, n) by randomized block Krylov (block Lanczos on MᵀM).
 
     A Gaussian block Ω (n, b), b = max(rank + oversample, MIN_BLOCK), spans the first block of the Krylov space
-    ``[Ω, (MᵀM)Ω, …, (MᵀM)^j Ω]`` on the short side of ``M``. Unlike plain subspace iteration
+    ``[Ω, (MᵀM)Ω, …, (MᵀM)^niter Ω]`` on the short side of ``M``. Unlike plain subspace iteration
     (Halko et al. 2011; ``torch.svd_lowrank``), which keeps only its last block, every block is kept: on the
     flat spectra of pretrained weights this converges far faster per matrix product (Musco & Musco 2015).
 
     Each new block is orthogonalized against all earlier ones (block Gram-Schmidt, two passes) *before*
-    it is multiplied on, so the basis ``K`` (n, (j+1)·b) comes out orthonormal and the products
+    it is multiplied on, so the basis ``K`` (n, (niter+1)·b) comes out orthonormal and the products
     ``Y = M·K`` are the ones the iteration computed anyway: the Rayleigh-Ritz step needs no further pass
     over ``M`` and no QR of the whole basis, only the small Gram matrix ``YᵀY`` and its eigenvectors.
-    Cost: 2·j + 1 products of ``M`` with a (·, b) block for j steps.
+    Cost: 2·niter + 1 products of ``M`` with a (·, b) block.
 
     The Ritz approximation ``U·diag(S)·Vh = M·V·Vᵀ`` (V = K·W) is the best rank-``rank`` approximation of
     ``M`` restricted to the row space ``span(K)``; its energy ‖U S Vh‖² = Σ S² never exceeds the optimum.
 
-    Steps: an integer ``niter`` runs exactly that many. ``niter=None`` stops adaptively, at most at
-    ``auto_niter(min(m, n))`` steps: after each block the top-``rank`` Ritz energy E_j (the eigenvalues of the
-    leading part of ``YᵀY``, extended block by block) is compared with the previous ones, and the iteration stops
-    once the estimated energy still missing, ``_tail``, is at most ``STOP_TAIL``·E_j (see there). The decision
-    reads only quantities computed from ``M`` and the sketch, never timings, so a generator state gives the same
-    steps and bit-identical factors on a machine; on another BLAS (or thread count) the Ritz energies move by
-    rounding, ~k·eps ≈ 1e-5 of E_j in fp32, and the step can differ only if the tail estimate lands that close to
-    the threshold (2e-3 of E_j): within ~0.5% of its own size, a boundary case.
-
     Args:
         M: (m, n) floating matrix (fp32 or fp64; the work is done in its dtype).
         rank: number of triplets returned.
-        niter: Krylov blocks beyond the first; None: adaptive, capped at ``auto_niter(min(m, n))``.
+        niter: Krylov blocks beyond the first; None: ``auto_niter(min(m, n))``.
         oversample: extra columns per block.
         generator: source of the Gaussian sketch (drawn on the CPU, so a seed gives the same sketch on any
             device); the same generator state gives bit-identical results.
     Returns:
-        ``TruncatedSVD`` with U (m, rank), S (rank,), Vh (rank, n) and ``niter`` the steps taken. If ``M`` has
-        fewer than ``rank`` nonzero singular values, the extra triplets have S = 0 and zero U columns.
+        ``TruncatedSVD`` with U (m, rank), S (rank,), Vh (rank, n). If ``M`` has fewer than ``rank`` nonzero
+        singular values, the extra triplets have S = 0 and zero U columns.
     """
     m, n = M.shape
     if m < n:  # build the basis on the short side: its orthogonalization is then the cheap one
         t = randomized_svd(M.mT, rank, niter=niter, oversample=oversample, generator=generator)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous(), t.niter)
-    cap = auto_niter(n) if niter is None else niter
-    b = min(max(rank + oversample, MIN_BLOCK), n)
-    if (cap + 1) * b >= n:  # the Krylov space would span everything: exact is cheaper
-        return full_svd(M, rank)
+        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
     if niter is None:
-        return _adaptive_krylov(M, rank, b, cap, generator)
-    K, Y = _krylov(M, b, niter, generator)
-    return _ritz(M, Y, K, Y.mT @ Y, rank, niter)
-
-
-def _start(M: torch.Tensor, b: int, steps: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The basis K (n, (steps+1)·b) with its first block, orthonormal Gaussian, filled, and Y = M·K (m, ·) empty.
-
-    Preallocated: the basis grows block by block into views, without re-concatenating each step."""
-    m, n = M.shape
-    k = (steps + 1) * b
+        niter = auto_niter(n)
+    b = min(max(rank + oversample, MIN_BLOCK), n)
+    if (niter + 1) * b >= n:  # the Krylov space would span everything: exact is cheaper
+        return full_svd(M, rank)
+    k = (niter + 1) * b
     omega = torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device)
+    # preallocated: the basis grows block by block into views, without re-concatenating each step
     K = torch.empty(n, k, dtype=M.dtype, device=M.device)  # orthonormal basis of the Krylov space
     Y = torch.empty(m, k, dtype=M.dtype, device=M.device)  # M @ K, filled as the iteration goes
     K[:, :b] = _orth(omega)
-    return K, Y
-
-
-def _step(M: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, j: int, b: int,
-          generator: torch.Generator | None) -> None:
-    """Block j+1 of the basis from block j: K[:, j+1] spans (MᵀM)·K[:, j] less what the basis has.
-
-    Y needs no normalization: the block it came from is orthonormal, so the growth per step is at most σ₁², and
-    the QR in ``_extend`` rescales."""
-    X = M.mT @ Y[:, j * b : (j + 1) * b]  # (n, b)
-    K[:, (j + 1) * b : (j + 2) * b] = _extend(X, K[:, : (j + 1) * b], generator)
-
-
-def _krylov(M: torch.Tensor, b: int, niter: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed steps: the orthonormal basis K (n, (niter+1)·b) and Y = M·K (m, (niter+1)·b)."""
-    K, Y = _start(M, b, niter, generator)
     for j in range(niter + 1):
-        Y[:, j * b : (j + 1) * b] = M @ K[:, j * b : (j + 1) * b]
-        if j < niter:
-            _step(M, K, Y, j, b, generator)
-    return K, Y
-
-
-# Adaptive stopping (niter=None). The target is 99.5% of the optimal rank-r energy, i.e. at most 5e-3·E missing;
-# the tail estimate is held to STOP_TAIL = 2e-3·E, a factor 2.5 below it, because the estimate assumes geometric
-# convergence from two increments. Measured (docs/benchmarks.md, "Behind the defaults"): at 5e-3 the worst SmolLM2
-# Linear captured 99.50% exactly (no margin left); at 2e-3 the worst captured 99.82%.
-STOP_TAIL = 2e-3
-# the ratio of two successive increments is taken as at least this: a sudden drop of one increment (a cluster of
-# Ritz values converging at once) does not make the estimate promise more than the last increment again
-RHO_MIN = 0.5
-
-
-def _tail(E: list[float]) -> float:
-    """Estimated energy still missing after the last of the Ritz energies ``E`` (nondecreasing in exact
-    arithmetic): the geometric series of the increments, Σ_{i≥1} δ·ρⁱ = δ·ρ/(1−ρ), with δ the last increment and
-    ρ = max(δ / previous increment, RHO_MIN); infinite while the increments do not shrink."""
-    d, prev = E[-1] - E[-2], E[-2] - E[-3]
-    if d <= 0:  # no gain at all: converged to rounding level (a rank below the basis, an invariant subspace)
-        return 0.0
-    if d >= prev:
-        return math.inf
-    rho = max(d / prev, RHO_MIN)
-    return d * rho / (1 - rho)
-
-
-def _adaptive_krylov(M: torch.Tensor, rank: int, b: int, cap: int,
-                     generator: torch.Generator | None) -> TruncatedSVD:
-    """Block Krylov on a tall ``M`` (m, n), stopped by ``_tail`` after at least 2 and at most ``cap`` steps.
-
-    The Gram matrix YᵀY grows by one block column per step (m·b·(j+1)·b flops, what the final YᵀY would have
-    cost anyway); the check is an ``eigvalsh`` of its leading (j+1)·b square in M's dtype (fp64 there cost twice as
-    much on 576-wide matrices; fp32 rounding moves E_j by ~k·eps32 ≈ 1e-5 of itself, 200x below the threshold)."""
-    K, Y = _start(M, b, cap, generator)
-    G = torch.empty(K.shape[1], K.shape[1], dtype=M.dtype, device=M.device)
-    energies: list[float] = []
-    j = 0
-    while True:
-        blk, k = slice(j * b, (j + 1) * b), (j + 1) * b
+        blk = slice(j * b, (j + 1) * b)
         Y[:, blk] = M @ K[:, blk]
-        G[:k, blk] = Y[:, :k].mT @ Y[:, blk]
-        G[blk, :k] = G[:k, blk].mT
-        if j == cap:
+        if j == niter:
             break
-        evals = torch.linalg.eigvalsh(G[:k, :k])
-        energies.append(float(evals[-rank:].clamp_min(0).sum()))
-        if j >= 2 and _tail(energies) <= STOP_TAIL * energies[-1]:
-            break
-        _step(M, K, Y, j, b, generator)
-        j += 1
-    k = (j + 1) * b
-    return _ritz(M, Y[:, :k], K[:, :k], G[:k, :k], rank, j)
-
-
-def _ritz(M: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, G: torch.Tensor, rank: int,
-          steps: int) -> TruncatedSVD:
-    """Rayleigh-Ritz on span(K) (n, k): the top ``rank`` eigenpairs of G = YᵀY = KᵀMᵀMK (k, k), Y = M·K (m, k).
-
-    In M's dtype: forming the Gram matrix costs absolute accuracy ~eps·σ₁² in σ², harmless for the top triplets
-    this returns (fp64 here was slower for the same captured energy)."""
-    k = K.shape[1]
-    evals, W = torch.linalg.eigh(G)
+        # (MᵀM)·block; Y needs no normalization: the block it came from is orthonormal, so the growth
+        # per step is at most σ₁², and the QR below rescales
+        X = M.mT @ Y[:, blk]  # (n, b)
+        K[:, (j + 1) * b : (j + 2) * b] = _extend(X, K[:, : (j + 1) * b], generator)
+    # Ritz values/vectors of M on span(K): eigenpairs of KᵀMᵀMK = YᵀY, (k, k), in M's dtype. Forming the
+    # Gram matrix costs absolute accuracy ~eps·σ₁² in σ², harmless for the top triplets this returns
+    # (fp64 here was slower for the same captured energy).
+    evals, W = torch.linalg.eigh(Y.mT @ Y)
     W = W[:, -rank:].flip(1)  # (k, rank), descending
     S = evals[-rank:].flip(0).clamp_min(0).sqrt()
     # U = M V / S. The Gram matrix resolves σ² only to ~k·eps·σ₁², so Ritz values below √(k·eps)·σ₁ are
@@ -259,7 +170,7 @@ def _ritz(M: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, G: torch.Tensor, ra
     W = W.to(M.dtype)
     U = (Y @ W) * inv.to(M.dtype)
     S = S.to(M.dtype)
-    return TruncatedSVD(U.contiguous(), S.contiguous(), (K @ W).mT.contiguous(), steps)
+    return TruncatedSVD(U.contiguous(), S.contiguous(), (K @ W).mT.contiguous())
 
 
 # The bottom-r Gram route (svd="auto", largest=False) is taken while the smallest returned σ is at least

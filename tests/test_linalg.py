@@ -205,7 +205,7 @@ def test_choose_svd_rule() -> None:
     d = dict(niter=DEFAULT_NITER, oversample=DEFAULT_OVERSAMPLE)
     assert choose_svd((576, 1536), 16, True, **d) == "randomized"  # SmolLM2 MLP: 10 blocks of 16 on 576
     assert choose_svd((2048, 5632), 16, True, **d) == "randomized"
-    assert choose_svd((576, 1536), 16, False, **d) == "full"  # bottom triplets: always exact
+    assert choose_svd((576, 1536), 16, False, **d) == "gram"  # bottom triplets: exact, the fp64 Gram route
     assert choose_svd((192, 576), 16, True, **d) == "full"  # short side <= 256
     assert choose_svd((576, 576), 32, True, **d) == "randomized"  # basis 320 <= 432
     assert choose_svd((576, 576), 48, True, **d) == "full"  # basis 480 > 3/4 of 576

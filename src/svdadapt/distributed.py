@@ -118,13 +118,14 @@ def check_in(error: BaseException | None = None) -> None:
 
 
 def layer_cost(shape: tuple[int, int], job: Job) -> float:
-    """Estimated flops of one layer's decomposition: m·n·min(m, n) for an exact SVD, ~(2·niter + 1)·b·m·n for a
-    block-Krylov sketch with blocks of b columns, plus W·C (m·n²) for methods that multiply by a covariance."""
+    """Estimated flops of one layer's decomposition: m·n·min(m, n) for an exact SVD (LAPACK or the Gram route),
+    ~(2·niter + 1)·b·m·n for a block-Krylov sketch with blocks of b columns, plus W·C (m·n²) for methods that
+    multiply by a covariance."""
     m, n = shape
     largest = job.spec.largest(job.mode)
     chosen = choose_svd(shape, job.rank, largest, job.svd.niter, job.svd.oversample) if job.svd.svd == "auto" \
         else job.svd.svd
-    if chosen == "full":
+    if chosen in ("full", "gram"):
         cost = float(m) * n * min(m, n)
     else:
         niter = job.svd.niter if job.svd.niter is not None else auto_niter(min(m, n))

@@ -157,6 +157,7 @@ def wrap(
         svd, niter, oversample, seed: ``"auto"`` / ``"full"`` / ``"randomized"``, Krylov steps (None:
             round(log2(short side))), extra columns per block, and the seed of each layer's private generator.
         mode, damping: CorDA's ``"ipa"`` (top-r, default) or ``"kpa"`` (bottom-r), and its initial damping λ.
+        options: the method's options as one object instead (``methods.CordaOptions``, ``EoraOptions``).
         calibration, reference, calibrate_on, blockwise: CorDA/EoRA's covariances (a ``Covariances``, a mapping,
             a saved file or an iterable of batches), EoRA's uncompressed model or state dict, which model EoRA's
             batches run on, and whether batches are collected one decoder block at a time (None: where supported).

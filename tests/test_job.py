@@ -76,8 +76,7 @@ def test_nested_options_equal_flat_keywords() -> None:
 def test_nested_options_refused_where_they_do_not_fit() -> None:
     spec = get_method("corda")
     with raises_exactly(TypeError, "options= for method 'corda': it takes a CordaOptions, got EoraOptions"):
-        build_job(spec, 2, Request(options=EoraOptions(), flat={"mode": None, "damping": 0.01,
-                                                                 "calibrate_on": "reference"}))
+        build_job(spec, 2, Request(options=EoraOptions()))
     with raises_exactly(TypeError, "options= for method 'pissa': it takes no options object, got CordaOptions"):
         svdadapt.wrap(nn.Linear(4, 4), "pissa", 1, options=CordaOptions(), progress=False)
     with raises_exactly(ValueError, "damping=0.5 and options= both set damping: pass one of them"):
@@ -91,8 +90,8 @@ def test_recorded_options_keys_and_order() -> None:
     assert list(recorded_options(job).items()) == [("svd", "auto"), ("niter", 2), ("oversample", 0), ("seed", 5),
                                                    ("mode", None), ("damping", 0.2), ("use_rslora", False),
                                                    ("quant_iters", 1)]
-    corda = build_job(get_method("corda"), 3, Request(flat={**flat, "mode": None}))
-    assert recorded_options(corda)["mode"] == "ipa"
+    corda = build_job(get_method("corda"), 3, Request())
+    assert recorded_options(corda)["mode"] == "ipa" and recorded_options(corda)["damping"] == 0.01
 
 
 @pytest.mark.parametrize("method, calibration, reference, quantized, unmet", [

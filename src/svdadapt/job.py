@@ -51,10 +51,14 @@ class Request:
     reference: Any = None
     blockwise: Any = None
     options: Any = None  # a method's options object (e.g. CordaOptions(mode="kpa")), in place of its flat keywords
-    flat: Mapping[str, Any] = field(default_factory=dict)  # the flat method keywords as given (defaults filled)
+    flat: Mapping[str, Any] = field(default_factory=lambda: _method_defaults())  # the flat method keywords as given
 
 
 _SHARED = tuple(f.name for f in fields(Request) if f.name != "flat")
+
+
+def _method_defaults() -> dict[str, Any]:
+    return {k: default for k, (default, _) in method_keywords().items()}
 
 
 def keywords(fn: F) -> F:
@@ -74,7 +78,7 @@ def keywords(fn: F) -> F:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in _SHARED}
-        flat = {k: kwargs.pop(k, default) for k, (default, _) in method_keywords().items()}
+        flat = {k: kwargs.pop(k, default) for k, default in _method_defaults().items()}
         if "request" in kwargs:
             raise TypeError(f"{fn.__name__}() got an unexpected keyword argument 'request'")
         return fn(*args, request=Request(**given, flat=flat), **kwargs)
@@ -105,7 +109,7 @@ def _method_options(spec: MethodSpec, request: Request) -> dict[str, Any]:
     if spec.options_type is None or not isinstance(request.options, spec.options_type):
         want = "takes no options object" if spec.options_type is None else f"takes a {spec.options_type.__name__}"
         raise TypeError(f"options= for method {spec.name!r}: it {want}, got {type(request.options).__name__}")
-    defaults = {k: default for k, (default, _) in method_keywords().items()}
+    defaults = _method_defaults()
     for f in fields(request.options):
         if given[f.name] != defaults[f.name]:
             raise ValueError(f"{f.name}={given[f.name]!r} and options= both set {f.name}: pass one of them")

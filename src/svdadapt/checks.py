@@ -4,7 +4,7 @@ covariances. Each error names the offending module or keyword and its value."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,8 +13,8 @@ from torch import nn
 from .layers import kind_of, read_weight
 from .targets import shared_modules, shared_weights
 
-__all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "reference_weights",
-           "check_covariances"]
+__all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "check_rank_fits",
+           "check_untied", "reference_weights", "check_covariances"]
 
 
 def check_rank(rank: Any) -> None:
@@ -50,20 +50,30 @@ def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], ran
             raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(W)).sum())} of "
                              f"{W.numel()} entries); svdadapt cannot decompose it")
         limits[name] = tuple(W.shape)
-    tightest = min(limits, key=lambda n: min(limits[n]))
-    if rank > min(limits[tightest]):
-        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(limits[tightest])} of module {tightest!r} with "
-                         f"weight {limits[tightest]}")
+    check_rank_fits(rank, limits)
     for a, b in shared_modules(model, targets)[:1]:
         raise ValueError(f"module {a!r} is also used as {b!r} (one module object in two places): PEFT would adapt it "
                          f"in one place only; give each place its own module (copy.deepcopy) or leave {a!r} out of "
                          "target_modules")
     if rewrites_base:
-        pairs = shared_weights(model, targets)
-        if pairs:
-            a, b = pairs[0]
-            raise ValueError(f"module {a!r} shares its weight with {b!r} (tied weights): rewriting it would change "
-                             f"{b!r} too; untie the weights or leave {a!r} out of target_modules")
+        check_untied(model, targets)
+
+
+def check_rank_fits(rank: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """``rank`` at most min(out, in) of every target (name -> (out, in)); the error names the tightest."""
+    tightest = min(shapes, key=lambda n: min(shapes[n]))
+    if rank > min(shapes[tightest]):
+        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(shapes[tightest])} of module {tightest!r} with "
+                         f"weight {shapes[tightest]}")
+
+
+def check_untied(model: nn.Module, targets: Iterable[str]) -> None:
+    """No target shares its weight with another module (tied embeddings): rewriting it would change the other."""
+    pairs = shared_weights(model, targets)
+    if pairs:
+        a, b = pairs[0]
+        raise ValueError(f"module {a!r} shares its weight with {b!r} (tied weights): rewriting it would change "
+                         f"{b!r} too; untie the weights or leave {a!r} out of target_modules")
 
 
 def reference_weights(reference: Any, targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:

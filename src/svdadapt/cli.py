@@ -124,10 +124,19 @@ def _calib_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _mode_help() -> str:
+    """``--mode``'s help from the registry: for each method with modes, what each keeps, and the default."""
+    from .methods import METHODS, with_modes
+
+    per_method = [", ".join(f"{m} {METHODS[name].mode_help.get(m, '')}".rstrip() for m in METHODS[name].modes)
+                  + f"; default {METHODS[name].default_mode}" for name in with_modes()]
+    return f"{' / '.join(with_modes())} only: " + " | ".join(per_method)
+
+
 def _init_parser(sub: Any) -> None:
     """The ``init`` subcommand and its options."""
     from .bnb import SCHEMES
-    from .methods import METHODS
+    from .methods import METHODS, SVD_CHOICES, mode_choices
 
     methods = ", ".join(f"{m.name}: {m.description}" for m in METHODS.values())
     q = sub.add_parser("init", help="wrap MODEL and write DIR/base, DIR/adapter, DIR/report.json",
@@ -138,9 +147,7 @@ def _init_parser(sub: Any) -> None:
     q.add_argument("--rank", required=True, type=_positive, help="LoRA rank r, at most min(out, in) of every target")
     q.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: rank)")
     q.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
-    q.add_argument("--mode", choices=["ipa", "kpa"], default=None,
-                   help="corda only: ipa keeps the top-r triplets of W*C (the task), kpa the bottom-r (keeps the "
-                        "knowledge in the calibration text frozen); default ipa")
+    q.add_argument("--mode", choices=mode_choices(), default=None, help=_mode_help())
     q.add_argument("--calib", nargs="+", default=None, metavar="FILE", help=f"corda/eora: {_TEXT_HINT}")
     q.add_argument("--reference", default=None, metavar="MODEL",
                    help="eora: the uncompressed model (not with --quantize, which makes MODEL the reference)")
@@ -150,7 +157,7 @@ def _init_parser(sub: Any) -> None:
     q.add_argument("--quant-iters", type=_positive, default=None, metavar="N",
                    help="with --quantize, pissa/milora/corda: alternate N times, re-fitting the adapter to what "
                         "quantization lost (LoftQ-style; the step closest to W is kept); default 1")
-    q.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto",
+    q.add_argument("--svd", choices=list(SVD_CHOICES), default="auto",
                    help="auto (a block-Krylov sketch for the top-r of large matrices, else exact), full (exact "
                         "LAPACK) or randomized; default auto")
     q.add_argument("--seed", type=int, default=0, help="seeds the randomized sketches (default 0)")
@@ -446,25 +453,13 @@ def _config(model: str) -> Any:
 
 def _check_init_args(args: argparse.Namespace) -> None:
     """Every usage error of ``init``, before anything is loaded."""
-    from .methods import METHODS
+    from .methods import METHODS, with_modes
 
     spec = METHODS[args.method]
     _must_exist_model(args.model)
     if args.mode is not None and None in spec.modes:
-        with_modes = " or ".join(m.name for m in METHODS.values() if None not in m.modes)
-        raise UsageError(f"--mode applies to --method {with_modes} only, not {args.method}")
-    if spec.needs_calibration and not args.calib:
-        raise UsageError(f"--method {args.method} needs calibration data: --calib FILE ... ({_TEXT_HINT})")
-    if not spec.needs_calibration and args.calib:
-        raise UsageError(f"--method {args.method} takes no calibration data; drop --calib")
-    if spec.needs_reference and args.reference is None and args.quantize is None:
-        raise UsageError(f"--method {args.method} needs --reference MODEL: the uncompressed model (MODEL is the "
-                         "compressed one)")
-    if not spec.needs_reference and args.reference is not None:
-        raise UsageError(f"--reference applies to --method eora only, not {args.method}")
-    if args.reference is not None and args.quantize is not None:
-        raise UsageError(f"--reference with --quantize: --method {args.method} then quantizes MODEL itself, which is "
-                         "the reference; drop --reference")
+        raise UsageError(f"--mode applies to --method {' or '.join(with_modes())} only, not {args.method}")
+    _check_init_needs(spec, args)
     if args.reference is not None:
         _must_exist_model(args.reference, "reference model")
     if args.quant_iters is not None and args.quantize is None:
@@ -475,6 +470,24 @@ def _check_init_args(args: argparse.Namespace) -> None:
                          f"not {args.method}")
     _check_svd(args)
     _check_machine(args)
+
+
+def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:
+    """The method's calibration and reference (``job.unmet_needs``, the rule ``wrap`` follows), in flags."""
+    from .job import unmet_needs
+
+    unmet = unmet_needs(spec, bool(args.calib), args.reference is not None, args.quantize is not None)
+    messages = {
+        "calibration": f"--method {args.method} needs calibration data: --calib FILE ... ({_TEXT_HINT})",
+        "no calibration": f"--method {args.method} takes no calibration data; drop --calib",
+        "reference": f"--method {args.method} needs --reference MODEL: the uncompressed model (MODEL is the "
+                     "compressed one)",
+        "no reference": f"--reference applies to --method eora only, not {args.method}",
+        "quantized reference": f"--reference with --quantize: --method {args.method} then quantizes MODEL itself, "
+                               "which is the reference; drop --reference",
+    }
+    if unmet:
+        raise UsageError(messages[unmet[0]])
 
 
 def _check_svd(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ Nothing outside this module asks which method it is.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -20,7 +20,8 @@ from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_chol
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
            "milora", "corda", "eora", "finish", "SVD_CHOICES",
-           "ReportColumn", "check_method_keywords"]
+           "ReportColumn", "check_method_keywords", "method_keywords", "recorded_keywords", "mode_choices",
+           "with_modes"]
 
 SVD_CHOICES = ("auto", "full", "randomized")
 
@@ -66,7 +67,7 @@ class CordaOptions:
 class EoraOptions:
     """EoRA: which model the calibration batches run on, ``"reference"`` (default) or ``"compressed"``."""
 
-    calibrate_on: str = "reference"
+    calibrate_on: str = field(default="reference", metadata={"recorded": False})  # svdadapt.json never held it
 
     def __post_init__(self) -> None:
         if self.calibrate_on not in ("compressed", "reference"):
@@ -210,6 +211,7 @@ class MethodSpec:
     prepare: Callable[..., dict[str, Any]] | None = None
     modes: dict[str | None, bool] = field(default_factory=lambda: {None: True})
     options_type: type | None = None
+    mode_help: dict[str, str] = field(default_factory=dict)  # each named mode in a few words (the CLI's help)
     report: ReportColumn = ReportColumn("energy", "energy")
     extra_columns: tuple[str, ...] = ()
 
@@ -222,8 +224,8 @@ class MethodSpec:
         if mode is None:
             return self.default_mode
         if None in self.modes:
-            with_modes = " or ".join(repr(m.name) for m in METHODS.values() if None not in m.modes)
-            raise ValueError(f"mode={mode!r} only applies to method={with_modes}, not {self.name!r}")
+            names = " or ".join(map(repr, with_modes()))
+            raise ValueError(f"mode={mode!r} only applies to method={names}, not {self.name!r}")
         if mode not in self.modes:
             raise ValueError(f"{self.name} mode must be {' or '.join(repr(m) for m in self.modes)}, got {mode!r}")
         return mode
@@ -244,16 +246,55 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "pissa": MethodSpec("pissa", pissa, False, False, True, "top-r singular triplets of W (principal components)"),
-    "milora": MethodSpec("milora", milora, False, False, True, "bottom-r singular triplets of W (minor components)",
-                         modes={None: False}),
-    "corda": MethodSpec("corda", corda, True, False, True,
-                        "context-oriented SVD of W·C: mode='ipa' top-r, mode='kpa' bottom-r", prepare_corda,
-                        modes={"ipa": True, "kpa": False}, options_type=CordaOptions, extra_columns=("damping",)),
-    "eora": MethodSpec("eora", eora, True, True, False,
-                       "rank-r compensation of W_ref − W_c in the calibration-whitened space", prepare_eora,
-                       options_type=EoraOptions, report=ReportColumn("residual_error", "comp. error", True)),
+    "pissa": MethodSpec("pissa", pissa, needs_calibration=False, needs_reference=False, rewrites_base=True,
+                        description="top-r singular triplets of W (principal components)"),
+    "milora": MethodSpec("milora", milora, needs_calibration=False, needs_reference=False, rewrites_base=True,
+                         description="bottom-r singular triplets of W (minor components)", modes={None: False}),
+    "corda": MethodSpec("corda", corda, needs_calibration=True, needs_reference=False, rewrites_base=True,
+                        description="context-oriented SVD of W·C: mode='ipa' top-r, mode='kpa' bottom-r",
+                        prepare=prepare_corda, modes={"ipa": True, "kpa": False}, options_type=CordaOptions,
+                        mode_help={"ipa": "keeps the top-r triplets of W*C (the task)",
+                                   "kpa": "the bottom-r (keeps the knowledge in the calibration text frozen)"},
+                        extra_columns=("damping",)),
+    "eora": MethodSpec("eora", eora, needs_calibration=True, needs_reference=True, rewrites_base=False,
+                       description="rank-r compensation of W_ref − W_c in the calibration-whitened space",
+                       prepare=prepare_eora, options_type=EoraOptions,
+                       report=ReportColumn("residual_error", "comp. error", True)),
 }
+
+
+def method_keywords() -> dict[str, tuple[Any, Any]]:
+    """The flat keywords of the methods' options types (``mode``, ``damping``, ``calibrate_on``), in registry order:
+    name -> (public default, annotation). Each default is its options type's own, except ``mode``'s, None (each
+    method's default mode)."""
+    out: dict[str, tuple[Any, Any]] = {"mode": (None, "str | None")}
+    for spec in METHODS.values():
+        for f in fields(spec.options_type or _NoOptions):
+            out.setdefault(f.name, (f.default, f.type))
+    return out
+
+
+def recorded_keywords() -> list[str]:
+    """The method keywords svdadapt.json's options record (``mode`` always, resolved; a field marked
+    ``recorded: False`` never)."""
+    hidden = {f.name for spec in METHODS.values() for f in fields(spec.options_type or _NoOptions)
+              if not f.metadata.get("recorded", True)}
+    return [k for k in method_keywords() if k not in hidden]
+
+
+def mode_choices() -> list[str]:
+    """Every named mode of the registry (the CLI's ``--mode`` choices)."""
+    return list(dict.fromkeys(m for spec in METHODS.values() for m in spec.modes if m is not None))
+
+
+def with_modes() -> list[str]:
+    """The methods that have named modes."""
+    return [spec.name for spec in METHODS.values() if None not in spec.modes]
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    """A method without options: no fields."""
 
 
 def check_method_keywords(**given: Any) -> None:

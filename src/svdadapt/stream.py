@@ -51,7 +51,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -62,8 +62,8 @@ from .blockwise import BlockwiseOptions
 from .blockwise import resolve as resolve_blockwise
 from .checkpoint import ADAPTER_WEIGHTS, TRAINED_DIR, adapter_key, config_dict, save_config, write_checkpoint
 from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
-from .engine import Job
-from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from .job import (Job, Request, build_job, calibrates_on, check_needs, keywords, lora_config, recorded_options,
+                  select_targets)
 from .methods import MethodSpec, get_method
 from .manifest import entries, files_under
 from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, WRITTEN_FILE, CheckpointReader,
@@ -72,13 +72,10 @@ from .sources import CheckpointSource
 from .stream_calibrated import plan_calibrated
 from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
 from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, locked, open_journal
-from .targets import saved_modules
-from .wrap import build_job, lora_config, select_targets
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
 _FORMAT = "svdadapt.stream/1"
-_DAMPING, _CALIBRATE_ON = 0.01, "reference"  # wrap's defaults: recorded in the options as wrap records them
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -92,25 +89,6 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"no config.json in checkpoint directory {str(p)!r}: init_checkpoint needs a Hugging "
                                 "Face model directory (config.json + safetensors weights)")
     return p
-
-
-def _streamable(method: str, calibration: Any, reference: Any) -> MethodSpec:
-    """The method, if checkpoints (and calibration batches) can initialize it."""
-    spec = get_method(method)
-    if spec.needs_calibration and calibration is None:
-        raise ValueError(f"method {method!r} needs calibration=: an iterable of batches (e.g. svdadapt.text_batches)")
-    if spec.needs_calibration and isinstance(calibration, (Mapping, str, os.PathLike, torch.Tensor)):
-        raise TypeError(f"init_checkpoint calibrates block by block from batches (an iterable of dicts or token "
-                        f"tensors), got {type(calibration).__name__}; precomputed covariances need the loaded model: "
-                        "svdadapt.wrap")
-    if not spec.needs_calibration and calibration is not None:
-        raise ValueError(f"method {method!r} takes no calibration data; drop calibration=")
-    if spec.needs_reference and not isinstance(reference, (str, os.PathLike)):
-        raise ValueError(f"method {method!r} from a checkpoint needs reference=: the directory of the uncompressed "
-                         f"checkpoint (checkpoint_dir is the compressed one), got {type(reference).__name__}")
-    if not spec.needs_reference and reference is not None:
-        raise ValueError(f"reference= applies to EoRA only, not to method {method!r}")
-    return spec
 
 
 def _check_run_options(progress: Any, resume: Any, max_shard_bytes: Any, blockwise: Any) -> None:
@@ -134,51 +112,28 @@ def _skeleton(src: Path) -> nn.Module:
         raise ValueError(f"cannot build a causal LM from {src / 'config.json'}: {e}") from e
 
 
-def _check_untied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
-    """A target whose weight is the same Parameter as another module's (tied embeddings) cannot be rewritten."""
-    owners: dict[int, list[str]] = {}
-    for n, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor):
-            owners.setdefault(id(w), []).append(n)
-    for n, m in targets.items():
-        others = [o for o in owners.get(id(m.weight), []) if o != n]
-        if others:
-            raise ValueError(f"module {n!r} shares its weight with {others[0]!r} (tied weights): rewriting it would "
-                             f"change {others[0]!r} too; untie the weights or leave {n!r} out of target_modules")
-
-
-def _check_rank(rank: int, shapes: Mapping[str, tuple[int, int]]) -> None:
-    tightest = min(shapes, key=lambda n: min(shapes[n]))
-    if rank > min(shapes[tightest]):
-        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(shapes[tightest])} of module {tightest!r} with "
-                         f"weight {shapes[tightest]}")
-
-
 @dataclass
 class _Checkpoint:
     """The input of a run: the checkpoint directory, its meta-device skeleton, the targets and their reader."""
 
     src: Path
     model: nn.Module
-    task_type: str | None
     targets: dict[str, nn.Module]
     reader: CheckpointReader
     source: CheckpointSource
 
 
-def _open_checkpoint(src: Path, spec: MethodSpec, rank: int, target_modules: Any, exclude_modules: Any) -> _Checkpoint:
+def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: Any) -> _Checkpoint:
     """Targets resolved as ``wrap`` resolves them, and checked against the checkpoint before anything is read."""
     model = _skeleton(src)
-    task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None  # as wrap picks it
-    targets = select_targets(model, target_modules, exclude_modules, saved_modules(task_type, None))
-    if spec.rewrites_base:
-        _check_untied(model, targets)
+    targets = select_targets(model, target_modules, exclude_modules, job)
+    if job.spec.rewrites_base:
+        checks.check_untied(model, targets)
     reader = CheckpointReader(src)
-    check_layout(model, reader, spec.needs_calibration)
+    check_layout(model, reader, job.spec.needs_calibration)
     source = CheckpointSource(reader, targets)
-    _check_rank(rank, source.shapes)
-    return _Checkpoint(src, model, task_type, targets, reader, source)
+    checks.check_rank_fits(job.rank, source.shapes)
+    return _Checkpoint(src, model, targets, reader, source)
 
 
 def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
@@ -198,7 +153,7 @@ def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
     check_layout(model, reader, True, "reference checkpoint")
     source = CheckpointSource(reader, targets)
     check_reference(ck.source, source, src)
-    return _Checkpoint(src, model, ck.task_type, targets, reader, source)
+    return _Checkpoint(src, model, targets, reader, source)
 
 
 def _tensors_key(reader: CheckpointReader) -> str:
@@ -208,15 +163,14 @@ def _tensors_key(reader: CheckpointReader) -> str:
     return h.hexdigest()
 
 
-def _job_key(job: Job, alpha: float | None, use_rslora: bool, ck: _Checkpoint, max_shard_bytes: int,
-             calibration: str | None, options: BlockwiseOptions | None, reference: _Checkpoint | None
-             ) -> dict[str, Any]:
-    """What decides the output: a resumed run must have the same."""
+def _job_key(job: Job, alpha: float | None, ck: _Checkpoint, max_shard_bytes: int, calibration: str | None,
+             options: BlockwiseOptions | None, reference: _Checkpoint | None) -> dict[str, Any]:
+    """What decides the output: a resumed run must have the same (``alpha`` as given: None for the rank)."""
     return {"format": _FORMAT, "tensors": _tensors_key(ck.reader), "method": job.spec.name, "rank": job.rank,
-            "alpha": alpha, "use_rslora": use_rslora, "svd": job.svd.svd, "niter": job.svd.niter,
+            "alpha": alpha, "use_rslora": job.use_rslora, "svd": job.svd.svd, "niter": job.svd.niter,
             "oversample": job.svd.oversample, "seed": job.seed, "targets": sorted(ck.source.keys),
             "max_shard_bytes": max_shard_bytes, "mode": job.mode, "damping": getattr(job.options, "damping", None),
-            "calibration": calibration, "calibrate_on": getattr(job.options, "calibrate_on", None),
+            "calibration": calibration, "calibrate_on": calibrates_on(job),
             "sequential": None if options is None else options.sequential,
             "reference": None if reference is None else _tensors_key(reference.reader),
             "inputs": {"model": input_stats(ck.reader),
@@ -351,7 +305,7 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslor
     """Everything but the base's tensors: its other files, the adapter, svdadapt.json, the state, report.json."""
     copy_files(ck.reader.files, out / "base")
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
-    config = lora_config(ck.model, ck.targets, job, alpha, use_rslora, ck.task_type, None)
+    config = lora_config(ck.model, ck.targets, job)
     config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
     _write_adapter(out / TRAINED_DIR, ck.model, config, results, out / "base")
     _write_records(out, job.spec, job, alpha, options, config, results, ck.src, reference)
@@ -395,29 +349,49 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
     return True
 
 
+@dataclass
+class _Run:
+    """One run of ``init_checkpoint``: its job, the checkpoint (and EoRA's reference), the journal, the output."""
+
+    job: Job
+    ck: _Checkpoint
+    ref: _Checkpoint | None
+    journal: Journal
+    out: Path
+    max_shard_bytes: int
+    progress: bool
+
+
+def _decompose(run: _Run, batches: list[Any] | None, blocks: BlockwiseOptions | None) -> bool:
+    """Every target decomposed (calibrated methods: block by block first) and the base written, by this process or
+    split over the ranks; every target's entry then in the journal. Returns whether this process goes on to write
+    the other outputs (rank 0)."""
+    job, ck, journal, base_dir = run.job, run.ck, run.journal, run.out / "base"
+    if journal.resumed:
+        _check_inputs(journal, ck, run.ref, run.out, batches is not None)
+    if batches is not None:
+        plan_calibrated(job, ck, journal, batches, blocks, run.progress, run.ref)
+        if run.ref is not None:
+            run.ref.reader.close()
+    if world()[1] == 1:
+        _write_base(job, ck.reader, ck.source, base_dir, journal, run.max_shard_bytes, run.progress)
+    elif not _write_base_together(job, ck, journal, base_dir, run.max_shard_bytes, run.progress):
+        return False
+    _complete_journal(job, ck.source, journal)
+    ck.reader.close()
+    return True
+
+
 @same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all
+@keywords  # alpha ... blockwise, mode, damping, calibrate_on, progress: as wrap's (job.Request, the method options)
 def init_checkpoint(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     method: str,
     rank: int,
-    alpha: float | None = None,
-    target_modules: str | Iterable[str] = "all-linear",
-    exclude_modules: str | Iterable[str] | None = None,
-    use_rslora: bool = False,
-    svd: str = "auto",
-    niter: int | None = DEFAULT_NITER,
-    oversample: int = DEFAULT_OVERSAMPLE,
-    seed: int = 0,
-    mode: str | None = None,
-    damping: float = _DAMPING,
-    calibration: Iterable[Any] | None = None,
-    reference: str | os.PathLike | None = None,
-    calibrate_on: str = _CALIBRATE_ON,
-    blockwise: BlockwiseOptions | None = None,
+    request: Request,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: bool = True,
     resume: bool = True,
 ) -> Path:
     """Initialize an adapter from a safetensors checkpoint without loading the model; returns ``out_dir``.
@@ -434,7 +408,8 @@ def init_checkpoint(
         method: ``"pissa"``, ``"milora"``, ``"corda"`` (with ``calibration``) or ``"eora"`` (with
             ``calibration`` and ``reference``: ``checkpoint_dir`` is then the compressed model, a float checkpoint
             such as ``svdadapt.compress`` gives, copied through as the base).
-        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping: as
+        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping,
+            options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded
@@ -451,32 +426,22 @@ def init_checkpoint(
     Raises ``FileNotFoundError``, ``FileExistsError``, ``ValueError`` or ``TypeError`` naming the path, module or
     option at fault (the list: docs/errors.md#init-checkpoint).
     """
-    src, spec = _checkpoint_dir(checkpoint_dir), _streamable(method, calibration, reference)
-    _check_run_options(progress, resume, max_shard_bytes, blockwise)
-    job = build_job(spec, rank, alpha, use_rslora, svd, niter, oversample, seed, mode, damping, calibrate_on)
-    ck = _open_checkpoint(src, spec, rank, target_modules, exclude_modules)
-    ref = None if reference is None else _open_reference(reference, ck)
-    batches = None if calibration is None else list(calibration)
-    blocks = None if batches is None else resolve_blockwise(blockwise or True, spec, batches, quantized=False)
+    src, spec = _checkpoint_dir(checkpoint_dir), get_method(method)
+    check_needs(spec, request.calibration, request.reference, streaming=True)
+    _check_run_options(request.progress, resume, max_shard_bytes, request.blockwise)
+    job = build_job(spec, rank, request)
+    ck = _open_checkpoint(src, job, request.target_modules, request.exclude_modules)
+    ref = None if request.reference is None else _open_reference(request.reference, ck)
+    batches = None if request.calibration is None else list(request.calibration)
+    blocks = None if batches is None else resolve_blockwise(request.blockwise or True, spec, batches, quantized=False)
     out = Path(out_dir)
-    key = _job_key(job, alpha, use_rslora, ck, max_shard_bytes, batches and fingerprint(batches), blocks, ref)
+    key = _job_key(job, request.alpha, ck, max_shard_bytes, batches and fingerprint(batches), blocks, ref)
     with locked(out):
         journal = open_journal(out, key, resume)
-        if journal.resumed:
-            _check_inputs(journal, ck, ref, out, batches is not None)
-        if batches is not None:
-            plan_calibrated(job, ck, journal, batches, blocks, progress, ref, calibrate_on)
-            if ref is not None:
-                ref.reader.close()
-        if world()[1] == 1:
-            _write_base(job, ck.reader, ck.source, out / "base", journal, max_shard_bytes, progress)
-        elif not _write_base_together(job, ck, journal, out / "base", max_shard_bytes, progress):
+        run = _Run(job, ck, ref, journal, out, max_shard_bytes, request.progress)
+        if not _decompose(run, batches, blocks):
             return out  # rank 0 writes the other outputs
-        _complete_journal(job, ck.source, journal)
-        ck.reader.close()
-        options = dict(svd=svd, niter=niter, oversample=oversample, seed=seed, mode=job.mode, damping=damping,
-                       use_rslora=use_rslora, quant_iters=1)  # as wrap records them (no quantized base here)
-        _write_outputs(out, ck, job, rank if alpha is None else alpha, use_rslora, options, journal, reference)
+        _write_outputs(out, ck, job, job.alpha, job.use_rslora, recorded_options(job), journal, request.reference)
         journal.remove()
     barrier()
     return out

@@ -18,7 +18,8 @@ from torch import nn
 
 from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
 from .distributed import barrier, my_share
-from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
+from .engine import LayerInput, LayerPlan, Preparations, plan_layer
+from .job import Job, calibrates_on
 from .lazy import LazyBlocks
 from .layers import read_weight
 from .stream_journal import Journal, journal_plan
@@ -36,7 +37,7 @@ def _stack(model: nn.Module, what: str) -> tuple[str, nn.ModuleList]:
 
 
 def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[Any], options: BlockwiseOptions,
-                    progress: bool, reference: Any = None, calibrate_on: str = "reference") -> None:
+                    progress: bool, reference: Any = None) -> None:
     """Every target's factors into the journal, the covariances collected one decoder block at a time.
 
     ``ck`` (``stream._Checkpoint``) is the model adapted (CorDA: the original; EoRA: the compressed one), its
@@ -81,6 +82,6 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
         hook_model = ck.model
         if reference is not None:
             lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
-            hook_model = reference.model if calibrate_on == "reference" else ck.model
+            hook_model = reference.model if calibrates_on(job) == "reference" else ck.model
         plan_blockwise(hook_model, ck.targets, calibration, plan, options, model=ck.model, scaling=job.scaling,
                        progress=progress)

@@ -129,9 +129,12 @@ def is_peft(model: nn.Module) -> bool:
 
 def shared_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs (target, other module) whose weight is the same tensor storage: a tied output head and input embedding,
-    or one Parameter used by two layers. Rewriting one of them would silently rewrite the other."""
+    or one Parameter used by two layers. Rewriting one of them would silently rewrite the other. On the meta
+    device (a skeleton, no storage) tied weights are the same Parameter object."""
     def key(w: object) -> tuple[str, int, int] | None:
-        if not isinstance(w, torch.Tensor) or w.device.type == "meta" or not w.numel():
+        if isinstance(w, torch.Tensor) and w.device.type == "meta":
+            return ("meta", id(w), 0)
+        if not isinstance(w, torch.Tensor) or not w.numel():
             return None
         return (str(w.device), w.untyped_storage().data_ptr(), w.storage_offset())
 

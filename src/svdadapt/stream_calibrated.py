@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
+from .blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
 from .distributed import barrier, my_share
 from .engine import Job, LayerInput, LayerPlan, Preparations, plan_layer
 from .lazy import LazyBlocks
@@ -82,5 +82,5 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
         if reference is not None:
             lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
             hook_model = reference.model if calibrate_on == "reference" else ck.model
-        plan_blockwise(hook_model, ck.targets, calibration, plan, options, model=ck.model, scaling=job.scaling,
-                       progress=progress)
+        plan_blockwise(hook_model, ck.targets, calibration, plan, options,
+                       compensation=Compensation(ck.model, job.scaling), progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Iterable
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from . import checks
-from .blockwise import BlockwiseOptions, plan_blockwise
+from .blockwise import BlockwiseOptions, BlockwiseUnsupported, Compensation, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
-from .calibration import as_covariances
+from .calibration import as_covariances, caller_level
 from .distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine import Job, LayerPlan, apply, lora_scaling, plan_layer, plan_layers
 from .export import attach
@@ -160,7 +161,8 @@ def _plans(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibratio
            references: dict[str, torch.Tensor] | None, quant: QuantOptions | None, blockwise: Any,
            progress: bool) -> dict[str, LayerPlan]:
     """Every layer's plan; CorDA / EoRA covariances collected one decoder block at a time where
-    ``blockwise.resolve`` and the model allow (svdadapt/blockwise.py), else on the whole model."""
+    ``blockwise.resolve`` and the model allow (svdadapt/blockwise/), else on the whole model: automatic
+    (``blockwise=None``) with a one-line warning saying why, explicit (True or options) with the error."""
     def whole_model(batches: Any) -> dict[str, LayerPlan]:
         covariances = _covariances(job, model, targets, batches, reference, quant, progress)
         return _plan(job, targets, covariances, references, quant, progress)
@@ -168,10 +170,17 @@ def _plans(job: Job, model: nn.Module, targets: dict[str, nn.Module], calibratio
     options = resolve_blockwise(blockwise, job.spec, calibration, quant is not None)
     if options is None:
         return whole_model(calibration)
-    return plan_blockwise(_hook_model(job, model, calibration, reference, quant), targets, calibration,
-                          partial(_plan, job, references=references, quant=quant, progress=False), options,
-                          model=model, scaling=job.scaling, strict=blockwise is not None, fallback=whole_model,
-                          progress=progress)
+    hook_model = _hook_model(job, model, calibration, reference, quant)
+    batches = list(calibration)  # read once: the whole-model path, should it take over, gets the same batches
+    try:
+        return plan_blockwise(hook_model, targets, batches, partial(_plan, job, references=references, quant=quant,
+                              progress=False), options, compensation=Compensation(model, job.scaling),
+                              progress=progress)
+    except BlockwiseUnsupported as e:
+        if blockwise is not None:
+            raise
+        warnings.warn(f"svdadapt: {e.reason}: calibrating on the whole model", stacklevel=caller_level())
+        return whole_model(batches)
 
 
 @same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all

@@ -17,7 +17,8 @@ from transformers.cache_utils import DynamicCache
 
 import svdadapt
 from helpers import make_tiny_llama, raises_exactly, same_init_factors, same_state, token_ids
-from svdadapt.blockwise import BlockwiseOptions, _without_cache, plan_blockwise
+from svdadapt.blockwise import BlockwiseOptions, BlockwiseUnsupported, plan_blockwise
+from svdadapt.blockwise.capture import _without_cache
 from svdadapt.engine import LayerPlan
 
 U = 2.0 ** -24  # unit roundoff of fp32
@@ -281,8 +282,8 @@ def test_one_module_in_two_blocks_is_refused(method):
 
 
 def test_one_module_in_two_blocks_calibration():
-    """The whole-model path counts both uses (2 × the tokens); the block path, which would see one, refuses or
-    falls back to it."""
+    """The whole-model path counts both uses (2 × the tokens); the block path, which would see one, refuses with a
+    typed error (a ValueError) whose reason is what ``wrap``'s automatic mode warns before falling back."""
     model, batches = _shared_llama(), _padded()
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
     covs = svdadapt.collect_covariances(model, batches, progress=False)
@@ -290,11 +291,10 @@ def test_one_module_in_two_blocks_calibration():
     assert covs.token_count("model.layers.0.mlp.up_proj") == tokens
     targets = svdadapt.resolve_targets(model)
     why = "module 'model.layers.0.mlp.down_proj' is also used as 'model.layers.1.mlp.down_proj'"
-    with pytest.raises(ValueError, match=f"^blockwise calibration: {why}: its covariance comes from both uses$"):
+    with pytest.raises(BlockwiseUnsupported, match=f"^blockwise calibration: {why}: its covariance comes from both "
+                       "uses$") as caught:
         plan_blockwise(model, targets, batches, lambda t, c: {}, progress=False)
-    with pytest.warns(UserWarning, match=f"^svdadapt: {why}: .*: calibrating on the whole model$"):
-        assert plan_blockwise(model, targets, batches, lambda t, c: {}, strict=False, fallback=lambda b: {"ok": 1},
-                              progress=False) == {"ok": 1}
+    assert isinstance(caught.value, ValueError) and caught.value.reason == f"{why}: its covariance comes from both uses"
 
 
 def test_a_parent_reachable_under_two_names_is_one_place():

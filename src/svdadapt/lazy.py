@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise import block_of
+from .blockwise.stack import block_of
 from .shards import CheckpointReader
 
 __all__ = ["LazyBlocks"]

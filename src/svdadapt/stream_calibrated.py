@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise import BlockwiseOptions, find_stack, plan_blockwise
+from .blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
 from .distributed import barrier, my_share
 from .engine import LayerInput, LayerPlan, Preparations, plan_layer
 from .job import Job, calibrates_on
@@ -83,5 +83,5 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
         if reference is not None:
             lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
             hook_model = reference.model if calibrates_on(job) == "reference" else ck.model
-        plan_blockwise(hook_model, ck.targets, calibration, plan, options, model=ck.model, scaling=job.scaling,
-                       progress=progress)
+        plan_blockwise(hook_model, ck.targets, calibration, plan, options,
+                       compensation=Compensation(ck.model, job.scaling), progress=progress)

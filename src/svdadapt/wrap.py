@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from . import checks
-from .blockwise import plan_blockwise
+from .blockwise import BlockwiseUnsupported, Compensation, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
-from .calibration import as_covariances
+from .calibration import as_covariances, caller_level
 from .distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine import LayerPlan, apply, plan_layer, plan_layers
 from .export import attach
@@ -98,7 +99,8 @@ def _plan(job: Job, references: dict[str, torch.Tensor] | None, targets: dict[st
 
 def _plans(job: Job, inputs: _Inputs, blockwise: Any) -> dict[str, LayerPlan]:
     """Every layer's plan; CorDA / EoRA covariances collected one decoder block at a time where
-    ``blockwise.resolve`` and the model allow (svdadapt/blockwise.py), else on the whole model."""
+    ``blockwise.resolve`` and the model allow (svdadapt/blockwise/), else on the whole model: automatic
+    (``blockwise=None``) with a one-line warning saying why, explicit (True or options) with the error."""
     def whole_model(batches: Any) -> dict[str, LayerPlan]:
         covariances = _covariances(job, inputs, batches)
         return _plan(job, inputs.references, inputs.targets, covariances, inputs.progress)
@@ -106,9 +108,16 @@ def _plans(job: Job, inputs: _Inputs, blockwise: Any) -> dict[str, LayerPlan]:
     options = resolve_blockwise(blockwise, job.spec, inputs.calibration, job.quant is not None)
     if options is None:
         return whole_model(inputs.calibration)
-    return plan_blockwise(_hook_model(job, inputs, inputs.calibration), inputs.targets, inputs.calibration,
-                          partial(_plan, job, inputs.references), options, model=inputs.model, scaling=job.scaling,
-                          strict=blockwise is not None, fallback=whole_model, progress=inputs.progress)
+    batches = list(inputs.calibration)  # read once: the whole-model path, should it take over, gets the same batches
+    try:
+        return plan_blockwise(_hook_model(job, inputs, batches), inputs.targets, batches,
+                              partial(_plan, job, inputs.references), options,
+                              compensation=Compensation(inputs.model, job.scaling), progress=inputs.progress)
+    except BlockwiseUnsupported as e:
+        if blockwise is not None:
+            raise
+        warnings.warn(f"svdadapt: {e.reason}: calibrating on the whole model", stacklevel=caller_level())
+        return whole_model(batches)
 
 
 def _inputs(job: Job, model: nn.Module, request: Request) -> _Inputs:

@@ -1,0 +1,266 @@
+"""Input covariances of Linear layers, collected with forward hooks, for CorDA and EoRA: :func:`collect` (on given
+target modules; the block-by-block path, ``svdadapt.blockwise``, runs it on one block at a time),
+:func:`collect_covariances` (targets by name, as ``wrap`` matches them) and :func:`as_covariances` (what
+``wrap(calibration=...)`` accepts).
+
+Each targeted Linear's input covariance C = XᵀX / N (in, in) over the N calibration tokens that reached it
+(``covariances.Covariances``). Linears that read the very same tensor in a forward pass (q/k/v after one norm, gate/up
+of an MLP) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
+tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
+the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
+
+Padding is dropped with the mask of the stack an input belongs to (``masks.py``). Forwards run without a KV cache
+(``use_cache=False`` where the model takes it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layers import is_target_type
+from ..targets import resolve_targets
+from .covariances import Covariances
+from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, version
+from .masks import Masks, batch_masks, encoder_decoder
+
+__all__ = ["collect", "collect_covariances", "as_covariances", "hooked_targets", "run_batch", "BatchState"]
+
+
+class BatchState(Protocol):
+    """What :func:`run_batch` tells about each batch it runs: its index and masks before, the end after."""
+
+    def begin(self, batch: int, masks: Masks) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class _Collector:
+    """State shared by the hooks during one collection: accumulators, groups, the current batch's masks."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.acc: dict[str, torch.Tensor] = {}  # group key (first name seen) -> Σ x xᵀ
+        self.count: dict[str, int] = {}
+        self.key_of: dict[str, str] = {}  # name -> group key, fixed at the name's first sighting
+        self.members: dict[str, frozenset[str]] = {}  # group key -> names that read its input
+        self.batch = -1
+        self.masks = Masks(None, None)
+        # per forward: (id(input), its version) -> (weakref to it, group key, names that read it). The version
+        # tells the same object apart before and after an in-place op (h.relu_()); the weakref guards against a
+        # freed tensor's id being reused by a later, different input in the same forward
+        self.seen: dict[tuple[int, object], tuple[weakref.ref, str, set[str]]] = {}
+        self.unmasked: dict[str, tuple[int, ...]] = {}  # name -> input shape: padding in the batch, not removable
+
+    def begin(self, batch: int, masks: Masks) -> None:
+        self.batch, self.masks, self.seen = batch, masks, {}
+
+    def hook(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = first_tensor(args, kwargs)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"module {name!r} was called without a tensor input in batch {self.batch}")
+        ident = (id(x), version(x))
+        entry = self.seen.get(ident)
+        if entry is not None and entry[0]() is x:  # the same tensor, unchanged, as an earlier reader: shared
+            key, readers = entry[1], entry[2]
+            known = self.key_of.setdefault(name, key)
+            if known != key:
+                raise RuntimeError(
+                    f"module {name!r} read the same input as {sorted(readers)} in batch {self.batch}, but not in "
+                    "earlier batches: inputs must be shared always or never")
+            readers.add(name)
+            return
+        key = self.key_of.setdefault(name, name)
+        self.seen[ident] = (weakref.ref(x), key, {name})
+        self._accumulate(name, key, self._rows(name, x))
+
+    def _accumulate(self, name: str, key: str, rows: torch.Tensor) -> None:
+        """Add Σ x xᵀ of ``rows`` (n, in) to ``key``'s accumulator (in, in)."""
+        if rows.shape[0] == 0:
+            return
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"non-finite activations (NaN or inf) in the input of module {name!r} in batch {self.batch}")
+        rows = rows.to(self.dtype)
+        acc = self.acc.get(key)
+        if acc is None:
+            acc = self.acc[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
+        acc.addmm_(rows.mT, rows)
+        self.count[key] = self.count.get(key, 0) + rows.shape[0]
+
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in) or
+        (batch·seq, in) like the mask that :class:`masks.Masks` assigns it (any other layout: noted in ``unmasked``)."""
+        m = self.masks.mask_for(x) if x.dim() in (2, 3) else None
+        if m is None and name not in self.unmasked and self.masks.unmasked_padding(x):
+            self.unmasked[name] = tuple(x.shape)
+        return x[m] if m is not None else x.reshape(-1, x.shape[-1])
+
+    def end(self) -> None:
+        """Check that every group was read by the same names as when it was first seen."""
+        for _, key, readers in self.seen.values():
+            members = self.members.get(key)
+            if members is None:
+                self.members[key] = frozenset(readers)
+            elif readers != members:
+                raise RuntimeError(
+                    f"modules {sorted(readers)} read one input in batch {self.batch}, but {sorted(members)} did in "
+                    "earlier batches: inputs must be shared always or never")
+        self.seen = {}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es"
+
+
+def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collector) -> list[Any]:
+    """Pre-hooks on the targets (accumulate) and on the encoder / decoder stacks (track which one runs)."""
+    handles = [module.register_forward_pre_hook(
+        lambda mod, args, kwargs, _n=name: state.hook(_n, args, kwargs), with_kwargs=True)
+        for name, module in targets.items()]
+    for stack, module in encoder_decoder(model).items():
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args, kwargs, _s=stack: state.masks.enter(_s, args, kwargs), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda mod, args, out, _s=stack: state.masks.leave(_s)))
+    return handles
+
+
+def run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state: BatchState) -> None:
+    """Run ``model`` on batch ``i`` (moved to ``device``), without a KV cache where the model takes ``use_cache``."""
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        state.begin(i, batch_masks(batch, i))
+        model(**{**batch, **no_cache(model)})
+    elif isinstance(batch, torch.Tensor):
+        state.begin(i, Masks(None, None))
+        model(batch.to(device), **no_cache(model))
+    else:
+        raise TypeError(f"batch {i} is a {type(batch).__name__}; a batch is a dict (run as model(**batch)) "
+                        "or a tensor (run as model(batch))")
+    state.end()
+
+
+def _note_unmasked(unmasked: Mapping[str, tuple[int, ...]]) -> None:
+    """One warning line for the targets whose padding rows counted (their inputs fit no (batch, seq) layout)."""
+    if unmasked:
+        name, shape = next(iter(unmasked.items()))
+        more = f" and {len(unmasked) - 1} more" if len(unmasked) > 1 else ""
+        warnings.warn(f"svdadapt calibration: the input of module {name!r}{more} (shape {shape}) is laid out neither "
+                      "(batch, seq, in) nor (batch·seq, in) like the attention_mask, so its padding rows count; "
+                      "pass unpadded batches for it (docs/calibration.md)", stacklevel=caller_level())
+
+
+@torch.no_grad()
+def collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.Module],
+            dtype: torch.dtype = torch.float32, progress: bool = True) -> Covariances:
+    """Run ``model`` on ``batches`` (as :func:`collect_covariances` does) with hooks on ``targets`` (name -> a
+    module of ``model``) and return their input covariances (in, in), accumulated and stored in ``dtype``."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"covariances accumulate in torch.float32 or torch.float64, got dtype={dtype}")
+    state = _Collector(dtype)
+    device = model_device(model)
+    n_batches = 0
+    with eval_mode(model):
+        handles = _hook_all(model, targets, state)
+        try:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for i, batch in enumerate(tqdm(batches, total=total, desc="svdadapt calibration", unit="batch",
+                                           disable=not progress)):
+                run_batch(model, batch, i, device, state)
+                n_batches += 1
+        finally:  # hooks must never outlive the collection, also when the model raises
+            for h in handles:
+                h.remove()
+    return _finish(state, targets, n_batches, progress)
+
+
+def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int, progress: bool) -> Covariances:
+    """The means XᵀX / N of a finished collection, after checking that every target saw tokens."""
+    if n_batches == 0 or not state.count or max(state.count.values()) == 0:
+        raise ValueError(f"calibration saw no tokens ({_plural(n_batches, 'batch')}): pass non-empty batches whose "
+                         "attention_mask is not all zero")
+    missing = [n for n in targets if n not in state.key_of or state.count.get(state.key_of[n], 0) == 0]
+    if missing:
+        raise ValueError(f"calibration saw no tokens for module {missing[0]!r} ({len(missing)} of {len(targets)} "
+                         f"targets): it did not take part in the forward pass or all its tokens were padding")
+    _note_unmasked(state.unmasked)
+    mean = {key: state.acc[key].div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
+    covs = Covariances({n: mean[state.key_of[n]] for n in targets},
+                       {n: state.count[state.key_of[n]] for n in targets})
+    if progress:
+        print(f"svdadapt calibration: {covs.summary()} from {_plural(n_batches, 'batch')}")
+    return covs
+
+
+@torch.no_grad()
+def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules: str | Iterable[str] = "all-linear",
+                        dtype: torch.dtype = torch.float32, progress: bool = True) -> Covariances:
+    """Run ``model`` on ``batches`` and return the input covariance of every targeted Linear.
+
+    Args:
+        model: any ``nn.Module``; run in eval mode under ``torch.no_grad`` (its training flag is restored).
+        batches: iterable of dicts (``model(**batch)``, tensors moved to the model's device; an
+            ``attention_mask`` (batch, seq) drops padding from every input laid out (batch, seq, in) or
+            (batch·seq, in) (other layouts count every row, with a warning when there is padding); in an
+            encoder–decoder model it is the encoder's, and ``decoder_attention_mask`` the decoder's, none: every
+            decoder token counts) or of tensors (``model(batch)``, every position counts). Any batch size and
+            sequence length.
+        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear or transformers Conv1D but the
+            output head).
+        dtype: accumulation and storage dtype, ``torch.float32`` or ``torch.float64``.
+        progress: progress bar over batches, and a one-line summary printed at the end.
+    Returns:
+        :class:`Covariances`: name -> C = XᵀX / N (in, in), in the layer's input width (``weight.shape[1]`` of a
+        Linear, ``weight.shape[0]`` of a Conv1D, which stores (in, out)); q/k/v-style readers of one input share a
+        tensor.
+    Raises:
+        ValueError: no tokens seen (or none for some target), NaN/inf in a module's input (named), bad dtype.
+    """
+    return collect(model, batches, resolve_targets(model, target_modules), dtype, progress)
+
+
+def _looks_like_batch(m: Mapping) -> bool:
+    return any(k in m for k in ("input_ids", "inputs_embeds", "attention_mask"))
+
+
+def hooked_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """The modules of ``model`` (the model run for calibration) that carry the targets' ``names``."""
+    modules = dict(model.named_modules())
+    targets = {}
+    for n in names:
+        if n not in modules or not is_target_type(modules[n]):
+            raise ValueError(f"the model run for calibration ({type(model).__name__}) has no adaptable layer named {n!r}")
+        targets[n] = modules[n]
+    return targets
+
+
+def as_covariances(calibration: Any, model: nn.Module, names: Sequence[str], progress: bool = True,
+                   dtype: torch.dtype = torch.float32) -> Mapping[str, torch.Tensor]:
+    """What ``wrap(calibration=...)`` accepts, turned into a mapping name -> (in, in) covariance for ``names``.
+
+    A :class:`Covariances` or other mapping passes through (it must hold every name); a path loads a saved
+    :class:`Covariances`; an iterable of batches is collected on ``model`` for exactly ``names``.
+    """
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = Covariances.load(calibration)
+    if isinstance(calibration, Mapping):
+        if _looks_like_batch(calibration):
+            raise TypeError("calibration looks like a single batch (a dict with input_ids / attention_mask); "
+                            "pass a list of batches, or a Covariances")
+        missing = [n for n in names if n not in calibration]
+        if missing:
+            raise ValueError(f"calibration has no covariance for targeted module {missing[0]!r} "
+                             f"({len(missing)} of {len(names)} targets missing)")
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError("calibration is a single tensor; pass an iterable of batches (e.g. [tensor]) or a Covariances")
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration must be a Covariances, a mapping name -> tensor or an iterable of batches, "
+                        f"got {type(calibration).__name__}")
+    return collect(model, calibration, hooked_targets(model, names), dtype, progress)

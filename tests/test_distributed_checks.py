@@ -235,6 +235,10 @@ def test_the_shared_error_keeps_a_builtin_type_and_names_the_ranks() -> None:
     assert type(e) is KeyError and e.args == ("ranks 1, 2: KeyError: 'x'",) and e.failed_ranks == [1, 2]
     e = _shared_error([_outcome(Custom("z")), None])
     assert type(e) is RuntimeError and str(e) == "rank 0: Custom: z" and e.failed_ranks == [0]
+    from svdadapt.blockwise import BlockwiseUnsupported
+
+    e = _shared_error([None, _outcome(BlockwiseUnsupported("no decoder stack"))])  # a ValueError of svdadapt's
+    assert type(e) is ValueError and str(e) == "rank 1: BlockwiseUnsupported: blockwise calibration: no decoder stack"
 
 
 def test_one_process_errors_are_unchanged() -> None:

@@ -74,23 +74,27 @@ def _object_group() -> Any:
     return _CPU_GROUP[1]
 
 
-def _outcome(error: BaseException | None) -> tuple[str, bool, str] | None:
-    """What a rank tells the others: None, or (type name, whether it is a builtin exception, message)."""
+def _outcome(error: BaseException | None) -> tuple[str, str | None, str] | None:
+    """What a rank tells the others: None, or (type name, the nearest builtin exception type it derives from other
+    than Exception itself (None for none), message)."""
     if error is None:
         return None
     kind = type(error)
-    return kind.__name__, getattr(builtins, kind.__name__, None) is kind, str(error)
+    base = next((k for k in kind.__mro__ if getattr(builtins, k.__name__, None) is k
+                 and k not in (Exception, BaseException)), None)
+    return kind.__name__, None if base is None else base.__name__, str(error)
 
 
-def _shared_error(outcomes: list[tuple[str, bool, str] | None]) -> Exception:
-    """The exception every rank raises: the first failing rank's, named by rank, of its type where that is a
-    builtin exception (else RuntimeError); ``failed_ranks`` lists the ranks that failed."""
+def _shared_error(outcomes: list[tuple[str, str | None, str] | None]) -> Exception:
+    """The exception every rank raises: the first failing rank's, named by rank, of its builtin type (a subclass of
+    a builtin, e.g. a ``ValueError`` of svdadapt's, is rebuilt as that builtin; anything else as RuntimeError);
+    ``failed_ranks`` lists the ranks that failed."""
     failed = [r for r, o in enumerate(outcomes) if o is not None]
-    name, is_builtin, message = outcomes[failed[0]]
+    name, base, message = outcomes[failed[0]]
     ranks = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
     text = f"{ranks}: {name}: {message}"
     try:
-        error = getattr(builtins, name)(text) if is_builtin else RuntimeError(text)
+        error = getattr(builtins, base)(text) if base is not None else RuntimeError(text)
     except Exception:  # noqa: BLE001 - a builtin that takes other arguments (UnicodeDecodeError)
         error = RuntimeError(text)
     error.failed_ranks = failed

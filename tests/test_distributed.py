@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import svdadapt
 from svdadapt.checkpoint import RECORD_DIGEST
 from svdadapt.distributed import layer_cost, split_by_cost
-from svdadapt.engine import Job
+from svdadapt.plan import Job
 from svdadapt.methods import METHODS, SVDOptions
 from dist_harness import as_rank, free_port
 from helpers import make_tiny_llama, output_bytes, token_ids

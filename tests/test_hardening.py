@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForSequenceClassification
 
 import svdadapt
-from svdadapt import engine
+from svdadapt import apply as apply_module
 from helpers import make_tiny_llama, out, tiny_llama_config, toy, toy_input
 
 RANK = 4
@@ -76,7 +76,7 @@ def test_failure_after_injection_restores_the_model(monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("refused")
 
-    monkeypatch.setattr(engine, "_check_shapes", boom)
+    monkeypatch.setattr(apply_module, "_check_shapes", boom)
     with pytest.raises(RuntimeError, match="^refused$"):
         svdadapt.wrap(model, "pissa", RANK, progress=False)
     assert_same(model, before)

@@ -33,7 +33,6 @@ are one line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -135,8 +134,8 @@ def _mode_help() -> str:
 
 def _init_parser(sub: Any) -> None:
     """The ``init`` subcommand and its options."""
-    from .bnb import SCHEMES
     from .methods import METHODS, SVD_CHOICES, mode_choices
+    from .qbase import SCHEMES
 
     methods = ", ".join(f"{m.name}: {m.description}" for m in METHODS.values())
     q = sub.add_parser("init", help="wrap MODEL and write DIR/base, DIR/adapter, DIR/report.json",
@@ -502,11 +501,14 @@ def _check_svd(args: argparse.Namespace) -> None:
 
 
 def _check_machine(args: argparse.Namespace) -> None:
-    """What the options ask of this machine: the --device backend, bitsandbytes for --quantize."""
+    """What the options ask of this machine: the --device backend, the quantized base's package for --quantize."""
+    from .qbase import missing_package
+
     if args.device is not None:
         _check_device(args.device)
-    if args.quantize is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--quantize needs bitsandbytes, which is not installed: pip install bitsandbytes")
+    missing = missing_package() if args.quantize is not None else None
+    if missing is not None:
+        raise UsageError(f"--quantize needs {missing}, which is not installed: pip install {missing}")
 
 
 def _tokenizer(model: str, needed: bool, out: Path) -> Any:
@@ -594,13 +596,11 @@ def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any
 
 def _save_base(pm: Any, base_dir: Path, tokenizer: Any) -> None:
     """The rewritten base as an ordinary transformers model directory (consumes ``pm``'s adapters)."""
-    from .bnb import is_bnb_layer, restore_layout
+    from .layers import before_save
 
     _say(f"saving base to {base_dir}")
     base = pm.unload()  # adapters out, rewritten weights in: an ordinary transformers model
-    for m in base.modules():
-        if is_bnb_layer(m):  # bitsandbytes 0.50 saves a CPU-repacked 4-bit layer corrupted
-            restore_layout(m)
+    before_save(base)  # e.g. bitsandbytes 0.50 saves a CPU-repacked 4-bit layer corrupted
     base.save_pretrained(str(base_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(base_dir))

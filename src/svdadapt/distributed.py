@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .calibration import Covariances
-from .engine import Job, LayerPlan
+from .plan import Job, LayerPlan
 from .linalg import MIN_BLOCK, auto_niter, choose_svd
 from .record import weight_checksum
 

@@ -31,11 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .apply import apply, write_factors
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
                          read_checkpoint, write_checkpoint)
-from . import bnb
-from .engine import apply, write_factors
-from .layers import kind_of, layer_checksum
+from .layers import before_save, kind_of, layer_checksum
 from .methods import get_method
 from .record import ADAPTER, AdaptRecord, Factors, weight_checksum
 from .targets import is_peft
@@ -129,7 +128,7 @@ def quantization_gap(quantize: str | None, report: Mapping[str, Mapping[str, Any
 
 def _write_portable(peft_model: nn.Module, directory: str | os.PathLike, resume: bool,
                     state_dict: Mapping[str, torch.Tensor] | None) -> Path:
-    bnb.restore_layouts(peft_model)  # reading a state dict of a CPU-repacked 4-bit layer corrupts it (bnb.py)
+    before_save(peft_model)  # e.g. reading a state dict of a CPU-repacked 4-bit layer corrupts it (layers.py)
     meta = checkpoint_meta(peft_model)
     current, extras = _current_state(peft_model, meta["targets"], state_dict)
     gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)
@@ -258,7 +257,7 @@ def unwrap(peft_model: nn.Module, merge: bool = False) -> nn.Module:
     if any(getattr(m, "merged", False) for m in layers.values()):
         peft_model.unmerge_adapter()
     if merge:
-        bnb.restore_layouts(peft_model)  # PEFT's merge dequantizes the stored layout
+        before_save(peft_model)  # PEFT's merge dequantizes the stored layout
         return peft_model.merge_and_unload()
     if spec.rewrites_base and record.quantize is not None:
         raise ValueError(f"svdadapt.unwrap: the base holds the {record.quantize}-quantized residual, not W, so the "

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from . import checks, engine
+from . import checks, plan
 from .layers import kind_of
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from .methods import MethodSpec, SVDOptions, check_method_keywords, method_keywords, recorded_keywords
@@ -88,8 +88,8 @@ def keywords(fn: F) -> F:
 
 
 @dataclass(frozen=True)
-class Job(engine.Job):
-    """``engine.Job`` (what every layer shares) plus what the entry points decide once: LoRA alpha as PEFT stores
+class Job(plan.Job):
+    """``plan.Job`` (what every layer shares) plus what the entry points decide once: LoRA alpha as PEFT stores
     it, rsLoRA, the quantized base, the method keywords as recorded (``mode`` resolved), and PEFT's task type and
     whole-trained modules as the user gave them."""
 
@@ -133,7 +133,7 @@ def build_job(spec: MethodSpec, rank: int, request: Request, *, quantize: str | 
                          f"{f' mode={mode}' if mode else ''}; use svd='full' or 'auto'")
     alpha = rank if request.alpha is None else request.alpha
     given["mode"] = mode
-    return Job(spec, rank, engine.lora_scaling(rank, alpha, request.use_rslora), mode, svd_options,
+    return Job(spec, rank, plan.lora_scaling(rank, alpha, request.use_rslora), mode, svd_options,
                spec.options(**given), request.seed, alpha=alpha, use_rslora=request.use_rslora,
                quant=quant_options(quantize, quant_iters), keywords=given, task_type=task_type,
                modules_to_save=None if modules_to_save is None else tuple(modules_to_save))

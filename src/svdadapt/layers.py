@@ -5,7 +5,12 @@ layer type is one entry here, not a branch elsewhere:
 
 - ``torch.nn.Linear``: weight (out, in), read and written as it is;
 - transformers ``Conv1D`` (GPT-2 family): weight stored transposed, (in, out) — PEFT's ``fan_in_fan_out``;
-- bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``).
+- bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``); its
+  hooks guard training forwards after wrapping and restore the canonical storage layout before a save.
+
+The hooks are what the rest of the package calls instead of naming a backend: :func:`after_wrap` (``apply``, on
+each base layer once PEFT wrapped it) and :func:`before_save` (the lifecycle and the CLI, on a whole model before
+anything reads its state dict).
 
 Leaf module: imports torch and ``bnb`` (which imports bitsandbytes only when asked); transformers only if the
 model already did.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,7 +28,8 @@ from torch import nn
 from . import bnb
 from .record import weight_checksum
 
-__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype", "layer_checksum"]
+__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype", "layer_checksum",
+           "after_wrap", "before_save"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,10 @@ class LayerKind:
     ``read(module)`` gives the weight as a floating (out, in) tensor (a view where the layout allows: callers
     must not write into it); ``write(module, base)`` stores a new base given as (out, in) in ``storage_dtype``;
     ``storage_dtype(module)`` is the dtype a new base is rounded to before ``write``.
+
+    Hooks (None: nothing to do): ``after_wrap(module)`` runs on a base layer once PEFT put a LoRA layer on it;
+    ``before_save(module)`` runs before anything reads the layer's state dict (saving, PEFT's merge) and returns
+    whether it changed the layer.
     """
 
     name: str
@@ -43,6 +53,8 @@ class LayerKind:
     storage_dtype: Callable[[nn.Module], torch.dtype]
     packed: bool = False  # the weight is stored quantized: read dequantizes, write re-quantizes
     fan_in_fan_out: bool = False  # PEFT's flag for weights stored (in, out)
+    after_wrap: Callable[[nn.Module], None] | None = None
+    before_save: Callable[[nn.Module], bool] | None = None
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -57,7 +69,8 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 LAYER_KINDS: tuple[LayerKind, ...] = (
     # bitsandbytes layers subclass nn.Linear: they come first
     LayerKind("bitsandbytes Linear4bit/Linear8bitLt", bnb.is_bnb_layer, lambda m: (m.out_features, m.in_features), bnb.dequantize,
-              bnb.write_quantized, lambda m: torch.float32, packed=True),
+              bnb.write_quantized, lambda m: torch.float32, packed=True, after_wrap=bnb.guard_training,
+              before_save=bnb.restore_layout),
     LayerKind("nn.Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
               lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
     LayerKind("transformers Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
@@ -84,8 +97,29 @@ def layer_checksum(module: nn.Module) -> str:
     return weight_checksum(kind.read(module) if kind is not None and kind.packed else module.weight)
 
 
+def after_wrap(modules: Iterable[nn.Module]) -> None:
+    """Each module's kind's ``after_wrap`` hook (``modules``: the base layers PEFT just wrapped)."""
+    for m in modules:
+        kind = kind_of(m)
+        if kind is not None and kind.after_wrap is not None:
+            kind.after_wrap(m)
+
+
+def before_save(model: nn.Module) -> int:
+    """Each of ``model``'s modules' kind's ``before_save`` hook; how many changed. Call it before anything reads
+    the model's state dict (saving, PEFT's merge)."""
+    changed = 0
+    for m in model.modules():
+        kind = kind_of(m)
+        if kind is not None and kind.before_save is not None:
+            changed += bool(kind.before_save(m))
+    return changed
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype decompositions run in: fp64 for fp64 weights, fp32 for everything else."""
+    """The dtype decompositions run in, and the dtype PEFT gives the LoRA factors of a layer whose base weight has
+    ``dtype``: fp64 for fp64 weights, fp32 for every other float and for packed storage (PEFT's autocast of
+    half-precision adapters)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -8,15 +8,30 @@ PEFT puts its bitsandbytes LoRA layers on top and ``save_pretrained`` writes an 
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import bnb
 from .layers import kind_of, read_weight
+from .methods import finish
+from .plan import lora_scaling
 
-__all__ = ["QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized"]
+__all__ = ["SCHEMES", "QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized",
+           "quantize_bases", "missing_package"]
+
+SCHEMES = bnb.SCHEMES  # the schemes a quantized base can have (``quantize=``, the CLI's ``--quantize``)
+PACKAGE = "bitsandbytes"  # what quantized bases need installed (its import and pip name)
+
+
+def missing_package() -> str | None:
+    """The package a quantized base needs if it is not installed (its pip name), else None; imports nothing."""
+    return PACKAGE if importlib.util.find_spec(PACKAGE) is None else None
 
 
 @dataclass(frozen=True)
@@ -87,3 +102,20 @@ def mark_quantized(model: nn.Module, scheme: str, quantized: set[str]) -> None:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=torch.float32,
                                 llm_int8_skip_modules=skip)
     config.quantization_config = qc
+
+
+@torch.no_grad()
+def quantize_bases(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   rewrite_base: bool, scheme: str, progress: bool) -> None:
+    """Replace each target (the names of ``factors``: A₀ (r, in), B₀ (out, r)) by a bitsandbytes layer of ``scheme``
+    holding W − s·B₀·A₀ if ``rewrite_base``, else W, computed in fp32, and mark the model quantized; ``config``
+    is the ``LoraConfig`` (its r, alpha and rsLoRA give s). ``apply``'s quantized-base step."""
+    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+    for n in tqdm(factors, desc=f"svdadapt quantize bases ({scheme})", disable=not progress, unit="layer"):
+        base = None
+        if rewrite_base:
+            W = read_weight(n, model.get_submodule(n))
+            A, B = (t.to(W.device) for t in factors[n])
+            base = finish(W, A, B, scaling, torch.float32)
+        replace_with_quantized(model, {n: base}, scheme)
+    mark_quantized(model, scheme, set(factors))

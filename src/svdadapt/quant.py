@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .engine import Job, LayerInput, LayerPlan, plan_layer
+from .plan import Job, LayerInput, LayerPlan, plan_layer
 from .methods import finish
 from .qbase import QuantOptions, quantize_dequantize
 

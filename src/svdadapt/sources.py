@@ -2,7 +2,7 @@
 
 ``ModelSource`` reads an in-memory model; ``CheckpointSource`` reads a safetensors checkpoint one tensor at a time
 (``shards.CheckpointReader``), for the streaming init of ``stream.py``. Other sources (one process's share of the
-targets) yield the same ``LayerInput`` and plug into ``engine.plan_layers`` unchanged.
+targets) yield the same ``LayerInput`` and plug into ``plan.plan_layers`` unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .engine import LayerInput
+from .plan import LayerInput
 from .layers import compute_dtype, kind_of, read_weight
 from .shards import CheckpointReader
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
 from .distributed import barrier, my_share
-from .engine import LayerInput, LayerPlan, Preparations, plan_layer
+from .plan import LayerInput, LayerPlan, Preparations, plan_layer
 from .job import Job, calibrates_on
 from .lazy import LazyBlocks
 from .layers import read_weight

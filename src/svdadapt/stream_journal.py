@@ -29,7 +29,7 @@ except ImportError:  # Windows
 import torch
 
 from .distributed import barrier, world
-from .engine import Job, LayerInput, LayerPlan, plan_layer
+from .plan import Job, LayerInput, LayerPlan, plan_layer
 from .methods import finish
 from .record import weight_checksum
 from .shards import fsync_file
@@ -216,7 +216,7 @@ def open_journal(out: Path, key: dict[str, Any], resume: bool) -> Journal:
 def journal_plan(job: Job, journal: Journal, layer: LayerInput, stored: torch.Tensor, where: str,
                  plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[LayerResult, bool]:
     """One target's factors: those an interrupted run journaled for this very weight (its sha256 must match), or
-    planned now by ``plan_one`` (default ``engine.plan_layer``). ``stored`` is the weight as the checkpoint stores it,
+    planned now by ``plan_one`` (default ``plan.plan_layer``). ``stored`` is the weight as the checkpoint stores it,
     ``where`` the file it comes from (for messages). Returns the entry (a new one has no residual checksum yet: "")
     and whether it was planned now; nothing is journaled here."""
     name = layer.name

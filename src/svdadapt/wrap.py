@@ -1,4 +1,4 @@
-"""``wrap()``: check everything, plan every layer (``engine.plan_layers``), then apply the plan to a PEFT model."""
+"""``wrap()``: check everything, plan every layer (``plan.plan_layers``), then apply the plan to a PEFT model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .blockwise import BlockwiseUnsupported, Compensation, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances, caller_level
 from .distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
-from .engine import LayerPlan, apply, plan_layer, plan_layers
+from .apply import apply
+from .plan import LayerPlan, plan_layer, plan_layers
 from .export import attach
 from .job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
                   recorded_options, select_targets)

@@ -13,7 +13,7 @@ and holds every covariance until the plan is done. For a decoder stack (transfor
 2. for block i (``stage.py``): runs the block on every batch's hidden state with hooks on its targets only
    (``calibration.collect`` on a small module that runs the block, so padding, shared inputs and every check follow
    the whole-model rules), hands the block's covariances to ``plan`` (``wrap``'s: a ``ModelSource`` of the block's
-   targets into ``engine.plan_layers``, covariance users counted per block), frees them, and keeps the block's
+   targets into ``plan.plan_layers``, covariance users counted per block), frees them, and keeps the block's
    outputs as block i+1's inputs.
 
 The inputs a block sees are those of the whole-model forward, so the covariances, and the adapters, are the same.

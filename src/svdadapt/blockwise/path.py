@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import fmt_bytes, hooked_targets
 from ..distributed import my_batches, world
-from ..engine import LayerPlan
+from ..plan import LayerPlan
 from ..methods import MethodSpec
 from .capture import capture
 from .hidden import HiddenStates
@@ -120,7 +120,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
             ``hook_model`` has modules of the same names.
         batches: as for ``collect_covariances`` (dicts run as ``hook_model(**batch)``, or tensors).
         plan: (one block's targets, their covariances) -> their ``LayerPlan``s (``wrap``'s: a ``ModelSource`` into
-            ``engine.plan_layers``, covariance users counted per block).
+            ``plan.plan_layers``, covariance users counted per block).
         options: memory budget, offload directory, EoRA's sequential variant (None here: not sequential; ``resolve``
             decides it for ``wrap``).
         compensation: with ``options.sequential``, the model being adapted and the LoRA scaling of its

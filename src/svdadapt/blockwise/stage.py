@@ -18,7 +18,7 @@ from torch import nn
 from ..calibration import collect, eval_mode, first_tensor
 from ..checks import check_covariances
 from ..distributed import reduce_covariances, world
-from ..engine import LayerPlan
+from ..plan import LayerPlan
 from .hidden import HiddenStates
 
 __all__ = ["Plan", "Stage"]

@@ -1,0 +1,127 @@
+"""Apply a plan: build the PEFT model and write the factors in.
+
+``apply`` builds the PEFT model and writes the plan in: the LoRA factors, and for methods that rewrite the base,
+``W − s·B₀·A₀`` (``methods.finish``, a deterministic function of W and the rounded factors, computed one layer at a
+time so the plan never holds a second copy of the model), then runs each base layer's kind's ``after_wrap`` hook
+(``layers.after_wrap``). If anything fails there, the model's module tree, attributes and trainable flags are
+restored as they were.
+
+The same ``apply`` serves ``wrap`` (factors from a plan, ``plan.py``), ``load`` (factors read from a directory) and
+the ``load_adapter`` guard (``write_factors`` alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import after_wrap, kind_of, read_weight
+from .methods import finish
+from .qbase import quantize_bases
+from .record import ADAPTER
+
+__all__ = ["apply", "write_factors"]
+
+
+class _Snapshot:
+    """Enough of a model's state to undo ``get_peft_model``: every module's attributes and children, every
+    parameter's trainable flag."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, dict(m.__dict__), dict(m._modules), dict(m._parameters)) for m in model.modules()]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        config = getattr(model, "config", None)
+        self.config = None if config is None or not hasattr(config, "__dict__") else (config, dict(config.__dict__))
+
+    def restore(self) -> None:
+        if self.config is not None:
+            self.config[0].__dict__.clear()
+            self.config[0].__dict__.update(self.config[1])
+        for m, attrs, children, params in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._modules.clear()
+            m._modules.update(children)
+            m._parameters.clear()
+            m._parameters.update(params)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def _lora_layers(peft_model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    modules = dict(peft_model.base_model.model.named_modules())
+    out = {}
+    for n in names:
+        layer = modules.get(n)
+        if layer is None or not hasattr(layer, "lora_A") or ADAPTER not in layer.lora_A:
+            raise TypeError(f"PEFT did not put a LoRA layer on module {n!r} (got {type(layer).__name__})")
+        out[n] = layer
+    return out
+
+
+def _check_shapes(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for n, layer in layers.items():
+        A, B = factors[n]
+        lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        if A.shape != lora_A.shape or B.shape != lora_B.shape:
+            raise ValueError(f"factors of {n!r} have shapes {tuple(A.shape)}, {tuple(B.shape)}; its LoRA layer has "
+                             f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+        if A.dtype != lora_A.dtype:
+            raise TypeError(f"factors of {n!r} are {A.dtype}, its LoRA layer is {lora_A.dtype}")
+
+
+@torch.no_grad()
+def write_factors(peft_model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy (A (r, in), B (out, r)) into each named module's LoRA layer (shapes and dtypes checked first)."""
+    layers = _lora_layers(peft_model, factors)
+    _check_shapes(layers, factors)
+    for n, layer in layers.items():
+        layer.lora_A[ADAPTER].weight.data.copy_(factors[n][0])
+        layer.lora_B[ADAPTER].weight.data.copy_(factors[n][1])
+
+
+@torch.no_grad()
+def _write_bases(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 progress: bool) -> None:
+    """base ← W − s·B₀·A₀ for each layer, from the rounded factors (exactness at init, DESIGN.md)."""
+    for n, layer in tqdm(layers.items(), desc="svdadapt write bases", disable=not progress, unit="layer"):
+        base = layer.get_base_layer()
+        kind = kind_of(base)
+        W = read_weight(n, base)
+        A, B = (t.to(W.device) for t in factors[n])
+        new_base = finish(W, A, B, float(layer.scaling[ADAPTER]), kind.storage_dtype(base))
+        del W
+        kind.write(base, new_base)
+
+
+@torch.no_grad()
+def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+          rewrite_base: bool, quantize: str | None = None, progress: bool = False) -> nn.Module:
+    """``get_peft_model(model, config)`` with each named layer's LoRA factors set to ``factors`` and, if
+    ``rewrite_base``, its base weight to W − s·B₀·A₀. With ``quantize`` (a scheme of ``qbase.SCHEMES``) the
+    targets are first replaced by quantized layers holding that base (or W) (``qbase.quantize_bases``). On any failure
+    the model is restored (module tree, attributes, config, trainable flags) and the error re-raised. Then each
+    base layer's kind's ``after_wrap`` hook runs. Returns the ``peft.PeftModel``."""
+    from peft import get_peft_model
+
+    snapshot = _Snapshot(model)
+    try:
+        if quantize is not None:
+            quantize_bases(model, config, factors, rewrite_base, quantize, progress)
+            rewrite_base = False
+        with torch.random.fork_rng(devices=[]):  # PEFT's default init draws from the global RNG; ours overwrites it
+            peft_model = get_peft_model(model, config)
+        layers = _lora_layers(peft_model, factors)
+        _check_shapes(layers, factors)  # every check before the first weight is written
+    except Exception:
+        snapshot.restore()
+        raise
+    if rewrite_base:
+        _write_bases(layers, factors, progress)
+    write_factors(peft_model, factors)
+    after_wrap(layer.get_base_layer() for layer in layers.values())
+    return peft_model

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 import svdadapt
 from svdadapt import bnb
 from svdadapt.checkpoint import read_checkpoint, read_metadata
-from svdadapt.cli import _parser, main, report_legend
+from svdadapt.cli import _parser, main
+from svdadapt.report import report_legend
 from svdadapt.export import quantization_gap
 from svdadapt.loading import load_model
 

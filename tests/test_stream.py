@@ -23,6 +23,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import svdadapt
+import svdadapt.initdir as initdir
 import svdadapt.stream as stream
 import svdadapt.stream_calibrated as stream_calibrated
 import svdadapt.stream_journal as stream_journal
@@ -219,7 +220,7 @@ def test_resume_after_the_base_is_written(tmp, monkeypatch, where):
     """Killed after the last shard (before or after the run recorded it): nothing is decomposed again."""
     ck = _checkpoint(tmp / "ck", make_tiny_llama(2))
     _run(ck, tmp / "whole")
-    target = (stream.Journal, "mark_base_complete") if where == "after_base" else (stream, "write_checkpoint")
+    target = (stream.Journal, "mark_base_complete") if where == "after_base" else (initdir, "write_checkpoint")
 
     def boom(*a, **kw):
         raise _Crash(where)

@@ -19,6 +19,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import svdadapt
+import svdadapt.initdir as initdir
 import svdadapt.stream as stream
 import svdadapt.stream_inputs as stream_inputs
 import svdadapt.stream_journal as stream_journal
@@ -128,7 +129,7 @@ def test_a_damaged_entry_after_the_base_is_written_is_made_again(tmp, monkeypatc
     ck = _checkpoint(tmp / "ck", 3)
     _run(ck, tmp / "whole")
     with monkeypatch.context() as m:
-        m.setattr(stream, "write_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(_Crash("records")))
+        m.setattr(initdir, "write_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(_Crash("records")))
         with pytest.raises(_Crash):
             _run(ck, tmp / "s")
     f = _layers(tmp / "s")[5]
@@ -202,7 +203,7 @@ def test_an_input_file_rewritten_unchanged_resumes(tmp, monkeypatch):
     job = tmp / "s" / stream.STREAM_DIR / "job.json"
     assert json.loads(job.read_text())["inputs"]["model"][str(file)] != list(_stat(file))
     with monkeypatch.context() as m:  # a second interruption, after the check: the stats were recorded anew
-        m.setattr(stream, "write_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(_Crash("records")))
+        m.setattr(initdir, "write_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(_Crash("records")))
         with pytest.raises(_Crash):
             _run(ck, tmp / "s")
     assert json.loads(job.read_text())["inputs"]["model"][str(file)] == list(_stat(file))

@@ -7,11 +7,11 @@ A directory written by ``svdadapt.save`` (or ``svdadapt export``) holds::
     svdadapt_state.safetensors                       "<module>.A0/.B0" initial factors, "<module>.A/.B" current
 
 svdadapt.json is written last and lists the size and sha256 of every other file svdadapt wrote into the directory
-(``files``, the manifest; an init directory's also lists base/, adapter/ and report.json, and names the folder
-training is meant to overwrite, ``trained_dir`` = "adapter"). ``read_metadata`` reads svdadapt.json alone (the CLI's
-``report``), its fields checked (``record.check_record``); ``read_checkpoint`` reads everything and checks it against
-the manifest: a missing, truncated, changed or foreign file is an error naming the file. ``verify`` checks a whole
-directory, base/ included.
+(``files``, the manifest; an init directory's, laid out in ``initdir``, also lists base/, adapter/ and report.json,
+and names the folder training is meant to overwrite, ``trained_dir`` = "adapter"). ``read_metadata`` reads
+svdadapt.json alone (the CLI's ``report``), its fields checked (``record.check_record``); ``read_checkpoint`` reads
+everything and checks it against the manifest: a missing, truncated, changed or foreign file is an error naming the
+file. ``verify`` checks a whole directory, base/ included.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .record import Factors, check_record, factors_checksum
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
            "config_from_dict", "write_checkpoint", "read_checkpoint", "read_metadata", "Saved", "adapter_keys",
-           "save_config", "sorted_sets", "read_trained_adapter", "verify", "Verified", "TRAINED_DIR"]
+           "save_config", "sorted_sets", "read_trained_adapter", "verify", "Verified", "TRAINED_DIR", "BASE_DIR"]
 
 META_FILE = "svdadapt.json"
 STATE_FILE = "svdadapt_state.safetensors"
@@ -44,6 +44,7 @@ FORMAT = "svdadapt.lifecycle/1"
 _PREFIX = "base_model.model."  # PEFT's state-dict prefix in front of the module name
 EXTRA = "extra:"  # resume-state prefix of the adapter's other tensors (modules_to_save)
 TRAINED_DIR = "adapter"  # an init directory's adapter folder, meant to be overwritten by the trained adapter
+BASE_DIR = "base"  # an init directory's base model folder (its layout: initdir.py)
 RECORD_DIGEST = "svdadapt:record_sha256"  # state tensor (32 uint8): sha256 of svdadapt.json's own fields
 _OWN_FIELDS = ("format", "init_checksum", "files", "trained_dir")  # what write_checkpoint itself records
 
@@ -336,7 +337,7 @@ def _changed_files(d: Path, meta: Mapping[str, Any], check_base: bool) -> list[s
     """The files of ``trained_dir`` that differ from the manifest; ``ValueError`` naming the first other file that
     does (base/ of an init directory is read only with ``check_base``)."""
     trained = meta["trained_dir"] + "/" if meta.get("trained_dir") else None
-    skip = ("base/",) if trained and not check_base else ()
+    skip = (BASE_DIR + "/",) if trained and not check_base else ()
     diffs = differences(d, meta["files"], skip=skip)
     bad = next((x for x in diffs if trained is None or not x.file.startswith(trained)), None)
     if bad is not None:
@@ -359,7 +360,7 @@ def _verified(d: Path, meta: Mapping[str, Any], init: Mapping[str, Factors], cha
         except (OSError, ValueError) as e:
             raise ValueError(f"{str(adapter)!r} changed since init ({changed[0]}) and is not a trained adapter of "
                              f"this init: {e}") from None
-    skipped = [n for n in meta["files"] if n.startswith("base/") and meta.get("trained_dir") and not check_base]
+    skipped = [n for n in meta["files"] if n.startswith(BASE_DIR + "/") and meta.get("trained_dir") and not check_base]
     checked = [n for n in meta["files"] if n not in changed and n not in skipped]
     return Verified(d, checked, changed, skipped)
 

@@ -1,14 +1,10 @@
 """The ``svdadapt`` command line: ``init``, ``calibrate``, ``export``, ``report``, ``verify`` over the library.
 
-``svdadapt init MODEL ... --out DIR`` writes what any trainer can use without svdadapt installed::
-
-    DIR/base/                        the rewritten base (EoRA: the compressed model) as an ordinary HF model dir;
-                                     with --quantize, a bitsandbytes-quantized one (plain from_pretrained loads it)
-    DIR/adapter/                     the initial rank-r adapter in PEFT format, for DIR/base
-    DIR/svdadapt.json                method, options, rank-r LoRA config, sha256 of the ORIGINAL weights, report
-    DIR/svdadapt_state.safetensors   the initial factors A₀, B₀ (and A, B = A₀, B₀)
-    DIR/report.json                  per-layer captured energy (EoRA: compensation error; --quantize: quantization
-                                     error against QLoRA's)
+``svdadapt init MODEL ... --out DIR`` writes the init directory (DIR/base, DIR/adapter, DIR/svdadapt.json,
+DIR/svdadapt_state.safetensors, DIR/report.json: its layout in ``svdadapt.initdir``), what any trainer can use
+without svdadapt installed; with --quantize, DIR/base is a bitsandbytes-quantized model. This module only parses the
+command line, checks it, calls the library (``wrap`` + ``initdir.write_init_dir``, ``init_checkpoint``,
+``initdir.export_init_dir``, ``checkpoint.verify``) and prints (the tables: ``svdadapt.report``).
 
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR/adapter, is_trainable=True)`` is
 the wrapped model. Train it with any tool and save the trained adapter with plain PEFT ``save_pretrained``, either
@@ -39,6 +35,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from .report import format_report, kv, report_legend, table
 
 __all__ = ["main"]
 
@@ -285,95 +283,13 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _is_number(c: str) -> bool:
-    try:
-        float(c)
-    except ValueError:
-        return False
-    return True
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    """Columns of numbers right-aligned (headers too), text left-aligned."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    numeric = [bool(rows) and all(_is_number(str(r[i])) for r in rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if num else str(c).ljust(w)  # noqa: E731
-                               for c, w, num in zip(r, widths, numeric)).rstrip()
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def _kv(title: str, rows: list[tuple[str, str]]) -> str:
-    """A key/value summary block."""
-    w = max(len(k) for k, _ in rows)
-    return "\n".join([title, *(f"  {k.ljust(w)}  {v}" for k, v in rows)])
-
-
-# what each report column means, by the report key of MethodSpec.report (ASCII: it goes to any terminal)
-_MEANING = {
-    "energy": "captured energy ||s*B*A||^2 / ||W||^2 of the decomposed matrix (W; CorDA: W*C), the share of its "
-              "spectrum the adapter starts with",
-    "residual_error": "EoRA's remaining compensation error ||(dW - M)*S|| / ||dW*S|| in the calibration-whitened "
-                      "space, dW = W_ref - W_c (0: fully compensated, 1: not at all)",
-}
-# a quantized residual base (plan_quantized_layer's report keys): this init against QLoRA's start
-_QUANT_COLUMNS = {"quant_error": "quant err", "qlora_error": "qlora err"}
-_QUANT_MEANING = ("quant err: ||W - (deq(Q(W_res)) + s*B*A)|| / ||W||, the quantized base plus the adapter against "
-                  "the full-precision W; qlora err: ||W - deq(Q(W))|| / ||W||, QLoRA's start (same scheme, zero "
-                  "adapter)")
-
-
-def _quant_columns(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return _QUANT_COLUMNS if any("quant_error" in r for r in layers.values()) else {}
-
-
-def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: bool = False) -> str:
-    """A table of the per-layer numbers of ``wrap``'s report, per layer or grouped by module kind (min / mean / max).
-
-    The column is the method's own (``MethodSpec.report``): the captured energy ‖s·B·A‖²/‖W‖² (CorDA: of W·C) for the
-    methods that decompose the weight, and for EoRA the remaining compensation error ‖(ΔW − M)·S‖ / ‖ΔW·S‖ in the
-    calibration-whitened space. A quantized residual base adds its error and QLoRA's (:func:`report_legend`)."""
-    from .methods import get_method
-
-    spec = get_method(method)
-    key, label = spec.report.key, spec.report.label
-    quant = _quant_columns(layers)
-    nan = float("nan")
-    if per_layer:
-        header = ["module", "shape", "sigma_max", label, *spec.extra_columns, *quant.values()]
-        rows = [[n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', nan):.4g}",
-                 f"{r.get(key, nan):.4f}", *(f"{r.get(c, nan):.3g}" for c in spec.extra_columns),
-                 *(f"{r.get(c, nan):.4f}" for c in quant)]
-                for n, r in layers.items()]
-        return _table(rows, header)
-    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for n, r in layers.items():
-        groups.setdefault(n.rsplit(".", 1)[-1], []).append((n, r))
-    rows = []
-    pick_worst = max if spec.report.high_is_bad else min
-    mean = lambda rs, k: sum(float(r.get(k, nan)) for _, r in rs) / len(rs)  # noqa: E731
-    for kind, rs in groups.items():
-        xs = [float(r.get(key, nan)) for _, r in rs]
-        worst = pick_worst(zip((n for n, _ in rs), xs), key=lambda t: t[1])[0]
-        rows.append([kind, str(len(xs)), f"{min(xs):.4f}", f"{sum(xs) / len(xs):.4f}", f"{max(xs):.4f}",
-                     *(f"{mean(rs, c):.4f}" for c in quant), worst])
-    return _table(rows, ["kind", "layers", f"min {label}", f"mean {label}", f"max {label}",
-                         *(f"mean {c}" for c in quant.values()), "worst layer"])
-
-
-def report_legend(method: str, layers: dict[str, dict[str, Any]]) -> list[str]:
-    """The lines printed under a report table: what its columns mean for ``method``."""
-    from .methods import get_method
-
-    spec = get_method(method)
-    lines = [f"{spec.report.label}: {_MEANING[spec.report.key]}"] if spec.report.key in _MEANING else []
-    return lines + ([_QUANT_MEANING] if _quant_columns(layers) else [])
-
-
 # ------------------------------------------------------------------------------------------------------ commands
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
     """Check the command line, load the inputs, wrap, write DIR, print the report."""
+    from .initdir import write_init_dir
+
     _check_init_args(args)
     if _streamable(args):
         return _cmd_init_streaming(args)
@@ -387,7 +303,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     calibration = _text_calibration(tokenizer, texts, args) if texts else covs_path
     pm = _wrap_model(args, model, calibration, reference)
     if _rank() == 0:  # under torchrun every rank holds the same model: one writes it
-        _write_init_dir(pm, args, out, tokenizer)
+        write_init_dir(out, pm, model_path=args.model, reference_path=args.reference, tokenizer=tokenizer, log=_say)
         _print_init_summary(pm, args, out)
     return 0
 
@@ -438,7 +354,9 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
                     seed=args.seed, mode=args.mode, calibration=calibration, reference=args.reference,
                     progress=not args.no_progress, resume=True)
     if _rank() == 0:
-        info = json.loads((out / "report.json").read_text())
+        from .initdir import REPORT_FILE
+
+        info = json.loads((out / REPORT_FILE).read_text())
         _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)
     return 0
 
@@ -513,6 +431,7 @@ def _check_machine(args: argparse.Namespace) -> None:
 
 def _tokenizer(model: str, needed: bool, out: Path) -> Any:
     """MODEL's tokenizer; a bare weights directory has none, which is an error only when text must be tokenized."""
+    from .initdir import BASE_DIR
     from .loading import load_tokenizer
 
     try:
@@ -520,7 +439,7 @@ def _tokenizer(model: str, needed: bool, out: Path) -> Any:
     except Exception as e:
         if needed:
             raise ValueError(f"cannot load a tokenizer from {model!r} to tokenize --calib text: {e}") from e
-        _say(f"warning: no tokenizer in {model!r} ({type(e).__name__}); {out / 'base'} will have none")
+        _say(f"warning: no tokenizer in {model!r} ({type(e).__name__}); {out / BASE_DIR} will have none")
         return None
 
 
@@ -562,50 +481,6 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
                     quant_iters=args.quant_iters or 1, progress=not args.no_progress)
 
 
-def _write_init_dir(pm: Any, args: argparse.Namespace, out: Path, tokenizer: Any) -> None:
-    """DIR/adapter (PEFT's raw rank-r adapter for DIR/base), report.json, DIR/base, then the resume record with the
-    manifest of them all (svdadapt.json last: each file hashed once, after it is written)."""
-    from peft import PeftModel
-
-    from .checkpoint import TRAINED_DIR, sorted_sets, write_checkpoint
-    from .export import checkpoint_meta
-    from .manifest import entries, files_under
-
-    info = pm.svdadapt
-    meta = checkpoint_meta(pm)
-    meta["source"] = {"model": os.path.abspath(args.model),
-                      "reference": os.path.abspath(args.reference) if args.reference else None}
-    out.mkdir(parents=True, exist_ok=True)
-    # config first: PEFT's save looks for base_model_name_or_path/config.json (else it may ask the Hub)
-    pm.get_base_model().config.save_pretrained(str(out / "base"))
-    # the raw rank-r adapter, correct on DIR/base (PEFT's own save, bypassing the guard that converts for W)
-    cfg = pm.peft_config["default"]
-    cfg.base_model_name_or_path, original_name = str((out / "base").resolve()), cfg.base_model_name_or_path
-    with sorted_sets(cfg):  # byte-identical adapter_config.json whatever the hash seed
-        PeftModel.save_pretrained(pm, str(out / TRAINED_DIR))
-    cfg.base_model_name_or_path = original_name
-    report = {"method": args.method, "rank": args.rank, "alpha": info.alpha, "options": info.options,
-              "quantize": info.quantize, "model": meta["source"]["model"], "layers": info.report}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
-    _save_base(pm, out / "base", tokenizer)
-    files = entries(out, files_under(out, "base") + files_under(out, TRAINED_DIR) + ["report.json"])
-    # resume record in DIR itself (no portable adapter: untrained, ΔW = 0); `svdadapt export` completes it
-    write_checkpoint(out, meta, info.init_factors, info.init_factors, resume=True, portable=False, files=files,
-                     trained_dir=TRAINED_DIR)
-
-
-def _save_base(pm: Any, base_dir: Path, tokenizer: Any) -> None:
-    """The rewritten base as an ordinary transformers model directory (consumes ``pm``'s adapters)."""
-    from .layers import before_save
-
-    _say(f"saving base to {base_dir}")
-    base = pm.unload()  # adapters out, rewritten weights in: an ordinary transformers model
-    before_save(base)  # e.g. bitsandbytes 0.50 saves a CPU-repacked 4-bit layer corrupted
-    base.save_pretrained(str(base_dir))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(base_dir))
-
-
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
     info = pm.svdadapt
     _print_summary(args, out, info.report, info.alpha, info.options["mode"], info.quantize)
@@ -617,14 +492,16 @@ def _print_summary(args: argparse.Namespace, out: Path, report: dict, alpha: flo
     for line in report_legend(args.method, report):
         print(line)
     print()
+    from .initdir import BASE_DIR, REPORT_FILE, TRAINED_DIR
+
     quantized = f" ({quantize}-quantized)" if quantize else ""
-    print(_kv("svdadapt init", [
+    print(kv("svdadapt init", [
         ("method", args.method + (f" ({mode})" if mode else "")),
         ("rank / alpha", f"{args.rank} / {alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
         ("layers", str(len(report))),
-        ("base", str(out / "base") + quantized),
-        ("adapter", str(out / "adapter")),
-        ("report", str(out / "report.json")),
+        ("base", str(out / BASE_DIR) + quantized),
+        ("adapter", str(out / TRAINED_DIR)),
+        ("report", str(out / REPORT_FILE)),
     ]))
 
 
@@ -654,126 +531,44 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     covs.save(args.out)
     rows = [[g[0] if len(g) == 1 else f"{g[0]} (+{len(g) - 1})", str(covs[g[0]].shape[0]),
              str(covs.token_count(g[0])), f"{float(covs[g[0]].diagonal().sum()):.4g}"] for g in covs.groups]
-    print(_table(rows, ["input of", "dim", "tokens", "trace"]))
+    print(table(rows, ["input of", "dim", "tokens", "trace"]))
     print(f"\n{covs.summary()} -> {args.out}")
     return 0
 
 
-def _read_trained_adapter(adapter: Path, meta: dict[str, Any], init: dict) -> tuple[dict, dict]:
-    """(name -> trained (A, B), the adapter's other tensors by key) of a PEFT adapter directory."""
-    from .checkpoint import read_trained_adapter
-
-    _adapter_config(adapter)  # a usage error if it is not an adapter directory at all
-    return read_trained_adapter(adapter, meta, init)
-
-
-def _adapter_config(adapter: Path) -> dict[str, Any]:
-    """adapter_config.json of a PEFT adapter directory; a usage error if the directory is not one."""
-    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise UsageError(f"{str(adapter)!r} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    path = adapter / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or corrupt: {e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(path)!r} is not a PEFT adapter config (a JSON {type(cfg).__name__})")
-    return cfg
-
-
-def _check_same_init(adapter: Path, d: Path, mine: Any, theirs: Any) -> None:
-    """An svdadapt.save directory (``theirs``) belongs to init directory ``d`` (``mine``) only if it holds the
-    same method, rank, alpha and bit-identical initial factors A₀, B₀."""
-    import torch
-
-    from .checkpoint import STATE_FILE
-
-    for k in ("method", "rank", "alpha"):
-        if theirs.meta.get(k) != mine.meta.get(k):
-            raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: it has {k}="
-                             f"{theirs.meta.get(k)!r}, {str(d)!r} has {mine.meta.get(k)!r}")
-    a, b = mine.init, theirs.init
-    same = lambda n: n in a and n in b and all(torch.equal(x, y) for x, y in zip(a[n], b[n]))  # noqa: E731
-    first = next((n for n in [*a, *b] if not same(n)), None)
-    if first is not None:
-        raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: its initial factors "
-                         f"({STATE_FILE}) differ from those of {str(d)!r}, first at module {first!r}")
-
-
-def _check_trained_on(adapter: Path, d: Path, meta: dict[str, Any]) -> None:
-    """A plain PEFT adapter has no initial factors, but one trained on an init's base/ names it in
-    ``base_model_name_or_path``: if that directory's parent is another init directory with other initial
-    factors (``init_checksum``), the adapter was not trained from ``d``."""
-    from .checkpoint import META_FILE, read_metadata
-
-    base = _adapter_config(adapter).get("base_model_name_or_path")
-    if not isinstance(base, str) or not base or not Path(base).is_dir():
-        return  # trained on something we cannot see: shapes and config were checked, that is all we can do
-    origin = Path(base).parent
-    if not (origin / META_FILE).is_file() or origin.resolve() == d.resolve():
-        return
-    try:
-        theirs = read_metadata(origin).get("init_checksum")
-    except (OSError, ValueError):
-        return
-    if theirs is not None and theirs != meta.get("init_checksum"):
-        raise ValueError(f"trained adapter {str(adapter)!r} comes from a different init: it was trained on {base!r}, "
-                         f"and {str(origin)!r} holds other initial factors than {str(d)!r} (export it with "
-                         f"`svdadapt export {origin} --adapter {adapter}`)")
-
-
-def _trained_state(adapter: Path, d: Path, saved: Any) -> tuple[dict, dict]:
-    """(name -> trained (A, B), other adapter tensors) from a PEFT adapter trained on DIR/base, or from an
-    svdadapt.save directory (its resume state: its adapter files are the converted rank-2r LoRA); refused if it
-    comes from another init."""
-    from .checkpoint import STATE_FILE, read_checkpoint
-
-    if (adapter / STATE_FILE).is_file():
-        theirs = read_checkpoint(adapter)
-        _check_same_init(adapter, d, saved, theirs)
-        return theirs.current, theirs.extras
-    current, extras = _read_trained_adapter(adapter, saved.meta, saved.init)
-    _check_trained_on(adapter, d, saved.meta)
-    return current, extras
-
-
 def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """(init directory, trained adapter directory, new output directory), checked."""
-    from .checkpoint import META_FILE
+    from .initdir import BASE_DIR, META_FILE, TRAINED_DIR
 
     d = Path(args.dir)
     if not d.is_dir():
         raise UsageError(f"no such init directory: {args.dir!r}")
     if not (d / META_FILE).is_file():
         raise UsageError(f"{args.dir!r} has no {META_FILE} (not a directory written by `svdadapt init`)")
-    adapter = Path(args.adapter) if args.adapter is not None else d / "adapter"
+    adapter = Path(args.adapter) if args.adapter is not None else d / TRAINED_DIR
     if not adapter.is_dir():
         raise UsageError(f"no such adapter directory: {str(adapter)!r}")
     out = Path(args.out)
-    if out.exists() and out.resolve() in {adapter.resolve(), d.resolve(), (d / "base").resolve()}:
+    if out.exists() and out.resolve() in {adapter.resolve(), d.resolve(), (d / BASE_DIR).resolve()}:
         raise UsageError(f"--out {args.out!r} would overwrite the input; choose a new directory")
     return d, adapter, _fresh_dir(args.out)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint, write_checkpoint
     from .export import quantization_gap
+    from .initdir import NotAnAdapter, export_init_dir
 
     d, adapter, out = _export_paths(args)
-    saved = read_checkpoint(d, check_base=True)  # every file of DIR against its manifest, base/ included
-    _say_verified(saved.verified)
-    meta, init = saved.meta, saved.init
-    current, extras = _trained_state(adapter, d, saved)
-    meta = {k: v for k, v in meta.items() if k not in ("format", "init_checksum", "files", "trained_dir")}
-    write_checkpoint(out, meta, init, current, resume=True, extras=extras)
-    moved = sum(int(not (a.equal(init[n][0]) and b.equal(init[n][1]))) for n, (a, b) in current.items())
+    try:
+        done = export_init_dir(d, out, adapter, log=_say)
+    except NotAnAdapter as e:
+        raise UsageError(str(e)) from None
+    meta = done.meta
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
-    print(_kv("svdadapt export", [
+    print(kv("svdadapt export", [
         ("method", meta["method"]),
         ("trained adapter", str(adapter)),
-        ("layers changed by training", f"{moved} / {len(current)}"),
+        ("layers changed by training", f"{done.changed} / {done.layers}"),
         ("exported rank", f"{rank}" + (" (= [A; A0], [B, -B0])" if meta["rewrites_base"] else "")),
         ("applies to", "the ORIGINAL model" if meta["rewrites_base"] else "the compressed model (as trained)"),
         ("written", str(out)),
@@ -781,26 +576,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     gap = quantization_gap(meta.get("quantize"), meta.get("report") or {})
     if gap is not None:
         print(gap)
-    if moved == 0:
+    if done.changed == 0:
         _say("warning: the adapter equals its initialization (no training?): the exported LoRA is zero")
     return 0
 
 
-def _say_verified(v: Any) -> None:
-    """One line for an init directory whose adapter/ training overwrote (checked to be a trained adapter)."""
-    if v is not None and v.trained:
-        _say(f"{v.directory / 'adapter'}: changed since init: a trained adapter of this init (r, alpha, targets, "
-             "factor shapes checked)")
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .checkpoint import META_FILE, verify
+    from .initdir import trained_note
 
     d = Path(args.dir)
     if not (d / META_FILE).is_file():
         raise UsageError(f"{args.dir!r} has no {META_FILE} (not an init or save directory)")
     v = verify(d)
-    _say_verified(v)
+    note = trained_note(v)
+    if note is not None:
+        _say(note)
     print(f"svdadapt verify: {d}: {len(v.checked)} files match svdadapt.json"
           + (f", {len(v.trained)} changed by training (a trained adapter of this init)" if v.trained else ""))
     return 0

@@ -1,16 +1,11 @@
 """Streaming init from a checkpoint: ``init_checkpoint`` decomposes a safetensors model one tensor at a time.
 
 ``svdadapt init`` loads the whole model; ``init_checkpoint`` never does. It reads the checkpoint tensor by tensor
-(``shards.CheckpointReader``), hands each targeted weight to the engine (``engine.plan_layer``, the call ``wrap``
+(``shards.CheckpointReader``), hands each targeted weight to the engine (``plan.plan_layer``, the call ``wrap``
 makes, through ``sources.CheckpointSource``), rewrites it to W − s·B₀·A₀ (``methods.finish``) and writes the new
-base through a ``shards.ShardWriter``; every other tensor is copied through unchanged. The result is what
-``svdadapt init`` writes, tensor for tensor (same seed and thread count)::
-
-    DIR/base/                        the rewritten base: sharded safetensors + index, config.json, tokenizer ...
-    DIR/adapter/                     the initial rank-r adapter in PEFT format, for DIR/base
-    DIR/svdadapt.json                method, options, rank-r LoRA config, sha256 of the ORIGINAL weights, report
-    DIR/svdadapt_state.safetensors   the initial factors A₀, B₀ (and A, B = A₀, B₀)
-    DIR/report.json                  per-layer captured energy
+base through a ``shards.ShardWriter``; every other tensor is copied through unchanged. The result is the init
+directory ``svdadapt init`` writes (base/, adapter/, svdadapt.json, svdadapt_state.safetensors, report.json: its
+layout in ``initdir``, whose ``write_streamed`` writes all but base/), tensor for tensor (same seed and thread count).
 
 Which modules are targets is decided exactly as ``wrap`` decides it, on a skeleton of the model built on the meta
 device from config.json (no weight is materialized): ``targets.resolve_targets``.
@@ -45,13 +40,11 @@ also records the input files' stats, and a resumed run re-checks the tensors of 
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,18 +53,16 @@ from tqdm.auto import tqdm
 from . import checks
 from .blockwise import BlockwiseOptions
 from .blockwise import resolve as resolve_blockwise
-from .checkpoint import ADAPTER_WEIGHTS, TRAINED_DIR, adapter_key, config_dict, save_config, write_checkpoint
 from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
-from .job import (Job, Request, build_job, calibrates_on, check_needs, keywords, lora_config, recorded_options,
-                  select_targets)
-from .methods import MethodSpec, get_method
-from .manifest import entries, files_under
-from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, WRITTEN_FILE, CheckpointReader,
+from .initdir import BASE_DIR, write_streamed
+from .job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
+from .methods import get_method
+from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from .sources import CheckpointSource
 from .stream_calibrated import plan_calibrated
 from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
-from .stream_journal import STREAM_DIR, Journal, LayerResult, layer_base, locked, open_journal
+from .stream_journal import STREAM_DIR, Journal, layer_base, locked, open_journal
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
@@ -221,9 +212,9 @@ def _check_inputs(journal: Journal, ck: _Checkpoint, ref: _Checkpoint | None, ou
     """A resumed run: the input files as the interrupted run used them (``stream_inputs.check_unchanged``); their
     stats are then recorded anew."""
     saved = journal.saved_inputs or {}
-    check_unchanged(journal, ck.reader, saved.get("model"), ck.source, out / "base", calibrated, out)
+    check_unchanged(journal, ck.reader, saved.get("model"), ck.source, out / BASE_DIR, calibrated, out)
     if ref is not None:
-        check_unchanged(journal, ref.reader, saved.get("reference"), None, out / "base", calibrated, out)
+        check_unchanged(journal, ref.reader, saved.get("reference"), None, out / BASE_DIR, calibrated, out)
     if world()[0] == 0:
         journal.record_inputs({"model": input_stats(ck.reader),
                                "reference": None if ref is None else input_stats(ref.reader)})
@@ -254,61 +245,13 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
 # ------------------------------------------------------------------------------------------------------ the rest
 
 
-def _write_adapter(adapter_dir: Path, model: nn.Module, config: Any, results: Mapping[str, LayerResult],
-                   base_dir: Path) -> None:
-    """The rank-r adapter for ``base_dir`` as ``PeftModel.save_pretrained`` writes it (config + safetensors)."""
-    from safetensors.torch import save_file
-
-    cfg = copy.deepcopy(config)
-    cfg.base_model_name_or_path = str(base_dir.resolve())
-    cfg.inference_mode = True
-    auto = None if cfg.task_type is not None else {"base_model_class": type(model).__name__,
-                                                   "parent_library": type(model).__module__}
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, adapter_dir, auto_mapping_dict=auto)  # sets sorted: the same bytes on every run
-    weights = {adapter_key(n, w): t.contiguous() for n, r in results.items() for w, t in (("A", r.A), ("B", r.B))}
-    save_file(weights, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def _write_records(out: Path, spec: MethodSpec, job: Job, alpha: float, options: dict[str, Any], config: Any,
-                   results: Mapping[str, LayerResult], src: Path, reference: str | os.PathLike | None) -> None:
-    """report.json, then svdadapt.json + svdadapt_state.safetensors (``checkpoint.write_checkpoint``), with the
-    fields ``export.checkpoint_meta`` and the CLI's init write and the manifest of every file of ``out``."""
-    report = {n: r.report for n, r in results.items()}
-    meta: dict[str, Any] = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options,
-                            "targets": list(results), "rewrites_base": spec.rewrites_base,
-                            "lora_config": config_dict(config),
-                            "base_checksums": {n: r.base_checksum for n, r in results.items()}, "report": report,
-                            "quantize": None}
-    if spec.rewrites_base:
-        meta["residual_checksums"] = {n: r.residual_checksum for n, r in results.items()}
-    meta["source"] = {"model": os.path.abspath(src), "reference": reference and os.path.abspath(reference)}
-    init = {n: (r.A, r.B) for n, r in results.items()}
-    summary = {"method": spec.name, "rank": job.rank, "alpha": alpha, "options": options, "quantize": None,
-               "model": meta["source"]["model"], "layers": report}
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=list))
-    write_checkpoint(out, meta, init, init, resume=True, portable=False, files=_written_files(out),
-                     trained_dir=TRAINED_DIR)
-    (out / "base" / WRITTEN_FILE).unlink(missing_ok=True)
-
-
-def _written_files(out: Path) -> dict[str, dict[str, Any]]:
-    """The manifest of base/, adapter/ and report.json: the base shards' hashes from the ShardWriter, which hashed
-    them as it wrote them (``shards.WRITTEN_FILE``), the other (small) files hashed here."""
-    written = out / "base" / WRITTEN_FILE
-    known = {f"base/{k}": v for k, v in json.loads(written.read_text()).items()} if written.is_file() else {}
-    return entries(out, files_under(out, "base") + files_under(out, TRAINED_DIR) + ["report.json"], known)
-
-
-def _write_outputs(out: Path, ck: _Checkpoint, job: Job, alpha: float, use_rslora: bool, options: dict[str, Any],
-                   journal: Journal, reference: str | os.PathLike | None) -> None:
-    """Everything but the base's tensors: its other files, the adapter, svdadapt.json, the state, report.json."""
-    copy_files(ck.reader.files, out / "base")
+def _write_outputs(out: Path, ck: _Checkpoint, job: Job, journal: Journal,
+                   reference: str | os.PathLike | None) -> None:
+    """Everything but the base's tensors: its other files, then the adapter, report.json, the state, svdadapt.json
+    (``initdir.write_streamed``)."""
+    copy_files(ck.reader.files, out / BASE_DIR)
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
-    config = lora_config(ck.model, ck.targets, job)
-    config.base_model_name_or_path = str(ck.src)  # what get_peft_model records for a model loaded from src
-    _write_adapter(out / TRAINED_DIR, ck.model, config, results, out / "base")
-    _write_records(out, job.spec, job, alpha, options, config, results, ck.src, reference)
+    write_streamed(out, job, ck.model, ck.targets, results, ck.src, reference)
 
 
 _IO_FLOPS_PER_BYTE = 10.0  # a byte read and written weighs about as much as 10 flops of decomposition
@@ -366,7 +309,7 @@ def _decompose(run: _Run, batches: list[Any] | None, blocks: BlockwiseOptions | 
     """Every target decomposed (calibrated methods: block by block first) and the base written, by this process or
     split over the ranks; every target's entry then in the journal. Returns whether this process goes on to write
     the other outputs (rank 0)."""
-    job, ck, journal, base_dir = run.job, run.ck, run.journal, run.out / "base"
+    job, ck, journal, base_dir = run.job, run.ck, run.journal, run.out / BASE_DIR
     if journal.resumed:
         _check_inputs(journal, ck, run.ref, run.out, batches is not None)
     if batches is not None:
@@ -441,7 +384,7 @@ def init_checkpoint(
         run = _Run(job, ck, ref, journal, out, max_shard_bytes, request.progress)
         if not _decompose(run, batches, blocks):
             return out  # rank 0 writes the other outputs
-        _write_outputs(out, ck, job, job.alpha, job.use_rslora, recorded_options(job), journal, request.reference)
+        _write_outputs(out, ck, job, journal, request.reference)
         journal.remove()
     barrier()
     return out

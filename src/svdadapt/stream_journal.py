@@ -17,7 +17,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,28 +29,16 @@ except ImportError:  # Windows
 import torch
 
 from .distributed import barrier, world
+from .initdir import LayerResult
 from .plan import Job, LayerInput, LayerPlan, plan_layer
 from .methods import finish
 from .record import weight_checksum
 from .shards import fsync_file
 from .sources import CheckpointSource
 
-__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
+__all__ = ["STREAM_DIR", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
 
 STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
-
-
-@dataclass
-class LayerResult:
-    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
-    (``record.weight_checksum``) of the original weight and of the new base, both as stored ("" while the base is
-    not yet built: a layer planned during block-by-block calibration)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    report: dict[str, Any]
-    base_checksum: str
-    residual_checksum: str
 
 
 class Journal:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise.stack import block_of
-from .shards import CheckpointReader
+from ..blockwise.stack import block_of
+from ..storage.shards import CheckpointReader
 
 __all__ = ["LazyBlocks"]
 

@@ -28,13 +28,13 @@ except ImportError:  # Windows
 
 import torch
 
-from .distributed import barrier, world
-from .initdir import LayerResult
-from .plan import Job, LayerInput, LayerPlan, plan_layer
-from .methods import finish
-from .record import weight_checksum
-from .shards import fsync_file
-from .sources import CheckpointSource
+from ..engine.distributed import barrier, world
+from ..lifecycle.initdir import LayerResult
+from ..engine.plan import Job, LayerInput, LayerPlan, plan_layer
+from ..core.methods import finish
+from ..core.record import weight_checksum
+from ..storage.shards import fsync_file
+from ..engine.sources import CheckpointSource
 
 __all__ = ["STREAM_DIR", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from . import checks, plan
-from .layers import kind_of
-from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from .methods import (MethodSpec, SVDOptions, check_method_keywords, lora_scaling, method_keywords,
+from ..modules.layers import kind_of
+from ..core.linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from ..core.methods import (MethodSpec, SVDOptions, check_method_keywords, lora_scaling, method_keywords,
                       recorded_keywords)
-from .qbase import QuantOptions
-from .targets import matches, peft_target_list, resolve_targets, saved_modules
+from ..modules.qbase import QuantOptions
+from ..modules.targets import matches, peft_target_list, resolve_targets, saved_modules
 
 __all__ = ["Request", "Job", "keywords", "build_job", "quant_options", "check_needs", "unmet_needs",
            "task_type_for", "select_targets", "check_packing", "recorded_options", "lora_config", "calibrates_on"]

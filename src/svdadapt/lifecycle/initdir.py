@@ -38,10 +38,10 @@ from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, META_FILE, S
                          Verified, adapter_key, config_dict, read_checkpoint, read_metadata, read_trained_adapter,
                          save_config, sorted_sets, write_checkpoint)
 from .export import checkpoint_meta
-from .job import Job, lora_config, recorded_options
-from .layers import before_save
-from .manifest import entries, files_under
-from .shards import WRITTEN_FILE
+from ..engine.job import Job, lora_config, recorded_options
+from ..modules.layers import before_save
+from ..storage.manifest import entries, files_under
+from ..storage.shards import WRITTEN_FILE
 
 __all__ = ["BASE_DIR", "TRAINED_DIR", "META_FILE", "STATE_FILE", "REPORT_FILE", "LayerResult", "write_init_dir",
            "write_streamed", "export_init_dir", "Exported", "NotAnAdapter", "trained_note"]

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .plan import LayerInput
-from .layers import compute_dtype, kind_of, read_weight
-from .shards import CheckpointReader
+from ..modules.layers import compute_dtype, kind_of, read_weight
+from ..storage.shards import CheckpointReader
 
 __all__ = ["ModelSource", "CheckpointSource"]
 

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
-from .distributed import barrier, my_share
-from .plan import LayerInput, LayerPlan, Preparations, plan_layer
-from .job import Job, calibrates_on
+from ..blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
+from ..engine.distributed import barrier, my_share
+from ..engine.plan import LayerInput, LayerPlan, Preparations, plan_layer
+from ..engine.job import Job, calibrates_on
 from .lazy import LazyBlocks
-from .layers import read_weight
-from .stream_journal import Journal, journal_plan
+from ..modules.layers import read_weight
+from .journal import Journal, journal_plan
 
 __all__ = ["plan_calibrated"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .layers import compute_dtype
-from .methods import MethodSpec, SVDOptions
+from ..modules.layers import compute_dtype
+from ..core.methods import MethodSpec, SVDOptions
 
 __all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "layer_generator"]
 

@@ -50,19 +50,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checks
-from .blockwise import BlockwiseOptions
-from .blockwise import resolve as resolve_blockwise
-from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
-from .initdir import BASE_DIR, write_streamed
-from .job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
-from .methods import get_method
-from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
+from ..engine import checks
+from ..blockwise import BlockwiseOptions
+from ..blockwise import resolve as resolve_blockwise
+from ..engine.distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
+from ..lifecycle.initdir import BASE_DIR, write_streamed
+from ..engine.job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
+from ..core.methods import get_method
+from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
-from .sources import CheckpointSource
-from .stream_calibrated import plan_calibrated
-from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
-from .stream_journal import STREAM_DIR, Journal, layer_base, locked, open_journal
+from ..engine.sources import CheckpointSource
+from .calibrated import plan_calibrated
+from .inputs import check_layout, check_reference, check_unchanged, input_stats
+from .journal import STREAM_DIR, Journal, layer_base, locked, open_journal
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 

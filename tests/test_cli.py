@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import svdadapt
 from svdadapt.cli import main
-from svdadapt.compress import quantize
+from svdadapt.quant.compress import quantize
 from svdadapt.loading import load_model, load_tokenizer
 
 from helpers import make_tiny_llama, out as outputs, rel, same_state, tiny_tokenizer, token_ids, train

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from svdadapt.linalg import (
+from svdadapt.core.linalg import (
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
     auto_niter,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdadapt.linalg import (
+from svdadapt.core.linalg import (
     GRAM_FLOOR,
     choose_svd,
     full_svd,

@@ -18,8 +18,8 @@ pytest.importorskip("bitsandbytes")
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids  # noqa: E402
 
 import svdadapt  # noqa: E402
-from svdadapt import bnb as sbnb  # noqa: E402
-from svdadapt.qbase import quantize_dequantize  # noqa: E402
+from svdadapt.modules import bnb as sbnb
+from svdadapt.modules.qbase import quantize_dequantize  # noqa: E402
 
 RANK = 8  # tiny Llama: hidden 64, intermediate 128
 

@@ -193,5 +193,5 @@ def wrap(
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)
-    attach(peft_model, _record(job, inputs.targets, plans, base_checksums))  # save_pretrained guard, see export.py
+    attach(peft_model, _record(job, inputs.targets, plans, base_checksums))  # save_pretrained guard, see lifecycle/export.py
     return peft_model

@@ -128,7 +128,7 @@ def quantization_gap(quantize: str | None, report: Mapping[str, Mapping[str, Any
 
 def _write_portable(peft_model: nn.Module, directory: str | os.PathLike, resume: bool,
                     state_dict: Mapping[str, torch.Tensor] | None) -> Path:
-    before_save(peft_model)  # e.g. reading a state dict of a CPU-repacked 4-bit layer corrupts it (layers.py)
+    before_save(peft_model)  # e.g. reading a state dict of a CPU-repacked 4-bit layer corrupts it (modules/layers.py)
     meta = checkpoint_meta(peft_model)
     current, extras = _current_state(peft_model, meta["targets"], state_dict)
     gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)

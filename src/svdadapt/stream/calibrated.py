@@ -2,7 +2,7 @@
 
 The batches run block by block (``blockwise.plan_blockwise``, the path ``wrap`` takes on a loaded model) on the
 meta-device skeleton of the checkpoint, each block's weights read only while it runs (``lazy.LazyBlocks``). A block's
-targets are planned from its covariances while it is loaded and journaled (``stream_journal.layer_base``); the base
+targets are planned from its covariances while it is loaded and journaled (``journal.layer_base``); the base
 is then written from the journal as for the data-free methods.
 """
 

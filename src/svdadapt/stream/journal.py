@@ -3,7 +3,7 @@
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
 each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
 atomically before that base enters a shard, with a sha256 of all of it (``entry_checksum``: a damaged entry is
-removed and decomposed again). ``job.json`` also records the input files' stats (``stream_inputs``). ``locked``
+removed and decomposed again). ``job.json`` also records the input files' stats (``inputs``). ``locked``
 holds ``out_dir`` for one run at a time. ``journal_plan`` plans one target (or takes the journaled factors, checked
 against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
@@ -76,7 +76,7 @@ class Journal:
         os.replace(tmp, self.dir / "job.json")
 
     def record_inputs(self, inputs: dict[str, Any]) -> None:
-        """The input files' stats (``stream_inputs.input_stats``) as now, once a resumed run found them unchanged
+        """The input files' stats (``inputs.input_stats``) as now, once a resumed run found them unchanged
         in content: the next resume compares with these."""
         key = _read_job(self.dir / "job.json")
         key["inputs"] = self.saved_inputs = inputs

@@ -1,6 +1,6 @@
 """The layer-kind table's hooks: ``after_wrap`` runs on each wrapped base layer, ``before_save`` on every module of a
 model before its state dict is read (save, unwrap with merge, the CLI's base/); the bitsandbytes entry holds the
-training guard and the layout restore, so nothing outside ``layers.py`` / ``qbase.py`` names the backend."""
+training guard and the layout restore, so nothing outside ``modules/layers.py`` / ``modules/qbase.py`` names the backend."""
 
 from __future__ import annotations
 

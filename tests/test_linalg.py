@@ -1,4 +1,4 @@
-"""linalg.py: block-Krylov and exact truncated SVDs, the "auto" rule, whitening and damped Cholesky."""
+"""core/linalg.py: block-Krylov and exact truncated SVDs, the "auto" rule, whitening and damped Cholesky."""
 
 from __future__ import annotations
 

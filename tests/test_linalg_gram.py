@@ -1,4 +1,4 @@
-"""linalg.py: the fp64 Gram route for the smallest singular triplets (gram_bottom_svd) and svd="auto" picking it."""
+"""core/linalg.py: the fp64 Gram route for the smallest singular triplets (gram_bottom_svd) and svd="auto" picking it."""
 
 from __future__ import annotations
 

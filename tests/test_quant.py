@@ -2,7 +2,7 @@
 model. Every number is recomputed here from the wrapped model (the dequantized base layer, the LoRA factors, the
 scaling) in fp64, not read from svdadapt's report (which is checked against it).
 
-On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward (see svdadapt/bnb.py);
+On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward (see svdadapt/modules/bnb.py);
 the tests that must survive that run eval forwards on purpose.
 """
 

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache  # the source is read once per test session
 def _modules() -> dict[str, tuple[Path, ast.Module]]:
     paths = sorted(SRC.rglob("*.py"))
     assert paths, f"no Python files under {SRC}"
@@ -36,6 +39,12 @@ def _modules() -> dict[str, tuple[Path, ast.Module]]:
 
 def _short(module: str) -> str:
     return module.removeprefix(PACKAGE + ".") if module != PACKAGE else f"{PACKAGE} (__init__)"
+
+
+def _file(module: str) -> str:
+    """src/svdadapt/x/y.py -> 'x/y.py' (a package's __init__.py for a package)."""
+    mods = _modules()
+    return str(mods[module][0].relative_to(SRC)) if module in mods else module.replace(".", "/") + ".py"
 
 
 def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
@@ -143,8 +152,7 @@ def describe(cycle: list[str], graph: dict[str, dict[str, list[int]]]) -> str:
     """'wrap -> calibration (wrap.py:216) -> wrap (calibration.py:28)': each step with the lines that import it."""
     steps = [_short(cycle[0])]
     for a, b in zip(cycle, cycle[1:]):
-        file = "__init__" if a == PACKAGE else a.removeprefix(PACKAGE + ".").replace(".", "/")
-        steps.append(f"{_short(b)} ({', '.join(f'{file}.py:{n}' for n in graph[a][b])})")
+        steps.append(f"{_short(b)} ({', '.join(f'{_file(a)}:{n}' for n in graph[a][b])})")
     return " -> ".join(steps)
 
 
@@ -192,16 +200,11 @@ def layer_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
-def _file(module: str) -> str:
-    """src/svdadapt/x/y.py -> 'x/y.py' (a package's __init__.py for a package)."""
-    mods = _modules()
-    return str(mods[module][0].relative_to(SRC)) if module in mods else module.replace(".", "/") + ".py"
-
-
 def order_violations(graph: dict[str, dict[str, list[int]]], order: tuple[str, ...],
-                     file_of=_file) -> list[str]:
-    """'engine/sources.py:18 imports lifecycle.checkpoint (a higher layer)' for each import of a layer above the
-    importer's own, and 'x/y.py: layer x is not in PACKAGE_ORDER' for a module outside every layer."""
+                     file_of: Callable[[str], str] = _file) -> list[str]:
+    """For each import of a layer above the importer's own: 'engine/sources.py:18 imports lifecycle.checkpoint
+    (layer 'lifecycle' is above 'engine')'; for a module outside every layer: 'x/y.py: layer 'x' is not in
+    PACKAGE_ORDER'."""
     rank = {layer: i for i, layer in enumerate(order)}
     found = [f"{file_of(m)}: layer {layer_of(m)!r} is not in PACKAGE_ORDER" for m in sorted(graph)
              if layer_of(m) not in rank]

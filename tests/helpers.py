@@ -51,6 +51,15 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
     return model.to(dtype).eval()
 
 
+def save_tiny_model(d, seed: int, vocab: int, tokenizer: bool = True):
+    """A tiny Llama (``make_tiny_llama(seed, vocab_size=vocab)``) saved as a Hugging Face directory ``d``, with a
+    ``tiny_tokenizer(vocab)`` beside it unless ``tokenizer`` is False; returns ``d``."""
+    make_tiny_llama(seed, vocab_size=vocab).save_pretrained(d)
+    if tokenizer:
+        tiny_tokenizer(vocab).save_pretrained(d)
+    return d
+
+
 def toy(seed: int = 0, sizes: tuple[int, ...] = TOY_SIZES, dtype: torch.dtype = torch.float32,
         bias: bool = True) -> nn.Sequential:
     """Linears ``sizes[0] -> sizes[1] -> ...`` with a GELU between each two, weights from a private generator

@@ -21,7 +21,7 @@ from svdadapt.cli import main
 from svdadapt.quant.compress import quantize
 from svdadapt.loading import load_model, load_tokenizer
 
-from helpers import make_tiny_llama, out as outputs, rel, same_state, tiny_tokenizer, token_ids, train
+from helpers import out as outputs, rel, same_state, save_tiny_model, token_ids, train
 
 SEED, VOCAB, RANK = 5, 300, 4
 CALIB_ARGS = ["--seq-len", "32", "--batch-size", "4", "--max-tokens", "512"]  # 4 batches of 4x32
@@ -29,10 +29,7 @@ CALIB_ARGS = ["--seq-len", "32", "--batch-size", "4", "--max-tokens", "512"]  # 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(SEED, vocab_size=VOCAB).save_pretrained(d)
-    tiny_tokenizer(VOCAB).save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), SEED, VOCAB)
 
 
 @pytest.fixture(scope="module")

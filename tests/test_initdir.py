@@ -19,7 +19,7 @@ from svdadapt.cli import main
 from svdadapt.lifecycle.initdir import (BASE_DIR, META_FILE, REPORT_FILE, STATE_FILE, TRAINED_DIR, NotAnAdapter,
                               export_init_dir, write_init_dir)
 
-from helpers import make_tiny_llama, token_ids, train
+from helpers import make_tiny_llama, save_tiny_model, token_ids, train
 
 SEED, VOCAB, RANK = 5, 300, 4
 TARGETS = ["q_proj", "v_proj"]  # 2 layers x 2 = 4 targets
@@ -31,9 +31,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_llama(SEED, vocab_size=VOCAB).save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", SEED, VOCAB, tokenizer=False)
 
 
 def _python_init(model_dir: Path, out: Path, messages: list[str]) -> Path:

@@ -19,7 +19,7 @@ from svdadapt.lifecycle.checkpoint import META_FILE, STATE_FILE, read_checkpoint
 from svdadapt.cli import main
 from svdadapt.storage.manifest import file_entry
 
-from helpers import make_tiny_llama, tiny_tokenizer, token_ids, train
+from helpers import make_tiny_llama, save_tiny_model, token_ids, train
 
 SEED, VOCAB, RANK = 3, 300, 4
 TARGETS = ["q_proj", "v_proj"]
@@ -48,10 +48,7 @@ def save_dir(saves, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    make_tiny_llama(SEED, vocab_size=VOCAB).save_pretrained(d)
-    tiny_tokenizer(VOCAB).save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("model"), SEED, VOCAB)
 
 
 @pytest.fixture(scope="module", params=["streamed", "in-memory"])

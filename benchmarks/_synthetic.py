@@ -2,7 +2,7 @@
 
 For the streaming-init benchmarks: a checkpoint on disk in exactly the layout ``LlamaForCausalLM.save_pretrained``
 writes (config.json, ``model.safetensors`` or an index and ``model-0000k-of-0000N.safetensors`` shards, the same
-tensor names and shapes, untied ``lm_head``), built through :class:`svdadapt.shards.ShardWriter`, so that peak
+tensor names and shapes, untied ``lm_head``), built through :class:`svdadapt.storage.shards.ShardWriter`, so that peak
 memory is one shard (``max_shard_bytes``) whatever the model's size::
 
     from _synthetic import write_random_llama, llama_for_size, LLAMA_7B
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from svdadapt.shards import ShardWriter
+from svdadapt.storage.shards import ShardWriter
 
 __all__ = ["write_random_llama", "llama_tensor_specs", "llama_nbytes", "llama_for_size", "random_tensor",
            "LLAMA_7B", "INIT_STD"]
@@ -120,7 +120,7 @@ def write_random_llama(out_dir: str | os.PathLike, *, hidden: int, intermediate:
                        progress: bool = False) -> Path:
     """Write a random-weight Llama checkpoint into ``out_dir`` (config.json + safetensors shards) one tensor at a
     time; returns ``out_dir``. Peak memory: one shard plus one fp32 tensor. ``resume=True`` continues an
-    interrupted write (see :class:`svdadapt.shards.ShardWriter`); the same arguments give the same files."""
+    interrupted write (see :class:`svdadapt.storage.shards.ShardWriter`); the same arguments give the same files."""
     from transformers import LlamaConfig
 
     out = Path(out_dir)

@@ -7,7 +7,7 @@
   whole-model path: every covariance, then every decomposition).
 - svdadapt streamed from a checkpoint: ``init_checkpoint(dir, out, method="corda", calibration=batches)`` on the
   model saved as safetensors (written by a separate job first): the model is never loaded; one decoder block's
-  weights are in memory at a time (``svdadapt.lazy``), the base is written tensor by tensor. Its peak RSS is the
+  weights are in memory at a time (``svdadapt.stream.lazy``), the base is written tensor by tensor. Its peak RSS is the
   whole process's, and its time includes writing the new base (540 MB, in ``--shard-mb`` shards: the writer holds
   the shard it fills) and adapter.
 - PEFT 0.21: ``preprocess_corda`` (hooks with batch size 1, one covariance per layer, explicit inverse, full

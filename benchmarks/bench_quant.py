@@ -76,7 +76,7 @@ LABELS = {"fp": "full precision (fp32)", "qlora": "QLoRA: nf4(W), zero adapter",
 # --------------------------------------------------------------------------------------------------- helpers
 def no_cpu_repacking(model: torch.nn.Module) -> int:
     """Keep every bitsandbytes 4-bit layer on the fp32 dequantize path (see the module docstring). Returns how many."""
-    from svdadapt.bnb import is_bnb_layer
+    from svdadapt.modules.bnb import is_bnb_layer
 
     n = 0
     for m in model.modules():
@@ -114,7 +114,7 @@ def effective_errors(model, W0: dict[str, torch.Tensor], covs=None) -> tuple[dic
     """Per layer ‖W − W_eff‖ / ‖W‖ with W_eff = base + s·B·A in fp64 (base dequantized for bitsandbytes layers), and
     with ``covs`` the same on the calibration inputs, ‖(W − W_eff)·Xᵀ‖ / ‖W·Xᵀ‖ = √(tr(E·C·Eᵀ) / tr(W·C·Wᵀ)).
     ``model`` is a PEFT model, or a plain model whose targets are bitsandbytes layers (no adapter)."""
-    from svdadapt.bnb import dequantize, is_bnb_layer
+    from svdadapt.modules.bnb import dequantize, is_bnb_layer
 
     layers = lora_modules(model) if is_peft(model) else {}
     out, act = {}, {}

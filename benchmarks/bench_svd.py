@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, markdown_table, random_llama, smollm2, write_results  # noqa: E402
 
-from svdadapt.linalg import auto_niter, full_svd, gram_bottom_svd, randomized_svd  # noqa: E402
+from svdadapt.core.linalg import auto_niter, full_svd, gram_bottom_svd, randomized_svd  # noqa: E402
 
 RANK = 16
 GAUSS_SHAPES = ((576, 1536), (1536, 576), (576, 576), (1024, 2816), (2048, 2048), (2048, 5632), (300, 4000))

@@ -15,7 +15,7 @@ from torch import nn
 import svdadapt
 from helpers import lora_layers, lora_product, make_tiny_llama, out, rel, same_init_factors, token_ids, toy, toy_input
 from svdadapt.blockwise import BlockwiseOptions, find_stack, plan_blockwise
-from svdadapt.plan import LayerPlan
+from svdadapt.engine.plan import LayerPlan
 
 TOL = 1e-5  # fp32 rounding; measured: bit-identical on CPU
 

@@ -19,7 +19,7 @@ import svdadapt
 from helpers import make_tiny_llama, raises_exactly, same_init_factors, same_state, token_ids
 from svdadapt.blockwise import BlockwiseOptions, BlockwiseUnsupported, plan_blockwise
 from svdadapt.blockwise.capture import _without_cache
-from svdadapt.plan import LayerPlan
+from svdadapt.engine.plan import LayerPlan
 
 U = 2.0 ** -24  # unit roundoff of fp32
 

@@ -1,4 +1,4 @@
-"""svdadapt.bnb: reading and writing bitsandbytes 4-bit / 8-bit layers, including after CPU repacking."""
+"""svdadapt.modules.bnb: reading and writing bitsandbytes 4-bit / 8-bit layers, including after CPU repacking."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
-from svdadapt.bnb import (  # noqa: E402
+from svdadapt.modules.bnb import (  # noqa: E402
     SCHEMES,
     dequantize,
     is_bnb_layer,
@@ -113,7 +113,7 @@ def test_require_bnb_and_is_bnb_layer(monkeypatch):
 
 
 def test_is_bnb_layer_does_not_import_bitsandbytes():
-    code = ("import sys, torch, svdadapt.bnb as b; before = 'bitsandbytes' in sys.modules; "
+    code = ("import sys, torch, svdadapt.modules.bnb as b; before = 'bitsandbytes' in sys.modules; "
             "print(before, b.is_bnb_layer(torch.nn.Linear(2, 2)), 'bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, result, after = out.split()

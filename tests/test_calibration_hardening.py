@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import svdadapt
-from svdadapt.targets import resolve_targets
+from svdadapt.modules.targets import resolve_targets
 
 from helpers import raises_exactly, rel, token_ids
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import svdadapt
 from svdadapt.cli import main
-from svdadapt.compress import quantize
+from svdadapt.quant.compress import quantize
 from svdadapt.loading import load_model, load_tokenizer
 
 from helpers import out as outputs, rel, same_state, save_tiny_model, token_ids, train

@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import svdadapt.cli
+import svdadapt.cli.commands
 import svdadapt.loading
-import svdadapt.stream
+import svdadapt.stream.init
 from svdadapt.cli import main
 
 from helpers import make_tiny_llama, tiny_tokenizer
@@ -88,7 +88,7 @@ def nothing_loads(monkeypatch):
         raise AssertionError(f"loaded {args}")
 
     for module, name in ((svdadapt.loading, "load_model"), (svdadapt.loading, "load_tokenizer"),
-                         (svdadapt.stream, "init_checkpoint"), (svdadapt.cli, "_config")):
+                         (svdadapt.stream.init, "init_checkpoint"), (svdadapt.cli.commands, "_config")):
         monkeypatch.setattr(module, name, trap)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 

@@ -17,11 +17,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import svdadapt
-from svdadapt import bnb
-from svdadapt.checkpoint import read_checkpoint, read_metadata
-from svdadapt.cli import _parser, main
-from svdadapt.report import report_legend
-from svdadapt.export import quantization_gap
+from svdadapt.modules import bnb
+from svdadapt.lifecycle.checkpoint import read_checkpoint, read_metadata
+from svdadapt.cli import main
+from svdadapt.cli.commands import _parser
+from svdadapt.cli.report import report_legend
+from svdadapt.lifecycle.export import quantization_gap
 from svdadapt.loading import load_model
 
 from helpers import make_tiny_llama, out as outputs, same_state, token_ids, train

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import svdadapt
-from svdadapt.compress import prune_weight, quantize_weight
+from svdadapt.quant.compress import prune_weight, quantize_weight
 
 from helpers import make_tiny_llama, raises_exactly, same_state, token_ids, toy
 

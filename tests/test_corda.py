@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import svdadapt
-from svdadapt.linalg import damped_cholesky
+from svdadapt.core.linalg import damped_cholesky
 
 from bounds import gamma, gemm_error, truncated_svd_error, unit_roundoff
 from helpers import lora_layers, lora_product, make_tiny_llama, max_rel, out, raises_exactly, rel, same_state

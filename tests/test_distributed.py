@@ -11,10 +11,10 @@ import torch
 import torch.multiprocessing as mp
 
 import svdadapt
-from svdadapt.checkpoint import RECORD_DIGEST
-from svdadapt.distributed import layer_cost, split_by_cost
-from svdadapt.plan import Job
-from svdadapt.methods import METHODS, SVDOptions
+from svdadapt.lifecycle.checkpoint import RECORD_DIGEST
+from svdadapt.engine.distributed import layer_cost, split_by_cost
+from svdadapt.engine.plan import Job
+from svdadapt.core.methods import METHODS, SVDOptions
 from dist_harness import as_rank, free_port
 from helpers import make_tiny_llama, output_bytes, token_ids
 

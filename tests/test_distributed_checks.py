@@ -74,7 +74,7 @@ def _objects_over_gloo_beside_nccl(rank: int, paths: dict):
     through one gloo group made beside it, and the result is that of the default group."""
     from unittest import mock
 
-    from svdadapt import distributed
+    from svdadapt.engine import distributed
 
     direct = _wrap(rank, paths).svdadapt.init_factors
     with mock.patch.object(torch.distributed, "get_backend", return_value="nccl"):
@@ -209,7 +209,7 @@ def test_no_collective_is_left_waiting(raised) -> None:
 # ------------------------------------------------------------------------------------------- in one process
 def test_the_calibration_fingerprint_follows_the_batches() -> None:
     """Ranks (and a resumed init_checkpoint) compare batches by this hash: it sees their order and their tensors."""
-    from svdadapt.distributed import fingerprint
+    from svdadapt.engine.distributed import fingerprint
 
     assert fingerprint(BATCHES) == fingerprint([dict(b) for b in BATCHES])
     assert fingerprint(BATCHES) != fingerprint(BATCHES[::-1])
@@ -217,7 +217,7 @@ def test_the_calibration_fingerprint_follows_the_batches() -> None:
 
 def test_arguments_compare_by_value_not_by_process() -> None:
     """A set's order follows each process's hash seed, a module's repr its address: neither may differ ranks."""
-    from svdadapt.distributed import _comparable
+    from svdadapt.engine.distributed import _comparable
 
     assert _comparable({"v_proj", "q_proj", "k_proj"}) == ["k_proj", "q_proj", "v_proj"]
     assert _comparable(_model()) == "LlamaForCausalLM"
@@ -226,7 +226,7 @@ def test_arguments_compare_by_value_not_by_process() -> None:
 
 
 def test_the_shared_error_keeps_a_builtin_type_and_names_the_ranks() -> None:
-    from svdadapt.distributed import _outcome, _shared_error
+    from svdadapt.engine.distributed import _outcome, _shared_error
 
     class Custom(Exception):
         pass

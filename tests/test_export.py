@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 import svdadapt
-from svdadapt.compress import quantize
+from svdadapt.quant.compress import quantize
 
 from helpers import make_tiny_llama, out, rel, same_state, token_ids, train
 
@@ -197,7 +197,7 @@ def test_save_needs_a_wrapped_model(tmp_path):
 
 
 def test_weight_checksum_is_bit_exact():
-    from svdadapt.export import weight_checksum  # module-internal: imported here so that moving it fails this test only
+    from svdadapt.lifecycle.export import weight_checksum  # module-internal: imported here so that moving it fails this test only
 
     w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     assert weight_checksum(w) == weight_checksum(w.clone())
@@ -299,7 +299,7 @@ def test_eora_save_is_an_ordinary_lora_for_the_compressed_base(tmp_path):
 
 def test_load_warns_when_residual_is_not_bit_identical(trained, tmp_path):
     """A different BLAS / device may round the rebuilt residual differently: the weights matched, so it warns."""
-    from svdadapt.checkpoint import read_checkpoint, write_checkpoint
+    from svdadapt.lifecycle.checkpoint import read_checkpoint, write_checkpoint
 
     _, _, _, d = trained
     saved = read_checkpoint(d)

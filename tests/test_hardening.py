@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForSequenceClassification
 
 import svdadapt
-from svdadapt import apply as apply_module
+from svdadapt.engine import apply as apply_module
 from helpers import make_tiny_llama, out, tiny_llama_config, toy, toy_input
 
 RANK = 4
@@ -192,7 +192,7 @@ def test_compress_and_calibration_on_conv1d() -> None:
     w, wq = model.transformer.h[0].attn.c_attn.weight, q.transformer.h[0].attn.c_attn.weight
     assert wq.shape == w.shape and not torch.equal(w, wq)
     # groups run along the input dimension, which is dim 0 of a Conv1D weight (in, out)
-    expect = svdadapt.compress.quantize_weight(w.mT, 4, 16).mT
+    expect = svdadapt.quant.compress.quantize_weight(w.mT, 4, 16).mT
     assert torch.equal(wq, expect)
     covs = svdadapt.collect_covariances(model, [IDS], progress=False)
     assert covs["transformer.h.0.attn.c_attn"].shape == (64, 64)

@@ -1,4 +1,4 @@
-"""The init directory from Python (``svdadapt.initdir``): ``write_init_dir`` writes what ``svdadapt init --in-memory``
+"""The init directory from Python (``svdadapt.lifecycle.initdir``): ``write_init_dir`` writes what ``svdadapt init --in-memory``
 writes, byte for byte; ``export_init_dir`` is ``svdadapt export``: the same save directory, the same refusals, a
 missing adapter file as ``NotAnAdapter``."""
 
@@ -14,9 +14,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import svdadapt
-from svdadapt.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_checkpoint
+from svdadapt.lifecycle.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_checkpoint
 from svdadapt.cli import main
-from svdadapt.initdir import (BASE_DIR, META_FILE, REPORT_FILE, STATE_FILE, TRAINED_DIR, NotAnAdapter,
+from svdadapt.lifecycle.initdir import (BASE_DIR, META_FILE, REPORT_FILE, STATE_FILE, TRAINED_DIR, NotAnAdapter,
                               export_init_dir, write_init_dir)
 
 from helpers import make_tiny_llama, save_tiny_model, token_ids, train

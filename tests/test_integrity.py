@@ -15,9 +15,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import svdadapt
-from svdadapt.checkpoint import META_FILE, STATE_FILE, read_checkpoint
+from svdadapt.lifecycle.checkpoint import META_FILE, STATE_FILE, read_checkpoint
 from svdadapt.cli import main
-from svdadapt.manifest import file_entry
+from svdadapt.storage.manifest import file_entry
 
 from helpers import make_tiny_llama, save_tiny_model, token_ids, train
 

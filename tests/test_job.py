@@ -10,10 +10,11 @@ from torch import nn
 
 import svdadapt
 from helpers import make_tiny_llama, raises_exactly, same_init_factors, token_ids
-from svdadapt import checks, cli
-from svdadapt.job import Request, build_job, recorded_options, unmet_needs
-from svdadapt.methods import METHODS, CordaOptions, EoraOptions, get_method, mode_choices
-from svdadapt.targets import shared_weights
+from svdadapt.engine import checks
+from svdadapt.cli import commands as cli
+from svdadapt.engine.job import Request, build_job, recorded_options, unmet_needs
+from svdadapt.core.methods import METHODS, CordaOptions, EoraOptions, get_method, mode_choices
+from svdadapt.modules.targets import shared_weights
 
 # the public signatures as they stood when both entry points declared every keyword themselves
 WRAP = {"model": ("POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),

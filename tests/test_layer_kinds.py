@@ -1,6 +1,6 @@
 """The layer-kind table's hooks: ``after_wrap`` runs on each wrapped base layer, ``before_save`` on every module of a
 model before its state dict is read (save, unwrap with merge, the CLI's base/); the bitsandbytes entry holds the
-training guard and the layout restore, so nothing outside ``layers.py`` / ``qbase.py`` names the backend."""
+training guard and the layout restore, so nothing outside ``modules/layers.py`` / ``modules/qbase.py`` names the backend."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from helpers import lora_layers, toy
 
 import svdadapt
-from svdadapt import layers, qbase
+from svdadapt.modules import layers, qbase
 
 RANK = 2
 
@@ -57,7 +57,7 @@ def test_kinds_without_hooks_change_nothing() -> None:
 
 def test_bitsandbytes_hooks_guard_4bit_training_and_restore_layouts() -> None:
     pytest.importorskip("bitsandbytes")
-    from svdadapt import bnb
+    from svdadapt.modules import bnb
 
     kind = layers.kind_of(bnb.quantize_linear(torch.ones(4, 64), None, "nf4"))
     assert (kind.after_wrap, kind.before_save) == (bnb.guard_training, bnb.restore_layout)

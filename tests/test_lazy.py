@@ -1,4 +1,4 @@
-"""svdadapt.lazy: a meta-device skeleton run from a checkpoint, one decoder block in memory at a time."""
+"""svdadapt.stream.lazy: a meta-device skeleton run from a checkpoint, one decoder block in memory at a time."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdadapt.lazy import LazyBlocks
-from svdadapt.shards import CheckpointReader
-from svdadapt.stream import _skeleton
+from svdadapt.stream.lazy import LazyBlocks
+from svdadapt.storage.shards import CheckpointReader
+from svdadapt.stream.init import _skeleton
 from helpers import make_tiny_llama, token_ids
 
 

@@ -1,4 +1,4 @@
-"""linalg.py: block-Krylov and exact truncated SVDs, the "auto" rule, whitening and damped Cholesky."""
+"""core/linalg.py: block-Krylov and exact truncated SVDs, the "auto" rule, whitening and damped Cholesky."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from svdadapt.linalg import (
+from svdadapt.core.linalg import (
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
     auto_niter,

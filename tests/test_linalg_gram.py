@@ -1,11 +1,11 @@
-"""linalg.py: the fp64 Gram route for the smallest singular triplets (gram_bottom_svd) and svd="auto" picking it."""
+"""core/linalg.py: the fp64 Gram route for the smallest singular triplets (gram_bottom_svd) and svd="auto" picking it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from svdadapt.linalg import (
+from svdadapt.core.linalg import (
     GRAM_FLOOR,
     choose_svd,
     full_svd,

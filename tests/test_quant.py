@@ -2,7 +2,7 @@
 model. Every number is recomputed here from the wrapped model (the dequantized base layer, the LoRA factors, the
 scaling) in fp64, not read from svdadapt's report (which is checked against it).
 
-On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward (see svdadapt/bnb.py);
+On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward (see svdadapt/modules/bnb.py);
 the tests that must survive that run eval forwards on purpose.
 """
 
@@ -18,8 +18,8 @@ pytest.importorskip("bitsandbytes")
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids  # noqa: E402
 
 import svdadapt  # noqa: E402
-from svdadapt import bnb as sbnb  # noqa: E402
-from svdadapt.qbase import quantize_dequantize  # noqa: E402
+from svdadapt.modules import bnb as sbnb
+from svdadapt.modules.qbase import quantize_dequantize  # noqa: E402
 
 RANK = 8  # tiny Llama: hidden 64, intermediate 128
 

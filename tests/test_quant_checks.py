@@ -15,7 +15,7 @@ import svdadapt
 from helpers import lora_product, raises_exactly
 
 bnb = pytest.importorskip("bitsandbytes")
-from svdadapt import bnb as sbnb  # noqa: E402 - after the importorskip
+from svdadapt.modules import bnb as sbnb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: many small BLAS calls
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 import svdadapt
-from svdadapt.checkpoint import META_FILE, read_metadata
+from svdadapt.lifecycle.checkpoint import META_FILE, read_metadata
 from svdadapt.cli import main
 
 from helpers import make_tiny_llama

@@ -1,4 +1,4 @@
-"""svdadapt.shards: the tensor-by-tensor checkpoint reader, the resumable sharded writer, and the synthetic Llama
+"""svdadapt.storage.shards: the tensor-by-tensor checkpoint reader, the resumable sharded writer, and the synthetic Llama
 checkpoints of benchmarks/_synthetic.py. Round trips are bit-exact; files of a resumed write are byte-identical
 to those of an uninterrupted one."""
 
@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from svdadapt import shards
-from svdadapt.shards import INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter, copy_files
+from svdadapt.storage import shards
+from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter, copy_files
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -378,7 +378,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
     import torch
     from safetensors import safe_open
-    from svdadapt import shards
+    from svdadapt.storage import shards
 
     def status(key):  # KiB
         for line in open("/proc/self/status"):

@@ -23,12 +23,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import svdadapt
-import svdadapt.initdir as initdir
-import svdadapt.stream as stream
-import svdadapt.stream_calibrated as stream_calibrated
-import svdadapt.stream_journal as stream_journal
+import svdadapt.lifecycle.initdir as initdir
+import svdadapt.stream.init as stream
+import svdadapt.stream.calibrated as stream_calibrated
+import svdadapt.stream.journal as stream_journal
 from svdadapt.cli import main as cli_main
-from svdadapt.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
+from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
 
 from helpers import make_tiny_llama, out, token_ids
 
@@ -329,7 +329,7 @@ _MEASURE = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import peft, svdadapt, svdadapt.stream as stream
+    import peft, svdadapt, svdadapt.stream.init as stream
 
     def status(key):  # kB; VmHWM is this process image's peak (ru_maxrss would carry the parent's across exec)
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -407,7 +407,7 @@ def test_streamed_corda_equals_wrap_on_the_loaded_model(tmp, mode, dtype):
 
 
 def test_streamed_corda_holds_one_block_at_a_time(tmp, monkeypatch):
-    from svdadapt.lazy import LazyBlocks
+    from svdadapt.stream.lazy import LazyBlocks
 
     ck = _checkpoint(tmp / "ck", make_tiny_llama(7))
     seen: list[int] = []

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, Mistr
                           MixtralConfig, Qwen2MoeConfig)
 
 import svdadapt
-from svdadapt.shards import INDEX_FILE, CheckpointReader
+from svdadapt.storage.shards import INDEX_FILE, CheckpointReader
 
 from helpers import make_tiny_llama, token_ids
 
@@ -141,7 +141,7 @@ def test_gemma_embed_scale_is_rebuilt_as_from_pretrained_does(tmp, config):
     """Gemma scales its embeddings by a non-persistent buffer (embed_scale = sqrt(hidden), in fp32), which no
     checkpoint holds: the lazily loaded skeleton computes it with the model's own _init_weights."""
     from svdadapt.blockwise import find_stack
-    from svdadapt.lazy import LazyBlocks
+    from svdadapt.stream.lazy import LazyBlocks
 
     _seeded(config).save_pretrained(tmp / "ck")
     loaded = AutoModelForCausalLM.from_pretrained(tmp / "ck")

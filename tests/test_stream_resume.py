@@ -19,11 +19,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import svdadapt
-import svdadapt.initdir as initdir
-import svdadapt.stream as stream
-import svdadapt.stream_inputs as stream_inputs
-import svdadapt.stream_journal as stream_journal
-from svdadapt.shards import JOURNAL_FILE, CheckpointReader, written_tensors
+import svdadapt.lifecycle.initdir as initdir
+import svdadapt.stream.init as stream
+import svdadapt.stream.inputs as stream_inputs
+import svdadapt.stream.journal as stream_journal
+from svdadapt.storage.shards import JOURNAL_FILE, CheckpointReader, written_tensors
 
 from helpers import make_tiny_llama, output_bytes
 
@@ -223,7 +223,7 @@ def _stat(f: Path) -> tuple[int, ...]:
 _HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from svdadapt.stream_journal import locked
+    from svdadapt.stream.journal import locked
     with locked(Path(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(120)

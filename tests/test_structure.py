@@ -1,22 +1,26 @@
 """The package's shape, read from its source with ``ast`` (nothing is imported or run):
 
-- imports between svdadapt's own modules point one way (DESIGN.md: cli -> lifecycle/wrap -> engine -> methods ->
-  linalg): no cycle, counting every import statement wherever it stands (module level, inside functions, under
-  ``if TYPE_CHECKING:``), since a function-level import only hides a cycle from the interpreter, not from the design;
-- only methods.py asks which method or mode it is running (``method == "corda"``): everywhere else the registry
-  (``MethodSpec``) answers.
+- imports between svdadapt's own modules point one way: no cycle, counting every import statement wherever it
+  stands (module level, inside functions, under ``if TYPE_CHECKING:``), since a function-level import only hides a
+  cycle from the interpreter, not from the design;
+- the subpackages form layers (``PACKAGE_ORDER``, lowest first): a module imports only from its own layer and the
+  layers below it, so no two subpackages import each other;
+- only core/methods.py asks which method or mode it is running (``method == "corda"``): everywhere else the
+  registry (``MethodSpec``) answers.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 PACKAGE = "svdadapt"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
-ROUTER = "methods"  # the one module that may branch on a method or mode name
+ROUTER = "core.methods"  # the one module that may branch on a method or mode name
 BRANCH_NAMES = {"method", "mode"}
 
 
@@ -26,6 +30,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache  # the source is read once per test session
 def _modules() -> dict[str, tuple[Path, ast.Module]]:
     paths = sorted(SRC.rglob("*.py"))
     assert paths, f"no Python files under {SRC}"
@@ -34,6 +39,12 @@ def _modules() -> dict[str, tuple[Path, ast.Module]]:
 
 def _short(module: str) -> str:
     return module.removeprefix(PACKAGE + ".") if module != PACKAGE else f"{PACKAGE} (__init__)"
+
+
+def _file(module: str) -> str:
+    """src/svdadapt/x/y.py -> 'x/y.py' (a package's __init__.py for a package)."""
+    mods = _modules()
+    return str(mods[module][0].relative_to(SRC)) if module in mods else module.replace(".", "/") + ".py"
 
 
 def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
@@ -141,8 +152,7 @@ def describe(cycle: list[str], graph: dict[str, dict[str, list[int]]]) -> str:
     """'wrap -> calibration (wrap.py:216) -> wrap (calibration.py:28)': each step with the lines that import it."""
     steps = [_short(cycle[0])]
     for a, b in zip(cycle, cycle[1:]):
-        file = "__init__" if a == PACKAGE else a.removeprefix(PACKAGE + ".").replace(".", "/")
-        steps.append(f"{_short(b)} ({', '.join(f'{file}.py:{n}' for n in graph[a][b])})")
+        steps.append(f"{_short(b)} ({', '.join(f'{_file(a)}:{n}' for n in graph[a][b])})")
     return " -> ".join(steps)
 
 
@@ -162,6 +172,87 @@ def test_cycle_finder() -> None:
     assert find_cycles(hub) == [["p.c", "p.w", "p.c"], ["p.e", "p.w", "p.e"]]
     assert describe(["p.c", "p.w", "p.c"], hub) == "p.c -> p.w (p/c.py:3) -> p.c (p/w.py:1)"
     assert find_cycles({"p.a": {"p.b": [1]}, "p.b": {}}) == []
+
+
+# ----------------------------------------------------------------------------------------- the layers
+# svdadapt's layers, lowest first: a module may import from its own layer and the layers before it, never after.
+# A layer is a subpackage (svdadapt/x/), a top-level module (svdadapt/x.py) or the package's __init__ ("svdadapt").
+PACKAGE_ORDER = (
+    "core",         # linalg, record, methods: imports no other layer
+    "storage",      # manifest, shards: files on disk
+    "modules",      # bnb, layers (the layer kinds), targets, qbase
+    "calibration",  # covariances from forward hooks
+    "engine",       # checks, plan, job, apply, sources, distributed (its collectives reduce Covariances)
+    "blockwise",    # block-by-block calibration, on calibration's public API and the engine's plan
+    "quant",        # quantized bases (QPiSSA) and simulated compression
+    "lifecycle",    # checkpoint, export (save / load / unwrap), initdir
+    "stream",       # init_checkpoint: the streaming entry point
+    "wrap",         # wrap(): the in-memory entry point
+    "loading",      # model loading for users and the CLI (imports no other layer)
+    "cli",          # the svdadapt command: calls wrap, init_checkpoint, loading
+    PACKAGE,        # __init__: the public names
+)
+
+
+def layer_of(module: str) -> str:
+    """'engine' for svdadapt.engine.plan and svdadapt.engine, 'wrap' for svdadapt.wrap, 'svdadapt' for svdadapt."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def order_violations(graph: dict[str, dict[str, list[int]]], order: tuple[str, ...],
+                     file_of: Callable[[str], str] = _file) -> list[str]:
+    """For each import of a layer above the importer's own: 'engine/sources.py:18 imports lifecycle.checkpoint
+    (layer 'lifecycle' is above 'engine')'; for a module outside every layer: 'x/y.py: layer 'x' is not in
+    PACKAGE_ORDER'."""
+    rank = {layer: i for i, layer in enumerate(order)}
+    found = [f"{file_of(m)}: layer {layer_of(m)!r} is not in PACKAGE_ORDER" for m in sorted(graph)
+             if layer_of(m) not in rank]
+    for a in sorted(graph):
+        for b, lines in sorted(graph[a].items()):
+            la, lb = layer_of(a), layer_of(b)
+            if la in rank and lb in rank and rank[lb] > rank[la]:
+                found += [f"{file_of(a)}:{n} imports {_short(b)} (layer {lb!r} is above {la!r})" for n in lines]
+    return found
+
+
+def layer_graph(graph: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, list[int]]]:
+    """The import graph between layers: {layer: {layer it imports: [line numbers]}} (imports inside one layer
+    dropped)."""
+    layers: dict[str, dict[str, list[int]]] = {layer_of(m): {} for m in graph}
+    for a, targets in graph.items():
+        for b, lines in targets.items():
+            if layer_of(a) != layer_of(b):
+                layers[layer_of(a)].setdefault(layer_of(b), []).extend(lines)
+    return layers
+
+
+def test_layers_import_downwards() -> None:
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} == set(PACKAGE_ORDER), sorted({layer_of(m) for m in graph})
+    bad = order_violations(graph, PACKAGE_ORDER)
+    assert not bad, ("an svdadapt module imports a layer above its own (PACKAGE_ORDER in tests/test_structure.py, "
+                     "lowest first):\n" + "\n".join("  " + b for b in bad))
+
+
+def test_no_cycles_between_subpackages() -> None:
+    layers = layer_graph(import_graph())
+    assert layers["engine"] and layers[PACKAGE], layers  # the walk found imports between layers
+    cycles = find_cycles(layers)
+    assert not cycles, "import cycles between svdadapt's subpackages:\n" + "\n".join(
+        "  " + " -> ".join(c) for c in cycles)
+
+
+def test_order_checker() -> None:
+    """The checker itself, on a made-up graph: an import of a higher layer is named with its file and line."""
+    g = {"svdadapt.core.a": {"svdadapt.engine.b": [7]}, "svdadapt.engine.b": {"svdadapt.core.a": [3]},
+         "svdadapt.wrap": {"svdadapt.engine.b": [2]}, "svdadapt.extra.c": {}}
+    file_of = lambda m: m.removeprefix("svdadapt.").replace(".", "/") + ".py"  # noqa: E731
+    assert order_violations(g, ("core", "engine", "wrap"), file_of) == [
+        "extra/c.py: layer 'extra' is not in PACKAGE_ORDER",
+        "core/a.py:7 imports engine.b (layer 'engine' is above 'core')"]
+    assert layer_graph(g) == {"core": {"engine": [7]}, "engine": {"core": [3]}, "wrap": {"engine": [2]}, "extra": {}}
+    assert find_cycles(layer_graph(g)) == [["core", "engine", "core"]]
 
 
 # ----------------------------------------------------------------------------------------- method / mode branches
@@ -208,7 +299,7 @@ def test_only_methods_py_branches_on_method_or_mode() -> None:
     for module, (path, tree) in _modules().items():
         if module != f"{PACKAGE}.{ROUTER}":
             offenders += [f"  {path.relative_to(SRC.parent)}:{line}: {src}" for line, src in sorted(method_branches(tree))]
-    assert not offenders, ("only methods.py may branch on a method or mode name (ask the MethodSpec instead):\n"
+    assert not offenders, ("only core/methods.py may branch on a method or mode name (ask the MethodSpec instead):\n"
                            + "\n".join(offenders))
 
 

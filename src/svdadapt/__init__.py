@@ -3,15 +3,19 @@
 ``svdadapt.wrap(model, method=..., rank=...)`` returns an ordinary ``peft.PeftModel``.
 """
 
-from .linalg import randomized_svd, truncated_svd
-from .methods import METHODS, MethodSpec
+import sys
+
+from .core.linalg import randomized_svd, truncated_svd
+from .core.methods import METHODS, MethodSpec
 from .wrap import resolve_targets, wrap
-from . import compress
+from .quant import compress
+
+sys.modules[__name__ + ".compress"] = compress  # public as svdadapt.compress (import it, or from it)
 from .calibration import Covariances, collect_covariances, text_batches
-from .export import export_lora, load, save, unwrap
-from .stream import init_checkpoint
+from .lifecycle.export import export_lora, load, save, unwrap
+from .stream.init import init_checkpoint
 from .blockwise import BlockwiseOptions
-from .checkpoint import verify
+from .lifecycle.checkpoint import verify
 
 __version__ = "0.1.0"
 

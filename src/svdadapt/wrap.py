@@ -11,22 +11,22 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import checks
+from .engine import checks
 from .blockwise import BlockwiseUnsupported, Compensation, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances, caller_level
-from .distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
-from .apply import apply
-from .plan import LayerPlan, plan_layer, plan_layers
-from .export import attach
-from .job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
+from .engine.distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
+from .engine.apply import apply
+from .engine.plan import LayerPlan, plan_layer, plan_layers
+from .lifecycle.export import attach
+from .engine.job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
                   recorded_options, select_targets)
-from .layers import kind_of, layer_checksum
-from .methods import SVD_CHOICES, get_method
-from .quant import compressed_inputs, plan_quantized_layer
-from .record import AdaptRecord
-from .sources import ModelSource
-from .targets import is_peft, resolve_targets
+from .modules.layers import kind_of, layer_checksum
+from .core.methods import SVD_CHOICES, get_method
+from .quant.quantized import compressed_inputs, plan_quantized_layer
+from .core.record import AdaptRecord
+from .engine.sources import ModelSource
+from .modules.targets import is_peft, resolve_targets
 
 __all__ = ["wrap", "resolve_targets", "SVD_CHOICES", "build_job", "select_targets", "lora_config"]
 
@@ -193,5 +193,5 @@ def wrap(
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)
-    attach(peft_model, _record(job, inputs.targets, plans, base_checksums))  # save_pretrained guard, see export.py
+    attach(peft_model, _record(job, inputs.targets, plans, base_checksums))  # save_pretrained guard, see lifecycle/export.py
     return peft_model

@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import fmt_bytes, hooked_targets
-from ..distributed import my_batches, world
-from ..plan import LayerPlan
-from ..methods import MethodSpec
+from ..engine.distributed import my_batches, world
+from ..engine.plan import LayerPlan
+from ..core.methods import MethodSpec
 from .capture import capture
 from .hidden import HiddenStates
 from .stack import BlockwiseUnsupported, block_of, select_stack

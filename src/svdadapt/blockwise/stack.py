@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..calibration import version
-from ..targets import shared_modules
+from ..modules.targets import shared_modules
 
 __all__ = ["BlockwiseUnsupported", "find_stack", "block_of", "select_stack", "Chain"]
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..calibration import collect, eval_mode, first_tensor
-from ..checks import check_covariances
-from ..distributed import reduce_covariances, world
-from ..plan import LayerPlan
+from ..engine.checks import check_covariances
+from ..engine.distributed import reduce_covariances, world
+from ..engine.plan import LayerPlan
 from .hidden import HiddenStates
 
 __all__ = ["Plan", "Stage"]

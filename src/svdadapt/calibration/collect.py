@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layers import is_target_type
-from ..targets import resolve_targets
+from ..modules.layers import is_target_type
+from ..modules.targets import resolve_targets
 from .covariances import Covariances
 from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, version
 from .masks import Masks, batch_masks, encoder_decoder

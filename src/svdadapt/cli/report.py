@@ -58,7 +58,7 @@ def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: boo
     The column is the method's own (``MethodSpec.report``): the captured energy ‖s·B·A‖²/‖W‖² (CorDA: of W·C) for the
     methods that decompose the weight, and for EoRA the remaining compensation error ‖(ΔW − M)·S‖ / ‖ΔW·S‖ in the
     calibration-whitened space. A quantized residual base adds its error and QLoRA's (:func:`report_legend`)."""
-    from .methods import get_method
+    from ..core.methods import get_method
 
     spec = get_method(method)
     key, label = spec.report.key, spec.report.label
@@ -88,7 +88,7 @@ def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: boo
 
 def report_legend(method: str, layers: dict[str, dict[str, Any]]) -> list[str]:
     """The lines printed under a report table: what its columns mean for ``method``."""
-    from .methods import get_method
+    from ..core.methods import get_method
 
     spec = get_method(method)
     lines = [f"{spec.report.label}: {_MEANING[spec.report.key]}"] if spec.report.key in _MEANING else []

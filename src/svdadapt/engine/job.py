@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from . import checks, plan
-from .layers import kind_of
-from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from .methods import MethodSpec, SVDOptions, check_method_keywords, method_keywords, recorded_keywords
-from .qbase import QuantOptions
-from .targets import matches, peft_target_list, resolve_targets, saved_modules
+from ..modules.layers import kind_of
+from ..core.linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from ..core.methods import (MethodSpec, SVDOptions, check_method_keywords, lora_scaling, method_keywords,
+                      recorded_keywords)
+from ..modules.qbase import QuantOptions
+from ..modules.targets import matches, peft_target_list, resolve_targets, saved_modules
 
 __all__ = ["Request", "Job", "keywords", "build_job", "quant_options", "check_needs", "unmet_needs",
            "task_type_for", "select_targets", "check_packing", "recorded_options", "lora_config", "calibrates_on"]
@@ -133,7 +134,7 @@ def build_job(spec: MethodSpec, rank: int, request: Request, *, quantize: str | 
                          f"{f' mode={mode}' if mode else ''}; use svd='full' or 'auto'")
     alpha = rank if request.alpha is None else request.alpha
     given["mode"] = mode
-    return Job(spec, rank, plan.lora_scaling(rank, alpha, request.use_rslora), mode, svd_options,
+    return Job(spec, rank, lora_scaling(rank, alpha, request.use_rslora), mode, svd_options,
                spec.options(**given), request.seed, alpha=alpha, use_rslora=request.use_rslora,
                quant=quant_options(quantize, quant_iters), keywords=given, task_type=task_type,
                modules_to_save=None if modules_to_save is None else tuple(modules_to_save))

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .record import weight_checksum
-from .shards import CheckpointReader, ProgressJournalError, written_tensors
-from .sources import CheckpointSource
-from .stream_journal import Journal
+from ..core.record import weight_checksum
+from ..storage.shards import CheckpointReader, ProgressJournalError, written_tensors
+from ..engine.sources import CheckpointSource
+from .journal import Journal
 
 __all__ = ["check_layout", "check_reference", "input_stats", "check_unchanged"]
 

@@ -38,16 +38,29 @@ from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, META_FILE, S
                          Verified, adapter_key, config_dict, read_checkpoint, read_metadata, read_trained_adapter,
                          save_config, sorted_sets, write_checkpoint)
 from .export import checkpoint_meta
-from .job import Job, lora_config, recorded_options
-from .layers import before_save
-from .manifest import entries, files_under
-from .shards import WRITTEN_FILE
-from .stream_journal import LayerResult
+from ..engine.job import Job, lora_config, recorded_options
+from ..modules.layers import before_save
+from ..storage.manifest import entries, files_under
+from ..storage.shards import WRITTEN_FILE
 
-__all__ = ["BASE_DIR", "TRAINED_DIR", "META_FILE", "STATE_FILE", "REPORT_FILE", "write_init_dir", "write_streamed",
-           "export_init_dir", "Exported", "NotAnAdapter", "trained_note"]
+__all__ = ["BASE_DIR", "TRAINED_DIR", "META_FILE", "STATE_FILE", "REPORT_FILE", "LayerResult", "write_init_dir",
+           "write_streamed", "export_init_dir", "Exported", "NotAnAdapter", "trained_note"]
 
 REPORT_FILE = "report.json"
+
+
+@dataclass
+class LayerResult:
+    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
+    (``record.weight_checksum``) of the original weight and of the new base, both as stored ("" while the base is
+    not yet built: a layer planned during block-by-block calibration)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    report: dict[str, Any]
+    base_checksum: str
+    residual_checksum: str
+
 
 Log = Callable[[str], None]
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .layers import kind_of
-from .targets import resolve_targets
+from ..modules.layers import kind_of
+from ..modules.targets import resolve_targets
 
 __all__ = ["quantize", "quantize_weight", "prune", "prune_weight"]
 

@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .calibration import Covariances
+from ..calibration import Covariances
 from .plan import Job, LayerPlan
-from .linalg import MIN_BLOCK, auto_niter, choose_svd
-from .record import weight_checksum
+from ..core.linalg import MIN_BLOCK, auto_niter, choose_svd
+from ..core.record import weight_checksum
 
 __all__ = ["world", "barrier", "check_in", "same_job", "fingerprint", "layer_cost", "split_by_cost", "my_share",
            "gather_plans", "all_reduce_sum", "my_batches", "reduce_covariances"]

@@ -11,7 +11,7 @@ Which modules are targets is decided exactly as ``wrap`` decides it, on a skelet
 device from config.json (no weight is materialized): ``targets.resolve_targets``.
 
 CorDA and EoRA (``calibration=`` batches; EoRA: ``checkpoint_dir`` compressed, ``reference=`` uncompressed) first
-run the calibration one decoder block at a time on that skeleton (``stream_calibrated``: each block's weights read
+run the calibration one decoder block at a time on that skeleton (``calibrated``: each block's weights read
 from the checkpoint only while it runs, ``lazy.LazyBlocks`` under ``blockwise.plan_blockwise``, the path ``wrap``
 takes on a loaded model); a block's targets are decomposed while it is loaded and journaled, and the base is then
 written as for PiSSA, from the journal (EoRA: copied through). Memory: one block (per model), the hidden states (on
@@ -25,7 +25,7 @@ Memory follows the largest tensor, not the model: a few tensors of one layer (W 
 work, the new base) plus the output shard being filled (at most ``max_shard_bytes``); at the end the adapter's
 factors (r·(in + out) per layer), a few times over while they are written.
 
-Resuming (``stream_journal``). ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options,
+Resuming (``journal``). ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options,
 targets, a fingerprint of the checkpoint's tensor list) and ``layers/<module>.safetensors`` per finished layer (A₀
 (r, in), B₀ (out, r), its report and the checksums of W and of the new base), written atomically before that layer's
 base enters a shard. ``DIR/base/`` carries the ShardWriter's own journal. Run again with ``resume=True`` (the
@@ -34,7 +34,7 @@ decomposed are taken from their files (no SVD; W is read again only for a layer 
 filled, and must match its recorded sha256), and the rest is computed as before. The result is bit-identical to an
 uninterrupted run. Each entry carries a sha256 of its contents (a damaged one is decomposed again); ``job.json``
 also records the input files' stats, and a resumed run re-checks the tensors of a file whose stats changed
-(``stream_inputs``). ``out_dir`` is locked while a run writes into it (``stream_journal.locked``).
+(``inputs``). ``out_dir`` is locked while a run writes into it (``journal.locked``).
 ``.svdadapt-stream`` is removed when the run completes.
 """
 
@@ -50,19 +50,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checks
-from .blockwise import BlockwiseOptions
-from .blockwise import resolve as resolve_blockwise
-from .distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
-from .initdir import BASE_DIR, write_streamed
-from .job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
-from .methods import get_method
-from .shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
+from ..engine import checks
+from ..blockwise import BlockwiseOptions
+from ..blockwise import resolve as resolve_blockwise
+from ..engine.distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
+from ..lifecycle.initdir import BASE_DIR, write_streamed
+from ..engine.job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
+from ..core.methods import get_method
+from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
-from .sources import CheckpointSource
-from .stream_calibrated import plan_calibrated
-from .stream_inputs import check_layout, check_reference, check_unchanged, input_stats
-from .stream_journal import STREAM_DIR, Journal, layer_base, locked, open_journal
+from ..engine.sources import CheckpointSource
+from .calibrated import plan_calibrated
+from .inputs import check_layout, check_reference, check_unchanged, input_stats
+from .journal import STREAM_DIR, Journal, layer_base, locked, open_journal
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
@@ -209,7 +209,7 @@ def _complete_journal(job: Job, source: CheckpointSource, journal: Journal) -> N
 
 
 def _check_inputs(journal: Journal, ck: _Checkpoint, ref: _Checkpoint | None, out: Path, calibrated: bool) -> None:
-    """A resumed run: the input files as the interrupted run used them (``stream_inputs.check_unchanged``); their
+    """A resumed run: the input files as the interrupted run used them (``inputs.check_unchanged``); their
     stats are then recorded anew."""
     saved = journal.saved_inputs or {}
     check_unchanged(journal, ck.reader, saved.get("model"), ck.source, out / BASE_DIR, calibrated, out)

@@ -29,8 +29,8 @@ import warnings
 
 import torch
 
-from .manifest import check_manifest, differences, entries
-from .record import Factors, check_record, factors_checksum
+from ..storage.manifest import check_manifest, differences, entries
+from ..core.record import Factors, check_record, factors_checksum
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
            "config_from_dict", "write_checkpoint", "read_checkpoint", "read_metadata", "Saved", "adapter_keys",

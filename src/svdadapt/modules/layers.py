@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import bnb
-from .record import weight_checksum
+from ..core.record import weight_checksum
 
 __all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype", "layer_checksum",
            "after_wrap", "before_save"]

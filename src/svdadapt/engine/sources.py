@@ -1,7 +1,7 @@
 """Where the engine's layers come from: a ``LayerInput`` (name, W, C, reference) per target.
 
 ``ModelSource`` reads an in-memory model; ``CheckpointSource`` reads a safetensors checkpoint one tensor at a time
-(``shards.CheckpointReader``), for the streaming init of ``stream.py``. Other sources (one process's share of the
+(``shards.CheckpointReader``), for the streaming init of ``stream/init.py``. Other sources (one process's share of the
 targets) yield the same ``LayerInput`` and plug into ``plan.plan_layers`` unchanged.
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .plan import LayerInput
-from .layers import compute_dtype, kind_of, read_weight
-from .shards import CheckpointReader
+from ..modules.layers import compute_dtype, kind_of, read_weight
+from ..storage.shards import CheckpointReader
 
 __all__ = ["ModelSource", "CheckpointSource"]
 

@@ -1,6 +1,6 @@
 """A model on the meta device whose weights come from a safetensors checkpoint, one decoder block at a time.
 
-The streaming CorDA / EoRA init (``stream_calibrated.py``) runs calibration batches through a model it never
+The streaming CorDA / EoRA init (``calibrated.py``) runs calibration batches through a model it never
 loads whole. It takes the meta-device skeleton built from config.json and
 
 * loads what comes before the decoder stack at once (the embeddings), and what comes after it (final norm, output
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise.stack import block_of
-from .shards import CheckpointReader
+from ..blockwise.stack import block_of
+from ..storage.shards import CheckpointReader
 
 __all__ = ["LazyBlocks"]
 

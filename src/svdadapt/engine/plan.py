@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .layers import compute_dtype
-from .methods import MethodSpec, SVDOptions
+from ..modules.layers import compute_dtype
+from ..core.methods import MethodSpec, SVDOptions
 
-__all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "layer_generator",
-           "lora_scaling"]
+__all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "layer_generator"]
 
 
 @dataclass
@@ -56,11 +55,6 @@ class Job:
     svd: SVDOptions = SVDOptions()
     options: Any = None  # the method's typed options (CordaOptions ...), None if it has none
     seed: int = 0
-
-
-def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's scaling s: alpha / r, or alpha / √r under rsLoRA (the same float PEFT computes)."""
-    return alpha / (rank ** 0.5) if use_rslora else alpha / rank
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:

@@ -19,7 +19,7 @@ import torch
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
-           "milora", "corda", "eora", "finish", "SVD_CHOICES",
+           "milora", "corda", "eora", "finish", "lora_scaling", "SVD_CHOICES",
            "ReportColumn", "check_method_keywords", "method_keywords", "recorded_keywords", "mode_choices",
            "with_modes"]
 
@@ -310,6 +310,11 @@ def get_method(name: str) -> MethodSpec:
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods are: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scaling s: alpha / r, or alpha / √r under rsLoRA (the same float PEFT computes)."""
+    return alpha / (rank ** 0.5) if use_rslora else alpha / rank
 
 
 @torch.no_grad()

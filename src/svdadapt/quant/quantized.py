@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .plan import Job, LayerInput, LayerPlan, plan_layer
-from .methods import finish
-from .qbase import QuantOptions, quantize_dequantize
+from ..engine.plan import Job, LayerInput, LayerPlan, plan_layer
+from ..core.methods import finish
+from ..modules.qbase import QuantOptions, quantize_dequantize
 
 __all__ = ["plan_quantized_layer", "compressed_inputs"]
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import kind_of, read_weight
-from .targets import shared_modules, shared_weights
+from ..modules.layers import kind_of, read_weight
+from ..modules.targets import shared_modules, shared_weights
 
 __all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "check_rank_fits",
            "check_untied", "reference_weights", "check_covariances"]

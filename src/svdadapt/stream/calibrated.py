@@ -2,7 +2,7 @@
 
 The batches run block by block (``blockwise.plan_blockwise``, the path ``wrap`` takes on a loaded model) on the
 meta-device skeleton of the checkpoint, each block's weights read only while it runs (``lazy.LazyBlocks``). A block's
-targets are planned from its covariances while it is loaded and journaled (``stream_journal.layer_base``); the base
+targets are planned from its covariances while it is loaded and journaled (``journal.layer_base``); the base
 is then written from the journal as for the data-free methods.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
-from .distributed import barrier, my_share
-from .plan import LayerInput, LayerPlan, Preparations, plan_layer
-from .job import Job, calibrates_on
+from ..blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
+from ..engine.distributed import barrier, my_share
+from ..engine.plan import LayerInput, LayerPlan, Preparations, plan_layer
+from ..engine.job import Job, calibrates_on
 from .lazy import LazyBlocks
-from .layers import read_weight
-from .stream_journal import Journal, journal_plan
+from ..modules.layers import read_weight
+from .journal import Journal, journal_plan
 
 __all__ = ["plan_calibrated"]
 

@@ -3,7 +3,7 @@
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
 each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
 atomically before that base enters a shard, with a sha256 of all of it (``entry_checksum``: a damaged entry is
-removed and decomposed again). ``job.json`` also records the input files' stats (``stream_inputs``). ``locked``
+removed and decomposed again). ``job.json`` also records the input files' stats (``inputs``). ``locked``
 holds ``out_dir`` for one run at a time. ``journal_plan`` plans one target (or takes the journaled factors, checked
 against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
@@ -17,7 +17,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,29 +28,17 @@ except ImportError:  # Windows
 
 import torch
 
-from .distributed import barrier, world
-from .plan import Job, LayerInput, LayerPlan, plan_layer
-from .methods import finish
-from .record import weight_checksum
-from .shards import fsync_file
-from .sources import CheckpointSource
+from ..engine.distributed import barrier, world
+from ..lifecycle.initdir import LayerResult
+from ..engine.plan import Job, LayerInput, LayerPlan, plan_layer
+from ..core.methods import finish
+from ..core.record import weight_checksum
+from ..storage.shards import fsync_file
+from ..engine.sources import CheckpointSource
 
-__all__ = ["STREAM_DIR", "LayerResult", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
+__all__ = ["STREAM_DIR", "Journal", "open_journal", "locked", "journal_plan", "layer_base"]
 
 STREAM_DIR = ".svdadapt-stream"  # the resume journal inside out_dir
-
-
-@dataclass
-class LayerResult:
-    """One finished layer: A₀ (r, in), B₀ (out, r) in the adapter dtype, its report, and the sha256
-    (``record.weight_checksum``) of the original weight and of the new base, both as stored ("" while the base is
-    not yet built: a layer planned during block-by-block calibration)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    report: dict[str, Any]
-    base_checksum: str
-    residual_checksum: str
 
 
 class Journal:
@@ -88,7 +76,7 @@ class Journal:
         os.replace(tmp, self.dir / "job.json")
 
     def record_inputs(self, inputs: dict[str, Any]) -> None:
-        """The input files' stats (``stream_inputs.input_stats``) as now, once a resumed run found them unchanged
+        """The input files' stats (``inputs.input_stats``) as now, once a resumed run found them unchanged
         in content: the next resume compares with these."""
         key = _read_job(self.dir / "job.json")
         key["inputs"] = self.saved_inputs = inputs

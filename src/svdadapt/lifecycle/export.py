@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apply import apply, write_factors
+from ..engine.apply import apply, write_factors
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
                          read_checkpoint, write_checkpoint)
-from .layers import before_save, kind_of, layer_checksum
-from .methods import get_method
-from .record import ADAPTER, AdaptRecord, Factors, weight_checksum
-from .targets import is_peft
+from ..modules.layers import before_save, kind_of, layer_checksum
+from ..core.methods import get_method
+from ..core.record import ADAPTER, AdaptRecord, Factors, weight_checksum
+from ..modules.targets import is_peft
 
 __all__ = ["save", "load", "export_lora", "unwrap", "attach", "checkpoint_meta", "record_of", "weight_checksum",
            "read_checkpoint", "write_checkpoint", "META_FILE", "STATE_FILE"]
@@ -128,7 +128,7 @@ def quantization_gap(quantize: str | None, report: Mapping[str, Mapping[str, Any
 
 def _write_portable(peft_model: nn.Module, directory: str | os.PathLike, resume: bool,
                     state_dict: Mapping[str, torch.Tensor] | None) -> Path:
-    before_save(peft_model)  # e.g. reading a state dict of a CPU-repacked 4-bit layer corrupts it (layers.py)
+    before_save(peft_model)  # e.g. reading a state dict of a CPU-repacked 4-bit layer corrupts it (modules/layers.py)
     meta = checkpoint_meta(peft_model)
     current, extras = _current_state(peft_model, meta["targets"], state_dict)
     gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)

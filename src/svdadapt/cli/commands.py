@@ -123,7 +123,7 @@ def _calib_options(q: argparse.ArgumentParser) -> None:
 
 def _mode_help() -> str:
     """``--mode``'s help from the registry: for each method with modes, what each keeps, and the default."""
-    from .methods import METHODS, with_modes
+    from ..core.methods import METHODS, with_modes
 
     per_method = [", ".join(f"{m} {METHODS[name].mode_help.get(m, '')}".rstrip() for m in METHODS[name].modes)
                   + f"; default {METHODS[name].default_mode}" for name in with_modes()]
@@ -132,8 +132,8 @@ def _mode_help() -> str:
 
 def _init_parser(sub: Any) -> None:
     """The ``init`` subcommand and its options."""
-    from .methods import METHODS, SVD_CHOICES, mode_choices
-    from .qbase import SCHEMES
+    from ..core.methods import METHODS, SVD_CHOICES, mode_choices
+    from ..modules.qbase import SCHEMES
 
     methods = ", ".join(f"{m.name}: {m.description}" for m in METHODS.values())
     q = sub.add_parser("init", help="wrap MODEL and write DIR/base, DIR/adapter, DIR/report.json",
@@ -266,7 +266,7 @@ def _targets(values: Sequence[str]) -> Any:
 
 
 def _text_batches(tokenizer: Any, files: Sequence[str], args: argparse.Namespace) -> list[dict]:
-    from .calibration import text_batches
+    from ..calibration import text_batches
 
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
     per_batch = args.seq_len * args.batch_size
@@ -288,7 +288,7 @@ def _say(msg: str) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     """Check the command line, load the inputs, wrap, write DIR, print the report."""
-    from .initdir import write_init_dir
+    from ..lifecycle.initdir import write_init_dir
 
     _check_init_args(args)
     if _streamable(args):
@@ -309,13 +309,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    from .distributed import world
+    from ..engine.distributed import world
 
     return world()[0]
 
 
 def _safetensors_dir(path: str | None) -> bool:
-    from .shards import INDEX_FILE, SINGLE_FILE
+    from ..storage.shards import INDEX_FILE, SINGLE_FILE
 
     p = Path(path) if path else None
     return p is not None and p.is_dir() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file())
@@ -324,7 +324,7 @@ def _safetensors_dir(path: str | None) -> bool:
 def _streamable(args: argparse.Namespace) -> bool:
     """pissa/milora, corda/eora with text calibration, on safetensors model directories (eora: MODEL and
     --reference), nothing that needs the whole model: streamed."""
-    from .methods import METHODS
+    from ..core.methods import METHODS
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
@@ -335,7 +335,7 @@ def _streamable(args: argparse.Namespace) -> bool:
 
 def _cmd_init_streaming(args: argparse.Namespace) -> int:
     """``init`` through :func:`svdadapt.init_checkpoint`: tensor by tensor, resumable, split over torchrun ranks."""
-    from .stream import STREAM_DIR, init_checkpoint
+    from ..stream.init import STREAM_DIR, init_checkpoint
 
     out = Path(args.out)
     if not (out / STREAM_DIR).is_dir():  # an unfinished streaming run there is resumed, not refused
@@ -354,7 +354,7 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
                     seed=args.seed, mode=args.mode, calibration=calibration, reference=args.reference,
                     progress=not args.no_progress, resume=True)
     if _rank() == 0:
-        from .initdir import REPORT_FILE
+        from ..lifecycle.initdir import REPORT_FILE
 
         info = json.loads((out / REPORT_FILE).read_text())
         _print_summary(args, out, info["layers"], info["alpha"], info["options"].get("mode"), None)
@@ -370,7 +370,7 @@ def _config(model: str) -> Any:
 
 def _check_init_args(args: argparse.Namespace) -> None:
     """Every usage error of ``init``, before anything is loaded."""
-    from .methods import METHODS, with_modes
+    from ..core.methods import METHODS, with_modes
 
     spec = METHODS[args.method]
     _must_exist_model(args.model)
@@ -391,7 +391,7 @@ def _check_init_args(args: argparse.Namespace) -> None:
 
 def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:
     """The method's calibration and reference (``job.unmet_needs``, the rule ``wrap`` follows), in flags."""
-    from .job import unmet_needs
+    from ..engine.job import unmet_needs
 
     unmet = unmet_needs(spec, bool(args.calib), args.reference is not None, args.quantize is not None)
     messages = {
@@ -409,7 +409,7 @@ def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:
 
 def _check_svd(args: argparse.Namespace) -> None:
     """A randomized sketch finds the largest singular triplets only (MethodSpec.largest)."""
-    from .methods import METHODS
+    from ..core.methods import METHODS
 
     spec = METHODS[args.method]
     mode = spec.resolve_mode(args.mode)
@@ -420,7 +420,7 @@ def _check_svd(args: argparse.Namespace) -> None:
 
 def _check_machine(args: argparse.Namespace) -> None:
     """What the options ask of this machine: the --device backend, the quantized base's package for --quantize."""
-    from .qbase import missing_package
+    from ..modules.qbase import missing_package
 
     if args.device is not None:
         _check_device(args.device)
@@ -431,8 +431,8 @@ def _check_machine(args: argparse.Namespace) -> None:
 
 def _tokenizer(model: str, needed: bool, out: Path) -> Any:
     """MODEL's tokenizer; a bare weights directory has none, which is an error only when text must be tokenized."""
-    from .initdir import BASE_DIR
-    from .loading import load_tokenizer
+    from ..lifecycle.initdir import BASE_DIR
+    from ..loading import load_tokenizer
 
     try:
         return load_tokenizer(model)
@@ -445,7 +445,7 @@ def _tokenizer(model: str, needed: bool, out: Path) -> Any:
 
 def _load_init_inputs(args: argparse.Namespace, needs_tokenizer: bool, out: Path) -> tuple[Any, Any, Any]:
     """(model, tokenizer or None, reference model or None)."""
-    from . import loading
+    from .. import loading
 
     _say(f"loading {args.model}")
     model = loading.load_model(args.model)
@@ -472,7 +472,7 @@ def _text_calibration(tokenizer: Any, texts: list[str], args: argparse.Namespace
 def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, reference: Any) -> Any:
     import torch
 
-    from .wrap import wrap
+    from ..wrap import wrap
 
     with torch.no_grad():
         return wrap(model, method=args.method, rank=args.rank, alpha=args.alpha, use_rslora=args.rslora,
@@ -492,7 +492,7 @@ def _print_summary(args: argparse.Namespace, out: Path, report: dict, alpha: flo
     for line in report_legend(args.method, report):
         print(line)
     print()
-    from .initdir import BASE_DIR, REPORT_FILE, TRAINED_DIR
+    from ..lifecycle.initdir import BASE_DIR, REPORT_FILE, TRAINED_DIR
 
     quantized = f" ({quantize}-quantized)" if quantize else ""
     print(kv("svdadapt init", [
@@ -517,8 +517,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import loading
-    from .calibration import collect_covariances
+    from .. import loading
+    from ..calibration import collect_covariances
 
     _say(f"loading {args.model}")
     model = loading.load_model(args.model)
@@ -538,7 +538,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """(init directory, trained adapter directory, new output directory), checked."""
-    from .initdir import BASE_DIR, META_FILE, TRAINED_DIR
+    from ..lifecycle.initdir import BASE_DIR, META_FILE, TRAINED_DIR
 
     d = Path(args.dir)
     if not d.is_dir():
@@ -555,8 +555,8 @@ def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import quantization_gap
-    from .initdir import NotAnAdapter, export_init_dir
+    from ..lifecycle.export import quantization_gap
+    from ..lifecycle.initdir import NotAnAdapter, export_init_dir
 
     d, adapter, out = _export_paths(args)
     try:
@@ -582,8 +582,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .checkpoint import META_FILE, verify
-    from .initdir import trained_note
+    from ..lifecycle.checkpoint import META_FILE, verify
+    from ..lifecycle.initdir import trained_note
 
     d = Path(args.dir)
     if not (d / META_FILE).is_file():
@@ -598,7 +598,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .checkpoint import META_FILE, read_metadata
+    from ..lifecycle.checkpoint import META_FILE, read_metadata
 
     d = Path(args.dir)
     if not (d / META_FILE).is_file():

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from . import bnb
 from .layers import kind_of, read_weight
-from .methods import finish
-from .plan import lora_scaling
+from ..core.methods import finish, lora_scaling
 
 __all__ = ["SCHEMES", "QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized",
            "quantize_bases", "missing_package"]

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import after_wrap, kind_of, read_weight
-from .methods import finish
-from .qbase import quantize_bases
-from .record import ADAPTER
+from ..modules.layers import after_wrap, kind_of, read_weight
+from ..core.methods import finish
+from ..modules.qbase import quantize_bases
+from ..core.record import ADAPTER
 
 __all__ = ["apply", "write_factors"]
 

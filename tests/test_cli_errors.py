@@ -1,4 +1,4 @@
-"""Exit codes of the ``svdadapt`` command line and the rule behind them (docs/lifecycle.md#exit-codes):
+"""Exit codes of the ``svdadapt`` command line and the rule behind them (docs/cli.md#exit-codes):
 
 - 2: the command line is wrong, decidable from the arguments, the machine (its torch device backends, whether
   bitsandbytes is installed) and the existence and kind of the named paths alone; checked before anything is loaded;

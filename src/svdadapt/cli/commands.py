@@ -16,7 +16,7 @@ adapter whose ``base_model_name_or_path`` is the base/ of another init directory
 ``report`` checks the record's fields): a DIR/adapter overwritten by training is said, after checking that it is a
 trained adapter of this init; any other difference is an error naming the file.
 
-Exit status (docs/lifecycle.md#exit-codes): 0 success; 2 the command line is wrong, decidable from the arguments,
+Exit status (docs/cli.md#exit-codes): 0 success; 2 the command line is wrong, decidable from the arguments,
 the machine and the named paths alone and checked before anything is loaded (unknown method, missing option, option
 the method does not take, options that contradict each other such as ``--svd randomized`` with a bottom-r method,
 a ``--device`` this machine lacks, ``--quantize`` without bitsandbytes, a missing input path or one of the wrong kind

@@ -581,13 +581,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_dir(path: str) -> Path:
+    """An init or save directory: one holding svdadapt.json (else a usage error)."""
+    from ..lifecycle.checkpoint import META_FILE
+
+    d = Path(path)
+    if not (d / META_FILE).is_file():
+        raise UsageError(f"{path!r} has no {META_FILE} (not an init or save directory)")
+    return d
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ..lifecycle.checkpoint import META_FILE, verify
+    from ..lifecycle.checkpoint import verify
     from ..lifecycle.initdir import trained_note
 
-    d = Path(args.dir)
-    if not (d / META_FILE).is_file():
-        raise UsageError(f"{args.dir!r} has no {META_FILE} (not an init or save directory)")
+    d = _record_dir(args.dir)
     v = verify(d)
     note = trained_note(v)
     if note is not None:
@@ -598,11 +606,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ..lifecycle.checkpoint import META_FILE, read_metadata
+    from ..lifecycle.checkpoint import read_metadata
 
-    d = Path(args.dir)
-    if not (d / META_FILE).is_file():
-        raise UsageError(f"{args.dir!r} has no {META_FILE} (not an init or save directory)")
+    d = _record_dir(args.dir)
     meta = read_metadata(d)
     layers = meta.get("report") or {}
     if not layers:

@@ -341,9 +341,13 @@ def unchecked_tests(tree: ast.Module) -> list[str]:
     return [name for name in funcs if name.startswith("test_") and name not in checking]
 
 
+TESTS = Path(__file__).resolve().parent
+TEST_FILES = sorted(TESTS.rglob("test_*.py"))  # tests/ and its folders, one per subpackage (names unique: no __init__.py)
+
+
 def test_every_test_checks_something() -> None:
-    tests = sorted(Path(__file__).parent.glob("test_*.py"))
-    bare = [f"  {p.name}::{name}" for p in tests for name in unchecked_tests(ast.parse(p.read_text(encoding="utf-8")))]
+    bare = [f"  {p.relative_to(TESTS).as_posix()}::{name}" for p in TEST_FILES
+            for name in unchecked_tests(ast.parse(p.read_text(encoding="utf-8")))]
     assert not bare, "tests that cannot fail (no assert, no pytest.raises):\n" + "\n".join(bare)
 
 

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from svdadapt.storage import shards
 from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader, ShardWriter, copy_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _synthetic  # noqa: E402
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[4]))  # the parent's: the factors are bit-identical at one thread count
-sys.path.insert(0, sys.argv[3])
+sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent)]  # this folder, then tests/ (helpers)
 from test_output_bytes import write_all
 write_all(Path(sys.argv[1]), Path(sys.argv[2]))
 """

@@ -1,4 +1,4 @@
-"""save / load / export_lora / unwrap and the save_pretrained guard, on the tiny Llama (issue 4, "What must hold" 1-2)."""
+"""save / load / export_lora / unwrap and the save_pretrained guard, on the tiny Llama."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The ``svdadapt`` command line, hardened (issue 10 "Files and the command line", issue 11 "Lifecycle and CLI"):
+"""The ``svdadapt`` command line's inputs and outputs:
 calibration text without tokens, an adapter from another init, truncated or foreign GGUF files, help text and the
 report's legend, and ``init --quantize`` (a bitsandbytes base/ that plain transformers + PEFT load).
 
-Every error case asserts the exit status and the exact one-line stderr message. The tiny Llama and its tokenizer
-are test_cli.py's fixtures."""
+Every error case asserts the exit status and the exact one-line stderr message. The tiny Llama, its tokenizer and
+the PiSSA init are the fixtures of tests/cli/conftest.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from svdadapt.lifecycle.export import quantization_gap
 from svdadapt.loading import load_model
 
 from helpers import make_tiny_llama, out as outputs, same_state, token_ids, train
-from test_cli import RANK, VOCAB, calib_files, pissa_init, tiny_dir  # noqa: F401 - fixtures
+from cli_model import RANK, VOCAB
 
 X = token_ids(2, 16, seed=7, vocab=VOCAB)
 

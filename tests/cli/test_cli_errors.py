@@ -5,8 +5,8 @@
 - 1: the run failed on what the inputs hold (a model's shapes or config, a file's contents).
 
 Every exit-2 case (here and test_cli.py's) is run with the loaders replaced by a trap, which proves it is decided
-before any model, tokenizer or config is read. The tiny Llama, its tokenizer and the init directory are test_cli.py's
-fixtures."""
+before any model, tokenizer or config is read. The tiny Llama, its tokenizer and the init directory are the fixtures
+of tests/cli/conftest.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import svdadapt.stream.init
 from svdadapt.cli import main
 
 from helpers import make_tiny_llama, tiny_tokenizer
-from test_cli import ERRORS, VOCAB, calib_files, pissa_init, tiny_dir  # noqa: F401 - fixtures
+from cli_model import VOCAB
+from test_cli import ERRORS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: many small BLAS calls
 

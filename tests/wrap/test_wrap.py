@@ -1,5 +1,5 @@
 """wrap() with PiSSA and MiLoRA: exact at init, the right components, parity with PEFT, determinism,
-trainability, target matching and errors (issue 2, "What must hold" 1-5)."""
+trainability, target matching and errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Calibration hardening: masks per stack in encoder–decoder models, inputs changed in place are new inputs,
+"""Calibration's inputs: masks per stack in encoder–decoder models, inputs changed in place are new inputs,
 ``Covariances.load`` names the bad file, GPT-2's Conv1D layers. Each covariance is checked against a brute-force
 reference: the inputs recorded by plain hooks of the test's own, masked by hand."""
 

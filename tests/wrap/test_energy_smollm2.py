@@ -1,5 +1,5 @@
 """The defaults on the real SmolLM2-135M: every Linear's adapter captures >= 99.5% of the optimal rank-16
-energy, and the wrapped model is exact at init (issue 2, "What must hold" 1-2)."""
+energy, and the wrapped model is exact at init."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
 
 from helpers import make_tiny_llama, out, token_ids
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svdadapt.json", "report.json"]
 
 

@@ -1,4 +1,4 @@
-"""The ``svdadapt`` command line (issue 4, "What must hold" 3-4): in-process ``main([...])`` on a tiny Llama with a
+"""The ``svdadapt`` command line: in-process ``main([...])`` on a tiny Llama with a
 tiny trained tokenizer, every documented error path, and one slow round trip on the real SmolLM2 GGUF."""
 
 from __future__ import annotations
@@ -21,33 +21,10 @@ from svdadapt.cli import main
 from svdadapt.quant.compress import quantize
 from svdadapt.loading import load_model, load_tokenizer
 
-from helpers import out as outputs, rel, same_state, save_tiny_model, token_ids, train
+from cli_model import RANK, VOCAB
+from helpers import out as outputs, rel, same_state, token_ids, train
 
-SEED, VOCAB, RANK = 5, 300, 4
 CALIB_ARGS = ["--seq-len", "32", "--batch-size", "4", "--max-tokens", "512"]  # 4 batches of 4x32
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), SEED, VOCAB)
-
-
-@pytest.fixture(scope="module")
-def calib_files(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("calib")
-    files = []
-    for k in ("assignment", "for", "class"):
-        (d / f"{k}.txt").write_text(topics[k])
-        files.append(str(d / f"{k}.txt"))
-    return files
-
-
-@pytest.fixture(scope="module")
-def pissa_init(tiny_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pissa") / "init"
-    assert main(["init", str(tiny_dir), "--method", "pissa", "--rank", str(RANK), "--out", str(out), "--no-progress"]) == 0
-    return out
-
 
 X = token_ids(2, 16, seed=7, vocab=VOCAB)
 

@@ -4,13 +4,12 @@ thread (or ``SVDADAPT_TEST_THREADS``). Plain helper functions live in helpers.py
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 # re-exported: test files import them from helpers; older ones (and ones being written) from conftest
-from helpers import make_tiny_llama, tiny_llama_config  # noqa: F401
+from helpers import TEST_THREADS, make_tiny_llama, tiny_llama_config  # noqa: F401
 
 REAL_MODEL_FIXTURE = "_smollm2_session"
 
@@ -54,7 +53,6 @@ def smollm2_dir(_smollm2_session, tmp_path_factory):
     return d
 
 
-TEST_THREADS = int(os.environ.get("SVDADAPT_TEST_THREADS", "1"))
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import TEST_THREADS
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,7 +34,7 @@ def as_rank(rank: int, size: int, port: int, body: Callable[[], None], timeout_s
     Reducer): its destructor joins a gloo worker thread that may be waiting for the GIL the main thread holds — a
     hang seen once in CI after the DDP steps. ``os._exit(0)`` after a successful body skips that teardown; a failure
     still destroys the group and propagates to the parent."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)  # the parent computes its one-process reference at this count
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     try:

@@ -7,6 +7,7 @@ folder on ``sys.path``. Fixtures stay in conftest.py; plain functions live here.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TOY_SIZES = (24, 40, 32, 16)
+# BLAS threads of the tests that fix a count (the one_thread fixture, spawned ranks): 1, or SVDADAPT_TEST_THREADS to
+# run them at another summation order (.ci/run does); bit-identity between processes needs the same count on both
+TEST_THREADS = int(os.environ.get("SVDADAPT_TEST_THREADS", "1"))
 
 
 # ------------------------------------------------------------------------------------------------------ models

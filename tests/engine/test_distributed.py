@@ -16,7 +16,7 @@ from svdadapt.engine.distributed import layer_cost, split_by_cost
 from svdadapt.engine.plan import Job
 from svdadapt.core.methods import METHODS, SVDOptions
 from dist_harness import as_rank, free_port
-from helpers import make_tiny_llama, output_bytes, token_ids
+from helpers import TEST_THREADS, make_tiny_llama, output_bytes, token_ids
 
 RANK = 4
 BATCHES = [{"input_ids": token_ids(2, 12, seed=s), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
@@ -146,13 +146,13 @@ def test_cli_under_torchrun_writes_the_one_process_files(tmp_path) -> None:
     src = tmp_path / "model"
     make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
     args = ["init", str(src), "--method", "pissa", "--rank", str(RANK), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(TEST_THREADS))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), "-m", "svdadapt.cli", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("svdadapt init") == 1  # one process group: rank 0 alone reports
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)  # as the ranks: bit-identity needs the same summation order
     assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())

@@ -262,7 +262,8 @@ def test_cli_under_torchrun_reports_the_failing_ranks_error_on_every_rank(tmp_pa
                           "--rank", str(RANK), "--no-progress", "--out", str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("svdadapt: error:")]
+    # each rank's line, also where two ranks' writes to the shared stderr interleave: split at the prefix
+    errors = ["svdadapt: error:" + part.split("\n", 1)[0] for part in run.stderr.split("svdadapt: error:")[1:]]
     assert errors and all(line == errors[0] for line in errors), run.stderr[-3000:]
     assert re.fullmatch(rf"svdadapt: error: rank [01]: ValueError: module {re.escape(repr(NAN_MODULE))} has a weight "
                         r"with NaN or inf \(1 of 8192 entries\) in \S+; svdadapt cannot decompose it", errors[0]), errors[0]

@@ -648,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         if debug:
             raise
-        print(f"svdadapt: error: {_one_line(e)}", file=sys.stderr)
+        _error_line(_one_line(e))
         return 2
     except KeyboardInterrupt:
         print("svdadapt: interrupted", file=sys.stderr)
@@ -658,8 +658,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         plain = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError)  # their message says it all
         kind = "" if isinstance(e, plain) else f"{type(e).__name__}: "
-        print(f"svdadapt: error: {kind}{_one_line(e)}", file=sys.stderr)
+        _error_line(kind + _one_line(e))
         return 1
+
+
+def _error_line(message: str) -> None:
+    """``svdadapt: error: message`` on stderr in one write: under torchrun the ranks share one stderr, and a line
+    written in pieces (print writes the newline apart) can be cut into by another rank's."""
+    sys.stderr.write(f"svdadapt: error: {message}\n")
+    sys.stderr.flush()
 
 
 def _one_line(e: BaseException) -> str:

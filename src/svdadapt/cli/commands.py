@@ -603,11 +603,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     meta = done.meta
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
+    pattern = {k: v * (2 if meta["rewrites_base"] else 1) for k, v in
+               (meta["lora_config"].get("rank_pattern") or {}).items()}
     print(kv("svdadapt export", [
         ("method", meta["method"]),
         ("trained adapter", str(adapter)),
         ("layers changed by training", f"{done.changed} / {done.layers}"),
-        ("exported rank", f"{rank}" + (" (= [A; A0], [B, -B0])" if meta["rewrites_base"] else "")),
+        ("exported rank", f"{rank}" + (" (= [A; A0], [B, -B0])" if meta["rewrites_base"] else "")
+         + (f"; per layer: {', '.join(f'{k}={v}' for k, v in pattern.items())}" if pattern else "")),
         ("applies to", "the ORIGINAL model" if meta["rewrites_base"] else "the compressed model (as trained)"),
         ("written", str(out)),
     ]))

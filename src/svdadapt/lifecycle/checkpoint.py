@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from ..storage.manifest import check_manifest, differences, entries
+from ..core.patterns import layer_value
 from ..core.record import Factors, check_record, factors_checksum
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
@@ -295,10 +296,12 @@ class Saved:
 
 def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]
                    ) -> tuple[dict[str, Factors], dict[str, Factors]]:
-    """(initial, current) factors per target from the state file, their shapes checked against the rank."""
+    """(initial, current) factors per target from the state file, their shapes checked against each target's rank
+    (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
-    r = meta["rank"]
+    pattern = meta["lora_config"].get("rank_pattern") or {}
     for n in meta["targets"]:
+        r = layer_value(pattern, n, meta["rank"])
         try:
             init[n] = (state[f"{n}.A0"], state[f"{n}.B0"])
             current[n] = (state[f"{n}.A"], state[f"{n}.B"])

@@ -162,7 +162,8 @@ def wrap(
         model: any ``nn.Module`` with ``nn.Linear`` / transformers ``Conv1D`` (/ bitsandbytes, for EoRA) layers;
             targeted weights are rewritten in place by the methods that rewrite the base.
         method, rank, alpha: a key of ``svdadapt.METHODS``; LoRA rank (1 ≤ r ≤ min(out, in) of every target);
-            LoRA alpha (None: rank). ``use_rslora``: scaling alpha/√r.
+            LoRA alpha (None: rank). ``use_rslora``: scaling alpha/√r. ``rank_pattern``, ``alpha_pattern``:
+            PEFT's per-layer ranks and alphas (key -> value, matched as PEFT matches them; docs/wrap.md).
         target_modules, exclude_modules, modules_to_save, task_type: as in PEFT's ``LoraConfig``
             (``"all-linear"`` leaves out the output head; ``task_type`` None picks CAUSAL_LM for ``*ForCausalLM``).
         svd, niter, oversample, seed: ``"auto"`` / ``"full"`` / ``"randomized"``, Krylov steps (None:

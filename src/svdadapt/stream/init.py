@@ -352,8 +352,8 @@ def init_checkpoint(
         method: ``"pissa"``, ``"milora"``, ``"corda"`` (with ``calibration``) or ``"eora"`` (with
             ``calibration`` and ``reference``: ``checkpoint_dir`` is then the compressed model, a float checkpoint
             such as ``svdadapt.compress`` gives, copied through as the base).
-        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping,
-            options: as
+        rank, alpha, rank_pattern, alpha_pattern, target_modules, exclude_modules, use_rslora, svd, niter,
+            oversample, seed, mode, damping, options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded

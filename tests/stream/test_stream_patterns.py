@@ -160,3 +160,35 @@ def test_two_ranks_give_the_one_process_files_and_model(tmp_path):
         for n, (A, B) in single.svdadapt.init_factors.items():
             assert torch.equal(got["init"][n][0], A) and torch.equal(got["init"][n][1], B), n
         assert all(torch.equal(v, got["state"][k]) for k, v in single.state_dict().items())
+
+
+def test_a_resumed_run_keeps_its_patterns(tmp_path, monkeypatch):
+    """An interrupted run resumes only with the same patterns (they decide the factors), and then gives the
+    uninterrupted run's files."""
+    import svdadapt.stream.journal as stream_journal
+
+    ck = tmp_path / "ck"
+    make_tiny_llama(2).save_pretrained(ck, max_shard_size="100KB")
+    run = dict(method="pissa", rank=RANK, max_shard_bytes=40_000, progress=False)
+    svdadapt.init_checkpoint(ck, tmp_path / "whole", **run, **PATTERNS)
+    real, calls = stream_journal.plan_layer, []
+
+    def crash_after_5(job, layer, *a, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(layer.name)
+        return real(job, layer, *a, **kw)
+
+    monkeypatch.setattr(stream_journal, "plan_layer", crash_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        svdadapt.init_checkpoint(ck, tmp_path / "s", **run, **PATTERNS)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"another job \(rank_pattern differ\)"):
+        svdadapt.init_checkpoint(ck, tmp_path / "s", **run, alpha=ALPHA, rank_pattern={"down_proj": 6},
+                                 alpha_pattern=ALPHAS)
+    with pytest.raises(ValueError, match=r"another job \(alpha_pattern differ\)"):
+        svdadapt.init_checkpoint(ck, tmp_path / "s", **run, alpha=ALPHA, rank_pattern=RANKS)
+    svdadapt.init_checkpoint(ck, tmp_path / "s", **run, **PATTERNS)
+    for f in ("adapter/adapter_model.safetensors", "svdadapt_state.safetensors"):
+        assert _same_tensors(_tensors(tmp_path / "s" / f), _tensors(tmp_path / "whole" / f)), f
+    _same_base(tmp_path / "s" / "base", tmp_path / "whole" / "base")

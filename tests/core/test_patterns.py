@@ -69,6 +69,7 @@ def test_unmatched_and_ambiguous_keys() -> None:
     assert ambiguous_keys({"q_proj": 2, r"layers\.1\..*": 3}, names) == (
         "model.layers.1.self_attn.q_proj", "q_proj", r"layers\.1\..*")
     assert ambiguous_keys({"q_proj": 2, r"layers\.1\..*": 2}, names) is None  # the same value: no ambiguity
+    assert ambiguous_keys({r"layers\.1\..*": 3, "q_proj": 2}, names) is None  # sorted order: the same on reload
     assert ambiguous_keys({"q_proj": 2, "up_proj": 3}, names) is None
 
 

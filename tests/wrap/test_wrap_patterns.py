@@ -192,8 +192,8 @@ def test_eora_on_a_bnb_model_each_layer_at_its_rank(tmp_path) -> None:
      "at a '.' boundary, as a regular expression)"),
     (dict(rank_pattern={"q_proj": 2, r"layers\.1\..*": 6}), ValueError,
      r"rank_pattern keys 'q_proj' (2) and 'layers\\.1\\..*' (6) both match module 'model.layers.1.self_attn.q_proj': "
-     "PEFT saves the keys sorted, so which one applies would change on reload; make the keys match disjoint "
-     "modules (or give them the same value)"),
+     r"the first applies, but PEFT saves the keys sorted and on reload 'layers\\.1\\..*' would; give the keys in "
+     "sorted order, or make them match disjoint modules"),
     (dict(rank_pattern={"q_proj": 65}), ValueError,
      "rank_pattern['q_proj'] = 65 exceeds min(out, in) = 64 of module 'model.layers.0.self_attn.q_proj' with "
      "weight (64, 64)"),
@@ -241,3 +241,18 @@ def test_sequential_eora_compensates_each_block_at_its_own_scaling(monkeypatch) 
     # off in block 0 (≥ 0.13)
     assert max(rel(patterned[n], plain[n]) for n in plain) < 1e-2
     assert min(rel(wrong[n], plain[n]) for n in plain) > 1e-2
+
+
+def test_overlapping_keys_in_sorted_order_give_the_same_ranks_after_a_peft_reload(tmp_path) -> None:
+    """``down_proj`` sorts before ``layers\\.0\\..*``: layer 0's down_proj takes 8 in memory and in PEFT's sorted
+    adapter_config.json alike (each rank doubled by the export)."""
+    from peft import PeftModel
+
+    pattern = {"down_proj": 8, r"layers\.0\..*": 2}
+    pm = svdadapt.wrap(make_tiny_llama(8), "pissa", RANK, rank_pattern=pattern, progress=False)
+    ranks = {n: m.r["default"] for n, m in lora_layers(pm).items()}
+    assert ranks["model.layers.0.mlp.down_proj"] == 8 and ranks["model.layers.0.mlp.up_proj"] == 2
+    assert ranks["model.layers.1.mlp.down_proj"] == 8 and ranks["model.layers.1.mlp.up_proj"] == RANK
+    svdadapt.save(pm, tmp_path)
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(8), tmp_path)
+    assert {n: m.r["default"] for n, m in lora_layers(reloaded).items()} == {n: 2 * r for n, r in ranks.items()}

@@ -68,12 +68,13 @@ def unmatched_keys(pattern: Mapping[str, Any], names: Iterable[str]) -> list[str
 
 
 def ambiguous_keys(pattern: Mapping[str, Any], names: Iterable[str]) -> tuple[str, str, str] | None:
-    """(module, key, other key) for the first module of ``names`` that two keys of ``pattern`` with different values
-    match, None if there is none. Which of the two wins depends on the keys' order, and PEFT writes
-    adapter_config.json with its keys sorted: such a pattern would give that module another rank on reload."""
+    """(module, key, other key) for the first module of ``names`` whose value would change if ``pattern``'s keys
+    were sorted: ``key`` applies in the given order, ``other`` (with another value) in sorted order. PEFT writes
+    adapter_config.json with its keys sorted, so such a module would get another rank (alpha) on reload. None if
+    there is none (keys given in sorted order, or matching disjoint modules, or agreeing, are safe)."""
+    ordered = sorted(pattern)
     for name in names:
-        hits = [k for k in pattern if re.match(rf"(.*\.)?({k})$", name)]
-        other = next((k for k in hits[1:] if pattern[k] != pattern[hits[0]]), None)
-        if other is not None:
-            return name, hits[0], other
+        key, other = pattern_key(pattern, name), pattern_key(ordered, name)
+        if key != other and pattern[key] != pattern[other]:
+            return name, key, other
     return None

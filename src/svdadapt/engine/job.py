@@ -235,8 +235,8 @@ def select_targets(model: nn.Module, target_modules: Any, exclude_modules: Any, 
 def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
     """Every ``rank_pattern`` / ``alpha_pattern`` key matches a target (PEFT warns and ignores such a key; here a
     misspelt key would silently decompose layers at the wrong rank, so it is an error before any SVD), and no
-    target is matched by two keys with different values (the first wins, but PEFT saves the keys sorted, so a
-    reloaded adapter could give it the other's)."""
+    target's value depends on the keys' order (the first matching key applies, and PEFT saves the keys sorted: a
+    reloaded adapter would give such a target the other key's value)."""
     targets = list(targets)
     for which, pattern in (("rank", job.rank_pattern), ("alpha", job.alpha_pattern)):
         stray = unmatched_keys(pattern, targets)
@@ -247,8 +247,8 @@ def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
         if clash is not None:
             name, a, b = clash
             raise ValueError(f"{which}_pattern keys {a!r} ({pattern[a]!r}) and {b!r} ({pattern[b]!r}) both match "
-                             f"module {name!r}: PEFT saves the keys sorted, so which one applies would change on "
-                             "reload; make the keys match disjoint modules (or give them the same value)")
+                             f"module {name!r}: the first applies, but PEFT saves the keys sorted and on reload "
+                             f"{b!r} would; give the keys in sorted order, or make them match disjoint modules")
 
 
 def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:

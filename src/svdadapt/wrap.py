@@ -113,7 +113,7 @@ def _plans(job: Job, inputs: _Inputs, blockwise: Any) -> dict[str, LayerPlan]:
     try:
         return plan_blockwise(_hook_model(job, inputs, batches), inputs.targets, batches,
                               partial(_plan, job, inputs.references), options,
-                              compensation=Compensation(inputs.model, job.scaling), progress=inputs.progress)
+                              compensation=Compensation(inputs.model, job.scaling_of), progress=inputs.progress)
     except BlockwiseUnsupported as e:
         if blockwise is not None:
             raise
@@ -126,7 +126,7 @@ def _inputs(job: Job, model: nn.Module, request: Request) -> _Inputs:
     weights."""
     targets = select_targets(model, request.target_modules, request.exclude_modules, job)
     check_packing(job, targets)
-    checks.check_target_weights(model, targets, job.rank, job.spec.rewrites_base)
+    checks.check_target_weights(model, targets, job.rank, job.spec.rewrites_base, job.rank_pattern)
     reference = request.reference
     references = checks.reference_weights(reference, targets) if reference is not None else None
     return _Inputs(model, targets, request.calibration, reference, references, request.progress)
@@ -137,7 +137,8 @@ def _record(job: Job, targets: dict[str, nn.Module], plans: dict[str, LayerPlan]
     return AdaptRecord(method=job.spec.name, rank=job.rank, alpha=job.alpha, options=recorded_options(job),
                        targets=list(targets), init_factors={n: (p.A, p.B) for n, p in plans.items()},
                        report={n: p.report for n, p in plans.items()}, base_checksums=base_checksums,
-                       quantize=None if job.quant is None else job.quant.scheme)
+                       quantize=None if job.quant is None else job.quant.scheme,
+                       rank_pattern=dict(job.rank_pattern), alpha_pattern=dict(job.alpha_pattern))
 
 
 @same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all
@@ -161,7 +162,8 @@ def wrap(
         model: any ``nn.Module`` with ``nn.Linear`` / transformers ``Conv1D`` (/ bitsandbytes, for EoRA) layers;
             targeted weights are rewritten in place by the methods that rewrite the base.
         method, rank, alpha: a key of ``svdadapt.METHODS``; LoRA rank (1 ≤ r ≤ min(out, in) of every target);
-            LoRA alpha (None: rank). ``use_rslora``: scaling alpha/√r.
+            LoRA alpha (None: rank). ``use_rslora``: scaling alpha/√r. ``rank_pattern``, ``alpha_pattern``:
+            PEFT's per-layer ranks and alphas (key -> value, matched as PEFT matches them; docs/wrap.md).
         target_modules, exclude_modules, modules_to_save, task_type: as in PEFT's ``LoraConfig``
             (``"all-linear"`` leaves out the output head; ``task_type`` None picks CAUSAL_LM for ``*ForCausalLM``).
         svd, niter, oversample, seed: ``"auto"`` / ``"full"`` / ``"randomized"``, Krylov steps (None:

@@ -36,7 +36,8 @@ INIT_CHECKPOINT = {"checkpoint_dir": ("POSITIONAL_OR_KEYWORD", inspect.Parameter
                                            "oversample", "seed", "mode", "damping", "calibration", "reference",
                                            "calibrate_on", "blockwise", "progress")},
                    "max_shard_bytes": ("KEYWORD_ONLY", 1 << 30), "resume": ("KEYWORD_ONLY", True)}
-NEW = {"options": ("KEYWORD_ONLY", None)}  # the nested form of a method's options, beside the flat keywords
+NEW = {"options": ("KEYWORD_ONLY", None),  # the nested form of a method's options, beside the flat keywords
+       "rank_pattern": ("KEYWORD_ONLY", None), "alpha_pattern": ("KEYWORD_ONLY", None)}  # PEFT's per-layer ones
 
 
 def _params(fn) -> dict:

@@ -50,6 +50,14 @@ def _drop(key: str, name: str) -> Callable[[dict], None]:
 CASES = {
     "rank 2**24": (_both(_set(["rank"], 2 ** 24), _set(["lora_config", "r"], 2 ** 24)),
                    f"field 'rank' = 16777216 exceeds min(out, in) = 64 of target '{Q0}' (shape (64, 64))"),
+    "a rank_pattern rank above the shape": (
+        _set(["lora_config", "rank_pattern"], {"q_proj": 65}),
+        f"field 'lora_config.rank_pattern'['q_proj'] = 65 exceeds min(out, in) = 64 of target '{Q0}' (shape (64, 64))"),
+    "a rank_pattern rank a float": (_set(["lora_config", "rank_pattern"], {"q_proj": 2.5}),
+                                    "field 'lora_config': rank_pattern['q_proj'] must be an integer >= 1, got 2.5"),
+    "an alpha_pattern a list": (_set(["lora_config", "alpha_pattern"], [1]),
+                                "field 'lora_config': alpha_pattern must be a mapping of module-name pattern to alpha, "
+                                "got list"),
     "rank a string": (_set(["rank"], "4"), "field 'rank' must be a positive integer, got '4'"),
     "rank true": (_set(["rank"], True), "field 'rank' must be a positive integer, got True"),
     "lora_alpha doubled in lora_config only": (_set(["lora_config", "lora_alpha"], 2 * RANK),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,7 +61,7 @@ class Compensation:
     Ignored without ``sequential``."""
 
     model: nn.Module
-    scaling: float = 1.0
+    scaling: float | Callable[[str], float] = 1.0  # one for all layers, or name -> the layer's (``Job.scaling_of``)
 
 
 def resolve(blockwise: bool | BlockwiseOptions | None, spec: MethodSpec, calibration: Any,
@@ -133,6 +133,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     """
     model = hook_model if compensation is None else compensation.model
     scaling = 1.0 if compensation is None else compensation.scaling
+    scaling_of = scaling if callable(scaling) else (lambda _name: scaling)
     sequential = bool(options.sequential)
     batches, names = list(batches), list(targets)
     mine = my_batches(batches) if world()[1] > 1 else batches  # a process group: each rank runs its share
@@ -144,7 +145,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     except BlockwiseUnsupported:
         store.close()
         raise
-    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling)
+    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of)
     try:
         plans = _run_blocks(stage, hook_model, mine, stack, blocks, carriers, progress)
     finally:

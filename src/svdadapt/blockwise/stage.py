@@ -53,14 +53,15 @@ def _add_lora(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
 
 
 @contextmanager
-def _compensated(modules: Mapping[str, nn.Module], plans: Mapping[str, LayerPlan], scaling: float) -> Iterator[None]:
+def _compensated(modules: Mapping[str, nn.Module], plans: Mapping[str, LayerPlan],
+                 scaling: Callable[[str], float]) -> Iterator[None]:
     """Each named module computes W_c·x + s·B·A·x while inside."""
     handles = []
     try:
         for name, module in modules.items():
-            A, B = plans[name].A, plans[name].B
+            A, B, s = plans[name].A, plans[name].B, scaling(name)
             handles.append(module.register_forward_hook(
-                lambda m, a, k, o, _A=A, _B=B: _add_lora(m, a, k, o, A=_A, B=_B, scaling=scaling), with_kwargs=True))
+                lambda m, a, k, o, _A=A, _B=B, _s=s: _add_lora(m, a, k, o, A=_A, B=_B, scaling=_s), with_kwargs=True))
         yield
     finally:
         for h in handles:
@@ -76,7 +77,7 @@ class Stage:
     hook_targets: dict[str, nn.Module]  # name -> the module hooked for calibration (on the hook model)
     targets: dict[str, nn.Module]  # name -> the module adapted (on the wrapped model)
     sequential: bool
-    scaling: float
+    scaling: Callable[[str], float]  # name -> the layer's LoRA scaling
     tokens: int = 0
 
     def step(self, index: int, names: list[str], collect_block: nn.Module, propagate_block: nn.Module

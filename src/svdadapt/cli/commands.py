@@ -74,6 +74,33 @@ def _positive_float(v: str) -> float:
     return x
 
 
+def _pattern_entry(value: Any) -> Any:
+    """The type of a ``--rank-pattern`` / ``--alpha-pattern`` entry ``KEY=VALUE`` (split at the last '='):
+    (KEY, ``value``(VALUE)), KEY a module name or regular expression as in PEFT's ``rank_pattern``."""
+    def parse(v: str) -> tuple[str, Any]:
+        key, eq, text = v.rpartition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"must be KEY=VALUE (a module name or regular expression, '=', the "
+                                             f"value), got {v!r}")
+        try:
+            return key, value(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{key}: {e}") from None
+    return parse
+
+
+def _patterns(entries: Sequence[tuple[str, Any]] | None, flag: str) -> dict[str, Any] | None:
+    """A pattern flag's entries as the ordered mapping ``wrap`` takes (None without the flag); a key given twice
+    is a usage error."""
+    if entries is None:
+        return None
+    keys = [k for k, _ in entries]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise UsageError(f"{flag} names key {twice!r} twice")
+    return dict(entries)
+
+
 def _parser() -> _Parser:
     p = _Parser(prog="svdadapt", description="LoRA adapters initialized from a model's own weights and activations.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
@@ -144,6 +171,11 @@ def _init_parser(sub: Any) -> None:
     q.add_argument("--rank", required=True, type=_positive, help="LoRA rank r, at most min(out, in) of every target")
     q.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: rank)")
     q.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
+    q.add_argument("--rank-pattern", nargs="+", type=_pattern_entry(_positive), default=None, metavar="KEY=R",
+                   help="per-layer ranks, as PEFT's rank_pattern: a module whose name ends in KEY (a regular "
+                        "expression, at a '.' boundary) gets rank R; the first matching KEY applies")
+    q.add_argument("--alpha-pattern", nargs="+", type=_pattern_entry(_positive_float), default=None,
+                   metavar="KEY=ALPHA", help="per-layer alphas, as PEFT's alpha_pattern (default: --alpha)")
     q.add_argument("--mode", choices=mode_choices(), default=None, help=_mode_help())
     q.add_argument("--calib", nargs="+", default=None, metavar="FILE", help=f"corda/eora: {_TEXT_HINT}")
     q.add_argument("--reference", default=None, metavar="MODEL",
@@ -350,6 +382,7 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
     else:
         _say(f"streaming {args.model} tensor by tensor")
     init_checkpoint(args.model, out, method=args.method, rank=args.rank, alpha=args.alpha,
+                    rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), use_rslora=args.rslora, svd=args.svd,
                     seed=args.seed, mode=args.mode, calibration=calibration, reference=args.reference,
                     progress=not args.no_progress, resume=True)
@@ -387,6 +420,8 @@ def _check_init_args(args: argparse.Namespace) -> None:
                          f"not {args.method}")
     _check_svd(args)
     _check_machine(args)
+    args.rank_pattern = _patterns(args.rank_pattern, "--rank-pattern")
+    args.alpha_pattern = _patterns(args.alpha_pattern, "--alpha-pattern")
 
 
 def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:
@@ -476,6 +511,7 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
 
     with torch.no_grad():
         return wrap(model, method=args.method, rank=args.rank, alpha=args.alpha, use_rslora=args.rslora,
+                    rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
                     calibration=calibration, reference=reference, quantize=args.quantize,
                     quant_iters=args.quant_iters or 1, progress=not args.no_progress)
@@ -498,6 +534,8 @@ def _print_summary(args: argparse.Namespace, out: Path, report: dict, alpha: flo
     print(kv("svdadapt init", [
         ("method", args.method + (f" ({mode})" if mode else "")),
         ("rank / alpha", f"{args.rank} / {alpha:g}" + (" (rsLoRA)" if args.rslora else "")),
+        *[(f"{flag} pattern", ", ".join(f"{k}={v:g}" for k, v in pattern.items()))
+          for flag, pattern in (("rank", args.rank_pattern), ("alpha", args.alpha_pattern)) if pattern],
         ("layers", str(len(report))),
         ("base", str(out / BASE_DIR) + quantized),
         ("adapter", str(out / TRAINED_DIR)),
@@ -565,11 +603,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     meta = done.meta
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
+    pattern = {k: v * (2 if meta["rewrites_base"] else 1) for k, v in
+               (meta["lora_config"].get("rank_pattern") or {}).items()}
     print(kv("svdadapt export", [
         ("method", meta["method"]),
         ("trained adapter", str(adapter)),
         ("layers changed by training", f"{done.changed} / {done.layers}"),
-        ("exported rank", f"{rank}" + (" (= [A; A0], [B, -B0])" if meta["rewrites_base"] else "")),
+        ("exported rank", f"{rank}" + (" (= [A; A0], [B, -B0])" if meta["rewrites_base"] else "")
+         + (f"; per layer: {', '.join(f'{k}={v}' for k, v in pattern.items())}" if pattern else "")),
         ("applies to", "the ORIGINAL model" if meta["rewrites_base"] else "the compressed model (as trained)"),
         ("written", str(out)),
     ]))

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .patterns import check_pattern, pattern_key
+
 __all__ = ["ADAPTER", "AdaptRecord", "Factors", "weight_checksum", "factors_checksum", "check_record"]
 
 ADAPTER = "default"  # the PEFT adapter name svdadapt fills
@@ -52,6 +54,8 @@ class AdaptRecord:
         base_checksums: name -> sha256 of the weight the portable adapter applies to (the original W, or W_c for
             a method that keeps the base); None when unknown.
         quantize: the bitsandbytes scheme of a quantized residual base, or None.
+        rank_pattern, alpha_pattern: PEFT's per-layer ranks / alphas (pattern -> value; see core/patterns.py),
+            as in the LoRA config; empty when every layer has ``rank`` / ``alpha``.
     Dict-style reads (``record["method"]``) are supported for code written against the old dict record.
     """
 
@@ -64,6 +68,8 @@ class AdaptRecord:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     base_checksums: dict[str, str] | None = None
     quantize: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
@@ -141,10 +147,14 @@ def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -
     report = meta.get("report") or {}
     if not isinstance(report, Mapping) or not all(isinstance(r, Mapping) for r in report.values()):
         raise _field_error(where, "report", "a mapping of module name to a mapping of numbers", report)
+    pattern = meta["lora_config"].get("rank_pattern") or {}
     for t in targets:
         shape = (report.get(t) or {}).get("shape")
-        if isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and meta["rank"] > min(shape):
-            raise ValueError(f"{where}: field 'rank' = {meta['rank']} exceeds min(out, in) = {min(shape)} of "
+        key = pattern_key(pattern, t)
+        rank = meta["rank"] if key is None else pattern[key]
+        if isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and rank > min(shape):
+            said = "field 'rank'" if key is None else f"field 'lora_config.rank_pattern'[{key!r}]"
+            raise ValueError(f"{where}: {said} = {rank} exceeds min(out, in) = {min(shape)} of "
                              f"target {t!r} (shape {tuple(shape)})")
 
 
@@ -161,6 +171,11 @@ def _check_lora_config(meta: Mapping[str, Any], where: str, targets: list[str]) 
     for key, want in (("r", meta["rank"]), ("lora_alpha", meta["alpha"]), ("use_rslora", use_rslora)):
         if cfg.get(key) != want or isinstance(cfg.get(key), bool) != isinstance(want, bool):
             raise ValueError(f"{where}: field 'lora_config' has {key}={cfg.get(key)!r}, the record has {want!r}")
+    for which in ("rank", "alpha"):
+        try:
+            check_pattern(which, cfg.get(f"{which}_pattern"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: field 'lora_config': {e}") from None
     patterns = cfg.get("target_modules")
     if isinstance(patterns, list):
         if not all(isinstance(p, str) for p in patterns):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.patterns import pattern_key
 from ..modules.layers import kind_of, read_weight
 from ..modules.targets import shared_modules, shared_weights
 
@@ -39,10 +40,11 @@ def check_seed(seed: Any) -> None:
         raise TypeError(f"seed must be an integer, got {seed!r}")
 
 
-def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], rank: int, rewrites_base: bool) -> None:
-    """Every target is float, finite, at least ``rank`` on its short side (the error names the tightest layer), held
-    in one place only (not one module object used twice), and, for a method that rewrites the base, shares its
-    weight with no other module."""
+def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], rank: int, rewrites_base: bool,
+                         rank_pattern: Mapping[str, int] | None = None) -> None:
+    """Every target is float, finite, at least its rank (``rank``, or its ``rank_pattern`` entry) on its short side
+    (the error names the tightest layer), held in one place only (not one module object used twice), and, for a
+    method that rewrites the base, shares its weight with no other module."""
     limits = {}
     for name, module in targets.items():
         W = read_weight(name, module)
@@ -50,7 +52,7 @@ def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], ran
             raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(W)).sum())} of "
                              f"{W.numel()} entries); svdadapt cannot decompose it")
         limits[name] = tuple(W.shape)
-    check_rank_fits(rank, limits)
+    check_rank_fits(rank, limits, rank_pattern)
     for a, b in shared_modules(model, targets)[:1]:
         raise ValueError(f"module {a!r} is also used as {b!r} (one module object in two places): PEFT would adapt it "
                          f"in one place only; give each place its own module (copy.deepcopy) or leave {a!r} out of "
@@ -59,12 +61,18 @@ def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], ran
         check_untied(model, targets)
 
 
-def check_rank_fits(rank: int, shapes: Mapping[str, tuple[int, int]]) -> None:
-    """``rank`` at most min(out, in) of every target (name -> (out, in)); the error names the tightest."""
-    tightest = min(shapes, key=lambda n: min(shapes[n]))
-    if rank > min(shapes[tightest]):
-        raise ValueError(f"rank={rank} exceeds min(out, in) = {min(shapes[tightest])} of module {tightest!r} with "
-                         f"weight {shapes[tightest]}")
+def check_rank_fits(rank: int, shapes: Mapping[str, tuple[int, int]],
+                    rank_pattern: Mapping[str, int] | None = None) -> None:
+    """Each target's rank (its ``rank_pattern`` entry, else ``rank``) at most its min(out, in) (name -> (out,
+    in)); the error names the tightest layer it exceeds, and the pattern key that gave its rank."""
+    pattern = rank_pattern or {}
+    keys = {n: pattern_key(pattern, n) for n in shapes}
+    rank_of = {n: rank if keys[n] is None else pattern[keys[n]] for n in shapes}
+    over = [n for n in shapes if rank_of[n] > min(shapes[n])]
+    if over:
+        n = min(over, key=lambda n: min(shapes[n]))
+        said = f"rank={rank}" if keys[n] is None else f"rank_pattern[{keys[n]!r}] = {rank_of[n]}"
+        raise ValueError(f"{said} exceeds min(out, in) = {min(shapes[n])} of module {n!r} with weight {shapes[n]}")
 
 
 def check_untied(model: nn.Module, targets: Iterable[str]) -> None:

@@ -121,19 +121,20 @@ def check_in(error: BaseException | None = None) -> None:
         _exchange(None, error)
 
 
-def layer_cost(shape: tuple[int, int], job: Job) -> float:
-    """Estimated flops of one layer's decomposition: m·n·min(m, n) for an exact SVD (LAPACK or the Gram route),
+def layer_cost(shape: tuple[int, int], job: Job, rank: int | None = None) -> float:
+    """Estimated flops of one layer's decomposition at ``rank`` (None: the job's): m·n·min(m, n) for an exact SVD (LAPACK or the Gram route),
     ~(2·niter + 1)·b·m·n for a block-Krylov sketch with blocks of b columns, plus W·C (m·n²) for methods that
     multiply by a covariance."""
     m, n = shape
+    rank = job.rank if rank is None else rank
     largest = job.spec.largest(job.mode)
-    chosen = choose_svd(shape, job.rank, largest, job.svd.niter, job.svd.oversample) if job.svd.svd == "auto" \
+    chosen = choose_svd(shape, rank, largest, job.svd.niter, job.svd.oversample) if job.svd.svd == "auto" \
         else job.svd.svd
     if chosen in ("full", "gram"):
         cost = float(m) * n * min(m, n)
     else:
         niter = job.svd.niter if job.svd.niter is not None else auto_niter(min(m, n))
-        cost = float(m) * n * max(job.rank + job.svd.oversample, MIN_BLOCK) * (2 * niter + 1)
+        cost = float(m) * n * max(rank + job.svd.oversample, MIN_BLOCK) * (2 * niter + 1)
     return cost + (float(m) * n * n if job.spec.prepare is not None else 0.0)
 
 
@@ -155,7 +156,7 @@ def my_share(shapes: Mapping[str, tuple[int, int]], job: Job) -> list[str]:
     rank, size = world()
     if size == 1:
         return list(shapes)
-    return split_by_cost({n: layer_cost(s, job) for n, s in shapes.items()}, size)[rank]
+    return split_by_cost({n: layer_cost(s, job, job.rank_of(n)) for n, s in shapes.items()}, size)[rank]
 
 
 def gather_plans(local: Mapping[str, LayerPlan], order: Sequence[str]) -> dict[str, LayerPlan]:

@@ -25,11 +25,12 @@ from ..modules.layers import kind_of
 from ..core.linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from ..core.methods import (MethodSpec, SVDOptions, check_method_keywords, lora_scaling, method_keywords,
                       recorded_keywords)
+from ..core.patterns import ambiguous_keys, check_pattern, unmatched_keys
 from ..modules.qbase import QuantOptions
 from ..modules.targets import matches, peft_target_list, resolve_targets, saved_modules
 
 __all__ = ["Request", "Job", "keywords", "build_job", "quant_options", "check_needs", "unmet_needs",
-           "task_type_for", "select_targets", "check_packing", "recorded_options", "lora_config", "calibrates_on"]
+           "task_type_for", "select_targets", "check_patterns_match", "check_packing", "recorded_options", "lora_config", "calibrates_on"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,6 +44,8 @@ class Request:
     target_modules: str | Iterable[str] = "all-linear"
     exclude_modules: str | Iterable[str] | None = None
     use_rslora: bool = False
+    rank_pattern: Mapping[str, int] | None = None  # PEFT's: module-name pattern -> rank (core/patterns.py)
+    alpha_pattern: Mapping[str, float] | None = None  # PEFT's: module-name pattern -> alpha
     svd: str = "auto"
     niter: int | None = DEFAULT_NITER
     oversample: int = DEFAULT_OVERSAMPLE
@@ -90,12 +93,10 @@ def keywords(fn: F) -> F:
 
 @dataclass(frozen=True)
 class Job(plan.Job):
-    """``plan.Job`` (what every layer shares) plus what the entry points decide once: LoRA alpha as PEFT stores
-    it, rsLoRA, the quantized base, the method keywords as recorded (``mode`` resolved), and PEFT's task type and
+    """``plan.Job`` (what every layer shares, with LoRA alpha as PEFT stores it, rsLoRA and the per-layer patterns)
+    plus what the entry points decide once: the quantized base, the method keywords as recorded (``mode`` resolved), and PEFT's task type and
     whole-trained modules as the user gave them."""
 
-    alpha: float = 0.0
-    use_rslora: bool = False
     quant: QuantOptions | None = None
     keywords: Mapping[str, Any] = field(default_factory=dict)
     task_type: str | None = None
@@ -124,6 +125,8 @@ def build_job(spec: MethodSpec, rank: int, request: Request, *, quantize: str | 
     checks.check_rank(rank)
     checks.check_alpha(request.alpha)
     checks.check_flag("use_rslora", request.use_rslora)
+    rank_pattern = check_pattern("rank", request.rank_pattern)
+    alpha_pattern = check_pattern("alpha", request.alpha_pattern)
     checks.check_seed(request.seed)
     given = _method_options(spec, request)
     check_method_keywords(**{k: v for k, v in given.items() if k != "mode"})
@@ -136,6 +139,7 @@ def build_job(spec: MethodSpec, rank: int, request: Request, *, quantize: str | 
     given["mode"] = mode
     return Job(spec, rank, lora_scaling(rank, alpha, request.use_rslora), mode, svd_options,
                spec.options(**given), request.seed, alpha=alpha, use_rslora=request.use_rslora,
+               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                quant=quant_options(quantize, quant_iters), keywords=given, task_type=task_type,
                modules_to_save=None if modules_to_save is None else tuple(modules_to_save))
 
@@ -224,7 +228,27 @@ def select_targets(model: nn.Module, target_modules: Any, exclude_modules: Any, 
     if not kept:
         raise ValueError(f"target_modules={target_modules!r} matched only modules PEFT saves whole ({keep_whole}); "
                          "nothing is left to adapt")
+    check_patterns_match(job, kept)
     return kept
+
+
+def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key matches a target (PEFT warns and ignores such a key; here a
+    misspelt key would silently decompose layers at the wrong rank, so it is an error before any SVD), and no
+    target's value depends on the keys' order (the first matching key applies, and PEFT saves the keys sorted: a
+    reloaded adapter would give such a target the other key's value)."""
+    targets = list(targets)
+    for which, pattern in (("rank", job.rank_pattern), ("alpha", job.alpha_pattern)):
+        stray = unmatched_keys(pattern, targets)
+        if stray:
+            raise ValueError(f"{which}_pattern keys {stray} match no targeted module (a key matches a module whose "
+                             f"full name ends in it, at a '.' boundary, as a regular expression)")
+        clash = ambiguous_keys(pattern, targets)
+        if clash is not None:
+            name, a, b = clash
+            raise ValueError(f"{which}_pattern keys {a!r} ({pattern[a]!r}) and {b!r} ({pattern[b]!r}) both match "
+                             f"module {name!r}: the first applies, but PEFT saves the keys sorted and on reload "
+                             f"{b!r} would; give the keys in sorted order, or make them match disjoint modules")
 
 
 def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
@@ -256,10 +280,11 @@ def recorded_options(job: Job) -> dict[str, Any]:
 
 
 def lora_config(model: nn.Module, targets: Mapping[str, nn.Module], job: Job) -> Any:
-    """The rank-r ``peft.LoraConfig`` of the job's targets in ``model``."""
+    """The rank-r ``peft.LoraConfig`` of the job's targets in ``model``, with the job's per-layer patterns."""
     from peft import LoraConfig
 
     return LoraConfig(r=job.rank, lora_alpha=job.alpha, target_modules=peft_target_list(model, list(targets)),
+                      rank_pattern=dict(job.rank_pattern), alpha_pattern=dict(job.alpha_pattern),
                       use_rslora=job.use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
                       modules_to_save=list(job.modules_to_save) if job.modules_to_save else None,
                       fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()),

@@ -11,14 +11,15 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from ..modules.layers import compute_dtype
-from ..core.methods import MethodSpec, SVDOptions
+from ..core.methods import MethodSpec, SVDOptions, lora_scaling
+from ..core.patterns import layer_value
 
 __all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "layer_generator"]
 
@@ -46,7 +47,8 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Job:
-    """What every layer of one initialization shares."""
+    """What every layer of one initialization shares; a layer's own rank and scaling are ``rank_of`` /
+    ``scaling_of`` (PEFT's ``rank_pattern`` / ``alpha_pattern`` over ``rank``, ``alpha``, rsLoRA)."""
 
     spec: MethodSpec
     rank: int
@@ -55,6 +57,20 @@ class Job:
     svd: SVDOptions = SVDOptions()
     options: Any = None  # the method's typed options (CordaOptions ...), None if it has none
     seed: int = 0
+    alpha: float = 0.0  # LoRA alpha as PEFT stores it (read only where a pattern applies)
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    def rank_of(self, name: str) -> int:
+        """The rank PEFT gives module ``name``: its ``rank_pattern`` entry, else ``rank``."""
+        return layer_value(self.rank_pattern, name, self.rank)
+
+    def scaling_of(self, name: str) -> float:
+        """The scaling PEFT gives module ``name``: alpha/r (alpha/√r with rsLoRA) of its own rank and alpha."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self.scaling
+        return lora_scaling(self.rank_of(name), layer_value(self.alpha_pattern, name, self.alpha), self.use_rslora)
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
@@ -87,7 +103,7 @@ class Preparations:
 def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = None) -> LayerPlan:
     """Run ``job``'s method on one layer. Raises ``RuntimeError`` naming the module if the decomposition fails."""
     W = layer.W
-    kw: dict[str, Any] = dict(rank=job.rank, scaling=job.scaling, largest=job.spec.largest(job.mode), svd=job.svd,
+    kw: dict[str, Any] = dict(rank=job.rank_of(layer.name), scaling=job.scaling_of(layer.name), largest=job.spec.largest(job.mode), svd=job.svd,
                               generator=layer_generator(job.seed, layer.name))
     if job.spec.prepare is not None:
         kw["prepared"] = prepared

@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from ..storage.manifest import check_manifest, differences, entries
+from ..core.patterns import layer_value
 from ..core.record import Factors, check_record, factors_checksum
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
@@ -97,15 +98,18 @@ def config_from_dict(d: Mapping[str, Any]):
 
 
 def _portable_config(cfg: Any, rewrites: bool):
-    """The config of the exported adapter: rank 2r and alpha scaled so alpha/r (or alpha/√r) is unchanged."""
+    """The config of the exported adapter: every rank doubled (r and each ``rank_pattern`` entry) and every alpha
+    scaled (``lora_alpha`` and each ``alpha_pattern`` entry) so each layer's alpha/r (or alpha/√r) is unchanged: a
+    layer's rank and alpha come from the same keys as before, each doubled (×√2 under rsLoRA for alpha)."""
     cfg = copy.deepcopy(cfg)
-    if cfg.rank_pattern or cfg.alpha_pattern:
-        raise ValueError("svdadapt export does not support rank_pattern / alpha_pattern in the LoRA config")
     cfg.init_lora_weights = True  # a loader must not rerun any data-dependent init
     cfg.inference_mode = True
     if rewrites:
+        grow = math.sqrt(2.0) if cfg.use_rslora else 2
         cfg.r *= 2
-        cfg.lora_alpha = cfg.lora_alpha * (math.sqrt(2.0) if cfg.use_rslora else 2)
+        cfg.lora_alpha = cfg.lora_alpha * grow
+        cfg.rank_pattern = {k: 2 * v for k, v in (cfg.rank_pattern or {}).items()}
+        cfg.alpha_pattern = {k: v * grow for k, v in (cfg.alpha_pattern or {}).items()}
     return cfg
 
 
@@ -292,10 +296,12 @@ class Saved:
 
 def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]
                    ) -> tuple[dict[str, Factors], dict[str, Factors]]:
-    """(initial, current) factors per target from the state file, their shapes checked against the rank."""
+    """(initial, current) factors per target from the state file, their shapes checked against each target's rank
+    (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
-    r = meta["rank"]
+    pattern = meta["lora_config"].get("rank_pattern") or {}
     for n in meta["targets"]:
+        r = layer_value(pattern, n, meta["rank"])
         try:
             init[n] = (state[f"{n}.A0"], state[f"{n}.B0"])
             current[n] = (state[f"{n}.A"], state[f"{n}.B"])
@@ -406,11 +412,15 @@ def read_trained_adapter(adapter: str | os.PathLike, meta: Mapping[str, Any], in
                          ) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
     """(name -> trained (A (r, in), B (out, r)), the adapter's other tensors by key) of a rank-r PEFT adapter
     directory trained from the init of ``meta`` / ``init``: its config's r, lora_alpha, use_rslora and
-    target_modules and every factor's shape must be the init's. ``ValueError`` naming the file otherwise."""
+    rank_pattern, alpha_pattern, target_modules and every factor's shape must be the init's. ``ValueError`` naming
+    the file otherwise."""
     adapter = Path(adapter)
     cfg, want = _json_file(adapter / ADAPTER_CONFIG), meta["lora_config"]
-    for k in ("r", "lora_alpha", "use_rslora"):
-        if cfg.get(k) != want.get(k):
+    for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        got, expected = cfg.get(k), want.get(k)
+        if k.endswith("_pattern"):  # a config written without the patterns has none
+            got, expected = got or {}, expected or {}
+        if got != expected:
             raise ValueError(f"trained adapter {str(adapter)!r} has {k}={cfg.get(k)!r}, the init directory has "
                              f"{want.get(k)!r}: it was not trained from this init")
     if not _same_targets(cfg.get("target_modules"), want.get("target_modules")):

@@ -194,7 +194,9 @@ def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> A
                        targets=list(meta["targets"]),
                        init_factors={n: (a.clone(), b.clone()) for n, (a, b) in init.items()},
                        report=meta.get("report", {}), base_checksums=meta["base_checksums"],
-                       quantize=meta.get("quantize"))
+                       quantize=meta.get("quantize"),
+                       rank_pattern=dict(meta["lora_config"].get("rank_pattern") or {}),
+                       alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}))
 
 
 @torch.no_grad()

@@ -79,9 +79,12 @@ def _source(model_path: str | os.PathLike, reference_path: str | os.PathLike | N
 
 
 def _write_report(out: Path, meta: Mapping[str, Any]) -> None:
-    """report.json: the record's summary and its per-layer report."""
-    summary = {"method": meta["method"], "rank": meta["rank"], "alpha": meta["alpha"], "options": meta["options"],
-               "quantize": meta["quantize"], "model": meta["source"]["model"], "layers": meta["report"]}
+    """report.json: the record's summary (with the LoRA config's per-layer patterns) and its per-layer report."""
+    cfg = meta["lora_config"]
+    summary = {"method": meta["method"], "rank": meta["rank"], "alpha": meta["alpha"],
+               "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+               "options": meta["options"], "quantize": meta["quantize"], "model": meta["source"]["model"],
+               "layers": meta["report"]}
     (out / REPORT_FILE).write_text(json.dumps(summary, indent=2, default=list))
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import bnb
 from .layers import kind_of, read_weight
 from ..core.methods import finish, lora_scaling
+from ..core.patterns import layer_value
 
 __all__ = ["SCHEMES", "QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized",
            "quantize_bases", "missing_package"]
@@ -103,18 +104,26 @@ def mark_quantized(model: nn.Module, scheme: str, quantized: set[str]) -> None:
     config.quantization_config = qc
 
 
+def config_scaling(config: Any, name: str) -> float:
+    """The scaling PEFT gives module ``name`` under the ``LoraConfig`` ``config`` (``rank_pattern`` /
+    ``alpha_pattern`` matched as ``LoraModel`` matches them)."""
+    r = layer_value(getattr(config, "rank_pattern", None) or {}, name, config.r)
+    alpha = layer_value(getattr(config, "alpha_pattern", None) or {}, name, config.lora_alpha)
+    return lora_scaling(r, alpha, config.use_rslora)
+
+
 @torch.no_grad()
 def quantize_bases(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                    rewrite_base: bool, scheme: str, progress: bool) -> None:
     """Replace each target (the names of ``factors``: A₀ (r, in), B₀ (out, r)) by a bitsandbytes layer of ``scheme``
     holding W − s·B₀·A₀ if ``rewrite_base``, else W, computed in fp32, and mark the model quantized; ``config``
-    is the ``LoraConfig`` (its r, alpha and rsLoRA give s). ``apply``'s quantized-base step."""
-    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+    is the ``LoraConfig`` (each layer's r and alpha, its patterns' or the config's, and rsLoRA give s).
+    ``apply``'s quantized-base step."""
     for n in tqdm(factors, desc=f"svdadapt quantize bases ({scheme})", disable=not progress, unit="layer"):
         base = None
         if rewrite_base:
             W = read_weight(n, model.get_submodule(n))
             A, B = (t.to(W.device) for t in factors[n])
-            base = finish(W, A, B, scaling, torch.float32)
+            base = finish(W, A, B, config_scaling(config, n), torch.float32)
         replace_with_quantized(model, {n: base}, scheme)
     mark_quantized(model, scheme, set(factors))

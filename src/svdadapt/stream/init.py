@@ -123,7 +123,7 @@ def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: 
     reader = CheckpointReader(src)
     check_layout(model, reader, job.spec.needs_calibration)
     source = CheckpointSource(reader, targets)
-    checks.check_rank_fits(job.rank, source.shapes)
+    checks.check_rank_fits(job.rank, source.shapes, job.rank_pattern)
     return _Checkpoint(src, model, targets, reader, source)
 
 
@@ -158,7 +158,8 @@ def _job_key(job: Job, alpha: float | None, ck: _Checkpoint, max_shard_bytes: in
              options: BlockwiseOptions | None, reference: _Checkpoint | None) -> dict[str, Any]:
     """What decides the output: a resumed run must have the same (``alpha`` as given: None for the rank)."""
     return {"format": _FORMAT, "tensors": _tensors_key(ck.reader), "method": job.spec.name, "rank": job.rank,
-            "alpha": alpha, "use_rslora": job.use_rslora, "svd": job.svd.svd, "niter": job.svd.niter,
+            "alpha": alpha, "use_rslora": job.use_rslora,
+            "rank_pattern": dict(job.rank_pattern), "alpha_pattern": dict(job.alpha_pattern), "svd": job.svd.svd, "niter": job.svd.niter,
             "oversample": job.svd.oversample, "seed": job.seed, "targets": sorted(ck.source.keys),
             "max_shard_bytes": max_shard_bytes, "mode": job.mode, "damping": getattr(job.options, "damping", None),
             "calibration": calibration, "calibrate_on": calibrates_on(job),
@@ -269,7 +270,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
     plan = plan_shards([(key, reader.nbytes(key)) for key in reader.names], max_shard_bytes)
 
     def cost(names: list[str]) -> float:
-        flops = sum(layer_cost(source.shapes[n], job) for n in map(source.module_of, names) if n is not None)
+        flops = sum(layer_cost(source.shapes[n], job, job.rank_of(n)) for n in map(source.module_of, names) if n is not None)
         return flops + _IO_FLOPS_PER_BYTE * sum(reader.nbytes(key) for key in names)
 
     def tensor(key: str) -> torch.Tensor:
@@ -351,8 +352,8 @@ def init_checkpoint(
         method: ``"pissa"``, ``"milora"``, ``"corda"`` (with ``calibration``) or ``"eora"`` (with
             ``calibration`` and ``reference``: ``checkpoint_dir`` is then the compressed model, a float checkpoint
             such as ``svdadapt.compress`` gives, copied through as the base).
-        rank, alpha, target_modules, exclude_modules, use_rslora, svd, niter, oversample, seed, mode, damping,
-            options: as
+        rank, alpha, rank_pattern, alpha_pattern, target_modules, exclude_modules, use_rslora, svd, niter,
+            oversample, seed, mode, damping, options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded

@@ -228,7 +228,7 @@ def layer_base(job: Job, source: CheckpointSource, journal: Journal, name: str) 
     layer, stored = source.read(name)  # W (out, in) in its compute dtype; the stored tensor
     entry, _ = journal_plan(job, journal, layer, stored, str(source.reader.file_of(source.keys[name])))
     if job.spec.rewrites_base:  # (out, in) from the rounded factors, cast once to the stored dtype
-        base = source.as_stored(name, finish(layer.W, entry.A, entry.B, job.scaling, stored.dtype))
+        base = source.as_stored(name, finish(layer.W, entry.A, entry.B, job.scaling_of(name), stored.dtype))
     else:
         base = stored
     del layer, stored

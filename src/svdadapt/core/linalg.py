@@ -135,9 +135,10 @@ def _orientation(M: torch.Tensor) -> tuple[bool, int]:
     """(work on ``Mᵀ``?, rows per chunk) for ``randomized_svd``. Below ``FUSE_ELEMENTS`` the basis goes on the
     short side (the cheap orthogonalization) and each step is two whole products; above it the matrix is read in
     its contiguous orientation, row chunks of ``CHUNK_BYTES``, whichever side the basis then lands on (the
-    orthogonalization, a few % of a step, matters less than reading M once per step)."""
+    orthogonalization, a few % of a step, matters less than reading M once per step). Off the CPU the chunks would
+    only add kernel launches: two whole products there."""
     m, n = M.shape
-    if m * n < FUSE_ELEMENTS or not (M.is_contiguous() or M.mT.is_contiguous()):
+    if m * n < FUSE_ELEMENTS or M.device.type != "cpu" or not (M.is_contiguous() or M.mT.is_contiguous()):
         return m < n, max(m, n)
     flip = not M.is_contiguous()
     cols = m if flip else n

@@ -1,21 +1,23 @@
 """The SVD engine per matrix, one torch thread, every method on every matrix in the same run:
 
-  (top)    rank-16 top triplets: ``randomized_svd`` with its default steps, round(log2 n) (``niter=None``),
-           against PEFT's ``torch.svd_lowrank(q=16, niter=16)``; captured energy Σσ̃² over the optimum (Σ of the
-           top-16 σ² of an exact SVD), worst layer; mean time per matrix. On SmolLM2-135M's 210 Linears
-           (every one sketched here, also the 60 that svd="auto" gives to LAPACK), one decoder layer of the random
-           Llama h2048/i5632 (its 4 layers are i.i.d. Gaussian, alike), and Gaussian matrices of several shapes.
+  (top)    rank-16 top triplets: the engine PiSSA runs, ``truncated_svd(svd="auto")`` with its defaults (the
+           block-Krylov sketch, ⌊1.5·log2 n⌋ − 5 steps, or the exact fp64 Gram route at a short side up to 256),
+           against PEFT's ``torch.svd_lowrank(q=16, niter=16)`` (``pissa_niter_16``) and ``niter=4``; captured
+           energy Σσ̃² over the optimum (Σ of the top-16 σ², exact), worst matrix; CPU time in total and per shape.
+           On SmolLM2-135M's 210 Linears, the random Llama h2048/i5632's 28 (4 layers) and Gaussian matrices of
+           several shapes.
   (bottom) rank-16 bottom triplets: ``gram_bottom_svd`` (fp64 Gram, what svd="auto" picks) against LAPACK's fp32
            SVD (svd="full"), both measured against the fp64 SVD of the same matrix: the sine of the largest
            principal angle between the bottom-16 right singular subspaces, the relative error of the bottom-16
            energy, time. On SmolLM2's 150 Linears with a short side above 256 and Gaussian 576×1536, 2048×5632
            (and 4096×11008 with ``--big``: ~2 min for LAPACK alone on a quiet core, plus the fp64 reference).
 
-    python benchmarks/bench_svd.py                 # both tables (~6 min on a loaded 2-core machine)
+    python benchmarks/bench_svd.py                 # both tables (~10 min on a loaded 2-core machine)
     python benchmarks/bench_svd.py --only top      # or --only bottom
     python benchmarks/bench_svd.py --big           # adds the 4096×11008 bottom row
 
-Writes ``benchmarks/results/bench_svd.json``: one summary per table row (worst, mean or sum over its matrices).
+Writes ``benchmarks/results/bench_svd.json``: one summary per table row (worst, mean or sum over its matrices), and
+for the top table the per-shape times.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, markdown_table, random_llama, smollm2, write_results  # noqa: E402
 
-from svdadapt.core.linalg import auto_niter, full_svd, gram_bottom_svd, randomized_svd  # noqa: E402
+from svdadapt.core.linalg import auto_niter, choose_svd, full_svd, gram_bottom_svd, truncated_svd  # noqa: E402
 
 RANK = 16
-GAUSS_SHAPES = ((576, 1536), (1536, 576), (576, 576), (1024, 2816), (2048, 2048), (2048, 5632), (300, 4000))
+GAUSS_SHAPES = ((576, 1536), (1536, 576), (576, 576), (192, 576), (1024, 2816), (2048, 2048), (2048, 5632), (5632, 2048),
+                (300, 4000))
 
 
 def linears(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -55,41 +58,64 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.process_time() - t
 
 
-def peft_lowrank(W: torch.Tensor) -> torch.Tensor:
-    """The singular values PEFT's ``pissa_niter_16`` computes (its own seeding aside)."""
+def peft_lowrank(W: torch.Tensor, niter: int) -> torch.Tensor:
+    """The singular values PEFT's ``pissa_niter_{niter}`` computes (its own seeding aside)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return torch.svd_lowrank(W, q=RANK, niter=16)[1]
+        return torch.svd_lowrank(W, q=RANK, niter=niter)[1]
 
 
-def top_one(W: torch.Tensor) -> dict[str, float]:
-    """One matrix: energy ratios and CPU seconds of the two top-r methods. Each method runs twice, in a rotated
-    order (the first call after the exact SVD finds a cold cache), and keeps its faster run."""
-    optimum = float(torch.linalg.svdvals(W.double())[:RANK].pow(2).sum())
-    calls = {"fixed": lambda: randomized_svd(W, RANK, generator=torch.Generator().manual_seed(0)).S,
-             "lowrank": lambda: peft_lowrank(W)}
+TOP = {"svdadapt": lambda W: truncated_svd(W, RANK, generator=torch.Generator().manual_seed(0)).S,
+       "niter16": lambda W: peft_lowrank(W, 16), "niter4": lambda W: peft_lowrank(W, 4)}
+
+
+def optimum(W: torch.Tensor) -> float:
+    """Σ of the top-RANK σ² of W, exact: eigenvalues of the fp64 Gram matrix on the short side."""
+    W = W.double()
+    gram = W @ W.mT if W.shape[0] <= W.shape[1] else W.mT @ W
+    return float(torch.linalg.eigvalsh(gram)[-RANK:].sum())
+
+
+def top_one(W: torch.Tensor) -> dict[str, Any]:
+    """One matrix: energy ratios and CPU seconds of the top-r methods. Each runs three times, in rotated order
+    (the first call after the reference finds a cold cache), and keeps its fastest run."""
+    best_e = optimum(W)
     out: dict[str, Any] = {}
-    best = {k: float("inf") for k in calls}
-    for order in (("fixed", "lowrank"), ("lowrank", "fixed")):
-        for k in order:
-            out[k], t = timed(calls[k])
+    best = {k: float("inf") for k in TOP}
+    names = list(TOP)
+    for shift in range(len(names)):
+        for k in names[shift:] + names[:shift]:
+            out[k], t = timed(lambda: TOP[k](W))
             best[k] = min(best[k], t)
-    e = lambda S: float(S.double().pow(2).sum()) / optimum  # noqa: E731
-    return {"fixed": e(out["fixed"]), "lowrank": e(out["lowrank"]), "steps": auto_niter(min(W.shape)),
+    route = choose_svd(tuple(W.shape), RANK, True, None, 0)
+    return {"shape": "×".join(map(str, W.shape)), "route": route,
+            "steps": auto_niter(min(W.shape)) if route == "randomized" else None,
+            **{f"energy_{k}": float(S.double().pow(2).sum()) / best_e for k, S in out.items()},
             **{f"t_{k}": v for k, v in best.items()}}
 
 
 def top_table(label: str, mats: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     rows = [top_one(W) for _, W in mats]
-    n = len(rows)
-    worst = lambda k: min(r[k] for r in rows)  # noqa: E731
-    mean = lambda k: sum(r[k] for r in rows) / n  # noqa: E731
-    out = {"model": label, "matrices": n, "steps_mean": mean("steps"),
-           "worst_fixed": worst("fixed"), "worst_lowrank": worst("lowrank"),
-           "ms_fixed": 1e3 * mean("t_fixed"), "ms_lowrank": 1e3 * mean("t_lowrank"),
-           "worst_layer": mats[min(range(n), key=lambda i: rows[i]["fixed"])][0]}
-    print(f"  {label}: worst {out['worst_fixed']:.5f} vs svd_lowrank {out['worst_lowrank']:.5f}, "
-          f"{out['ms_fixed']:.1f} ms vs {out['ms_lowrank']:.1f}", flush=True)
+    out: dict[str, Any] = {"model": label, "matrices": len(rows)}
+    for k in TOP:
+        out[f"worst_{k}"] = min(r[f"energy_{k}"] for r in rows)
+        out[f"s_{k}"] = sum(r[f"t_{k}"] for r in rows)
+    out["speedup_niter16"] = out["s_niter16"] / out["s_svdadapt"]
+    out["speedup_niter4"] = out["s_niter4"] / out["s_svdadapt"]
+    out["worst_layer"] = mats[min(range(len(rows)), key=lambda i: rows[i]["energy_svdadapt"])][0]
+    shapes: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        d = shapes.setdefault(r["shape"], {"model": label, "shape": r["shape"], "route": r["route"],
+                                           "steps": r["steps"], "count": 0, **{f"ms_{k}": 0.0 for k in TOP}})
+        d["count"] += 1
+        for k in TOP:
+            d[f"ms_{k}"] += 1e3 * r[f"t_{k}"]
+    for d in shapes.values():
+        for k in TOP:
+            d[f"ms_{k}"] /= d["count"]
+    out["shapes"] = list(shapes.values())
+    print(f"  {label}: {out['s_svdadapt']:.2f} s vs niter16 {out['s_niter16']:.2f} s / niter4 {out['s_niter4']:.2f} s; "
+          f"worst {out['worst_svdadapt']:.5f} vs {out['worst_niter16']:.5f} / {out['worst_niter4']:.5f}", flush=True)
     return out
 
 
@@ -125,10 +151,14 @@ def bottom_table(label: str, mats: list[tuple[str, torch.Tensor]]) -> dict[str, 
     return out
 
 
-TOP_COLUMNS = [("model", "matrices", "{}"), ("matrices", "n", "{}"), ("steps_mean", "steps (mean)", "{:.2f}"),
-               ("worst_fixed", "worst energy, block Krylov", "{:.2%}"),
-               ("worst_lowrank", "`svd_lowrank` niter=16", "{:.2%}"), ("ms_fixed", "ms/matrix block Krylov", "{:.1f}"),
-               ("ms_lowrank", "`svd_lowrank`", "{:.1f}")]
+TOP_COLUMNS = [("model", "matrices", "{}"), ("matrices", "n", "{}"),
+               ("worst_svdadapt", "worst energy svdadapt", "{:.2%}"), ("worst_niter16", "niter=16", "{:.2%}"),
+               ("worst_niter4", "niter=4", "{:.2%}"), ("s_svdadapt", "CPU s svdadapt", "{:.2f}"),
+               ("s_niter16", "niter=16", "{:.2f}"), ("s_niter4", "niter=4", "{:.2f}"),
+               ("speedup_niter16", "faster than niter=16", "{:.2f}×")]
+SHAPE_COLUMNS = [("model", "matrices", "{}"), ("shape", "shape", "{}"), ("count", "n", "{}"), ("route", "route", "{}"),
+                 ("steps", "steps", "{}"), ("ms_svdadapt", "ms svdadapt", "{:.1f}"), ("ms_niter16", "ms niter=16", "{:.1f}"),
+                 ("ms_niter4", "ms niter=4", "{:.1f}")]
 BOTTOM_COLUMNS = [("case", "matrices", "{}"), ("matrices", "n", "{}"), ("s_lapack", "LAPACK fp32 s", "{:.2f}"),
                   ("s_gram", "Gram fp64 s", "{:.2f}"), ("speedup", "speed-up", "{:.2f}×"),
                   ("sin_lapack", "sin θ LAPACK", "{:.1e}"), ("sin_gram", "sin θ Gram", "{:.1e}"),
@@ -157,10 +187,10 @@ def main() -> None:
     smol = linears(smollm2()[0])
     payload: dict[str, Any] = {"rank": RANK}
     if args.only in (None, "top"):
-        llama = linears(random_llama())[:7]  # one decoder layer
+        llama = linears(random_llama())
         payload["top"] = [top_table("SmolLM2-135M (all Linears)", smol),
-                          top_table("random Llama h2048/i5632 (one layer)", llama),
-                          top_table("Gaussian (7 shapes)", gaussians(GAUSS_SHAPES))]
+                          top_table("random Llama h2048/i5632 (4 layers)", llama),
+                          top_table(f"Gaussian ({len(GAUSS_SHAPES)} shapes)", gaussians(GAUSS_SHAPES))]
     if args.only in (None, "bottom"):
         shapes = [(576, 1536), (2048, 5632)] + ([(4096, 11008)] if args.big else [])
         rows = [bottom_table("SmolLM2-135M (short side > 256)", [(n, W) for n, W in smol if min(W.shape) > 256])]
@@ -173,6 +203,8 @@ def main() -> None:
     path = write_results("bench_svd", payload)
     if "top" in payload:
         print("\nTop-16 triplets, one thread:\n" + markdown_table(payload["top"], TOP_COLUMNS))
+        print("\nPer shape (mean ms per matrix):\n" + markdown_table([d for row in payload["top"] for d in row["shapes"]],
+                                                                     SHAPE_COLUMNS))
     if "bottom" in payload:
         print("\nBottom-16 triplets, one thread, against the fp64 SVD:\n" + markdown_table(payload["bottom"],
                                                                                           BOTTOM_COLUMNS))

@@ -8,6 +8,7 @@ import torch
 from svdadapt.core.linalg import (
     GRAM_FLOOR,
     choose_svd,
+    gram_top_svd,
     full_svd,
     gram_bottom_svd,
     truncated_svd,
@@ -82,5 +83,5 @@ def test_auto_picks_the_gram_route_for_large_bottom_triplets() -> None:
     t, g = truncated_svd(M, 4, largest=False), gram_bottom_svd(M, 4)
     assert torch.equal(t.S, g.S) and torch.equal(t.U, g.U) and torch.equal(t.Vh, g.Vh)
     assert torch.equal(truncated_svd(M, 4, largest=False, svd="full").S, full_svd(M, 4, largest=False).S)
-    with pytest.raises(ValueError, match=r"svd='gram' computes the smallest singular triplets only"):
-        truncated_svd(M, 4, svd="gram")
+    # svd="gram" with the largest triplets is the top-r Gram route
+    assert torch.equal(truncated_svd(M, 4, svd="gram").S, gram_top_svd(M, 4).S)

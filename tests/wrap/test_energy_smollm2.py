@@ -39,6 +39,8 @@ def test_defaults_capture_optimal_energy_on_every_smollm2_linear(smollm2, one_th
               for name, layer in lora_layers(peft_model).items()}
     assert ratios.keys() == optimum.keys()
     worst = min(ratios, key=ratios.get)
+    # measured: 99.77% (layers.5.mlp.up_proj) with the default 8 steps at n = 576, where the 9 steps of the earlier
+    # round(log2 n) rule gave 99.90%; the 60 k/v projections (exact, the fp64 Gram route) are at 100%
     assert ratios[worst] >= 0.995, (worst, ratios[worst])
     # an fp32 SVD's energy vs the fp64 optimum: ≤ 2‖E‖/σ (bounds.svd_backward_error) ≈ 1e-6 relative
     assert max(ratios.values()) <= 1 + 1e-5  # an adapter can never beat the truncated SVD

@@ -16,6 +16,7 @@ __all__ = [
     "TruncatedSVD",
     "full_svd",
     "gram_bottom_svd",
+    "gram_top_svd",
     "randomized_svd",
     "truncated_svd",
     "choose_svd",
@@ -26,18 +27,28 @@ __all__ = [
     "DEFAULT_OVERSAMPLE",
 ]
 
-# Block-Krylov defaults. niter=None picks round(log2(n)) Krylov steps for a short side n: block Krylov needs
-# O(log n / sqrt(eps)) steps for a given accuracy whatever the spectrum (Musco & Musco 2015), and log2(n) is
-# the smallest multiple measured to clear 99.5% of the optimal rank-16 energy on every matrix tried, from
-# SmolLM2's weights to Gaussian ones (the flattest spectra there are); wider blocks with fewer steps were as
-# accurate but slower per captured digit. The measurements: docs/benchmarks.md, "Behind the defaults".
+# Block-Krylov defaults. niter=None picks ⌊1.5·log2(n)⌋ − 5 Krylov steps for a short side n (7 at n = 300, 8 at 576,
+# 10 at 1024, 11 at 2048, 13 at 4096): block Krylov needs O(log n / sqrt(eps)) steps for a given accuracy whatever
+# the spectrum (Musco & Musco 2015), and on Gaussian matrices (the flattest spectra there are) the steps needed for
+# 99.5% of the optimal rank-16 energy grow faster than log2(n): 7, 8, 9, 11 at n = 300, 576, 1024, 2048 (the
+# basis covers less of a larger space). The rule is the smallest of that slope measured to clear 99.5% on every
+# matrix tried, SmolLM2's weights, a random h2048 Llama's and Gaussian ones; round(log2 n), used before, spent a
+# step too many at n ≤ 1024. Wider blocks with fewer steps were as accurate but slower per captured digit, and an
+# adaptive stop (Ritz-energy increments) saved steps only on decaying spectra, at the price of eigensolves about
+# as costly as the steps saved. The measurements: docs/benchmarks.md, "Behind the defaults".
 DEFAULT_NITER: int | None = None
 DEFAULT_OVERSAMPLE = 0
 # the block is never thinner than this: on CPU BLAS a (·, 8) product costs about as much as a (·, 16) one,
 # and the wider block converges faster
 MIN_BLOCK = 16
-# below this short side LAPACK's exact SVD is as fast as any sketch
+# below this short side the exact fp64 Gram route (gram_top_svd) beats any sketch: 192×576, 2.9 ms against
+# 5.4 ms for LAPACK's SVD and ~4 ms for a block-Krylov sketch on one core
 SMALL_SIDE = 256
+# a matrix of at least this many elements (16 MiB in fp32, beyond a core's L2 cache) is read once per Krylov step,
+# in row chunks of CHUNK_BYTES that stay in cache between the chunk's two products: 5632×2048, 10 vs 14 ms per
+# step on one core; below it two whole products are as fast
+FUSE_ELEMENTS = 1 << 22
+CHUNK_BYTES = 1 << 20
 # a Krylov direction whose new part is below this fraction of its block's norm is rounding noise (fp32)
 _DEAD = 1e-5
 
@@ -52,8 +63,8 @@ class TruncatedSVD:
 
 
 def auto_niter(short_side: int) -> int:
-    """Krylov steps for ``niter=None``: round(log2(short side)), at least 2."""
-    return max(2, round(math.log2(max(short_side, 1))))
+    """Krylov steps for ``niter=None``: ⌊1.5·log2(short side)⌋ − 5, at least 2."""
+    return max(2, math.floor(1.5 * math.log2(max(short_side, 1))) - 5)
 
 
 def _take(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, largest: bool) -> TruncatedSVD:
@@ -78,6 +89,11 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
+def _project_out(X: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """X − done·(doneᵀ·X) for X (n, b) and an orthonormal ``done`` (n, j): two GEMMs, the subtraction fused."""
+    return torch.addmm(X, done, done.mT @ X, alpha=-1)
+
+
 def _extend(X: torch.Tensor, done: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """An orthonormal (n, b) block, orthogonal to the orthonormal ``done`` (n, j), spanning what ``X``
     (n, b) adds to ``span(done)``.
@@ -85,15 +101,48 @@ def _extend(X: torch.Tensor, done: torch.Tensor, generator: torch.Generator | No
     Block Gram-Schmidt, twice ("twice is enough"): one pass loses orthogonality once directions converge.
     Columns of ``X`` that add nothing above rounding level (``M`` of rank below the basis size, or an
     invariant subspace reached) are replaced by Gaussian directions before the second pass: a QR would
-    otherwise invent directions orthonormal among themselves but not to ``done``.
+    otherwise invent directions orthonormal among themselves but not to ``done``. Householder QR of the
+    (n, b) blocks, not CholeskyQR2: at b = 16 one QR costs about what one more small op does (25–130 µs on
+    n = 576..2048), and it needs no conditioning check.
     """
-    scale = X.norm()
-    Q, R = torch.linalg.qr(X - done @ (done.mT @ X), mode="reduced")
-    dead = R.diagonal().abs() <= _DEAD * scale
-    if bool(dead.any()):
+    floor = _DEAD * float(torch.linalg.vector_norm(X))
+    Q, R = torch.linalg.qr(_project_out(X, done), mode="reduced")
+    diag = R.diagonal().abs()
+    if float(diag.min()) <= floor:
+        dead = diag <= floor
         fresh = torch.randn(X.shape[0], int(dead.sum()), generator=generator, dtype=X.dtype)
         Q[:, dead] = fresh.to(X.device)
-    return _orth(Q - done @ (done.mT @ Q))
+    return _orth(_project_out(Q, done))
+
+
+def _power_step(M: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``Y ← M·V`` (written in place) and ``Mᵀ·Y`` returned, for M (m, n), V (n, b), Y (m, b): in row chunks of
+    ``chunk`` rows, each chunk's second product reading it from cache (one pass over M instead of two); two whole
+    products when ``chunk >= m``."""
+    m = M.shape[0]
+    if chunk >= m:
+        torch.mm(M, V, out=Y)
+        return M.mT @ Y
+    X = None
+    for s in range(0, m, chunk):
+        Mc, Yc = M[s:s + chunk], Y[s:s + chunk]
+        torch.mm(Mc, V, out=Yc)
+        X = Mc.mT @ Yc if X is None else X.addmm_(Mc.mT, Yc)
+    return X
+
+
+def _orientation(M: torch.Tensor) -> tuple[bool, int]:
+    """(work on ``Mᵀ``?, rows per chunk) for ``randomized_svd``. Below ``FUSE_ELEMENTS`` the basis goes on the
+    short side (the cheap orthogonalization) and each step is two whole products; above it the matrix is read in
+    its contiguous orientation, row chunks of ``CHUNK_BYTES``, whichever side the basis then lands on (the
+    orthogonalization, a few % of a step, matters less than reading M once per step). Off the CPU the chunks would
+    only add kernel launches: two whole products there."""
+    m, n = M.shape
+    if m * n < FUSE_ELEMENTS or M.device.type != "cpu" or not (M.is_contiguous() or M.mT.is_contiguous()):
+        return m < n, max(m, n)
+    flip = not M.is_contiguous()
+    cols = m if flip else n
+    return flip, max(1, CHUNK_BYTES // (M.element_size() * cols))
 
 
 def randomized_svd(
@@ -106,16 +155,18 @@ def randomized_svd(
 ) -> TruncatedSVD:
     """Top-``rank`` SVD of ``M`` (m, n) by randomized block Krylov (block Lanczos on MᵀM).
 
-    A Gaussian block Ω (n, b), b = max(rank + oversample, MIN_BLOCK), spans the first block of the Krylov space
-    ``[Ω, (MᵀM)Ω, …, (MᵀM)^niter Ω]`` on the short side of ``M``. Unlike plain subspace iteration
-    (Halko et al. 2011; ``torch.svd_lowrank``), which keeps only its last block, every block is kept: on the
-    flat spectra of pretrained weights this converges far faster per matrix product (Musco & Musco 2015).
+    A Gaussian block Ω of b = max(rank + oversample, MIN_BLOCK) columns spans the first block of the Krylov space
+    ``[Ω, (MᵀM)Ω, …, (MᵀM)^niter Ω]`` on the basis side of ``M`` (the short side; for a matrix above
+    ``FUSE_ELEMENTS`` its contiguous column side, the first block then ``Mᵀ·Ω`` when that is the long side, one
+    more product and half a step more accurate). Unlike plain subspace iteration (Halko et al. 2011;
+    ``torch.svd_lowrank``), which keeps only its last block, every block is kept: on the flat spectra of pretrained
+    weights this converges far faster per matrix product (Musco & Musco 2015).
 
     Each new block is orthogonalized against all earlier ones (block Gram-Schmidt, two passes) *before*
     it is multiplied on, so the basis ``K`` (n, (niter+1)·b) comes out orthonormal and the products
     ``Y = M·K`` are the ones the iteration computed anyway: the Rayleigh-Ritz step needs no further pass
     over ``M`` and no QR of the whole basis, only the small Gram matrix ``YᵀY`` and its eigenvectors.
-    Cost: 2·niter + 1 products of ``M`` with a (·, b) block.
+    Cost: 2·niter + 1 products of ``M`` with a (·, b) block (one pass over M per step above ``FUSE_ELEMENTS``).
 
     The Ritz approximation ``U·diag(S)·Vh = M·V·Vᵀ`` (V = K·W) is the best rank-``rank`` approximation of
     ``M`` restricted to the row space ``span(K)``; its energy ‖U S Vh‖² = Σ S² never exceeds the optimum.
@@ -132,28 +183,40 @@ def randomized_svd(
         singular values, the extra triplets have S = 0 and zero U columns.
     """
     m, n = M.shape
-    if m < n:  # build the basis on the short side: its orthogonalization is then the cheap one
-        t = randomized_svd(M.mT, rank, niter=niter, oversample=oversample, generator=generator)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
     if niter is None:
-        niter = auto_niter(n)
-    b = min(max(rank + oversample, MIN_BLOCK), n)
-    if (niter + 1) * b >= n:  # the Krylov space would span everything: exact is cheaper
+        niter = auto_niter(min(m, n))
+    b = min(max(rank + oversample, MIN_BLOCK), min(m, n))
+    if (niter + 1) * b >= min(m, n):  # the Krylov space would span everything: exact is cheaper
         return full_svd(M, rank)
+    flip, chunk = _orientation(M)
+    if flip:
+        t = _block_krylov(M.mT, rank, niter, b, chunk, generator)
+        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+    return _block_krylov(M, rank, niter, b, chunk, generator)
+
+
+def _block_krylov(M: torch.Tensor, rank: int, niter: int, b: int, chunk: int,
+                  generator: torch.Generator | None) -> TruncatedSVD:
+    """``randomized_svd``'s iteration on M (m, n) with the basis on its column side (n), blocks of ``b`` columns,
+    ``niter`` steps, ``chunk`` rows per pass (``_power_step``)."""
+    m, n = M.shape
     k = (niter + 1) * b
-    omega = torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device)
     # preallocated: the basis grows block by block into views, without re-concatenating each step
     K = torch.empty(n, k, dtype=M.dtype, device=M.device)  # orthonormal basis of the Krylov space
     Y = torch.empty(m, k, dtype=M.dtype, device=M.device)  # M @ K, filled as the iteration goes
-    K[:, :b] = _orth(omega)
+    if n > m:  # basis on the long side: start in M's row space (MᵀΩ), not in its null space
+        omega = torch.randn(m, b, generator=generator, dtype=M.dtype).to(M.device)
+        K[:, :b] = _orth(M.mT @ omega)
+    else:
+        K[:, :b] = _orth(torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device))
     for j in range(niter + 1):
         blk = slice(j * b, (j + 1) * b)
-        Y[:, blk] = M @ K[:, blk]
         if j == niter:
+            torch.mm(M, K[:, blk], out=Y[:, blk])
             break
         # (MᵀM)·block; Y needs no normalization: the block it came from is orthonormal, so the growth
         # per step is at most σ₁², and the QR below rescales
-        X = M.mT @ Y[:, blk]  # (n, b)
+        X = _power_step(M, K[:, blk], Y[:, blk], chunk)  # (n, b)
         K[:, (j + 1) * b : (j + 2) * b] = _extend(X, K[:, : (j + 1) * b], generator)
     # Ritz values/vectors of M on span(K): eigenpairs of KᵀMᵀMK = YᵀY, (k, k), in M's dtype. Forming the
     # Gram matrix costs absolute accuracy ~eps·σ₁² in σ², harmless for the top triplets this returns
@@ -167,10 +230,36 @@ def randomized_svd(
     live = S > tiny
     S = torch.where(live, S, torch.zeros_like(S))
     inv = torch.where(live, 1.0 / S.clamp_min(tiny), torch.zeros_like(S))
-    W = W.to(M.dtype)
-    U = (Y @ W) * inv.to(M.dtype)
-    S = S.to(M.dtype)
+    U = (Y @ W) * inv
     return TruncatedSVD(U.contiguous(), S.contiguous(), (K @ W).mT.contiguous())
+
+
+def gram_top_svd(M: torch.Tensor, rank: int) -> TruncatedSVD:
+    """The ``rank`` largest singular triplets of ``M`` (m, n) from the fp64 eigendecomposition of the Gram matrix on
+    its short side: G = MᵀM (n, n) for a tall M, V = G's top eigenvectors, σ = √λ, U = M·V/σ (in fp64).
+
+    Exact (no sketch). Squaring does not hurt the top triplets: fp64 rounding moves σ_i² by ~n·eps64·σ₁², i.e.
+    σ_i by n·eps64·σ₁²/(2σ_i), below fp32 LAPACK's eps32·σ₁ while σ_i ≥ n·(eps64/eps32)·σ₁/2 (~2·10⁻⁷·σ₁ at
+    n = 192), and the subspaces by the same ratio; values below √(n·eps64)·σ₁, which the Gram does not resolve,
+    come back as S = 0 with zero U columns (as ``randomized_svd``'s). fp64 input goes to ``full_svd`` (its LAPACK
+    SVD is more accurate than this). Output in M's dtype, S descending.
+    """
+    m, n = M.shape
+    if m < n:
+        t = gram_top_svd(M.mT, rank)
+        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+    if M.dtype == torch.float64:
+        return full_svd(M, rank)
+    M64 = M.to(torch.float64)
+    evals, Q = torch.linalg.eigh(M64.mT @ M64)  # ascending
+    S = evals[-rank:].flip(0).clamp_min(0).sqrt()
+    V = Q[:, -rank:].flip(1)
+    tiny = float(S[0]) * math.sqrt(n * torch.finfo(torch.float64).eps)
+    live = S > tiny
+    inv = torch.where(live, 1.0 / S.clamp_min(max(tiny, torch.finfo(torch.float64).tiny)), torch.zeros_like(S))
+    S = torch.where(live, S, torch.zeros_like(S))
+    U = (M64 @ V) * inv
+    return TruncatedSVD(U.to(M.dtype).contiguous(), S.to(M.dtype).contiguous(), V.mT.to(M.dtype).contiguous())
 
 
 # The bottom-r Gram route (svd="auto", largest=False) is taken while the smallest returned σ is at least
@@ -214,21 +303,23 @@ def gram_bottom_svd(M: torch.Tensor, rank: int) -> TruncatedSVD:
 def choose_svd(shape: tuple[int, int], rank: int, largest: bool, niter: int | None, oversample: int) -> str:
     """The ``svd="auto"`` rule: ``"full"``, ``"gram"`` or ``"randomized"`` for a matrix of ``shape`` at ``rank``.
 
-    Bottom-r triplets (MiLoRA, CorDA-KPA) need the full spectrum: ``"gram"`` (``gram_bottom_svd``, which falls
-    back to LAPACK itself where it would be less accurate) for a short side above 256, ``"full"`` (LAPACK) at or
-    below it. Top-r triplets use the
-    block-Krylov sketch unless its basis, (niter + 1)·max(rank + oversample, 16) columns, would cover more than
-    3/4 of the short side, or the short side is at most 256: at 3/4 coverage the sketch still costs about half
-    of LAPACK's SVD on one CPU core, near full coverage as much, and below 256 LAPACK is as fast and exact
+    A short side of at most 256 (``SMALL_SIDE``) takes the fp64 Gram route, exact: ``gram_top_svd`` for the largest
+    triplets, LAPACK (``"full"``) for the smallest (whose accuracy the squared condition number would cost).
+    Above it, bottom-r triplets (MiLoRA, CorDA-KPA) need the full spectrum: ``"gram"`` (``gram_bottom_svd``, which
+    falls back to LAPACK itself where it would be less accurate); top-r triplets use the block-Krylov sketch unless
+    its basis, (niter + 1)·max(rank + oversample, 16) columns, would cover more than 3/4 of the short side: at 3/4
+    coverage the sketch still costs about half of LAPACK's SVD on one CPU core, near full coverage as much
     (timings in docs/benchmarks.md, "Behind the defaults").
     """
     short = min(shape)
+    if short <= SMALL_SIDE:
+        return "gram" if largest else "full"
     if not largest:
-        return "gram" if short > SMALL_SIDE else "full"
+        return "gram"
     if niter is None:
         niter = auto_niter(short)
     basis = (niter + 1) * max(rank + oversample, MIN_BLOCK)
-    return "randomized" if short > SMALL_SIDE and 4 * basis <= 3 * short else "full"
+    return "randomized" if 4 * basis <= 3 * short else "full"
 
 
 def truncated_svd(
@@ -242,7 +333,8 @@ def truncated_svd(
     generator: torch.Generator | None = None,
 ) -> TruncatedSVD:
     """Rank-``rank`` truncated SVD of ``M`` by ``svd`` in {"auto", "full", "randomized"} (and ``"gram"``, what
-    "auto" picks for the smallest triplets of a large matrix: ``gram_bottom_svd``).
+    "auto" picks for the smallest triplets of a large matrix, ``gram_bottom_svd``, and for the largest of a matrix
+    with a short side up to 256, ``gram_top_svd``).
 
     ``largest=False`` (the smallest triplets) only exists exactly (LAPACK or the fp64 Gram route): a randomized
     sketch cannot find the bottom of a spectrum, so asking for it raises ``ValueError``.
@@ -259,10 +351,7 @@ def truncated_svd(
             )
         return randomized_svd(M, rank, niter=niter, oversample=oversample, generator=generator)
     if svd == "gram":
-        if largest:
-            raise ValueError("svd='gram' computes the smallest singular triplets only; use svd='auto', 'full' or "
-                             "'randomized' for the largest")
-        return gram_bottom_svd(M, rank)
+        return gram_top_svd(M, rank) if largest else gram_bottom_svd(M, rank)
     raise ValueError(f"svd must be 'auto', 'full' or 'randomized', got {svd!r}")
 
 

@@ -1,7 +1,7 @@
 """What running a model for calibration needs, for the whole-model collection (``collect.py``) and the
 block-by-block path (``svdadapt.blockwise``) alike: where the model's data is, its forward without a KV cache (and,
-when no target reads the output head, without the logits of every position), eval mode with every training flag restored, a layer's input, the identity of a tensor's state, and the user's frame for
-a warning.
+when no target reads the output head, without the logits of every position), eval mode with every training flag
+restored, a layer's input, the identity of a tensor's state, and the user's frame for a warning.
 """
 
 from __future__ import annotations

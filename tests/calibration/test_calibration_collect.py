@@ -10,6 +10,7 @@ from torch import nn
 import svdadapt
 from helpers import make_tiny_llama, raises_exactly, token_ids
 from svdadapt.calibration import collect, eval_mode, hooked_targets, run_batch
+from svdadapt.calibration.forward import no_logits
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +79,33 @@ def test_eval_mode_restores_every_flag_also_on_error():
         with eval_mode(model):
             raise RuntimeError("inside")
     assert [m.training for m in model.modules()] == [True, True, False]
+
+
+def _head_inputs(model: nn.Module, batches) -> list[tuple[int, ...]]:
+    """The shapes of the inputs the output head was called with while ``batches`` were collected."""
+    shapes: list[tuple[int, ...]] = []
+    h = model.lm_head.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    try:
+        svdadapt.collect_covariances(model, batches, progress=False)
+    finally:
+        h.remove()
+    return shapes
+
+
+def test_head_runs_on_the_last_position_only_when_no_target_reads_it():
+    """``logits_to_keep=1`` when the head is no target: the targets see the same inputs (bit-identical
+    covariances to a run that computes every logit); a targeted head, or a batch with labels, gets every position."""
+    model = make_tiny_llama()
+    assert no_logits(model, [model.model.layers[0].mlp.down_proj]) == {"logits_to_keep": 1}
+    assert no_logits(model, [model.lm_head]) == {}
+    assert no_logits(nn.Sequential(nn.Linear(2, 2)), []) == {}  # a forward without logits_to_keep
+    assert _head_inputs(model, _batches()) == [(2, 1, 64), (1, 1, 64)]
+    names = list(svdadapt.resolve_targets(model))
+    skipped = svdadapt.collect_covariances(model, _batches(), progress=False)
+    full = collect(model, [{**b, "logits_to_keep": 0} for b in _batches()], hooked_targets(model, names),
+                   progress=False)  # the batch's own logits_to_keep wins: every position
+    assert list(skipped) == list(full) == names and all(torch.equal(skipped[n], full[n]) for n in names)
+    with_head = collect(model, _batches(), hooked_targets(model, names + ["lm_head"]), progress=False)
+    assert with_head.token_count("lm_head") == 9 + 6 + 5  # every unpadded token of both batches
+    labelled = [{**b, "labels": b["input_ids"]} for b in _batches()]
+    assert _head_inputs(model, labelled) == [(2, 9, 64), (1, 5, 64)]

@@ -8,9 +8,9 @@ For the block-by-block path (``svdadapt.blockwise``), which runs the same collec
 handed to a :class:`BatchState`), and the forward's helpers :func:`model_device`, :func:`eval_mode`,
 :func:`first_tensor`, :func:`version`, :func:`caller_level`, :func:`fmt_bytes`.
 
-Modules, each importing only those listed before it: ``covariances`` (the mapping, save / load), ``forward`` (what a
-calibration forward needs), ``masks`` (which tokens count), ``collect`` (hooks and collection), ``batches`` (token
-batches from text).
+Modules, each importing only those listed before it: ``covariances`` (the mapping, save / load), ``gram`` (XᵀX at
+half the work), ``forward`` (what a calibration forward needs), ``masks`` (which tokens count), ``collect`` (hooks and
+collection), ``batches`` (token batches from text).
 """
 
 from .batches import text_batches

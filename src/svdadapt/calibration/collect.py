@@ -10,7 +10,10 @@ tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecompositio
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
 Padding is dropped with the mask of the stack an input belongs to (``masks.py``). Forwards run without a KV cache
-(``use_cache=False`` where the model takes it).
+(``use_cache=False`` where the model takes it) and, where no target reads the output head, with the logits of the
+last position only (``logits_to_keep=1`` where the model takes it; not for a batch with ``labels``). Each input's
+XᵀX is accumulated in place, its upper block triangle only (``gram.py``: about half the multiply-adds of
+``X.mT @ X``), and mirrored once at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from tqdm.auto import tqdm
 from ..modules.layers import is_target_type
 from ..modules.targets import resolve_targets
 from .covariances import Covariances
-from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, version
+from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, no_logits, version
+from .gram import add_gram_upper, mirror_upper
 from .masks import Masks, batch_masks, encoder_decoder
 
 __all__ = ["collect", "collect_covariances", "as_covariances", "hooked_targets", "run_batch", "BatchState"]
@@ -82,16 +86,18 @@ class _Collector:
         self._accumulate(name, key, self._rows(name, x))
 
     def _accumulate(self, name: str, key: str, rows: torch.Tensor) -> None:
-        """Add Σ x xᵀ of ``rows`` (n, in) to ``key``'s accumulator (in, in)."""
+        """Add the upper block triangle of Σ x xᵀ of ``rows`` (n, in) to ``key``'s accumulator (in, in), in place
+        (``gram.add_gram_upper``; mirrored once at the end). A NaN or inf in ``rows`` makes a diagonal entry
+        (Σ x_j² over the rows) non-finite, so only a non-finite diagonal has ``rows`` scanned, to tell a
+        non-finite input (an error) from a finite one whose squares overflowed (none: as before)."""
         if rows.shape[0] == 0:
             return
-        if not torch.isfinite(rows).all():
-            raise ValueError(f"non-finite activations (NaN or inf) in the input of module {name!r} in batch {self.batch}")
-        rows = rows.to(self.dtype)
         acc = self.acc.get(key)
         if acc is None:
             acc = self.acc[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
-        acc.addmm_(rows.mT, rows)
+        add_gram_upper(acc, rows.to(self.dtype))
+        if not torch.isfinite(acc.diagonal()).all() and not torch.isfinite(rows).all():
+            raise ValueError(f"non-finite activations (NaN or inf) in the input of module {name!r} in batch {self.batch}")
         self.count[key] = self.count.get(key, 0) + rows.shape[0]
 
     def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +106,9 @@ class _Collector:
         m = self.masks.mask_for(x) if x.dim() in (2, 3) else None
         if m is None and name not in self.unmasked and self.masks.unmasked_padding(x):
             self.unmasked[name] = tuple(x.shape)
-        return x[m] if m is not None else x.reshape(-1, x.shape[-1])
+        if m is not None and not bool(m.all()):  # padding to drop: a copy of the real tokens' rows
+            return x[m]
+        return x.reshape(-1, x.shape[-1])  # no padding: the rows as they are (a view of a contiguous input)
 
     def end(self) -> None:
         """Check that every group was read by the same names as when it was first seen."""
@@ -131,15 +139,19 @@ def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collec
     return handles
 
 
-def run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state: BatchState) -> None:
-    """Run ``model`` on batch ``i`` (moved to ``device``), without a KV cache where the model takes ``use_cache``."""
+def run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state: BatchState,
+              head: Mapping[str, Any] | None = None) -> None:
+    """Run ``model`` on batch ``i`` (moved to ``device``), without a KV cache where the model takes ``use_cache``;
+    ``head`` (``forward.no_logits``: the logits of the last position only) is passed too unless the batch holds
+    ``labels`` (a loss needs every position's logits) or sets it itself."""
+    head = dict(head or {})
     if isinstance(batch, Mapping):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         state.begin(i, batch_masks(batch, i))
-        model(**{**batch, **no_cache(model)})
+        model(**{**({} if "labels" in batch else head), **batch, **no_cache(model)})
     elif isinstance(batch, torch.Tensor):
         state.begin(i, Masks(None, None))
-        model(batch.to(device), **no_cache(model))
+        model(batch.to(device), **head, **no_cache(model))
     else:
         raise TypeError(f"batch {i} is a {type(batch).__name__}; a batch is a dict (run as model(**batch)) "
                         "or a tensor (run as model(batch))")
@@ -165,6 +177,7 @@ def collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.M
         raise ValueError(f"covariances accumulate in torch.float32 or torch.float64, got dtype={dtype}")
     state = _Collector(dtype)
     device = model_device(model)
+    head = no_logits(model, targets.values())
     n_batches = 0
     with eval_mode(model):
         handles = _hook_all(model, targets, state)
@@ -172,7 +185,7 @@ def collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.M
             total = len(batches) if hasattr(batches, "__len__") else None
             for i, batch in enumerate(tqdm(batches, total=total, desc="svdadapt calibration", unit="batch",
                                            disable=not progress)):
-                run_batch(model, batch, i, device, state)
+                run_batch(model, batch, i, device, state, head)
                 n_batches += 1
         finally:  # hooks must never outlive the collection, also when the model raises
             for h in handles:
@@ -190,7 +203,7 @@ def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int,
         raise ValueError(f"calibration saw no tokens for module {missing[0]!r} ({len(missing)} of {len(targets)} "
                          f"targets): it did not take part in the forward pass or all its tokens were padding")
     _note_unmasked(state.unmasked)
-    mean = {key: state.acc[key].div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
+    mean = {key: mirror_upper(state.acc[key]).div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
     covs = Covariances({n: mean[state.key_of[n]] for n in targets},
                        {n: state.count[state.key_of[n]] for n in targets})
     if progress:

@@ -1,7 +1,7 @@
 """What running a model for calibration needs, for the whole-model collection (``collect.py``) and the
-block-by-block path (``svdadapt.blockwise``) alike: where the model's data is, its forward without a KV cache, eval
-mode with every training flag restored, a layer's input, the identity of a tensor's state, and the user's frame for
-a warning.
+block-by-block path (``svdadapt.blockwise``) alike: where the model's data is, its forward without a KV cache (and,
+when no target reads the output head, without the logits of every position), eval mode with every training flag
+restored, a layer's input, the identity of a tensor's state, and the user's frame for a warning.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["version", "first_tensor", "model_device", "no_cache", "eval_mode", "caller_level"]
+__all__ = ["version", "first_tensor", "model_device", "no_cache", "no_logits", "eval_mode", "caller_level"]
 
 # the svdadapt package (this file is svdadapt/calibration/forward.py): its frames are not the user's
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,26 @@ def no_cache(model: nn.Module) -> dict[str, bool]:
     except (TypeError, ValueError):  # a forward without a signature (a builtin)
         return {}
     return {"use_cache": False} if "use_cache" in params else {}
+
+
+def no_logits(model: nn.Module, targets: Iterable[nn.Module]) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` for a model whose forward takes ``logits_to_keep`` (transformers causal LMs) and
+    whose output head (``get_output_embeddings()``) neither is nor holds one of ``targets``, else ``{}``. A
+    calibration forward needs only its targets' inputs; the head over every position is a vocabulary-wide product
+    (SmolLM2: 576 x 49152 per token, a fifth of the forward), over the last position it is negligible."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if "logits_to_keep" in params and callable(getter) else None
+    except Exception:  # transformers' generic lookup raises for models it cannot place
+        head = None
+    if not isinstance(head, nn.Module):
+        return {}
+    inside = {id(m) for m in head.modules()}
+    return {} if any(id(t) in inside for t in targets) else {"logits_to_keep": 1}
 
 
 @contextmanager

@@ -94,7 +94,6 @@ _TMP_RE = re.compile(r"\.(model-\d{5}\.safetensors|svdadapt-progress\.json|svdad
                      r"model\.safetensors\.index\.json)\.tmp")
 _PART_RE = re.compile(r"\.svdadapt-part-\d{5}\.json")
 
-_DTYPES = DTYPES  # safetensors header dtype -> torch dtype
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -267,9 +266,9 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> torch.dtype:
         e = self._entry(name)
-        if e.dtype not in _DTYPES:
+        if e.dtype not in DTYPES:
             raise ValueError(f"{e.file}: tensor {name!r} has dtype {e.dtype}, which this torch cannot represent")
-        return _DTYPES[e.dtype]
+        return DTYPES[e.dtype]
 
     def nbytes(self, name: str) -> int:
         return self._entry(name).nbytes

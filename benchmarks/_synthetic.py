@@ -2,8 +2,8 @@
 
 For the streaming-init benchmarks: a checkpoint on disk in exactly the layout ``LlamaForCausalLM.save_pretrained``
 writes (config.json, ``model.safetensors`` or an index and ``model-0000k-of-0000N.safetensors`` shards, the same
-tensor names and shapes, untied ``lm_head``), built through :class:`svdadapt.storage.shards.ShardWriter`, so that peak
-memory is one shard (``max_shard_bytes``) whatever the model's size::
+tensor names and shapes, untied ``lm_head``), built through :class:`svdadapt.storage.shards.ShardWriter` with the
+layout known up front (each shard written in place), so that peak memory is one tensor whatever the model's size::
 
     from _synthetic import write_random_llama, llama_for_size, LLAMA_7B
     write_random_llama("/tmp/llama-4gb", **llama_for_size(4))          # about 4 GB in fp32
@@ -119,14 +119,15 @@ def write_random_llama(out_dir: str | os.PathLike, *, hidden: int, intermediate:
                        max_shard_bytes: int = 1 << 30, seed: int = 0, resume: bool = False,
                        progress: bool = False) -> Path:
     """Write a random-weight Llama checkpoint into ``out_dir`` (config.json + safetensors shards) one tensor at a
-    time; returns ``out_dir``. Peak memory: one shard plus one fp32 tensor. ``resume=True`` continues an
+    time; returns ``out_dir``. Peak memory: one fp32 tensor and its cast (the shards are written in place). ``resume=True`` continues an
     interrupted write (see :class:`svdadapt.storage.shards.ShardWriter`); the same arguments give the same files."""
     from transformers import LlamaConfig
 
     out = Path(out_dir)
     specs = llama_tensor_specs(hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab, heads=heads,
                                kv_heads=kv_heads)
-    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes, resume=resume)
+    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes, resume=resume,
+                         layout=[(name, dtype, shape) for name, shape in specs])
     LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                 tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch.")).save_pretrained(out)

@@ -12,11 +12,15 @@ synthetic random-weight Llama checkpoints (``_synthetic.write_random_llama``: fp
   (d) PEFT ``init_lora_weights="pissa_niter_16"`` on the loaded model (``get_peft_model``), the reference;
 
 and one point past the machine: a Llama-7B-shaped checkpoint (bf16 on disk, 13.5 GB; 27 GB in fp32) initialized
-by streaming PiSSA.
+by streaming PiSSA; and MiLoRA's decompositions on that model (bottom-16 triplets, ``svd="auto"``: the fp64 Gram
+eigendecomposition), timed on one 4096 x 4096 and one 4096 x 11008 layer (``plan_layer``, the call streaming makes
+per layer) and extrapolated to the model's 32 x (4 + 3) Linears: stated as extrapolated, not a run of the model.
 
 What is measured. Every row runs in a fresh subprocess (``_common.run_job``). Each job first imports torch,
 transformers, peft and svdadapt and records the RSS then (``rss_imports_mb``); ``peak_rss_mb`` is the process's
-peak RSS (``ru_maxrss``, includes file-backed pages mapped into it), ``growth_mb`` = peak - RSS after imports.
+peak RSS (``ru_maxrss``, includes file-backed pages mapped into it), ``growth_mb`` = peak - RSS after imports, and
+``growth_per_largest`` its ratio to the checkpoint's largest tensor (``largest_tensor_mb``: the embeddings / output
+head here), the unit streaming memory is bounded in.
 ``wall_s``: (a) and (d) load + init (the model is not saved), (b) the ``init_checkpoint`` call, which reads the
 checkpoint and writes a new base and the adapter; (c) from ``spawn`` to ``join`` in the coordinating process,
 so it includes starting 2 interpreters, their imports and the process group; ``rank_init_s`` is the slowest rank's
@@ -29,9 +33,12 @@ page cache where it holds them (this measures the work, not a cold disk).
     python benchmarks/bench_scale.py --sizes 0.5 1 2 --skip-7b  # the small sizes only (~20 min)
     python benchmarks/bench_scale.py --paths stream_corda stream2_corda --rerun --skip-7b   # measure these again
     python benchmarks/bench_scale.py --report-only          # reprint the table, redraw the PNG from the JSON
+    python benchmarks/bench_scale.py --milora-7b-layers --skip-7b --sizes  # only MiLoRA's 7B extrapolation (~3 min)
 
 Resumable: the JSON is written after every row, and a rerun skips the rows already there with the same rank,
-threads and calibration (``--fresh`` starts over). Checkpoints and outputs go to a temporary directory (``--tmp``,
+threads and calibration (``--fresh`` starts over). Each row records when it was measured (``measured_at``) and
+the commit it measured (``commit``; ``+dirty`` with uncommitted changes under src/): rows of earlier runs are kept
+as they were. Checkpoints and outputs go to a temporary directory (``--tmp``,
 default the system's) and are deleted afterwards, also on failure.
 
 Writes ``benchmarks/results/bench_scale.json`` and ``benchmarks/results/bench_scale.png``.
@@ -70,7 +77,10 @@ LABELS = {
     "stream2_corda": "(c) streaming corda, 2 processes",
     "peft_pissa_niter_16": "(d) PEFT pissa_niter_16 (get_peft_model)",
     "stream_pissa_7b": "(b) streaming init_checkpoint pissa",
+    "milora_7b_extrapolated": "MiLoRA decompositions, 2 layers timed, extrapolated to 224",
 }
+MILORA_SHAPES = {(4096, 4096): 4, (4096, 11008): 3}  # (out, in) -> Linears per Llama-7B layer (q k v o; gate up down)
+MILORA_REPEATS = 2
 JOB_TIMEOUT = 3 * 3600
 
 
@@ -239,6 +249,33 @@ def job_stream2(ckpt: str, out: str, threads: int | None = None, rank: int = RAN
             "rank_peak_rss_mb": ranks[worst]["peak_rss_mb"], "rss_imports_mb": ranks[worst]["rss_imports_mb"]}
 
 
+def job_milora_layers(threads: int | None = None, rank: int = RANK, repeats: int = MILORA_REPEATS) -> dict:
+    """MiLoRA (``svd="auto"``) on one Linear of each Llama-7B shape (N(0, 0.02) rounded to bf16, as the 7B
+    checkpoint stores it), through ``plan_layer``; the best of ``repeats`` per shape, then the 7B model's 32 layers
+    extrapolated from them. (4096, 11008) stands for gate/up (11008, 4096) too: the Gram matrix is on the short side,
+    4096, for all three."""
+    rss0 = _imports(threads)
+    import torch
+    from svdadapt.core.methods import get_method
+    from svdadapt.engine.job import Request, build_job
+    from svdadapt.engine.plan import LayerInput, plan_layer
+
+    job = build_job(get_method("milora"), rank, Request(progress=False))
+    per_shape = {}
+    for (out, inp), count in MILORA_SHAPES.items():
+        g = torch.Generator().manual_seed(out + inp)
+        W = torch.randn(out, inp, generator=g).mul_(0.02).to(torch.bfloat16).float()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plan_layer(job, LayerInput(f"layer{out}x{inp}", W))
+            times.append(time.perf_counter() - t0)
+        per_shape[f"{out}x{inp}"] = {"best_s": min(times), "times_s": times, "per_7b_layer": count}
+    layer_s = sum(v["best_s"] * v["per_7b_layer"] for v in per_shape.values())
+    return {"rss_imports_mb": rss0, "shapes": per_shape, "per_7b_layer_s": layer_s, "extrapolated_7b_s": 32 * layer_s,
+            "extrapolated": True, "threads": torch.get_num_threads(), "svd": job.svd.svd}
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def _row_key(r: dict) -> tuple:
     return (r["path"], r.get("size_gb"))
@@ -248,12 +285,42 @@ def _peak(r: dict) -> float | None:
     return r.get("rank_peak_rss_mb", r.get("peak_rss_mb"))
 
 
+def _largest_mb(r: dict) -> float | None:
+    """The checkpoint's largest tensor in MiB (from the row's config and dtype)."""
+    cfg = r.get("ckpt_config")
+    if not cfg:
+        return None
+    from _synthetic import llama_tensor_specs
+
+    size = 2 if r.get("ckpt_dtype") == "bf16" else 4
+    return max(size * _numel(shape) for _, shape in llama_tensor_specs(**cfg)) / 2**20
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _ratio(r: dict) -> dict:
+    """The row's largest tensor and its growth / largest tensor (computed for rows of runs that did not record it)."""
+    largest = r.get("largest_tensor_mb") or _largest_mb(r)
+    if largest is None or r.get("growth_mb") is None:
+        return {}
+    return {"largest_tensor_mb": largest, "growth_per_largest": r["growth_mb"] / largest}
+
+
 def _finish_row(row: dict) -> dict:
     peak = _peak(row)
     if peak is not None and row.get("rss_imports_mb") is not None:
         row["row_peak_rss_mb"] = peak
         row["growth_mb"] = peak - row["rss_imports_mb"]
+    row.update(_ratio(row))
     row["loadavg_1m"] = os.getloadavg()[0]
+    git = _git_state()
+    row["commit"] = git.get("commit", "?")[:12] + ("+dirty" if git.get("src_uncommitted") else "")
+    row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return row
 
 
@@ -277,7 +344,10 @@ COLUMNS = [
     ("row_peak_rss_mb", "peak RSS (MiB)", "{:.0f}"),
     ("rss_imports_mb", "after imports (MiB)", "{:.0f}"),
     ("growth_mb", "growth (MiB)", "{:.0f}"),
+    ("largest_tensor_mb", "largest tensor (MiB)", "{:.0f}"),
+    ("growth_per_largest", "growth / largest", "{:.1f}×"),
     ("loadavg_1m", "load avg", "{:.1f}"),
+    ("measured_at", "measured", "{}"),
 ]
 
 
@@ -288,8 +358,9 @@ def report(payload: dict) -> str:
     def order(r: dict) -> tuple:
         return r.get("size_gb") or 1e9, PATHS.index(r["path"]) if r["path"] in PATHS else 99
 
-    for r in sorted(rows, key=order):
-        t = dict(r)
+    for r in sorted((r for r in rows if r["path"] != "milora_7b_extrapolated"), key=order):
+        t = {**r, **_ratio(r)}
+        t["measured_at"] = (r.get("measured_at") or "earlier run")[:16]
         t["size"] = f"{r['ckpt_gb']:.2f} GB ({r['ckpt_dtype']})" if r.get("ckpt_gb") else "—"
         t["label"] = LABELS.get(r["path"], r["path"])
         if r["path"] == "stream_corda" and not r.get("supported", True):  # rows of before it was supported
@@ -306,6 +377,18 @@ def report(payload: dict) -> str:
     if checks:
         out.append("\nPiSSA adapter_model.safetensors of 2 processes vs 1 process: " + ", ".join(checks)
                    + " (CorDA's differ in the last bits: its covariances are sums all-reduced in another order)")
+    streaming = [(r, _ratio(r)) for r in rows if r["path"].startswith("stream") and _ratio(r)]
+    if streaming:
+        worst, q = max(streaming, key=lambda t: t[1]["growth_per_largest"])
+        out.append(f"\nStreaming rows: peak RSS growth at most {q['growth_per_largest']:.1f}× the largest tensor "
+                   f"({LABELS[worst['path']]}, {worst['ckpt_gb']:.2f} GB; target ≤ 8×)")
+    for r in rows:
+        if r["path"] == "milora_7b_extrapolated":
+            shapes = ", ".join(f"{k}: {v['best_s']:.1f} s" for k, v in r["shapes"].items())
+            out.append(f"\nMiLoRA (svd={r['svd']!r}, rank {payload.get('rank', RANK)}, {r['threads']} thread) per layer "
+                       f"({shapes}, best of {len(next(iter(r['shapes'].values()))['times_s'])}): Llama-7B's 32 layers "
+                       f"EXTRAPOLATED to {r['extrapolated_7b_s'] / 60:.1f} min of decompositions "
+                       f"(load {r['loadavg_1m']:.1f}, {r.get('measured_at', '')})")
     for r in rows:
         if r.get("out_bytes"):
             out.append(f"output of {LABELS[r['path']]} at {r['ckpt_gb']:.2f} GB: {r['out_bytes'] / 1e9:.2f} GB "
@@ -369,9 +452,11 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", nargs="+", type=float, default=list(SIZES), help="checkpoint sizes in GB (fp32)")
+    ap.add_argument("--sizes", nargs="*", type=float, default=list(SIZES), help="checkpoint sizes in GB (fp32)")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--skip-7b", action="store_true", help="leave out the Llama-7B-shaped point (13.5 GB bf16)")
+    ap.add_argument("--milora-7b-layers", action="store_true",
+                    help="time MiLoRA on one layer of each Llama-7B shape and extrapolate (also without --skip-7b)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system's temporary dir)")
     ap.add_argument("--fresh", action="store_true", help="ignore the rows already in the JSON")
@@ -449,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
                     add(_finish_row({"path": p, **common, **r}))
             finally:
                 shutil.rmtree(ckpt, ignore_errors=True)
+        if (args.milora_7b_layers or not args.skip_7b) and (
+                args.rerun or ("milora_7b_extrapolated", None) not in done):
+            print(f"[{NAME}] MiLoRA on Llama-7B's layer shapes", file=sys.stderr, flush=True)
+            r = run_job(f"{NAME}:job_milora_layers", threads=args.threads, rank=RANK, timeout=JOB_TIMEOUT)
+            add(_finish_row({"path": "milora_7b_extrapolated", "size_gb": None, **r}))
         if not args.skip_7b and ("stream_pissa_7b", None) not in done:
             ckpt, out = os.path.join(tmp, "llama-7b"), os.path.join(tmp, "out-7b")
             print(f"[{NAME}] writing the Llama-7B-shaped checkpoint (bf16)", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ import svdadapt.lifecycle.initdir as initdir
 import svdadapt.stream.init as stream
 import svdadapt.stream.calibrated as stream_calibrated
 import svdadapt.stream.journal as stream_journal
+import svdadapt.storage.shardfile as shardfile
 from svdadapt.cli import main as cli_main
 from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
 
@@ -213,6 +215,28 @@ def test_resume_after_interruption_keeps_shards_and_factors(tmp, monkeypatch):
     assert {k: v for k, v in hashes.items() if not k.endswith(unlike)} == \
            {k: v for k, v in whole.items() if not k.endswith(unlike)}
     assert len(kept) >= 2 and set(kept.values()) <= set(hashes.values())  # the kept shards are those files
+
+
+def test_a_kill_inside_a_shard_written_in_place_resumes_to_the_same_bytes(tmp, monkeypatch):
+    """The base's shards are filled in place: a kill leaves the shard being filled on disk, header and some
+    tensors written (here the clean-up a kill skips is skipped). The resumed run deletes it and writes that shard
+    again from its first tensor: the same files."""
+    ck = _checkpoint(tmp / "ck", make_tiny_llama(1))
+    _run(ck, tmp / "whole")
+    _counting_plan_layer(monkeypatch, crash_after=4)  # at layer 0's o_proj, whose shard holds k_proj already
+    monkeypatch.setattr(shardfile.ShardFile, "abort", lambda self: os.close(self._fd))  # a kill: nothing cleaned
+    with pytest.raises(_Crash):
+        _run(ck, tmp / "s")
+    progress = json.loads((tmp / "s" / "base" / JOURNAL_FILE).read_text())
+    partial = tmp / "s" / "base" / f".model-{len(progress['shards']) + 1:05d}.safetensors.tmp"
+    assert partial.is_file() and partial.stat().st_size > 0  # its final size, holes where tensors are missing
+    monkeypatch.undo()
+    _run(ck, tmp / "s")
+    assert not partial.exists()
+    hashes, whole = _file_hashes(tmp / "s"), _file_hashes(tmp / "whole")
+    unlike = ("adapter_config.json", "svdadapt.json")  # each run's own out/base in base_model_name_or_path
+    assert {k: v for k, v in hashes.items() if not k.endswith(unlike)} == \
+           {k: v for k, v in whole.items() if not k.endswith(unlike)}
 
 
 @pytest.mark.parametrize("where", ["after_base", "in_records"])

@@ -4,14 +4,16 @@ The streaming init reads a checkpoint that need not fit in memory one tensor at 
 weights and writes a new checkpoint in the layout ``transformers`` writes and loads::
 
     reader = CheckpointReader("llama-7b/")               # model.safetensors, or the index + its shards
-    with ShardWriter("llama-7b-res/", resume=True) as w:  # close() on a clean exit, journal kept on a crash
+    with ShardWriter("llama-7b-res/", resume=True, layout=reader.layout) as w:  # journal kept on a crash
         for name in reader.names:
             if name not in w.done:                        # written by an interrupted earlier run
                 w.add(name, rewrite(name, reader.get(name)))
     copy_files(reader.files, "llama-7b-res/")            # config.json, tokenizer files, ...
 
-Memory: the reader holds one safetensors handle per shard (headers only; ``get`` reads one tensor), the writer
-the tensors of the shard it is filling (at most ``max_shard_bytes``, or one larger tensor alone).
+Memory: the reader holds one safetensors handle per shard (headers only; ``get`` reads one tensor). The writer,
+given the ``layout`` of what will be added (``reader.layout`` for a copy), writes each tensor in place at its
+offset as it is added (``shardfile.ShardFile``) and holds none; without one, the tensors of the shard it is
+filling (at most ``max_shard_bytes``, or one larger tensor alone), written at once.
 
 Why the reader asks safetensors for its ``pread`` backend: with the default ``mmap`` backend every tensor returned
 is a view of a private mapping of the whole shard that lives as long as the handle. Pages read through it stay in
@@ -22,7 +24,7 @@ the handle is open. Reading all of a 200 MB file tensor by tensor through one mm
 has no ``pread``: then ``get`` opens the shard, copies the tensor out of the mapping and closes it again.
 
 Output layout and file names. Completed shards are written as ``model-00001.safetensors``,
-``model-00002.safetensors``, ... (each first to the hidden ``.model-0000k.safetensors.tmp``, fsynced, then
+``model-00002.safetensors``, ... (each first to the hidden ``.model-0000k.safetensors.tmp``, filled, fsynced, then
 renamed, so a kill mid-write never leaves a half shard under a shard's name), and recorded with their size and
 sha256 in the progress journal ``.svdadapt-progress.json``. The shard count N is known only at ``close()``, which
 renames them to transformers' ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
@@ -55,6 +57,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .manifest import sha256_file
+from .shardfile import DTYPES, IN_PLACE, ShardFile, Spec, dtype_name
 
 __all__ = [
     "CheckpointReader",
@@ -91,17 +94,6 @@ _TMP_RE = re.compile(r"\.(model-\d{5}\.safetensors|svdadapt-progress\.json|svdad
                      r"model\.safetensors\.index\.json)\.tmp")
 _PART_RE = re.compile(r"\.svdadapt-part-\d{5}\.json")
 
-# safetensors header dtype -> torch dtype (the optional ones only where this torch has them)
-_DTYPES: dict[str, torch.dtype] = {
-    key: getattr(torch, attr)
-    for key, attr in [
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
-        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
-    ]
-    if hasattr(torch, attr)
-}
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -274,12 +266,18 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> torch.dtype:
         e = self._entry(name)
-        if e.dtype not in _DTYPES:
+        if e.dtype not in DTYPES:
             raise ValueError(f"{e.file}: tensor {name!r} has dtype {e.dtype}, which this torch cannot represent")
-        return _DTYPES[e.dtype]
+        return DTYPES[e.dtype]
 
     def nbytes(self, name: str) -> int:
         return self._entry(name).nbytes
+
+    @property
+    def layout(self) -> list[Spec]:
+        """``(name, safetensors dtype, shape)`` of every tensor, in ``names`` order: what a ``ShardWriter`` copying
+        the checkpoint tensor for tensor writes (its ``layout``)."""
+        return [(n, e.dtype, e.shape) for n, e in self._entries.items()]
 
     def file_of(self, name: str) -> Path:
         """The shard file that holds ``name``."""
@@ -433,16 +431,57 @@ def _compact(name: str, tensor: torch.Tensor, taken: set[int]) -> torch.Tensor:
     return t
 
 
-def _write_shard(out_dir: Path, work: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One shard file, atomically (temporary name, fsync, rename); returns its journal entry."""
-    tmp = out_dir / f".{work}.tmp"
-    save_file(tensors, str(tmp), metadata=dict(_SHARD_METADATA))
-    fsync_file(tmp)
+def _tmp_path(out_dir: Path, work: str) -> Path:
+    return out_dir / f".{work}.tmp"
+
+
+def _commit(out_dir: Path, work: str, names: list[str], specs: Iterable[Spec]) -> dict[str, Any]:
+    """The fsynced temporary file of shard ``work`` hashed and renamed to its work name; returns its journal
+    entry (``names`` in the order added)."""
+    tmp = _tmp_path(out_dir, work)
     size, sha = tmp.stat().st_size, _sha256(tmp)
     os.replace(tmp, out_dir / work)
     _fsync_dir(out_dir)
-    return {"file": work, "names": list(tensors), "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-            "numel": sum(t.numel() for t in tensors.values()), "size": size, "sha256": sha}
+    sizes = [(_spec_nbytes(s), _numel(s[2])) for s in specs]
+    return {"file": work, "names": names, "nbytes": sum(b for b, _ in sizes), "numel": sum(n for _, n in sizes),
+            "size": size, "sha256": sha}
+
+
+def _write_shard(out_dir: Path, work: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One shard file built in memory, atomically (temporary name, fsync, rename); returns its journal entry."""
+    tmp = _tmp_path(out_dir, work)
+    save_file(tensors, str(tmp), metadata=dict(_SHARD_METADATA))
+    fsync_file(tmp)
+    return _commit(out_dir, work, list(tensors), [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
+
+
+def _open_in_place(out_dir: Path, work: str, specs: list[Spec]) -> ShardFile:
+    """Shard ``work``'s temporary file with its final header, to be filled tensor by tensor."""
+    return ShardFile(_tmp_path(out_dir, work), specs)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _spec_nbytes(spec: Spec) -> int:
+    return _numel(spec[2]) * torch.empty((), dtype=DTYPES[spec[1]]).element_size()
+
+
+def _specs(layout: Iterable[tuple[str, Any, Iterable[int]]]) -> dict[str, Spec]:
+    """name -> ``(name, safetensors dtype, shape)`` of a layout given with torch or safetensors dtypes, in order."""
+    specs: dict[str, Spec] = {}
+    for name, dtype, shape in layout:
+        d = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+        if d not in DTYPES:
+            raise ValueError(f"layout: tensor {name!r} has dtype {dtype!r}, not a safetensors dtype of this torch")
+        if name in specs:
+            raise ValueError(f"layout: tensor {name!r} is listed twice")
+        specs[name] = (name, d, tuple(int(x) for x in shape))
+    return specs
 
 
 def _verified(out_dir: Path, entry: dict[str, Any]) -> bool:
@@ -499,6 +538,16 @@ class ShardWriter:
     transformers' ``max_shard_size`` does; a file is larger by its JSON header. The writer keeps a reference to
     the tensors it holds: do not modify a tensor in place after adding it.
 
+    ``layout``: the ``(name, dtype, shape)`` of every tensor that will be added, in the order they will be added
+    (``CheckpointReader.layout`` for a checkpoint copied tensor for tensor; dtype a torch or safetensors dtype).
+    The shards are then known in advance (``plan_shards``) and each is written in place: its file is created with
+    its final header when its first tensor comes, each tensor is written at its offset as it is added and not kept,
+    and the shard is fsynced, hashed, renamed and journaled once its last tensor is in. The writer then holds no
+    tensor (the memory of a write is the tensor being added), the files are byte-identical to the ones written
+    without a layout, and ``add`` must follow the layout (ValueError naming the tensor otherwise); ``close`` needs
+    every tensor of it. A kill while a shard is being filled leaves its temporary file, which ``resume`` deletes:
+    that shard is written again from its first tensor, as without a layout.
+
     ``resume``: continue the interrupted write that ``out_dir``'s progress journal describes (``done`` lists what
     is already on disk: skip those names and add the rest in the original order; adding a name in ``done`` is an
     error). Without a journal, resume starts from scratch. ``max_shard_bytes`` must equal the journal's.
@@ -511,7 +560,8 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *,
-                 resume: bool = False, overwrite: bool = False, keep_hashes: bool = False):
+                 resume: bool = False, overwrite: bool = False, keep_hashes: bool = False,
+                 layout: Iterable[tuple[str, Any, Iterable[int]]] | None = None):
         if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
         self.out_dir = Path(out_dir)
@@ -525,6 +575,10 @@ class ShardWriter:
         self._pending_ptrs: set[int] = set()
         self._added: set[str] = set()  # names added in this session
         self._closed = False
+        self._layout: dict[str, Spec] | None = None if layout is None or not IN_PLACE else _specs(layout)
+        self._plan: list[list[str]] | None = None if self._layout is None else plan_shards(
+            [(n, _spec_nbytes(sp)) for n, sp in self._layout.items()], max_shard_bytes)
+        self._file: ShardFile | None = None  # the shard being filled in place (with a layout)
         self.done: set[str] = set()
         """Names in completed shards on disk (those of a resumed run's kept shards, then the ones flushed since)."""
 
@@ -581,8 +635,9 @@ class ShardWriter:
             if not (self.out_dir / work).exists() and (self.out_dir / final).is_file():
                 os.replace(self.out_dir / final, self.out_dir / work)
         kept: list[dict[str, Any]] = []
-        for s in shards:
-            if not _verified(self.out_dir, s):
+        for k, s in enumerate(shards):
+            planned = self._plan is None or (k < len(self._plan) and s.get("names") == self._plan[k])
+            if not (planned and _verified(self.out_dir, s)):
                 break  # this one and all after it are rewritten
             kept.append(s)
         self._shards = kept
@@ -609,6 +664,9 @@ class ShardWriter:
                              f"skip the names in done when resuming")
         if name in self._added:
             raise ValueError(f"{name!r} was added twice")
+        if self._plan is not None:
+            self._add_in_place(name, tensor)
+            return
         t = _compact(name, tensor, self._pending_ptrs)
         nbytes = t.numel() * t.element_size()
         if _flush_before(len(self._pending), self._pending_bytes, nbytes, self.max_shard_bytes):
@@ -620,6 +678,27 @@ class ShardWriter:
         self._pending_bytes += nbytes
         if self._pending_bytes >= self.max_shard_bytes:
             self._flush()
+
+    def _add_in_place(self, name: str, tensor: torch.Tensor) -> None:
+        """With a layout: ``tensor`` written at its offset in the shard being filled (created when its first tensor
+        comes); the shard committed and journaled once its last tensor is in."""
+        k = len(self._shards)
+        names = self._plan[k] if k < len(self._plan) else []
+        written = 0 if self._file is None else len(names) - len(self._file.missing)
+        if written >= len(names) or names[written] != name:
+            expected = f"the layout's next tensor is {names[written]!r}" if written < len(names) else \
+                "every tensor of the layout is written"
+            raise ValueError(f"{name!r} added out of the writer's layout order: {expected}")
+        if self._file is None:
+            self._file = _open_in_place(self.out_dir, _work_name(k + 1), [self._layout[n] for n in names])
+        self._file.write(name, tensor)
+        self._added.add(name)
+        if not self._file.missing:
+            self._file.close()
+            self._file = None
+            self._shards.append(_commit(self.out_dir, _work_name(k + 1), names, [self._layout[n] for n in names]))
+            self._write_journal()
+            self.done.update(names)
 
     def _flush(self) -> None:
         """Write the pending tensors as the next shard: temp name, fsync, hash, rename, then journal it."""
@@ -642,6 +721,10 @@ class ShardWriter:
         remove the journal. Returns the index file, or ``model.safetensors`` for a single shard."""
         if self._closed:
             raise RuntimeError(f"ShardWriter({self.out_dir}) is already closed")
+        if self._plan is not None and len(self._shards) < len(self._plan):
+            left = [n for names in self._plan[len(self._shards):] for n in names if n not in self._added]
+            raise ValueError(f"close() of ShardWriter({self.out_dir}) before every tensor of its layout was added: "
+                             f"{len(left)} missing, the first {left[0]!r}")
         self._flush()
         if not self._shards:
             raise ValueError(f"no tensors were written to {self.out_dir}")
@@ -655,6 +738,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and not self._closed:
             self.close()
+        elif exc_type is not None and self._file is not None:
+            self._file.abort()  # the shard being filled in place: written again on resume
+            self._file = None
         # on an exception the pending shard is dropped and the journal stays: resume=True continues
 
     def __repr__(self) -> str:
@@ -700,31 +786,58 @@ def written_tensors(out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def write_part(out_dir: str | os.PathLike, shards: dict[int, list[str]], tensor: Callable[[str], torch.Tensor],
-               writer: int, max_shard_bytes: int, progress: Callable[[str], None] | None = None) -> None:
+               writer: int, max_shard_bytes: int, progress: Callable[[str], None] | None = None,
+               layout: Iterable[tuple[str, Any, Iterable[int]]] | None = None) -> None:
     """Write some shards of a checkpoint that several processes write together: shard k (1-based, of
-    ``plan_shards``) holds ``shards[k]``, each tensor made by ``tensor(name)``, one shard in memory at a time. Each
-    is journaled in this writer's part journal (``.svdadapt-part-<writer>.json``); a shard an interrupted run already
-    wrote (any writer's journal, same names, size and sha256 verified) is kept. ``merge_parts`` then joins them.
-    ``progress(name)`` is called after each tensor."""
+    ``plan_shards``) holds ``shards[k]``, each tensor made by ``tensor(name)``. Each is journaled in this writer's
+    part journal (``.svdadapt-part-<writer>.json``); a shard an interrupted run already wrote (any writer's journal,
+    same names, size and sha256 verified) is kept. ``merge_parts`` then joins them. ``progress(name)`` is called
+    after each tensor. ``layout``: ``(name, dtype, shape)`` of (at least) these tensors, as for ``ShardWriter``:
+    each shard is then written in place, one tensor in memory at a time; without it, one shard at a time."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     known, mine = _part_entries(out), []
     journal = out / f".svdadapt-part-{writer:05d}.json"
+    specs = None if layout is None or not IN_PLACE else _specs(layout)
     for k in sorted(shards):
         entry = known.get(_work_name(k))
         if not (entry and entry["names"] == shards[k] and _verified(out, entry)):
-            tensors: dict[str, torch.Tensor] = {}
-            taken: set[int] = set()
-            for name in shards[k]:
-                tensors[name] = t = _compact(name, tensor(name), taken)
-                if t.numel():
-                    taken.add(t.data_ptr())
-                if progress is not None:
-                    progress(name)
-            entry = _write_shard(out, _work_name(k), tensors)
-            del tensors
+            write = _write_part_buffered if specs is None else _write_part_in_place
+            entry = write(out, _work_name(k), shards[k], specs, tensor, progress)
         mine.append(entry)
         _write_json_atomic(journal, {"version": _JOURNAL_VERSION, "max_shard_bytes": max_shard_bytes, "shards": mine})
+
+
+def _write_part_buffered(out: Path, work: str, names: list[str], specs: None,
+                         tensor: Callable[[str], torch.Tensor], progress: Callable[[str], None] | None
+                         ) -> dict[str, Any]:
+    """One shard of ``write_part`` built in memory, then written; returns its journal entry."""
+    tensors: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()
+    for name in names:
+        tensors[name] = t = _compact(name, tensor(name), taken)
+        if t.numel():
+            taken.add(t.data_ptr())
+        if progress is not None:
+            progress(name)
+    return _write_shard(out, work, tensors)
+
+
+def _write_part_in_place(out: Path, work: str, names: list[str], specs: dict[str, Spec],
+                         tensor: Callable[[str], torch.Tensor], progress: Callable[[str], None] | None
+                         ) -> dict[str, Any]:
+    """One shard of ``write_part`` written in place, one tensor in memory at a time; returns its journal entry."""
+    f = _open_in_place(out, work, [specs[n] for n in names])
+    try:
+        for name in names:
+            f.write(name, tensor(name))
+            if progress is not None:
+                progress(name)
+        f.close()
+    except BaseException:
+        f.abort()
+        raise
+    return _commit(out, work, list(names), [specs[n] for n in names])
 
 
 def merge_parts(out_dir: str | os.PathLike, plan: list[list[str]], max_shard_bytes: int,

@@ -21,9 +21,10 @@ Several processes (``torch.distributed``): the base's shards (the files one proc
 ``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
 those shards, rank 0 joins them (``shards.merge_parts``) and writes the rest. The files are those of one process.
 
-Memory follows the largest tensor, not the model: a few tensors of one layer (W as stored, W in fp32, the SVD's
-work, the new base) plus the output shard being filled (at most ``max_shard_bytes``); at the end the adapter's
-factors (r·(in + out) per layer), a few times over while they are written.
+Memory follows the largest tensor, not the model nor the shard size: a few tensors of one layer (W as stored, W in
+fp32, the SVD's work, the new base); the base's shards have the checkpoint's layout and are written in place, each
+tensor at its offset as it is made (``shards.ShardWriter``'s ``layout``); at the end the adapter's factors
+(r·(in + out) per layer), a few times over while they are written.
 
 Resuming (``journal``). ``DIR/.svdadapt-stream/`` holds ``job.json`` (what the run computes: method, options,
 targets, a fingerprint of the checkpoint's tensor list) and ``layers/<module>.safetensors`` per finished layer (A₀
@@ -187,12 +188,13 @@ def _finished_base(base_dir: Path, reader: CheckpointReader, source: CheckpointS
         return False
 
 
-def _base_writer(base_dir: Path, max_shard_bytes: int, journal: Journal) -> ShardWriter:
+def _base_writer(base_dir: Path, reader: CheckpointReader, max_shard_bytes: int, journal: Journal) -> ShardWriter:
     """The base's ShardWriter, resuming the interrupted run's; an unreadable progress journal is an error naming it
-    and the way out (the base is written again from the journal's factors)."""
+    and the way out (the base is written again from the journal's factors). The base has the checkpoint's layout
+    (names, dtypes, shapes): each tensor is written in place as it comes."""
     try:  # a resumed run without a progress journal: the base files there are not a finished base, rewrite them
         return ShardWriter(base_dir, max_shard_bytes, resume=journal.resumed, overwrite=journal.resumed,
-                           keep_hashes=True)
+                           keep_hashes=True, layout=reader.layout)
     except ProgressJournalError as e:
         raise ValueError(f"{e.path}: unreadable progress journal of the base (truncated or corrupt); delete "
                          f"{base_dir} to write the base again (the decomposed layers in {journal.layers} are kept), "
@@ -228,7 +230,7 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
         journal.mark_base_complete()
         return
     bar = tqdm(total=len(source), desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
-    with bar, _base_writer(base_dir, max_shard_bytes, journal) as writer:
+    with bar, _base_writer(base_dir, reader, max_shard_bytes, journal) as writer:
         for key in reader.names:
             name = source.module_of(key)
             if key in writer.done:  # in a verified shard of the interrupted run (its entry: _complete_journal)
@@ -282,7 +284,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
         mine = {int(k): plan[int(k) - 1] for k in share}
         with tqdm(total=sum(map(len, mine.values())), desc=f"svdadapt {job.spec.name} (rank {rank})",
                   unit="tensor", disable=not progress) as bar:
-            write_part(base_dir, mine, tensor, rank, max_shard_bytes, lambda _: bar.update())
+            write_part(base_dir, mine, tensor, rank, max_shard_bytes, lambda _: bar.update(), layout=reader.layout)
     barrier()
     if rank != 0:
         barrier()  # wait for rank 0's outputs
@@ -362,7 +364,7 @@ def init_checkpoint(
             which model the batches run on, as in ``wrap``.
         blockwise: the hidden states' memory budget, offload directory and EoRA's sequential inputs
             (``BlockwiseOptions``; None: defaults, as ``wrap``'s: sequential for EoRA).
-        max_shard_bytes: the largest output shard (tensor bytes; default 1 GiB), also what the writer holds.
+        max_shard_bytes: the largest output shard (tensor bytes; default 1 GiB; the writer holds none of it).
         progress: a progress bar over the targeted layers.
         resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
             with False an unfinished run there is an error.

@@ -23,6 +23,7 @@ Writes ``benchmarks/results/bench_init.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -84,6 +85,7 @@ def job(model: str, impl: str, threads: int | None = None, smollm2_dir: str | No
             with sw("init"):  # the first call in the process
                 peft_model = svdadapt.wrap(net, "pissa", RANK, seed=seed, progress=False)
             del peft_model, net
+            gc.collect()  # PEFT models hold reference cycles: the first one freed before the second load
             net = _load(model, smollm2_dir)  # a fresh model: the second call is the steady state
             with sw("steady"):
                 peft_model = svdadapt.wrap(net, "pissa", RANK, seed=seed, progress=False)

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from peft import get_peft_model  # imported with svdadapt, not paid inside the first wrap
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -123,6 +122,8 @@ def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Modu
     """``get_peft_model(model, config)`` without PEFT's random init of the LoRA factors that ``factors`` overwrite
     next (``init_lora_weights=False`` while it builds; the config keeps its own value, so the saved adapter config
     says what it said). A LoRA layer ``factors`` does not name gets PEFT's init of ``config``, as before."""
+    from peft import get_peft_model
+
     init = config.init_lora_weights
     with torch.random.fork_rng(devices=[]):  # PEFT's layers draw from the global RNG; ours overwrite them
         config.init_lora_weights = False

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
-from peft import LoraConfig  # imported with svdadapt, not paid inside the first wrap
 from torch import nn
 
 from . import checks, plan
@@ -258,6 +257,8 @@ def recorded_options(job: Job) -> dict[str, Any]:
 
 def lora_config(model: nn.Module, targets: Mapping[str, nn.Module], job: Job) -> Any:
     """The rank-r ``peft.LoraConfig`` of the job's targets in ``model``."""
+    from peft import LoraConfig  # imported on first use: importing peft imports bitsandbytes, which logs to stderr
+
     return LoraConfig(r=job.rank, lora_alpha=job.alpha, target_modules=peft_target_list(model, list(targets)),
                       use_rslora=job.use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
                       modules_to_save=list(job.modules_to_save) if job.modules_to_save else None,

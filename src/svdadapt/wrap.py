@@ -21,7 +21,7 @@ from .engine.plan import LayerPlan, plan_layer, plan_layers
 from .lifecycle.export import attach
 from .engine.job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
                   recorded_options, select_targets)
-from .modules.layers import kind_of, layer_checksum
+from .modules.layers import kind_of
 from .core.methods import SVD_CHOICES, get_method
 from .quant.quantized import compressed_inputs, plan_quantized_layer
 from .core.record import AdaptRecord
@@ -42,7 +42,8 @@ def _check_not_peft(model: nn.Module) -> None:
 @dataclass
 class _Inputs:
     """What one ``wrap`` call plans from: the model, its targets, the calibration and reference as given, the
-    reference's weights of the targets (out, in), and whether to show progress bars."""
+    reference's weights of the targets (out, in), whether to show progress bars, and the checksum of every target's
+    weight before any rewrite (read in the pass that checks it is finite)."""
 
     model: nn.Module
     targets: dict[str, nn.Module]
@@ -50,6 +51,7 @@ class _Inputs:
     reference: Any
     references: dict[str, torch.Tensor] | None
     progress: bool
+    base_checksums: dict[str, str]
 
 
 def _hook_model(job: Job, inputs: _Inputs, calibration: Any) -> nn.Module:
@@ -126,10 +128,11 @@ def _inputs(job: Job, model: nn.Module, request: Request) -> _Inputs:
     weights."""
     targets = select_targets(model, request.target_modules, request.exclude_modules, job)
     check_packing(job, targets)
-    checks.check_target_weights(model, targets, job.rank, job.spec.rewrites_base, job.rank_pattern)
+    base_checksums = checks.check_target_weights(model, targets, job.rank, job.spec.rewrites_base,
+                                                 job.rank_pattern)
     reference = request.reference
     references = checks.reference_weights(reference, targets) if reference is not None else None
-    return _Inputs(model, targets, request.calibration, reference, references, request.progress)
+    return _Inputs(model, targets, request.calibration, reference, references, request.progress, base_checksums)
 
 
 def _record(job: Job, targets: dict[str, nn.Module], plans: dict[str, LayerPlan],
@@ -191,9 +194,8 @@ def wrap(
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)
     plans = _plans(job, inputs, request.blockwise)
-    base_checksums = {n: layer_checksum(m) for n, m in inputs.targets.items()}  # W before any rewrite
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)
-    attach(peft_model, _record(job, inputs.targets, plans, base_checksums))  # save_pretrained guard, see lifecycle/export.py
+    attach(peft_model, _record(job, inputs.targets, plans, inputs.base_checksums))  # save_pretrained guard, see lifecycle/export.py
     return peft_model

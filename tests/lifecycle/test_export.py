@@ -313,6 +313,72 @@ def test_load_warns_when_residual_is_not_bit_identical(trained, tmp_path):
         svdadapt.load(make_tiny_llama(SEED), d, progress=False)
 
 
+def _as_sha256_record(d, to):
+    """Directory ``d`` rewritten into ``to`` as records written before crc32 held it: every base checksum the
+    sha256 of the original weight (what ``weight_checksum`` gave then, and still gives by default)."""
+    from svdadapt.core.record import weight_checksum
+    from svdadapt.lifecycle.checkpoint import read_checkpoint, write_checkpoint
+
+    saved = read_checkpoint(d)
+    modules = dict(make_tiny_llama(SEED).named_modules())
+    assert all(v.startswith("crc32:") for v in saved.meta["base_checksums"].values())  # what wrap records now
+    saved.meta["base_checksums"] = {n: weight_checksum(modules[n].weight) for n in saved.meta["targets"]}
+    write_checkpoint(to, saved.meta, saved.init, saved.current, extras=saved.extras)
+    return to
+
+
+def test_records_with_sha256_base_checksums_still_load_and_verify(trained, tmp_path):
+    method, _, want, d = trained
+    old = _as_sha256_record(d, tmp_path)
+    re = svdadapt.load(make_tiny_llama(SEED), old, progress=False)
+    torch.testing.assert_close(_logits(re), want, rtol=0, atol=0)  # the same model, bit for bit
+    base = make_tiny_llama(SEED)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6  # an input, as in the test above
+    with pytest.raises(ValueError, match=r"first mismatch at module 'model\.layers\.1\.mlp\.down_proj' \(weight "
+                                         r"\(64, 128\) torch\.float32, sha256 [0-9a-f]{12}…, expected sha256 "
+                                         r"[0-9a-f]{12}…\)$"):
+        svdadapt.load(base, old, progress=False)
+
+
+def test_a_crc32_mismatch_names_its_algorithm(trained):
+    _, _, _, d = trained
+    base = make_tiny_llama(SEED)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6
+    with pytest.raises(ValueError, match=r"\(weight \(64, 128\) torch\.float32, crc32 [0-9a-f]{8}…, expected crc32 "
+                                         r"[0-9a-f]{8}…\)$"):
+        svdadapt.load(base, d, progress=False)
+
+
+def test_the_lora_config_says_what_peft_would_build(trained):
+    """PEFT builds the layers without its random init (the factors are written next); the config it keeps, and
+    so adapter_config.json and svdadapt.json's lora_config, still says init_lora_weights=True."""
+    _, pm, _, d = trained
+    assert pm.peft_config["default"].init_lora_weights is True
+    assert json.load(open(d / META_FILE))["lora_config"]["init_lora_weights"] is True
+
+
+def test_lora_layers_no_factor_names_get_peft_init(monkeypatch):
+    """A LoRA layer PEFT builds that the factors do not name (a config matching more modules) keeps PEFT's init of
+    the config (B = 0: the layer's output unchanged), as when PEFT initialized every layer itself."""
+    from peft import LoraConfig
+
+    from svdadapt.engine.apply import apply
+
+    model = make_tiny_llama(SEED)
+    x = _logits(model)
+    config = LoraConfig(r=RANK, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+    name = "model.layers.0.self_attn.q_proj"
+    A = torch.zeros(RANK, 64)
+    B = torch.zeros(64, RANK)
+    pm = apply(model, config, {name: (A, B)}, rewrite_base=False)
+    v = pm.base_model.model.model.layers[0].self_attn.v_proj
+    assert bool((v.lora_B["default"].weight == 0).all()) and bool(v.lora_A["default"].weight.abs().sum() > 0)
+    torch.testing.assert_close(_logits(pm), x, rtol=0, atol=0)
+    assert config.init_lora_weights is True
+
+
 def test_trainer_checkpoints_resume_bit_exactly(tmp_path):
     """HF Trainer saves checkpoints through save_pretrained (the guard: portable + resumable) and resumes through
     load_adapter (the guard restores the rank-r factors): a resumed run ends where the uninterrupted one did."""

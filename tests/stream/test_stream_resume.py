@@ -113,6 +113,38 @@ def test_a_flipped_byte_in_every_journal_entry_is_decomposed_again(tmp, monkeypa
     assert _file_bytes(tmp / "s") == _file_bytes(tmp / "whole")  # bit for bit an uninterrupted run's files
 
 
+def test_journal_entries_with_sha256_checksums_resume_as_an_uninterrupted_run(tmp, monkeypatch):
+    """An interrupted run of an earlier version journaled each weight's sha256: the entries are taken (the weight
+    checked against it), the output equals an uninterrupted run's but for the record of those layers' checksums,
+    which keeps their sha256 (still verified, as sha256, by svdadapt.load)."""
+    import torch
+    from safetensors import safe_open
+
+    from svdadapt.core.record import weight_checksum
+
+    ck = _checkpoint(tmp / "ck", 1)
+    _run(ck, tmp / "whole")
+    with monkeypatch.context() as m:  # the journal as an earlier version wrote it
+        m.setattr(stream_journal, "scan_weight", lambda w, algorithm: (weight_checksum(w), bool(w.isfinite().all())))
+        _interrupt(monkeypatch, ck, tmp / "s", after=9)
+    entries = _layers(tmp / "s")
+    assert len(entries) == 9
+    for f in entries:
+        with safe_open(str(f), framework="pt") as g:
+            assert len(g.metadata()["base_checksum"]) == 64  # a bare sha256
+    calls = _counting(monkeypatch)
+    _run(ck, tmp / "s")
+    assert len(calls) == 14 - 9  # the journaled layers taken
+    got, want = _file_bytes(tmp / "s"), _file_bytes(tmp / "whole")
+    record = ("svdadapt.json", "svdadapt_state.safetensors")  # the state file carries the record's sha256
+    assert {k: v for k, v in got.items() if k not in record} == {k: v for k, v in want.items() if k not in record}
+    sums = json.loads((tmp / "s" / "svdadapt.json").read_text())["base_checksums"]
+    assert sorted(n for n, v in sums.items() if not v.startswith("crc32:")) == sorted(f.stem for f in entries)
+    re = svdadapt.load(make_tiny_llama(1), tmp / "s", progress=False)  # every checksum verified, in its algorithm
+    ref = svdadapt.load(make_tiny_llama(1), tmp / "whole", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(re.state_dict().values(), ref.state_dict().values()))
+
+
 def test_a_truncated_journal_entry_is_decomposed_again(tmp, monkeypatch):
     ck = _checkpoint(tmp / "ck", 2)
     _run(ck, tmp / "whole")

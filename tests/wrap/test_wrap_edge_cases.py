@@ -67,6 +67,32 @@ def test_nan_in_second_layer_leaves_model_untouched_and_retry_works(method: str)
     svdadapt.wrap(model, method, RANK, progress=False, **kw)  # no "already a PEFT model"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (snapshot reads tensors through numpy)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_entry_deep_in_a_large_weight_is_found(dtype, bad) -> None:
+    """The finiteness test reads each weight in 1 MiB steps together with its checksum: an entry in a late step
+    gets the same error, with the same count, before anything is computed."""
+    model = toy(sizes=(700, 600, 8), dtype=dtype)  # module '0': 600 x 700, 0.8 to 1.6 MiB
+    model[0].weight.data[-1, -2] = bad
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^module '0' has a weight with NaN or inf \(1 of 420000 entries\); "
+                                         r"svdadapt cannot decompose it$"):
+        svdadapt.wrap(model, "pissa", RANK, progress=False)
+    assert_same(model, before)
+
+
+def test_large_finite_weights_are_not_taken_for_non_finite() -> None:
+    """Entries near the dtype's largest value make a step's sum overflow; the entries are checked one by one
+    then, and the weight passes the check (the one wrap runs first), with its checksum."""
+    model = toy(sizes=(700, 600, 8))
+    model[0].weight.data[:] = torch.finfo(torch.float32).max / 4
+    from svdadapt.engine.checks import check_target_weights
+    from svdadapt.modules.layers import layer_checksum
+
+    got = check_target_weights(model, {"0": model[0]}, RANK, rewrites_base=True)
+    assert got == {"0": layer_checksum(model[0], "crc32")}
+
+
 def test_failure_after_injection_restores_the_model(monkeypatch) -> None:
     model = make_tiny_llama()
     before = snapshot(model)
@@ -274,3 +300,4 @@ def test_merged_adapter(tmp_path) -> None:
 def test_quant_iters_checked_without_quantize(value) -> None:
     with pytest.raises(ValueError, match=rf"^quant_iters must be an integer >= 1, got {value!r}$"):
         svdadapt.wrap(toy(), "pissa", RANK, quant_iters=value, progress=False)
+

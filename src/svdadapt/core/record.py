@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -15,20 +16,77 @@ import torch
 
 from .patterns import check_pattern, pattern_key
 
-__all__ = ["ADAPTER", "AdaptRecord", "Factors", "weight_checksum", "factors_checksum", "check_record"]
+__all__ = ["ADAPTER", "AdaptRecord", "Factors", "CHECKSUMS", "weight_checksum", "checksum_algorithm", "checksum_matches",
+           "scan_weight", "factors_checksum", "check_record"]
 
 ADAPTER = "default"  # the PEFT adapter name svdadapt fills
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
 
 
-def weight_checksum(w: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and raw bytes (any device; bit-exact, so a re-quantized or re-cast base
-    does not match)."""
-    t = w.detach().to("cpu").contiguous().reshape(-1)
-    h = hashlib.sha256(f"{t.dtype}:{tuple(w.shape)}:".encode())
-    h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+CHECKSUMS = ("sha256", "crc32")  # weight checksum algorithms; sha256 is written bare, the others as "<name>:<hex>"
+_CHUNK = 1 << 20  # bytes per step of a scan: the finiteness test and the hash read each step while it is in cache
+
+
+class _Crc32:
+    """zlib.crc32 behind hashlib's update / hexdigest."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.value = zlib.crc32(data)
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"crc32:{self.value:08x}"
+
+
+def _hasher(algorithm: str, header: bytes) -> Any:
+    if algorithm == "sha256":
+        return hashlib.sha256(header)
+    if algorithm == "crc32":
+        return _Crc32(header)
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(CHECKSUMS)}")
+
+
+def checksum_algorithm(checksum: str) -> str:
+    """The algorithm a stored weight checksum was computed with: the name before ``:``, else sha256 (the bare
+    64 hex digits of every record written before other algorithms existed)."""
+    name, sep, _ = checksum.partition(":")
+    return name if sep else "sha256"
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().to("cpu").contiguous().reshape(-1)
+
+
+def weight_checksum(w: torch.Tensor, algorithm: str = "sha256") -> str:
+    """Checksum of a tensor's dtype, shape and raw bytes (any device; bit-exact, so a re-quantized or re-cast base
+    does not match): sha256 as 64 hex digits, crc32 as ``"crc32:<8 hex digits>"`` (``CHECKSUMS``)."""
+    return scan_weight(w, algorithm, finite=False)[0]
+
+
+def scan_weight(w: torch.Tensor, algorithm: str = "sha256", *, finite: bool = True) -> tuple[str, bool]:
+    """(``weight_checksum(w, algorithm)``, whether every entry of the float tensor ``w`` is finite) in one pass
+    over its bytes (``finite=False``: the checksum alone, True for the second). Each 1 MiB step is tested by its
+    sum, which is finite only if every entry is (a NaN or ±inf stays non-finite through any sum), and entry by
+    entry only when the sum is not (an overflow of finite entries), then hashed while it is in cache."""
+    t = _flat(w)
+    h = _hasher(algorithm, f"{t.dtype}:{tuple(w.shape)}:".encode())
+    step = max(1, _CHUNK // t.element_size())
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    ok = True
+    for i in range(0, t.numel(), step):
+        part = t[i:i + step]
+        if finite and ok and not torch.isfinite(part.sum(dtype=acc)):
+            ok = bool(torch.isfinite(part).all())
+        h.update(part.view(torch.uint8).numpy())
+    return h.hexdigest(), ok
+
+
+def checksum_matches(w: torch.Tensor, checksum: str) -> bool:
+    """Whether ``w`` has the stored ``checksum``, recomputed with the algorithm it names (``checksum_algorithm``)."""
+    return weight_checksum(w, checksum_algorithm(checksum)) == checksum
 
 
 def factors_checksum(factors: dict[str, Factors]) -> str:
@@ -51,8 +109,9 @@ class AdaptRecord:
         targets: full module names of the adapted layers, in model order.
         init_factors: name -> (A₀ (r, in), B₀ (out, r)) on CPU, in the adapter dtype.
         report: name -> per-layer numbers (shape, sigma_max, energy, ...).
-        base_checksums: name -> sha256 of the weight the portable adapter applies to (the original W, or W_c for
-            a method that keeps the base); None when unknown.
+        base_checksums: name -> checksum (``weight_checksum``: crc32 from ``wrap``, sha256 in older records) of the
+            weight the portable adapter applies to (the original W, or W_c for a method that keeps the base); None
+            when unknown.
         quantize: the bitsandbytes scheme of a quantized residual base, or None.
         rank_pattern, alpha_pattern: PEFT's per-layer ranks / alphas (pattern -> value; see core/patterns.py),
             as in the LoRA config; empty when every layer has ``rank`` / ``alpha``.
@@ -137,7 +196,7 @@ def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -
         if sums is None and not (needed and key == "base_checksums"):
             continue
         if not isinstance(sums, Mapping):
-            raise _field_error(where, key, "a mapping of module name to sha256", sums)
+            raise _field_error(where, key, "a mapping of module name to checksum", sums)
         missing = next((t for t in targets if not isinstance(sums.get(t), str)), None)
         if missing is not None:
             raise ValueError(f"{where}: field {key!r} has no checksum for target {missing!r}")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modules.layers import after_wrap, kind_of, read_weight
+from ..modules.layers import after_wrap, compute_dtype, kind_of, read_weight
 from ..core.methods import finish
 from ..modules.qbase import quantize_bases
 from ..core.record import ADAPTER
@@ -84,18 +84,57 @@ def write_factors(peft_model: nn.Module, factors: Mapping[str, tuple[torch.Tenso
         layer.lora_B[ADAPTER].weight.data.copy_(factors[n][1])
 
 
+def _in_place(base: nn.Module, W: torch.Tensor) -> bool:
+    """Whether the new base can be computed into the stored weight itself: ``W`` (as ``read_weight`` gave it) is
+    that tensor, contiguous (out, in), already in its compute dtype (an fp32 / fp64 ``nn.Linear``)."""
+    weight = getattr(base, "weight", None)
+    return (isinstance(weight, torch.Tensor) and W.data_ptr() == weight.data_ptr() and W.shape == weight.shape
+            and W.is_contiguous() and W.dtype == compute_dtype(W.dtype) == weight.dtype and W.device == weight.device)
+
+
 @torch.no_grad()
 def _write_bases(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                  progress: bool) -> None:
-    """base ← W − s·B₀·A₀ for each layer, from the rounded factors (exactness at init, DESIGN.md)."""
+    """base ← W − s·B₀·A₀ for each layer, from the rounded factors (exactness at init, DESIGN.md). An fp32 / fp64
+    ``nn.Linear`` is updated in place (``addmm_``: the same product and rounding as ``methods.finish``'s
+    ``addmm``, without a W-sized temporary and its copy back); other layers through ``finish`` and their kind's
+    ``write``."""
     for n, layer in tqdm(layers.items(), desc="svdadapt write bases", disable=not progress, unit="layer"):
         base = layer.get_base_layer()
         kind = kind_of(base)
         W = read_weight(n, base)
         A, B = (t.to(W.device) for t in factors[n])
-        new_base = finish(W, A, B, float(layer.scaling[ADAPTER]), kind.storage_dtype(base))
+        scaling = float(layer.scaling[ADAPTER])
+        if _in_place(base, W):
+            W.addmm_(B.to(W.dtype), A.to(W.dtype), alpha=-scaling)
+            continue
+        new_base = finish(W, A, B, scaling, kind.storage_dtype(base))
         del W
         kind.write(base, new_base)
+
+
+def _lora_layers_in(peft_model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in peft_model.base_model.model.named_modules()
+            if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+
+
+def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Module:
+    """``get_peft_model(model, config)`` without PEFT's random init of the LoRA factors that ``factors`` overwrite
+    next (``init_lora_weights=False`` while it builds; the config keeps its own value, so the saved adapter config
+    says what it said). A LoRA layer ``factors`` does not name gets PEFT's init of ``config``, as before."""
+    from peft import get_peft_model
+
+    init = config.init_lora_weights
+    with torch.random.fork_rng(devices=[]):  # PEFT's layers draw from the global RNG; ours overwrite them
+        config.init_lora_weights = False
+        try:
+            peft_model = get_peft_model(model, config)
+        finally:
+            config.init_lora_weights = init
+        for n, layer in _lora_layers_in(peft_model).items():
+            if n not in factors:
+                layer.reset_lora_parameters(ADAPTER, init)
+    return peft_model
 
 
 @torch.no_grad()
@@ -106,15 +145,12 @@ def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tenso
     targets are first replaced by quantized layers holding that base (or W) (``qbase.quantize_bases``). On any failure
     the model is restored (module tree, attributes, config, trainable flags) and the error re-raised. Then each
     base layer's kind's ``after_wrap`` hook runs. Returns the ``peft.PeftModel``."""
-    from peft import get_peft_model
-
     snapshot = _Snapshot(model)
     try:
         if quantize is not None:
             quantize_bases(model, config, factors, rewrite_base, quantize, progress)
             rewrite_base = False
-        with torch.random.fork_rng(devices=[]):  # PEFT's default init draws from the global RNG; ours overwrites it
-            peft_model = get_peft_model(model, config)
+        peft_model = _build(model, config, factors)
         layers = _lora_layers(peft_model, factors)
         _check_shapes(layers, factors)  # every check before the first weight is written
     except Exception:

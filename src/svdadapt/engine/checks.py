@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.patterns import pattern_key
-from ..modules.layers import kind_of, read_weight
+from ..modules.layers import float_weight, kind_of, scan_layer
 from ..modules.targets import shared_modules, shared_weights
 
 __all__ = ["check_rank", "check_alpha", "check_flag", "check_seed", "check_target_weights", "check_rank_fits",
@@ -40,18 +40,24 @@ def check_seed(seed: Any) -> None:
         raise TypeError(f"seed must be an integer, got {seed!r}")
 
 
+BASE_CHECKSUM = "crc32"  # of the weights wrap records (record.CHECKSUMS): a few % of the call, sha256 ~10%
+
+
 def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], rank: int, rewrites_base: bool,
-                         rank_pattern: Mapping[str, int] | None = None) -> None:
+                         rank_pattern: Mapping[str, int] | None = None,
+                         algorithm: str = BASE_CHECKSUM) -> dict[str, str]:
     """Every target is float, finite, at least its rank (``rank``, or its ``rank_pattern`` entry) on its short side
     (the error names the tightest layer), held in one place only (not one module object used twice), and, for a
-    method that rewrites the base, shares its weight with no other module."""
-    limits = {}
+    method that rewrites the base, shares its weight with no other module. Returns name ->
+    ``layers.layer_checksum(module, algorithm)`` of every target, computed in the same single pass over each weight
+    as its finiteness (``layers.scan_layer``)."""
+    limits, checksums = {}, {}
     for name, module in targets.items():
-        W = read_weight(name, module)
-        if not torch.isfinite(W).all():
+        limits[name], checksums[name], finite = scan_layer(name, module, algorithm)
+        if not finite:
+            W = float_weight(name, module)
             raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(W)).sum())} of "
                              f"{W.numel()} entries); svdadapt cannot decompose it")
-        limits[name] = tuple(W.shape)
     check_rank_fits(rank, limits, rank_pattern)
     for a, b in shared_modules(model, targets)[:1]:
         raise ValueError(f"module {a!r} is also used as {b!r} (one module object in two places): PEFT would adapt it "
@@ -59,6 +65,7 @@ def check_target_weights(model: nn.Module, targets: Mapping[str, nn.Module], ran
                          "target_modules")
     if rewrites_base:
         check_untied(model, targets)
+    return checksums
 
 
 def check_rank_fits(rank: int, shapes: Mapping[str, tuple[int, int]],

@@ -281,7 +281,7 @@ def recorded_options(job: Job) -> dict[str, Any]:
 
 def lora_config(model: nn.Module, targets: Mapping[str, nn.Module], job: Job) -> Any:
     """The rank-r ``peft.LoraConfig`` of the job's targets in ``model``, with the job's per-layer patterns."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # imported on first use: importing peft imports bitsandbytes, which logs to stderr
 
     return LoraConfig(r=job.rank, lora_alpha=job.alpha, target_modules=peft_target_list(model, list(targets)),
                       rank_pattern=dict(job.rank_pattern), alpha_pattern=dict(job.alpha_pattern),

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from ..engine.apply import apply, write_factors
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
                          read_checkpoint, write_checkpoint)
-from ..modules.layers import before_save, kind_of, layer_checksum
+from ..modules.layers import before_save, kind_of, layer_checksum, layer_matches
 from ..core.methods import get_method
-from ..core.record import ADAPTER, AdaptRecord, Factors, weight_checksum
+from ..core.record import ADAPTER, AdaptRecord, Factors, checksum_algorithm, weight_checksum
 from ..modules.targets import is_peft
 
 __all__ = ["save", "load", "export_lora", "unwrap", "attach", "checkpoint_meta", "record_of", "weight_checksum",
@@ -165,16 +165,21 @@ def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path
         m = modules.get(n)
         if m is None or kind_of(m) is None:
             raise ValueError(f"base model has no adaptable layer {n!r}, which {str(directory)!r} was saved for")
-        got, want = layer_checksum(m), meta["base_checksums"][n]
-        if got != want:
-            hint = ""
-            if residual.get(n) == got:
+        want = meta["base_checksums"][n]
+        if not layer_matches(m, want):  # in the algorithm the record names (sha256 in older records)
+            got, hint = layer_checksum(m, checksum_algorithm(want)), ""
+            if n in residual and layer_matches(m, residual[n]):
                 hint = (" — this is the REWRITTEN base (W_res, e.g. `svdadapt init`'s DIR/base); svdadapt.load "
                         "needs the original model")
             raise ValueError(
                 f"base weights do not match {str(directory)!r}: first mismatch at module {n!r} "
-                f"(weight {tuple(m.weight.shape)} {m.weight.dtype}, sha256 {got[:12]}…, expected {want[:12]}…){hint}"
+                f"(weight {tuple(m.weight.shape)} {m.weight.dtype}, {_short(got)}…, expected {_short(want)}…){hint}"
             )
+
+
+def _short(checksum: str) -> str:
+    """A checksum as messages show it: its algorithm and first 12 hex digits ("sha256 3f2a…", "crc32 9c01…")."""
+    return f"{checksum_algorithm(checksum)} {checksum.rpartition(':')[2][:12]}"
 
 
 def _restore_state(peft_model: nn.Module, saved: Saved) -> None:
@@ -230,7 +235,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
                        progress=progress)
     layers = _targets_of(peft_model, meta["targets"])
     residual = meta.get("residual_checksums") or {}
-    differs = [n for n, m in layers.items() if n in residual and layer_checksum(m.get_base_layer()) != residual[n]]
+    differs = [n for n, m in layers.items() if n in residual and not layer_matches(m.get_base_layer(), residual[n])]
     _restore_state(peft_model, saved)
     if differs:
         warnings.warn(

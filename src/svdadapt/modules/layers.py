@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from . import bnb
-from ..core.record import weight_checksum
+from ..core.record import checksum_algorithm, scan_weight, weight_checksum
 
-__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "compute_dtype", "layer_checksum",
-           "after_wrap", "before_save"]
+__all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "float_weight", "compute_dtype",
+           "layer_checksum", "layer_matches", "scan_layer", "after_wrap", "before_save"]
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,30 @@ def is_target_type(module: nn.Module) -> bool:
     return kind_of(module) is not None
 
 
-def layer_checksum(module: nn.Module) -> str:
-    """sha256 identifying the weight a layer computes with: of the stored weight, or for packed layers of the
-    dequantized matrix (bitsandbytes changes a 4-bit layer's storage layout on its first CPU forward)."""
+def _checked(module: nn.Module) -> torch.Tensor:
+    """The tensor a layer's checksum is of: the stored weight, or for packed layers the dequantized matrix
+    (bitsandbytes changes a 4-bit layer's storage layout on its first CPU forward)."""
     kind = kind_of(module)
-    return weight_checksum(kind.read(module) if kind is not None and kind.packed else module.weight)
+    return kind.read(module) if kind is not None and kind.packed else module.weight
+
+
+def layer_checksum(module: nn.Module, algorithm: str = "sha256") -> str:
+    """``record.weight_checksum`` of the weight a layer computes with (``_checked``)."""
+    return weight_checksum(_checked(module), algorithm)
+
+
+def layer_matches(module: nn.Module, checksum: str) -> bool:
+    """Whether the layer's weight has the stored ``checksum``, in the algorithm that checksum names."""
+    return layer_checksum(module, checksum_algorithm(checksum)) == checksum
+
+
+def scan_layer(name: str, module: nn.Module, algorithm: str) -> tuple[tuple[int, int], str, bool]:
+    """(the weight's (out, in) shape, ``layer_checksum(module, algorithm)``, whether the weight is finite): the
+    checks of ``float_weight`` and one pass over the weight (``record.scan_weight``; a packed layer dequantized
+    once)."""
+    W = float_weight(name, module)
+    checksum, finite = scan_weight(W if kind_of(module).packed else module.weight, algorithm)
+    return tuple(W.shape), checksum, finite
 
 
 def after_wrap(modules: Iterable[nn.Module]) -> None:
@@ -123,8 +142,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def read_weight(name: str, module: nn.Module) -> torch.Tensor:
-    """``module``'s weight as an (out, in) tensor in its compute dtype (fp32, or fp64 for fp64 weights).
+def float_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as an (out, in) float tensor as stored (a view where the layout allows; packed layers
+    dequantized), not converted.
 
     Raises ``TypeError`` naming the module for a layer type svdadapt does not know or a non-float weight.
     """
@@ -140,4 +160,11 @@ def read_weight(name: str, module: nn.Module) -> torch.Tensor:
             f"module {name!r} has a {'packed-quantized ' if packed else ''}weight of dtype {W.dtype} "
             f"({type(module).__name__}); svdadapt decomposes floating-point weights only: load or dequantize the "
             "model in float32/bfloat16/float16 first")
+    return W
+
+
+def read_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as an (out, in) tensor in its compute dtype (fp32, or fp64 for fp64 weights); the
+    errors of ``float_weight``."""
+    W = float_weight(name, module)
     return W.to(compute_dtype(W.dtype))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.record import weight_checksum
+from ..core.record import checksum_matches, weight_checksum
 from ..storage.shards import CheckpointReader, ProgressJournalError, written_tensors
 from ..engine.sources import CheckpointSource
 from .journal import Journal
@@ -134,7 +134,7 @@ def _checker(reader: CheckpointReader, source: CheckpointSource | None, journal:
         name = None if source is None else source.module_of(key)
         entry = None if name is None else journal.get(name)
         if entry is not None:
-            return weight_checksum(reader.get(key)) == entry.base_checksum
+            return checksum_matches(reader.get(key), entry.base_checksum)
         if key in written:
             return None if name is not None else _same_as_written(key, reader.get(key), written[key])
         return None if used else True

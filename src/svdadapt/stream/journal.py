@@ -1,11 +1,12 @@
 """The resume journal of ``init_checkpoint``: ``out_dir/.svdadapt-stream`` and one layer's plan-or-journal step.
 
 ``job.json`` holds what the run computes (a resumed run must compute the same); ``layers/<module>.safetensors`` holds
-each finished layer's A₀ (r, in), B₀ (out, r), report and the sha256 of its weight and of its new base, written
+each finished layer's A₀ (r, in), B₀ (out, r), report and the checksums of its weight (``checks.BASE_CHECKSUM``, as
+``wrap`` records it; sha256 in journals of earlier versions) and of its new base (sha256), written
 atomically before that base enters a shard, with a sha256 of all of it (``entry_checksum``: a damaged entry is
 removed and decomposed again). ``job.json`` also records the input files' stats (``inputs``). ``locked``
 holds ``out_dir`` for one run at a time. ``journal_plan`` plans one target (or takes the journaled factors, checked
-against W's sha256); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
+against W's checksum); ``layer_base`` reads W from the checkpoint, plans it so and builds the new base.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..engine.distributed import barrier, world
 from ..lifecycle.initdir import LayerResult
 from ..engine.plan import Job, LayerInput, LayerPlan, plan_layer
 from ..core.methods import finish
-from ..core.record import weight_checksum
+from ..core.record import checksum_matches, scan_weight, weight_checksum
+from ..engine.checks import BASE_CHECKSUM
 from ..storage.shards import fsync_file
 from ..engine.sources import CheckpointSource
 
@@ -203,18 +205,19 @@ def open_journal(out: Path, key: dict[str, Any], resume: bool) -> Journal:
 
 def journal_plan(job: Job, journal: Journal, layer: LayerInput, stored: torch.Tensor, where: str,
                  plan_one: Callable[[LayerInput], LayerPlan] | None = None) -> tuple[LayerResult, bool]:
-    """One target's factors: those an interrupted run journaled for this very weight (its sha256 must match), or
+    """One target's factors: those an interrupted run journaled for this very weight (its checksum must match, in
+    the algorithm it was journaled in: an earlier version's sha256 is kept, and recorded, as it is), or
     planned now by ``plan_one`` (default ``plan.plan_layer``). ``stored`` is the weight as the checkpoint stores it,
     ``where`` the file it comes from (for messages). Returns the entry (a new one has no residual checksum yet: "")
     and whether it was planned now; nothing is journaled here."""
     name = layer.name
-    if not torch.isfinite(layer.W).all():
+    checksum, finite = scan_weight(stored, BASE_CHECKSUM)  # one pass: the stored entries are W's, in its layout
+    if not finite:
         raise ValueError(f"module {name!r} has a weight with NaN or inf ({int((~torch.isfinite(layer.W)).sum())} of "
                          f"{layer.W.numel()} entries) in {where}; svdadapt cannot decompose it")
-    checksum = weight_checksum(stored)
     saved = journal.get(name)
     if saved is not None:
-        if saved.base_checksum != checksum:
+        if saved.base_checksum != checksum and not checksum_matches(stored, saved.base_checksum):
             raise ValueError(f"the weight of {name!r} in {where} changed since the interrupted run: delete "
                              f"{journal.dir.parent} and start again")
         return saved, False

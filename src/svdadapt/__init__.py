@@ -5,6 +5,7 @@
 
 import sys
 
+from .core.allocate import Allocation, allocate_ranks
 from .core.linalg import randomized_svd, truncated_svd
 from .core.methods import METHODS, MethodSpec
 from .wrap import resolve_targets, wrap
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__",
            "Covariances", "collect_covariances", "text_batches", "compress", "save", "load", "export_lora", "unwrap",
-           "init_checkpoint", "BlockwiseOptions", "verify"]
+           "init_checkpoint", "BlockwiseOptions", "verify", "allocate_ranks", "Allocation"]

@@ -214,6 +214,7 @@ class MethodSpec:
     mode_help: dict[str, str] = field(default_factory=dict)  # each named mode in a few words (the CLI's help)
     report: ReportColumn = ReportColumn("energy", "energy")
     extra_columns: tuple[str, ...] = ()
+    allocation: str = "energy"  # the objective rank allocation maximizes (core/allocate.py OBJECTIVES)
 
     @property
     def default_mode(self) -> str | None:
@@ -259,7 +260,7 @@ METHODS: dict[str, MethodSpec] = {
     "eora": MethodSpec("eora", eora, needs_calibration=True, needs_reference=True, rewrites_base=False,
                        description="rank-r compensation of W_ref − W_c in the calibration-whitened space",
                        prepare=prepare_eora, options_type=EoraOptions,
-                       report=ReportColumn("residual_error", "comp. error", True)),
+                       report=ReportColumn("residual_error", "comp. error", True), allocation="eora"),
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -64,13 +65,7 @@ def llama_tensor_specs(*, hidden: int, intermediate: int, layers: int, vocab: in
 def llama_nbytes(cfg: dict, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of tensor data of the checkpoint that ``write_random_llama(**cfg, dtype=dtype)`` writes."""
     size = torch.empty((), dtype=dtype).element_size()
-    n = 0
-    for _, shape in llama_tensor_specs(**cfg):
-        k = 1
-        for d in shape:
-            k *= d
-        n += k
-    return n * size
+    return size * sum(math.prod(shape) for _, shape in llama_tensor_specs(**cfg))
 
 
 def llama_for_size(gb: float) -> dict:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -293,14 +294,7 @@ def _largest_mb(r: dict) -> float | None:
     from _synthetic import llama_tensor_specs
 
     size = 2 if r.get("ckpt_dtype") == "bf16" else 4
-    return max(size * _numel(shape) for _, shape in llama_tensor_specs(**cfg)) / 2**20
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return max(size * math.prod(shape) for _, shape in llama_tensor_specs(**cfg)) / 2**20
 
 
 def _ratio(r: dict) -> dict:

@@ -127,6 +127,20 @@ def lora_product(layer: nn.Module) -> torch.Tensor:
     B = layer.lora_B["default"].weight.detach().double()  # (out, r)
     return layer.scaling["default"] * (B @ A)
 
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def matrix_with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M fp32 (m, n), U (m, k), V (n, k)) with M = U·diag(s)·Vᵀ in fp64 before the fp32 rounding, k = len(s)."""
+    g = gen(seed)
+    U = torch.linalg.qr(torch.randn(m, s.numel(), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, s.numel(), generator=g, dtype=torch.float64)).Q
+    return ((U * s.double()) @ V.mT).float(), U, V
+
+
 
 # ------------------------------------------------------------------------------------------------------ comparisons
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,22 +14,14 @@ from svdadapt.core.linalg import (
     truncated_svd,
 )
 
+from helpers import gen, matrix_with_spectrum
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def known(m: int, n: int, s: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M fp32 (m, n), U (m, k), V (n, k)) with M = U·diag(s)·Vᵀ in fp64 before the fp32 rounding, k = len(s)."""
-    g = gen(seed)
-    U = torch.linalg.qr(torch.randn(m, s.numel(), generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, s.numel(), generator=g, dtype=torch.float64)).Q
-    return ((U * s.double()) @ V.mT).float(), U, V
 
 
 def sin_max_angle(A: torch.Tensor, B: torch.Tensor) -> float:
@@ -45,7 +37,7 @@ def test_gram_bottom_matches_fp64_lapack(m: int, n: int) -> None:
     n·eps64·σ₁²/(2σ²) relative plus its fp32 rounding; U·diag(S)·Vh the exact bottom part to the same order."""
     r, k = 8, min(m, n)
     s = torch.cat([torch.linspace(3, 0.3, k - r), torch.linspace(0.2, 0.1, r)]).double()  # gap below the 8
-    M, _, _ = known(m, n, s, seed=2)
+    M, _, _ = matrix_with_spectrum(m, n, s, seed=2)
     U64, S64, Vh64 = torch.linalg.svd(M.double(), full_matrices=False)
     t = gram_bottom_svd(M, r)
     assert t.U.shape == (m, r) and t.S.shape == (r,) and t.Vh.shape == (r, n) and t.S.dtype == torch.float32
@@ -65,13 +57,13 @@ def test_gram_bottom_falls_back_to_lapack_when_ill_conditioned() -> None:
     """σ_min/σ₁ = 1e-7, below GRAM_FLOOR·n (5.6e-6 at n = 300): the Gram route would lose to fp32 LAPACK, so the
     result is LAPACK's bit for bit; the same for fp64 input and for a zero matrix."""
     s = torch.cat([torch.linspace(1, 0.1, 296), torch.tensor([1e-3, 1e-5, 1e-6, 1e-7])]).double()
-    M, _, _ = known(700, 300, s, seed=4)
+    M, _, _ = matrix_with_spectrum(700, 300, s, seed=4)
     assert 1e-7 < GRAM_FLOOR * 300
     for X in (M, M.mT, M.double(), torch.zeros(500, 300)):
         t, ref = gram_bottom_svd(X, 4), full_svd(X, 4, largest=False)
         assert torch.equal(t.U, ref.U) and torch.equal(t.S, ref.S) and torch.equal(t.Vh, ref.Vh)
     # well above the floor (σ_min/σ₁ = 0.1): the Gram route itself, which differs from LAPACK in the last bits
-    W, _, _ = known(700, 300, torch.linspace(1, 0.1, 300).double(), seed=4)
+    W, _, _ = matrix_with_spectrum(700, 300, torch.linspace(1, 0.1, 300).double(), seed=4)
     assert not torch.equal(gram_bottom_svd(W, 4).S, full_svd(W, 4, largest=False).S)
 
 

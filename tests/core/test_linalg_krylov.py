@@ -10,21 +10,11 @@ import svdadapt.core.linalg as linalg
 from svdadapt.core.linalg import full_svd, gram_top_svd, randomized_svd, truncated_svd
 
 from bounds import svd_backward_error, truncated_svd_error, unit_roundoff
-from helpers import rel
+from helpers import gen, matrix_with_spectrum, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def known(m: int, n: int, s: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M fp32 (m, n), U (m, k), V (n, k)) with M = U·diag(s)·Vᵀ exactly in fp64, k = len(s)."""
-    g = gen(seed)
-    U = torch.linalg.qr(torch.randn(m, s.numel(), generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, s.numel(), generator=g, dtype=torch.float64)).Q
-    return ((U * s.double()) @ V.mT).float(), U, V
 
 
 def product(t) -> torch.Tensor:
@@ -46,7 +36,7 @@ def orthonormality(Q: torch.Tensor) -> float:
 def test_gram_top_matches_the_exact_truncation(m: int, n: int) -> None:
     r = 16
     s = torch.cat([torch.linspace(1, 0.5, r), 0.4 * torch.logspace(0, -3, min(m, n) - r)]).double()
-    M, U, V = known(m, n, s, seed=2)
+    M, U, V = matrix_with_spectrum(m, n, s, seed=2)
     t = gram_top_svd(M, r)
     assert t.U.shape == (m, r) and t.S.shape == (r,) and t.Vh.shape == (r, n) and t.S.dtype == torch.float32
     best = (U[:, :r] * s[:r]) @ V[:, :r].mT
@@ -61,7 +51,7 @@ def test_gram_top_matches_the_exact_truncation(m: int, n: int) -> None:
 
 def test_gram_top_rank_deficient_fp64_and_transpose() -> None:
     s = torch.cat([torch.linspace(2, 1, 5), torch.zeros(195)]).double()
-    M, _, _ = known(500, 200, s, seed=3)
+    M, _, _ = matrix_with_spectrum(500, 200, s, seed=3)
     t = gram_top_svd(M, 16)
     # the Gram resolves σ only above √(n·eps64)·σ₁ (3e-7 here): the rank-5 part, then exact zeros; the tolerance is
     # Weyl on M's rounding to fp32 plus fp32 LAPACK's backward error, which the fp64 Gram stays below
@@ -94,7 +84,7 @@ def chunked(monkeypatch):
 def test_chunked_sketch_matches_exact_on_a_gap(chunked, transpose: bool) -> None:
     r = 16
     s = torch.cat([torch.linspace(1, 0.5, r), 0.4 * torch.logspace(0, -2, 600 - r)]).double()
-    M, U, V = known(1300, 600, s, seed=5)
+    M, U, V = matrix_with_spectrum(1300, 600, s, seed=5)
     if transpose:
         M, U, V = M.mT.contiguous(), V, U
     t = randomized_svd(M, r, generator=gen())

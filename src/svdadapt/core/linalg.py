@@ -72,6 +72,18 @@ def _take(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, largest
     return TruncatedSVD(U[:, idx].contiguous(), S[idx].contiguous(), Vh[idx, :].contiguous())
 
 
+def _transposed(t: TruncatedSVD) -> TruncatedSVD:
+    """The SVD of Mᵀ from ``t``, the SVD of M: U and Vh swapped (and transposed)."""
+    return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+
+
+def _gram_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M in fp64, eigenvalues ascending, eigenvectors) of the fp64 Gram matrix MᵀM of a tall ``M`` (m, n)."""
+    M64 = M.to(torch.float64)
+    evals, Q = torch.linalg.eigh(M64.mT @ M64)
+    return M64, evals, Q
+
+
 def full_svd(M: torch.Tensor, rank: int, largest: bool = True) -> TruncatedSVD:
     """Exact truncated SVD of ``M`` (m, n): the ``rank`` largest (or smallest) singular triplets.
 
@@ -80,7 +92,7 @@ def full_svd(M: torch.Tensor, rank: int, largest: bool = True) -> TruncatedSVD:
     """
     if M.shape[0] < M.shape[1]:
         t = full_svd(M.mT, rank, largest)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+        return _transposed(t)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return _take(U, S, Vh, rank, largest)
 
@@ -191,7 +203,7 @@ def randomized_svd(
     flip, chunk = _orientation(M)
     if flip:
         t = _block_krylov(M.mT, rank, niter, b, chunk, generator)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+        return _transposed(t)
     return _block_krylov(M, rank, niter, b, chunk, generator)
 
 
@@ -247,11 +259,10 @@ def gram_top_svd(M: torch.Tensor, rank: int) -> TruncatedSVD:
     m, n = M.shape
     if m < n:
         t = gram_top_svd(M.mT, rank)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+        return _transposed(t)
     if M.dtype == torch.float64:
         return full_svd(M, rank)
-    M64 = M.to(torch.float64)
-    evals, Q = torch.linalg.eigh(M64.mT @ M64)  # ascending
+    M64, evals, Q = _gram_eigh(M)  # ascending
     S = evals[-rank:].flip(0).clamp_min(0).sqrt()
     V = Q[:, -rank:].flip(1)
     tiny = float(S[0]) * math.sqrt(n * torch.finfo(torch.float64).eps)
@@ -286,11 +297,10 @@ def gram_bottom_svd(M: torch.Tensor, rank: int) -> TruncatedSVD:
     m, n = M.shape
     if m < n:
         t = gram_bottom_svd(M.mT, rank)
-        return TruncatedSVD(t.Vh.mT.contiguous(), t.S, t.U.mT.contiguous())
+        return _transposed(t)
     if M.dtype == torch.float64:
         return full_svd(M, rank, largest=False)
-    M64 = M.to(torch.float64)
-    evals, Q = torch.linalg.eigh(M64.mT @ M64)  # ascending
+    M64, evals, Q = _gram_eigh(M)  # ascending
     top = float(evals[-1].clamp_min(0).sqrt())
     S = evals[:rank].clamp_min(0).sqrt().flip(0)  # descending, like full_svd's bottom
     if top == 0 or float(S[-1]) < GRAM_FLOOR * n * top:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_cholesky, truncated_svd, whitening
+from .patterns import layer_value
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
-           "milora", "corda", "eora", "finish", "lora_scaling", "SVD_CHOICES",
+           "milora", "corda", "eora", "finish", "lora_scaling", "layer_scaling", "SVD_CHOICES",
            "ReportColumn", "check_method_keywords", "method_keywords", "recorded_keywords", "mode_choices",
            "with_modes"]
 
@@ -316,6 +317,13 @@ def get_method(name: str) -> MethodSpec:
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling s: alpha / r, or alpha / √r under rsLoRA (the same float PEFT computes)."""
     return alpha / (rank ** 0.5) if use_rslora else alpha / rank
+
+
+def layer_scaling(name: str, rank: int, alpha: float, use_rslora: bool, rank_pattern: Mapping[str, int],
+                  alpha_pattern: Mapping[str, float]) -> float:
+    """The scaling PEFT gives module ``name``: ``lora_scaling`` of its own rank and alpha (its ``rank_pattern`` /
+    ``alpha_pattern`` entries, else ``rank`` / ``alpha``)."""
+    return lora_scaling(layer_value(rank_pattern, name, rank), layer_value(alpha_pattern, name, alpha), use_rslora)
 
 
 @torch.no_grad()

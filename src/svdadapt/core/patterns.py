@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["pattern_key", "layer_value", "check_pattern", "unmatched_keys", "ambiguous_keys"]
+__all__ = ["pattern_key", "layer_entry", "layer_value", "check_pattern", "unmatched_keys", "ambiguous_keys"]
 
 
 def pattern_key(keys: Iterable[str], name: str) -> str | None:
@@ -24,10 +24,16 @@ def pattern_key(keys: Iterable[str], name: str) -> str | None:
     return None
 
 
-def layer_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    """``pattern``'s value for module ``name``, or ``default`` where no key matches (``LoraModel``'s lookup)."""
+def layer_entry(pattern: Mapping[str, Any], name: str, default: Any) -> tuple[str | None, Any]:
+    """(the key of ``pattern`` that applies to module ``name``, its value), or (None, ``default``) where no key
+    matches (``LoraModel``'s lookup)."""
     key = pattern_key(pattern, name) if pattern else None
-    return default if key is None else pattern[key]
+    return key, default if key is None else pattern[key]
+
+
+def layer_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """``pattern``'s value for module ``name``, or ``default`` where no key matches (``layer_entry``)."""
+    return layer_entry(pattern, name, default)[1]
 
 
 def _is_rank(v: Any) -> bool:
@@ -64,7 +70,7 @@ def check_pattern(which: str, pattern: Any) -> dict[str, Any]:
 def unmatched_keys(pattern: Mapping[str, Any], names: Iterable[str]) -> list[str]:
     """The keys of ``pattern`` that match none of ``names`` (sorted; PEFT warns about these and ignores them)."""
     names = list(names)
-    return sorted(k for k in pattern if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
+    return sorted(k for k in pattern if not any(pattern_key((k,), n) for n in names))
 
 
 def ambiguous_keys(pattern: Mapping[str, Any], names: Iterable[str]) -> tuple[str, str, str] | None:

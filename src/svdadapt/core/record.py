@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .patterns import check_pattern, pattern_key
+from .patterns import check_pattern, layer_entry
 
 __all__ = ["ADAPTER", "AdaptRecord", "Factors", "CHECKSUMS", "weight_checksum", "checksum_algorithm", "checksum_matches",
            "scan_weight", "factors_checksum", "check_record"]
@@ -209,8 +209,7 @@ def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -
     pattern = meta["lora_config"].get("rank_pattern") or {}
     for t in targets:
         shape = (report.get(t) or {}).get("shape")
-        key = pattern_key(pattern, t)
-        rank = meta["rank"] if key is None else pattern[key]
+        key, rank = layer_entry(pattern, t, meta["rank"])
         if isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and rank > min(shape):
             said = "field 'rank'" if key is None else f"field 'lora_config.rank_pattern'[{key!r}]"
             raise ValueError(f"{where}: {said} = {rank} exceeds min(out, in) = {min(shape)} of "

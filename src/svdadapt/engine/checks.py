@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.patterns import pattern_key
+from ..core.patterns import layer_entry
 from ..modules.layers import float_weight, kind_of, scan_layer
 from ..modules.targets import shared_modules, shared_weights
 
@@ -72,13 +72,12 @@ def check_rank_fits(rank: int, shapes: Mapping[str, tuple[int, int]],
                     rank_pattern: Mapping[str, int] | None = None) -> None:
     """Each target's rank (its ``rank_pattern`` entry, else ``rank``) at most its min(out, in) (name -> (out,
     in)); the error names the tightest layer it exceeds, and the pattern key that gave its rank."""
-    pattern = rank_pattern or {}
-    keys = {n: pattern_key(pattern, n) for n in shapes}
-    rank_of = {n: rank if keys[n] is None else pattern[keys[n]] for n in shapes}
-    over = [n for n in shapes if rank_of[n] > min(shapes[n])]
+    entries = {n: layer_entry(rank_pattern or {}, n, rank) for n in shapes}  # name -> (pattern key, rank)
+    over = [n for n in shapes if entries[n][1] > min(shapes[n])]
     if over:
         n = min(over, key=lambda n: min(shapes[n]))
-        said = f"rank={rank}" if keys[n] is None else f"rank_pattern[{keys[n]!r}] = {rank_of[n]}"
+        key, r = entries[n]
+        said = f"rank={rank}" if key is None else f"rank_pattern[{key!r}] = {r}"
         raise ValueError(f"{said} exceeds min(out, in) = {min(shapes[n])} of module {n!r} with weight {shapes[n]}")
 
 

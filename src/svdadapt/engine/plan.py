@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modules.layers import compute_dtype
-from ..core.methods import MethodSpec, SVDOptions, lora_scaling
+from ..core.methods import MethodSpec, SVDOptions, layer_scaling
 from ..core.patterns import layer_value
 
 __all__ = ["LayerInput", "LayerPlan", "Job", "Preparations", "plan_layers", "plan_layer", "layer_generator"]
@@ -70,7 +70,7 @@ class Job:
         """The scaling PEFT gives module ``name``: alpha/r (alpha/√r with rsLoRA) of its own rank and alpha."""
         if not self.rank_pattern and not self.alpha_pattern:
             return self.scaling
-        return lora_scaling(self.rank_of(name), layer_value(self.alpha_pattern, name, self.alpha), self.use_rslora)
+        return layer_scaling(name, self.rank, self.alpha, self.use_rslora, self.rank_pattern, self.alpha_pattern)
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
@@ -103,7 +103,8 @@ class Preparations:
 def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = None) -> LayerPlan:
     """Run ``job``'s method on one layer. Raises ``RuntimeError`` naming the module if the decomposition fails."""
     W = layer.W
-    kw: dict[str, Any] = dict(rank=job.rank_of(layer.name), scaling=job.scaling_of(layer.name), largest=job.spec.largest(job.mode), svd=job.svd,
+    kw: dict[str, Any] = dict(rank=job.rank_of(layer.name), scaling=job.scaling_of(layer.name),
+                              largest=job.spec.largest(job.mode), svd=job.svd,
                               generator=layer_generator(job.seed, layer.name))
     if job.spec.prepare is not None:
         kw["prepared"] = prepared

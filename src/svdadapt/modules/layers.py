@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import bnb
-from ..core.record import checksum_algorithm, scan_weight, weight_checksum
+from ..core.record import checksum_matches, scan_weight, weight_checksum
 
 __all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "float_weight", "compute_dtype",
            "layer_checksum", "layer_matches", "scan_layer", "after_wrap", "before_save"]
@@ -104,7 +104,7 @@ def layer_checksum(module: nn.Module, algorithm: str = "sha256") -> str:
 
 def layer_matches(module: nn.Module, checksum: str) -> bool:
     """Whether the layer's weight has the stored ``checksum``, in the algorithm that checksum names."""
-    return layer_checksum(module, checksum_algorithm(checksum)) == checksum
+    return checksum_matches(_checked(module), checksum)
 
 
 def scan_layer(name: str, module: nn.Module, algorithm: str) -> tuple[tuple[int, int], str, bool]:

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from . import bnb
 from .layers import kind_of, read_weight
-from ..core.methods import finish, lora_scaling
-from ..core.patterns import layer_value
+from ..core.methods import finish, layer_scaling
 
 __all__ = ["SCHEMES", "QuantOptions", "quantize_dequantize", "replace_with_quantized", "mark_quantized",
            "quantize_bases", "missing_package"]
@@ -107,9 +106,8 @@ def mark_quantized(model: nn.Module, scheme: str, quantized: set[str]) -> None:
 def config_scaling(config: Any, name: str) -> float:
     """The scaling PEFT gives module ``name`` under the ``LoraConfig`` ``config`` (``rank_pattern`` /
     ``alpha_pattern`` matched as ``LoraModel`` matches them)."""
-    r = layer_value(getattr(config, "rank_pattern", None) or {}, name, config.r)
-    alpha = layer_value(getattr(config, "alpha_pattern", None) or {}, name, config.lora_alpha)
-    return lora_scaling(r, alpha, config.use_rslora)
+    return layer_scaling(name, config.r, config.lora_alpha, config.use_rslora,
+                         getattr(config, "rank_pattern", None) or {}, getattr(config, "alpha_pattern", None) or {})
 
 
 @torch.no_grad()

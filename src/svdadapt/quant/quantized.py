@@ -40,11 +40,11 @@ def plan_quantized_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] |
     by) and ``quant_iter``, the step kept.
     """
     W = layer.W.to(torch.float32)
-    best, target = None, W
+    best, target, scaling = None, W, job.scaling_of(layer.name)
     for step in range(1, quant.iters + 1):
         plan = plan_layer(job, replace(layer, W=target), prepared)
-        sBA = job.scaling_of(layer.name) * (plan.B.to(W) @ plan.A.to(W))
-        residual = finish(W, plan.A.to(W.device), plan.B.to(W.device), job.scaling_of(layer.name), torch.float32)
+        sBA = scaling * (plan.B.to(W) @ plan.A.to(W))
+        residual = finish(W, plan.A.to(W.device), plan.B.to(W.device), scaling, torch.float32)
         Q = quantize_dequantize(residual, quant.scheme)
         error = _relative(W - Q - sBA, W)
         if best is None or error < best[0]:

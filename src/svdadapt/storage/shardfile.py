@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import struct
 import sys
@@ -34,7 +35,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "IN_PLACE", "ShardFile", "header", "dtype_name", "Spec"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "IN_PLACE", "ShardFile", "header", "dtype_name", "nbytes", "Spec"]
 
 # safetensors header dtype -> torch dtype (the optional ones only where this torch has them)
 DTYPES: dict[str, torch.dtype] = {
@@ -63,11 +64,9 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} has no safetensors equivalent") from None
 
 
-def _nbytes(dtype: str, shape: Sequence[int]) -> int:
-    n = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    for d in shape:
-        n *= d
-    return n
+def nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """The bytes of a tensor of safetensors dtype ``dtype`` ("F32", ...) and ``shape``."""
+    return torch.empty((), dtype=DTYPES[dtype]).element_size() * math.prod(shape)
 
 
 @functools.cache
@@ -98,7 +97,7 @@ def header(specs: Iterable[Spec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     offsets: dict[str, tuple[int, int]] = {}
     at = 0
     for name, dtype, shape in sorted(specs, key=lambda s: (rank[s[1]], s[0])):
-        end = at + _nbytes(dtype, shape)
+        end = at + nbytes(dtype, shape)
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, end]}
         offsets[name] = (at, end)
         at = end

@@ -45,6 +45,7 @@ Leaf module: torch, safetensors and the standard library only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -57,7 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .manifest import sha256_file
-from .shardfile import DTYPES, IN_PLACE, ShardFile, Spec, dtype_name
+from .shardfile import DTYPES, IN_PLACE, ShardFile, Spec, dtype_name, nbytes
 
 __all__ = [
     "CheckpointReader",
@@ -442,7 +443,7 @@ def _commit(out_dir: Path, work: str, names: list[str], specs: Iterable[Spec]) -
     size, sha = tmp.stat().st_size, _sha256(tmp)
     os.replace(tmp, out_dir / work)
     _fsync_dir(out_dir)
-    sizes = [(_spec_nbytes(s), _numel(s[2])) for s in specs]
+    sizes = [(nbytes(d, shape), math.prod(shape)) for _, d, shape in specs]
     return {"file": work, "names": names, "nbytes": sum(b for b, _ in sizes), "numel": sum(n for _, n in sizes),
             "size": size, "sha256": sha}
 
@@ -458,17 +459,6 @@ def _write_shard(out_dir: Path, work: str, tensors: dict[str, torch.Tensor]) -> 
 def _open_in_place(out_dir: Path, work: str, specs: list[Spec]) -> ShardFile:
     """Shard ``work``'s temporary file with its final header, to be filled tensor by tensor."""
     return ShardFile(_tmp_path(out_dir, work), specs)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _spec_nbytes(spec: Spec) -> int:
-    return _numel(spec[2]) * torch.empty((), dtype=DTYPES[spec[1]]).element_size()
 
 
 def _specs(layout: Iterable[tuple[str, Any, Iterable[int]]]) -> dict[str, Spec]:
@@ -577,7 +567,7 @@ class ShardWriter:
         self._closed = False
         self._layout: dict[str, Spec] | None = None if layout is None or not IN_PLACE else _specs(layout)
         self._plan: list[list[str]] | None = None if self._layout is None else plan_shards(
-            [(n, _spec_nbytes(sp)) for n, sp in self._layout.items()], max_shard_bytes)
+            [(n, nbytes(d, shape)) for n, (_, d, shape) in self._layout.items()], max_shard_bytes)
         self._file: ShardFile | None = None  # the shard being filled in place (with a layout)
         self.done: set[str] = set()
         """Names in completed shards on disk (those of a resumed run's kept shards, then the ones flushed since)."""

@@ -430,6 +430,26 @@ def test_streamed_corda_equals_wrap_on_the_loaded_model(tmp, mode, dtype):
     assert meta["method"] == "corda" and meta["options"]["mode"] == mode and meta["options"]["damping"] == 0.01
 
 
+def test_streamed_corda_on_a_mixed_dtype_checkpoint_runs_as_the_loaded_model(tmp):
+    """Norms stored in fp32 beside bf16 projections: from_pretrained casts every parameter to the config's dtype,
+    and the streamed blocks do the same (they used to feed an fp32 norm output into a bf16 projection: "expected m1
+    and m2 to have the same dtype"); the adapters equal wrap's on the loaded model bit for bit."""
+    model = make_tiny_llama(6, torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = p.data.float()
+    ck = _checkpoint(tmp / "ck", model)
+    assert {CheckpointReader(ck).dtype(k) for k in CheckpointReader(ck).names} == {torch.float32, torch.bfloat16}
+    svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=4, calibration=_calibration(), progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(ck)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    pm = svdadapt.wrap(loaded, "corda", 4, calibration=_calibration(), progress=False)
+    factors = _adapter_factors(tmp / "s")
+    for n, (A, B) in pm.svdadapt.init_factors.items():
+        key = next(k for k in factors if f".{n}.lora_A." in k)
+        assert torch.equal(factors[key], A) and torch.equal(factors[key.replace("lora_A", "lora_B")], B), n
+
+
 def test_streamed_corda_holds_one_block_at_a_time(tmp, monkeypatch):
     from svdadapt.stream.lazy import LazyBlocks
 

@@ -13,7 +13,9 @@ loads whole. It takes the meta-device skeleton built from config.json and
 
 ``blockwise.plan_blockwise`` runs such a model exactly as a loaded one: block 0's inputs are captured for every
 batch, then each block runs once over all batches (one load per block; the capture's chain check on the first batch
-loads every block once more). Tensors keep the checkpoint's dtype, as ``from_pretrained`` keeps it by default.
+loads every block once more). Floating parameters take the skeleton's dtype (the config's ``dtype``, which is what
+``from_pretrained``'s default ``dtype="auto"`` gives them): a checkpoint stored in mixed dtypes (norms in fp32,
+projections in bf16) runs as the loaded model runs.
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ class _Loader:
         if found is None:
             raise ValueError(f"checkpoint {self.reader.path} has no tensor {key!r}"
                              + (", nor under the names of the tensor it is tied to" if len(keys) > 1 else ""))
-        loaded = nn.Parameter(self.reader.get(found), requires_grad=False)
+        loaded = nn.Parameter(_as_loaded(self.reader.get(found), p.dtype), requires_grad=False)
         if id(p) in self.tied:
             self.loaded[id(p)] = loaded
         return loaded
+
+
+def _as_loaded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor in the dtype ``from_pretrained`` gives the parameter (floating tensors only)."""
+    return t.to(dtype) if t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype else t
 
 
 def _compute_buffers(name: str, module: nn.Module, init_weights: Callable[[nn.Module], None] | None) -> None:

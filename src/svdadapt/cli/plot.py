@@ -56,17 +56,25 @@ def plot_ranks(source: Any, path: str | os.PathLike) -> Path:
     fig, ax = _figure()
     for i, (kind, points) in enumerate(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=4, linewidth=1.2, label=kind)
+        # each kind nudged sideways (within ±0.2 of its block) so that kinds at the same rank stay visible
+        dx = 0.4 * (i / max(1, len(series) - 1) - 0.5) if len(series) > 1 else 0.0
+        ax.plot([x + dx for x in xs], ys, marker=_MARKERS[i % len(_MARKERS)], markersize=4, linewidth=1.2,
+                label=kind)
     alloc = meta.get("allocation")
     title = f"{meta['method']}: rank per layer (uniform rank {meta['rank']}"
     title += f", objective {alloc['objective']}, budget {alloc['budget']:,})" if alloc else ")"
     ax.set_title(title + (f"; {outside} layers outside the blocks not shown" if outside else ""), fontsize=10)
-    ax.set_xlabel("block index (depth)")
+    ax.set_xlabel("block index (depth); kinds side by side within a block")
     ax.set_ylabel("rank")
     ax.axhline(meta["rank"], color="grey", linewidth=0.8, linestyle="--")
     ax.grid(True, alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if series:
-        ax.legend(fontsize=8, ncol=min(len(series), 4), loc="best")
+        ax.legend(fontsize=8, ncol=min(len(series), 7), loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                  frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

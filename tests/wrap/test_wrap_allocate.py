@@ -92,6 +92,29 @@ def test_the_ranks_are_allocate_ranks_on_brute_force_spectra() -> None:
     assert pm.svdadapt.allocation["cost"] == want.cost == _cost(pm) <= want.budget
 
 
+def test_corda_ipa_ranks_are_allocate_ranks_on_the_spectra_of_w_c() -> None:
+    from svdadapt.core.methods import prepare_corda
+
+    model = make_tiny_llama(3)
+    W0 = _targets(model)
+    covs = svdadapt.collect_covariances(model, CALIB, list(W0), progress=False)
+    pm = svdadapt.wrap(model, "corda", RANK, calibration=covs, allocate=True, progress=False)
+    cap = MAX_RANK_FACTOR * RANK
+    WC = {n: W.double() @ prepare_corda(covs[n])["Cd"] for n, W in W0.items()}
+    spectra = {n: torch.linalg.svdvals(M)[:min(cap, *M.shape)] for n, M in WC.items()}
+    totals = {n: float(M.pow(2).sum()) for n, M in WC.items()}
+    want = svdadapt.allocate_ranks(spectra, {n: tuple(W.shape) for n, W in W0.items()}, RANK, max_rank=cap,
+                                   totals=totals)
+    # the pipeline rounds W·C_d to fp32 before its (fp64 Gram) SVD and sums ‖W·C_d‖² in fp32: ρ as in the PiSSA
+    # test, plus W·C_d's own rounding (u32 relative on each σ, Weyl); the value bound holds whatever the ties
+    gains = objective_gains("energy", spectra, totals)
+    rho = (math.log2(64 * 128) + 8) * unit_roundoff(torch.float32)
+    got = {n: layer_value(pm.svdadapt.rank_pattern, n, RANK) for n in W0}
+    assert sum(float(gains[n][:r].sum()) for n, r in got.items()) >= want.gain - 2 * rho * len(gains)
+    assert got == want.ranks
+    assert pm.svdadapt.allocation["objective"] == "energy" and pm.svdadapt.allocation["cost"] <= want.budget
+
+
 def test_exact_at_init_with_each_layers_scaling() -> None:
     model = make_tiny_llama(4)
     W0 = _targets(model)
@@ -215,6 +238,25 @@ def test_save_and_load_carry_the_ranks(tmp_path) -> None:
     assert back.svdadapt.rank_pattern == pm.svdadapt.rank_pattern
     assert back.svdadapt.allocation == pm.svdadapt.allocation
     assert max_rel(out(back, IDS), out(pm, IDS)) == 0.0
+
+
+def test_plain_peft_reproduces_the_trained_allocated_model(tmp_path) -> None:
+    from peft import PeftModel
+
+    from helpers import train
+
+    pm = train(svdadapt.wrap(make_tiny_llama(2), "pissa", RANK, alpha=8.0, allocate=True, progress=False), IDS,
+               steps=5)
+    want = out(pm, IDS)
+    assert rel(want, out(make_tiny_llama(2), IDS)) > 1e-2  # training moved the logits (O(1e-1)), rounding ~1e-6
+    svdadapt.save(pm, tmp_path / "s")
+    vanilla = PeftModel.from_pretrained(make_tiny_llama(2), tmp_path / "s")
+    # as tests/lifecycle/test_lifecycle_patterns.py: the fp32 merge of s·B·A into W seen in the logits, ~1e-6
+    assert rel(out(vanilla, IDS), want) < 1e-4
+    for n, layer in lora_layers(vanilla).items():  # the portable adapter: each layer at twice its allocated rank
+        assert layer.r["default"] == 2 * pm.svdadapt.rank_pattern[n], n
+    u = svdadapt.unwrap(copy.deepcopy(pm))
+    assert rel(out(u, IDS), out(make_tiny_llama(2), IDS)) < 1e-5  # the original weights back: W − s·B₀·A₀ + s·B₀·A₀
 
 
 def test_plot_ranks_writes_a_png(tmp_path) -> None:

@@ -296,6 +296,10 @@ def test_errors() -> None:
             AllocateOptions(**kw)
     with raises_exactly(ValueError, "AllocateOptions: min_rank=17 exceeds max_rank=16 (the default, 4·rank)"):
         wrap(allocate=AllocateOptions(min_rank=17))
+    with raises_exactly(ValueError, "allocate= with quantize= and method 'pissa': the quantized residual base "
+                                    "(QPiSSA) alternates with the rank's own decomposition, so a cut max-rank plan "
+                                    "is not it"):
+        wrap(allocate=True, quantize="nf4")
     with pytest.raises(ValueError, match=r"^init_checkpoint does not allocate ranks"):
         svdadapt.init_checkpoint("nowhere", "out", method="pissa", rank=RANK, allocate=True)
 

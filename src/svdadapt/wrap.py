@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Iterable
 
@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from .engine import checks
-from .blockwise import BlockwiseUnsupported, Compensation, plan_blockwise
+from .blockwise import BlockwiseOptions, BlockwiseUnsupported, Compensation, plan_blockwise
 from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances, caller_level
 from .engine.distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine.apply import apply
+from .engine import allocation
 from .engine.plan import LayerPlan, plan_layer, plan_layers
 from .lifecycle.export import attach
 from .engine.job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
@@ -100,7 +101,20 @@ def _plan(job: Job, references: dict[str, torch.Tensor] | None, targets: dict[st
     return gather_plans(plans, list(targets))
 
 
-def _plans(job: Job, inputs: _Inputs, blockwise: Any) -> dict[str, LayerPlan]:
+def _not_sequential(options: Any, blockwise: Any) -> Any:
+    """Rank allocation's block-by-block options: EoRA's sequential inputs (block i+1 reads block i compensated at
+    its rank) need the ranks before the allocation has them, so the default turns it off and an explicit
+    ``sequential=True`` is an error."""
+    if options is None or not options.sequential:
+        return options
+    if isinstance(blockwise, BlockwiseOptions) and blockwise.sequential:
+        raise ValueError("allocate= with BlockwiseOptions(sequential=True): block i+1's inputs would depend on the "
+                         "ranks of block i, which the allocation picks after every layer is decomposed; use "
+                         "sequential=False (the default with allocate=)")
+    return replace(options, sequential=False)
+
+
+def _plans(job: Job, inputs: _Inputs, blockwise: Any, allocating: bool = False) -> dict[str, LayerPlan]:
     """Every layer's plan; CorDA / EoRA covariances collected one decoder block at a time where
     ``blockwise.resolve`` and the model allow (svdadapt/blockwise/), else on the whole model: automatic
     (``blockwise=None``) with a one-line warning saying why, explicit (True or options) with the error."""
@@ -109,6 +123,8 @@ def _plans(job: Job, inputs: _Inputs, blockwise: Any) -> dict[str, LayerPlan]:
         return _plan(job, inputs.references, inputs.targets, covariances, inputs.progress)
 
     options = resolve_blockwise(blockwise, job.spec, inputs.calibration, job.quant is not None)
+    if allocating:
+        options = _not_sequential(options, blockwise)
     if options is None:
         return whole_model(inputs.calibration)
     batches = list(inputs.calibration)  # read once: the whole-model path, should it take over, gets the same batches
@@ -135,13 +151,24 @@ def _inputs(job: Job, model: nn.Module, request: Request) -> _Inputs:
     return _Inputs(model, targets, request.calibration, reference, references, request.progress, base_checksums)
 
 
+def _allocated_plans(job: Job, inputs: _Inputs, blockwise: Any, options: allocation.AllocateOptions
+                     ) -> tuple[Job, dict[str, LayerPlan], dict[str, Any]]:
+    """Every layer planned once at its maximum rank, the ranks allocated from those spectra, the plans cut to
+    them (engine/allocation.py): (the job with the ranks as its rank_pattern, the plans, the summary)."""
+    shapes = {n: kind_of(m).shape(m) for n, m in inputs.targets.items()}
+    plan_job = allocation.max_rank_job(job, allocation.layer_caps(options, shapes))
+    plans = _plans(plan_job, inputs, blockwise, allocating=True)
+    return allocation.allocate_plans(job, plan_job, plans, options, shapes)
+
+
 def _record(job: Job, targets: dict[str, nn.Module], plans: dict[str, LayerPlan],
-            base_checksums: dict[str, str]) -> AdaptRecord:
+            base_checksums: dict[str, str], allocated: dict[str, Any] | None = None) -> AdaptRecord:
     return AdaptRecord(method=job.spec.name, rank=job.rank, alpha=job.alpha, options=recorded_options(job),
                        targets=list(targets), init_factors={n: (p.A, p.B) for n, p in plans.items()},
                        report={n: p.report for n, p in plans.items()}, base_checksums=base_checksums,
                        quantize=None if job.quant is None else job.quant.scheme,
-                       rank_pattern=dict(job.rank_pattern), alpha_pattern=dict(job.alpha_pattern))
+                       rank_pattern=dict(job.rank_pattern), alpha_pattern=dict(job.alpha_pattern),
+                       allocation=allocated)
 
 
 @same_job  # under torch.distributed: the ranks' arguments compared first, one rank's error raised on all
@@ -157,6 +184,7 @@ def wrap(
     modules_to_save: Iterable[str] | None = None,
     quantize: str | None = None,
     quant_iters: int = 1,
+    allocate: bool | allocation.AllocateOptions = False,
 ):
     """Wrap ``model`` in a PEFT LoRA model whose adapters are initialized by ``method``. Every keyword is described
     in docs/wrap.md (and docs/calibration.md, docs/quantization.md); in short:
@@ -179,6 +207,9 @@ def wrap(
         quantize, quant_iters: a bitsandbytes scheme ("nf4", "fp4", "int8") for the new base (QPiSSA: the
             residual; EoRA: W itself, compensated), and LoftQ-style alternation steps (the best step is kept).
         progress: progress bars.
+        allocate: True or ``svdadapt.AllocateOptions(budget=, min_rank=, max_rank=, objective=)``: each layer's
+            rank chosen to maximize the method's objective within a parameter budget (default: what uniform
+            ``rank`` costs), written as the ``rank_pattern`` (docs/wrap.md, "Allocating ranks under a budget").
 
     Returns:
         ``peft.PeftModel``; only the LoRA factors require grad. ``peft_model.svdadapt`` is an
@@ -191,11 +222,16 @@ def wrap(
     checks.check_flag("progress", request.progress)
     job = build_job(spec, rank, request, quantize=quantize, quant_iters=quant_iters, task_type=task_type,
                     modules_to_save=modules_to_save)
+    options = allocation.resolve(allocate, job, job.quant is not None and spec.rewrites_base)
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)
-    plans = _plans(job, inputs, request.blockwise)
+    allocated = None
+    if options is None:
+        plans = _plans(job, inputs, request.blockwise)
+    else:
+        job, plans, allocated = _allocated_plans(job, inputs, request.blockwise, options)
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)
-    attach(peft_model, _record(job, inputs.targets, plans, inputs.base_checksums))  # save_pretrained guard, see lifecycle/export.py
+    attach(peft_model, _record(job, inputs.targets, plans, inputs.base_checksums, allocated))  # save_pretrained guard, see lifecycle/export.py
     return peft_model

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .report import format_report, kv, report_legend, table
+from .report import allocation_lines, format_ranks, format_report, kv, layer_ranks, report_legend, table
 
 __all__ = ["main"]
 
@@ -128,6 +128,8 @@ def _parser() -> _Parser:
     q = sub.add_parser("report", help="print the per-layer report of an init or save directory")
     q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
     q.add_argument("--layers", action="store_true", help="one row per layer instead of per module kind")
+    q.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also write a PNG of the ranks by depth and module kind (needs matplotlib)")
 
     q = sub.add_parser("verify", help="check every file of an init or save directory against its svdadapt.json",
                        description="Compare the size and sha256 of every file svdadapt wrote into DIR with the "
@@ -177,6 +179,7 @@ def _init_parser(sub: Any) -> None:
     q.add_argument("--alpha-pattern", nargs="+", type=_pattern_entry(_positive_float), default=None,
                    metavar="KEY=ALPHA", help="per-layer alphas, as PEFT's alpha_pattern (default: --alpha)")
     q.add_argument("--mode", choices=mode_choices(), default=None, help=_mode_help())
+    _allocate_options(q)
     q.add_argument("--calib", nargs="+", default=None, metavar="FILE", help=f"corda/eora: {_TEXT_HINT}")
     q.add_argument("--reference", default=None, metavar="MODEL",
                    help="eora: the uncompressed model (not with --quantize, which makes MODEL the reference)")
@@ -199,6 +202,39 @@ def _init_parser(sub: Any) -> None:
                         "of one layer, or for corda/eora of one decoder block)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     _calib_options(q)
+
+
+def _allocate_options(q: argparse.ArgumentParser) -> None:
+    """``init --allocate`` and its knobs (``svdadapt.AllocateOptions``)."""
+    from ..core.allocate import OBJECTIVES
+
+    q.add_argument("--allocate", action="store_true",
+                   help="pick each layer's rank for the method's objective within a parameter budget (written as "
+                        "the rank_pattern; loads the model, not streamed)")
+    q.add_argument("--budget", type=_positive, default=None, metavar="PARAMS",
+                   help="with --allocate: adapter parameters, sum of rank*(in + out) (default: what --rank costs)")
+    q.add_argument("--min-rank", type=_positive, default=None, metavar="R", help="with --allocate: default 1")
+    q.add_argument("--max-rank", type=_positive, default=None, metavar="R",
+                   help="with --allocate: each layer's decomposition rank (default 4*rank, at most min(out, in))")
+    q.add_argument("--objective", choices=list(OBJECTIVES), default=None,
+                   help="with --allocate: default the method's own (pissa, corda ipa: energy; eora: eora)")
+
+
+def _allocation(args: argparse.Namespace) -> Any:
+    """``wrap``'s ``allocate=`` from the flags (False without --allocate); its knobs without it are an error."""
+    knobs = {"--budget": args.budget, "--min-rank": args.min_rank, "--max-rank": args.max_rank,
+             "--objective": args.objective}
+    if not args.allocate:
+        given = [flag for flag, v in knobs.items() if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies with --allocate only")
+        return False
+    if args.rank_pattern:
+        raise UsageError("--allocate writes every layer's rank as the rank pattern; drop --rank-pattern")
+    from ..engine.allocation import AllocateOptions
+
+    return AllocateOptions(budget=args.budget, min_rank=args.min_rank or 1, max_rank=args.max_rank,
+                           objective=args.objective)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -360,7 +396,7 @@ def _streamable(args: argparse.Namespace) -> bool:
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    return (not args.in_memory and (calibrated or not spec.needs_calibration) and args.quantize is None
+    return (not args.in_memory and not args.allocate and (calibrated or not spec.needs_calibration) and args.quantize is None
             and args.device is None and _safetensors_dir(args.model)
             and (not spec.needs_reference or _safetensors_dir(args.reference)))
 
@@ -422,6 +458,7 @@ def _check_init_args(args: argparse.Namespace) -> None:
     _check_machine(args)
     args.rank_pattern = _patterns(args.rank_pattern, "--rank-pattern")
     args.alpha_pattern = _patterns(args.alpha_pattern, "--alpha-pattern")
+    args.allocation = _allocation(args)
 
 
 def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:
@@ -514,12 +551,22 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
                     rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
                     calibration=calibration, reference=reference, quantize=args.quantize,
-                    quant_iters=args.quant_iters or 1, progress=not args.no_progress)
+                    quant_iters=args.quant_iters or 1, allocate=args.allocation, progress=not args.no_progress)
 
 
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
     info = pm.svdadapt
     _print_summary(args, out, info.report, info.alpha, info.options["mode"], info.quantize)
+    if info.allocation is not None:
+        print()
+        _print_ranks(info.summary())
+
+
+def _print_ranks(meta: dict) -> None:
+    """The allocated ranks by depth and module kind, and the allocation's totals."""
+    print(format_ranks(layer_ranks(meta)))
+    print()
+    print(allocation_lines(meta["allocation"]))
 
 
 def _print_summary(args: argparse.Namespace, out: Path, report: dict, alpha: float, mode: str | None,
@@ -660,6 +707,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not args.layers:  # --layers stays a bare listing, one row per layer, for grep and scripts
         for line in report_legend(meta["method"], layers):
             print(line)
+        if meta.get("allocation") is not None:
+            print()
+            _print_ranks(meta)
+    if args.plot is not None:
+        from .plot import plot_ranks
+
+        _creatable(args.plot)
+        _say(f"ranks plot: {plot_ranks(d, args.plot)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The tables the command line prints: a per-layer report (``format_report``, ``report_legend``), key/value summaries.
+"""The tables the command line prints: a per-layer report (``format_report``, ``report_legend``), the ranks by depth
+and module kind (``format_ranks``, ``layer_ranks``, ``allocation_lines``), key/value summaries.
 
 ASCII only (it goes to any terminal): numbers right-aligned, text left-aligned. The column a method reports is its
 own (``MethodSpec.report``); a quantized residual base adds its error and QLoRA's.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report", "report_legend", "table", "kv"]
+__all__ = ["format_report", "report_legend", "table", "kv", "depth_and_kind", "layer_ranks", "format_ranks",
+           "allocation_lines"]
 
 
 def _is_number(c: str) -> bool:
@@ -65,10 +67,12 @@ def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: boo
     quant = _quant_columns(layers)
     nan = float("nan")
     if per_layer:
-        header = ["module", "shape", "sigma_max", label, *spec.extra_columns, *quant.values()]
+        allocated = any("gain" in r for r in layers.values())
+        header = ["module", "shape", "sigma_max", label, *spec.extra_columns, *quant.values(),
+                  *(["rank", "gain", "uniform gain"] if allocated else [])]
         rows = [[n, "x".join(map(str, r.get("shape", ()))), f"{r.get('sigma_max', nan):.4g}",
                  f"{r.get(key, nan):.4f}", *(f"{r.get(c, nan):.3g}" for c in spec.extra_columns),
-                 *(f"{r.get(c, nan):.4f}" for c in quant)]
+                 *(f"{r.get(c, nan):.4f}" for c in quant), *(_allocated_cells(r) if allocated else [])]
                 for n, r in layers.items()]
         return table(rows, header)
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -93,3 +97,57 @@ def report_legend(method: str, layers: dict[str, dict[str, Any]]) -> list[str]:
     spec = get_method(method)
     lines = [f"{spec.report.label}: {_MEANING[spec.report.key]}"] if spec.report.key in _MEANING else []
     return lines + ([_QUANT_MEANING] if _quant_columns(layers) else [])
+
+
+def _allocated_cells(r: dict[str, Any]) -> list[str]:
+    uniform = r.get("uniform_gain")
+    return [str(r.get("rank", "")), f"{r.get('gain', float('nan')):.4g}",
+            "nan" if uniform is None else f"{uniform:.4g}"]
+
+
+# ------------------------------------------------------------------------------------- ranks by depth and kind
+
+
+def depth_and_kind(name: str) -> tuple[int | None, str]:
+    """(the block index: the last all-digit part of the dotted ``name``, None if it has none; the last part)."""
+    parts = name.split(".")
+    depth = next((int(p) for p in reversed(parts[:-1]) if p.isdigit()), None)
+    return depth, parts[-1]
+
+
+def layer_ranks(meta: dict[str, Any]) -> dict[str, int]:
+    """Each target's rank from a record (``AdaptRecord.summary()`` or svdadapt.json): its ``rank_pattern``
+    entry (PEFT's rule), else the rank."""
+    from ..core.patterns import layer_value
+
+    pattern = meta.get("rank_pattern")
+    if pattern is None:
+        pattern = (meta.get("lora_config") or {}).get("rank_pattern") or {}
+    return {n: layer_value(pattern, n, meta["rank"]) for n in meta["targets"]}
+
+
+def format_ranks(ranks: dict[str, int]) -> str:
+    """The ranks as a table: one row per block index (depth; "-" for layers outside the blocks), one column per
+    module kind, in the order they first appear."""
+    kinds = list(dict.fromkeys(depth_and_kind(n)[1] for n in ranks))
+    grid: dict[Any, dict[str, str]] = {}
+    for n, r in ranks.items():
+        depth, kind = depth_and_kind(n)
+        cell = grid.setdefault("-" if depth is None else depth, {})
+        cell[kind] = str(r) if kind not in cell else f"{cell[kind]},{r}"
+    order = sorted((d for d in grid if d != "-")) + (["-"] if "-" in grid else [])
+    rows = [[str(d), *(grid[d].get(k, "") for k in kinds)] for d in order]
+    return table(rows, ["depth", *kinds])
+
+
+def allocation_lines(allocation: dict[str, Any]) -> str:
+    """The allocation's totals: objective, bounds, budget and cost, its gain against uniform rank's."""
+    uniform = allocation.get("uniform_gain")
+    rows = [("objective", str(allocation["objective"])),
+            ("rank bounds", f"{allocation['min_rank']} .. {allocation['max_rank']} (and each layer's min(out, in))"),
+            ("budget / cost", f"{allocation['budget']:,} / {allocation['cost']:,} parameters (uniform rank "
+                              f"{allocation['uniform_rank']}: {allocation['uniform_cost']:,})"),
+            ("gain", f"{allocation['gain']:.6g} (uniform rank {allocation['uniform_rank']}: "
+                     + ("n/a, a layer's max_rank is below it" if uniform is None else f"{uniform:.6g}, "
+                        f"{allocation['gain'] - uniform:+.6g}") + ")")]
+    return kv("rank allocation", rows)

@@ -20,7 +20,7 @@ from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_chol
 from .patterns import layer_value
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
-           "milora", "corda", "eora", "finish", "lora_scaling", "layer_scaling", "SVD_CHOICES",
+           "milora", "corda", "eora", "finish", "lora_scaling", "layer_scaling", "truncated_stats", "SVD_CHOICES",
            "ReportColumn", "check_method_keywords", "method_keywords", "recorded_keywords", "mode_choices",
            "with_modes"]
 
@@ -80,13 +80,16 @@ class Init:
     """Result of one method on one layer.
 
     ``A`` (r, in) and ``B`` (out, r) in fp32 or fp64; ``sigma`` (r,) the singular values the adapter took;
-    ``stats`` small per-layer numbers for reports (captured energy, damping, kept rank).
+    ``stats`` small per-layer numbers for reports (captured energy, damping, kept rank); ``total`` the energy of
+    the decomposed matrix that ``sigma`` is part of (‖W‖²_F; CorDA ‖W·C‖²_F; EoRA ‖ΔW·S‖²_F), rank allocation's
+    normaliser (None: not known).
     """
 
     A: torch.Tensor
     B: torch.Tensor
     sigma: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    total: float | None = None
 
 
 def _factors(t: TruncatedSVD, scaling: float, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +109,7 @@ def pissa(W: torch.Tensor, *, rank: int, scaling: float, largest: bool = True, s
                       generator=generator)
     A, B = _factors(t, scaling)
     total = torch.linalg.vector_norm(W).square()  # ‖W‖², without a W-sized temporary
-    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), total)})
+    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), total)}, float(total))
 
 
 @torch.no_grad()
@@ -145,7 +148,8 @@ def corda(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any
     Vhat_h = torch.cholesky_solve(t.Vh.to(torch.float64).mT, L).mT.to(W.dtype)  # (r, in) = Vh_r·C_d⁻¹
     t = TruncatedSVD(t.U, t.S, Vhat_h)
     A, B = _factors(t, scaling)
-    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), WC.pow(2).sum()), "damping": prepared["damping"]})
+    total = WC.pow(2).sum()
+    return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), total), "damping": prepared["damping"]}, float(total))
 
 
 @torch.no_grad()
@@ -177,7 +181,7 @@ def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any]
     resid = (err0 - t.S.pow(2).sum()).clamp_min(0)
     return Init(A, B, t.S, {"energy": _fraction(t.S.pow(2).sum(), err0),
                             "residual_error": _fraction(resid, err0) ** 0.5 if float(err0) > 0 else 0.0,
-                            "kept_rank": float(S.shape[1])})
+                            "kept_rank": float(S.shape[1])}, float(err0))
 
 
 # ------------------------------------------------------------------------------------------------------ registry
@@ -324,6 +328,16 @@ def layer_scaling(name: str, rank: int, alpha: float, use_rslora: bool, rank_pat
     """The scaling PEFT gives module ``name``: ``lora_scaling`` of its own rank and alpha (its ``rank_pattern`` /
     ``alpha_pattern`` entries, else ``rank`` / ``alpha``)."""
     return lora_scaling(layer_value(rank_pattern, name, rank), layer_value(alpha_pattern, name, alpha), use_rslora)
+
+
+def truncated_stats(stats: Mapping[str, float], energy: float) -> dict[str, float]:
+    """A layer's ``Init.stats`` once its factors are cut to a lower rank that captures ``energy`` (a fraction of
+    ``Init.total``): the captured ``energy``, and EoRA's relative ``residual_error`` √(1 − energy); the others as
+    they were (rank allocation's truncation, engine/allocation.py)."""
+    out = dict(stats, energy=energy)
+    if "residual_error" in out:
+        out["residual_error"] = max(0.0, 1.0 - energy) ** 0.5
+    return out
 
 
 @torch.no_grad()

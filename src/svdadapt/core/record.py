@@ -115,6 +115,9 @@ class AdaptRecord:
         quantize: the bitsandbytes scheme of a quantized residual base, or None.
         rank_pattern, alpha_pattern: PEFT's per-layer ranks / alphas (pattern -> value; see core/patterns.py),
             as in the LoRA config; empty when every layer has ``rank`` / ``alpha``.
+        allocation: with ``wrap(..., allocate=...)``, the allocation's options as resolved, its budget, cost and
+            gain, and those of the uniform rank (each layer's own in ``report``: rank, gain, uniform_gain); None
+            otherwise.
     Dict-style reads (``record["method"]``) are supported for code written against the old dict record.
     """
 
@@ -129,6 +132,7 @@ class AdaptRecord:
     quantize: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
@@ -178,6 +182,8 @@ def _check_scalars(meta: Mapping[str, Any], where: str) -> None:
         raise _field_error(where, "options", "a mapping", meta["options"])
     if meta.get("quantize") is not None and not isinstance(meta["quantize"], str):
         raise _field_error(where, "quantize", "null or a scheme name", meta["quantize"])
+    if meta.get("allocation") is not None and not isinstance(meta["allocation"], Mapping):
+        raise _field_error(where, "allocation", "null or a mapping", meta["allocation"])
 
 
 def _check_targets(meta: Mapping[str, Any], where: str) -> list[str]:

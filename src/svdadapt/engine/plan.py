@@ -37,12 +37,16 @@ class LayerInput:
 
 @dataclass
 class LayerPlan:
-    """One layer's result: A₀ (r, in) and B₀ (out, r) in the adapter dtype, and the report's numbers."""
+    """One layer's result: A₀ (r, in) and B₀ (out, r) in the adapter dtype, and the report's numbers; ``spectrum``
+    (r,) the singular values the factors hold (fp64, CPU) and ``total`` the energy they are part of (``Init.total``),
+    what rank allocation reads (None where the plan has none)."""
 
     name: str
     A: torch.Tensor
     B: torch.Tensor
     report: dict[str, Any]
+    spectrum: torch.Tensor | None = None
+    total: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ def plan_layer(job: Job, layer: LayerInput, prepared: dict[str, Any] | None = No
               **init.stats}
     # contiguous, as they come back from a file: addmm rounds W − s·B·A differently for other strides
     fresh = dict(memory_format=torch.contiguous_format)
-    return LayerPlan(layer.name, A.detach().cpu().clone(**fresh), B.detach().cpu().clone(**fresh), report)
+    return LayerPlan(layer.name, A.detach().cpu().clone(**fresh), B.detach().cpu().clone(**fresh), report,
+                     init.sigma.detach().to("cpu", torch.float64).clone(), init.total)
 
 
 def plan_layers(job: Job, layers: Iterable[LayerInput], covariance_users: Counter | None = None, *,

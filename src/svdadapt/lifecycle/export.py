@@ -100,6 +100,8 @@ def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
             "targets": list(record.targets), "rewrites_base": spec.rewrites_base,
             "lora_config": config_dict(peft_model.peft_config[ADAPTER]), "base_checksums": dict(checks),
             "report": record.report, "quantize": record.quantize}
+    if record.allocation is not None:
+        meta["allocation"] = record.allocation
     if spec.rewrites_base:
         # what `load` should rebuild, to tell "bit-identical" from "equal up to a different BLAS's rounding"
         meta["residual_checksums"] = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}
@@ -201,7 +203,8 @@ def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> A
                        report=meta.get("report", {}), base_checksums=meta["base_checksums"],
                        quantize=meta.get("quantize"),
                        rank_pattern=dict(meta["lora_config"].get("rank_pattern") or {}),
-                       alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}))
+                       alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}),
+                       allocation=meta.get("allocation"))
 
 
 @torch.no_grad()

@@ -85,6 +85,8 @@ def _write_report(out: Path, meta: Mapping[str, Any]) -> None:
                "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
                "options": meta["options"], "quantize": meta["quantize"], "model": meta["source"]["model"],
                "layers": meta["report"]}
+    if meta.get("allocation") is not None:
+        summary["allocation"] = meta["allocation"]
     (out / REPORT_FILE).write_text(json.dumps(summary, indent=2, default=list))
 
 

@@ -339,6 +339,7 @@ def init_checkpoint(
     request: Request,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     resume: bool = True,
+    allocate: Any = False,
 ) -> Path:
     """Initialize an adapter from a safetensors checkpoint without loading the model; returns ``out_dir``.
 
@@ -368,10 +369,17 @@ def init_checkpoint(
         progress: a progress bar over the targeted layers.
         resume: continue the interrupted run found in ``out_dir`` (verified shards and finished layers kept);
             with False an unfinished run there is an error.
+        allocate: not supported here (``ValueError``): each base is written as its layer is decomposed, before
+            the ranks an allocation picks from every layer are known; use ``svdadapt.wrap(..., allocate=...)``.
 
     Raises ``FileNotFoundError``, ``FileExistsError``, ``ValueError`` or ``TypeError`` naming the path, module or
     option at fault (the list: docs/errors.md#init-checkpoint).
     """
+    if allocate is not False and allocate is not None:
+        raise ValueError("init_checkpoint does not allocate ranks: it writes each layer's base W - s*B*A as the "
+                         "layer is decomposed, before the ranks, which depend on every layer, are known; allocate "
+                         "with svdadapt.wrap(model, ..., allocate=...) on the loaded model (svdadapt init "
+                         "--allocate loads it), or pass the ranks it chose as rank_pattern=")
     src, spec = _checkpoint_dir(checkpoint_dir), get_method(method)
     check_needs(spec, request.calibration, request.reference, streaming=True)
     _check_run_options(request.progress, resume, max_shard_bytes, request.blockwise)

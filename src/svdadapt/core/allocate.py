@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OBJECTIVES", "Allocation", "allocate_ranks", "solve", "objective_gains", "method_objective"]
+__all__ = ["OBJECTIVES", "Allocation", "allocate_ranks", "solve", "check_floor", "objective_gains", "method_objective"]
 
 OBJECTIVES = {
     "energy": "the fraction of each layer's energy captured, σ_i² / ‖W‖²_F (‖W·C‖²_F for CorDA), summed over layers",
@@ -113,6 +113,15 @@ def _dp(classes: list[tuple[int, list[float]]], units: int) -> list[int]:
     return out[::-1]
 
 
+def check_floor(budget: int, costs: Mapping[str, int], lo: Mapping[str, int]) -> int:
+    """What the minimum ranks cost, Σ costs[n]·lo[n] over the layers of ``lo``; ``ValueError`` above ``budget``."""
+    floor = sum(costs[n] * lo[n] for n in lo)
+    if floor > budget:
+        raise ValueError(f"budget={budget} parameters is below the {floor} that the minimum ranks cost "
+                         f"(Σ min_rank·(in + out) over {len(lo)} layers)")
+    return floor
+
+
 def solve(gains: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: int, lo: Mapping[str, int],
           hi: Mapping[str, int]) -> dict[str, int]:
     """Ranks r (layer -> int, ``lo[n] <= r[n] <= hi[n]``) maximizing Σ_n Σ_{k<=r[n]} gains[n][k-1] subject to
@@ -121,10 +130,7 @@ def solve(gains: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: i
     names = sorted(gains)
     for n in names:
         _check_gains(n, gains[n])
-    floor = sum(costs[n] * lo[n] for n in names)
-    if floor > budget:
-        raise ValueError(f"budget={budget} parameters is below the {floor} that the minimum ranks cost "
-                         f"(Σ min_rank·(in + out) over {len(names)} layers)")
+    floor = check_floor(budget, costs, lo)
     ranks = {n: lo[n] for n in names}
     by_cost: dict[int, list[str]] = {}
     for n in names:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core.allocate import OBJECTIVES, Allocation, allocate_ranks, method_objective, objective_gains
+from ..core.allocate import OBJECTIVES, Allocation, allocate_ranks, check_floor, method_objective, objective_gains
 from ..core.methods import truncated_stats
 from ..core.patterns import layer_value
 from .plan import Job, LayerPlan
@@ -104,10 +104,7 @@ def layer_caps(options: AllocateOptions, shapes: Mapping[str, tuple[int, int]]) 
     """Each layer's maximum rank, min(max_rank, out, in): the rank it is decomposed at. ``ValueError`` before any
     decomposition for a budget below what the minimum ranks cost (``allocate_ranks``' own check, early)."""
     if options.budget is not None:
-        floor = sum(options.min_rank * (o + i) for o, i in shapes.values())
-        if floor > options.budget:
-            raise ValueError(f"budget={options.budget} parameters is below the {floor} that the minimum ranks cost "
-                             f"(Σ min_rank·(in + out) over {len(shapes)} layers)")
+        check_floor(options.budget, {n: o + i for n, (o, i) in shapes.items()}, dict.fromkeys(shapes, options.min_rank))
     return {n: min(options.max_rank, *shape) for n, shape in shapes.items()}
 
 

@@ -19,10 +19,11 @@ from .stream.init import init_checkpoint
 from .blockwise import BlockwiseOptions
 from .lifecycle.checkpoint import verify
 from .cli.plot import plot_ranks
+from .modules.probe import register_linear, unregister_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["wrap", "METHODS", "MethodSpec", "resolve_targets", "randomized_svd", "truncated_svd", "__version__",
            "Covariances", "collect_covariances", "text_batches", "compress", "save", "load", "export_lora", "unwrap",
            "init_checkpoint", "BlockwiseOptions", "verify", "allocate_ranks", "Allocation",
-           "AllocateOptions", "plot_ranks"]
+           "AllocateOptions", "plot_ranks", "register_linear", "unregister_linear"]

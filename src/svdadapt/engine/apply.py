@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modules.layers import after_wrap, compute_dtype, kind_of, read_weight
+from ..modules.layers import after_wrap, before_wrap, compute_dtype, kind_of, read_weight
 from ..core.methods import finish
 from ..modules.qbase import quantize_bases
 from ..core.record import ADAPTER
@@ -150,6 +150,7 @@ def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tenso
         if quantize is not None:
             quantize_bases(model, config, factors, rewrite_base, quantize, progress)
             rewrite_base = False
+        before_wrap(model.get_submodule(n) for n in factors)  # the kinds' hook, e.g. compressed-tensors decompressed
         peft_model = _build(model, config, factors)
         layers = _lora_layers(peft_model, factors)
         _check_shapes(layers, factors)  # every check before the first weight is written

@@ -6,7 +6,11 @@ layer type is one entry here, not a branch elsewhere:
 - ``torch.nn.Linear``: weight (out, in), read and written as it is;
 - transformers ``Conv1D`` (GPT-2 family): weight stored transposed, (in, out) — PEFT's ``fan_in_fan_out``;
 - bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``); its
-  hooks guard training forwards after wrapping and restore the canonical storage layout before a save.
+  hooks guard training forwards after wrapping and restore the canonical storage layout before a save;
+- HQQ ``HQQLinear``, torchao weight-only tensor subclasses, optimum-quanto ``QLinear``, compressed-tensors
+  compressed Linears: read through each backend's own dequantization (``backends.py``), not written;
+- kinds registered at run time (:func:`register_kind`; ``probe.register_linear``: any module whose forward is
+  linear, read by probing it) come before the table.
 
 The hooks are what the rest of the package calls instead of naming a backend: :func:`after_wrap` (``apply``, on
 each base layer once PEFT wrapped it) and :func:`before_save` (the lifecycle and the CLI, on a whole model before
@@ -25,11 +29,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import bnb
+from . import backends, bnb
 from ..core.record import checksum_matches, scan_weight, weight_checksum
 
 __all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "float_weight", "compute_dtype",
-           "layer_checksum", "layer_matches", "scan_layer", "after_wrap", "before_save"]
+           "layer_checksum", "layer_matches", "scan_layer", "before_wrap", "after_wrap", "before_save", "register_kind", "unregister_kind",
+           "kind_names"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class LayerKind:
     must not write into it); ``write(module, base)`` stores a new base given as (out, in) in ``storage_dtype``;
     ``storage_dtype(module)`` is the dtype a new base is rounded to before ``write``.
 
-    Hooks (None: nothing to do): ``after_wrap(module)`` runs on a base layer once PEFT put a LoRA layer on it;
+    Hooks (None: nothing to do): ``before_wrap(module)`` runs on a target just before PEFT wraps it (e.g. a
+    compressed-tensors layer decompressed, as its library does on a first forward); ``after_wrap(module)`` runs on a base layer once PEFT put a LoRA layer on it;
     ``before_save(module)`` runs before anything reads the layer's state dict (saving, PEFT's merge) and returns
     whether it changed the layer.
     """
@@ -55,6 +61,7 @@ class LayerKind:
     fan_in_fan_out: bool = False  # PEFT's flag for weights stored (in, out)
     after_wrap: Callable[[nn.Module], None] | None = None
     before_save: Callable[[nn.Module], bool] | None = None
+    before_wrap: Callable[[nn.Module], None] | None = None
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -71,6 +78,16 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     LayerKind("bitsandbytes Linear4bit/Linear8bitLt", bnb.is_bnb_layer, lambda m: (m.out_features, m.in_features), bnb.dequantize,
               bnb.write_quantized, lambda m: torch.float32, packed=True, after_wrap=bnb.guard_training,
               before_save=bnb.restore_layout),
+    # other quantized backends (backends.py): read through their own dequantization, never written
+    LayerKind("HQQ HQQLinear", backends.is_hqq, backends.hqq_shape, backends.hqq_read, backends.not_writable,
+              lambda m: torch.float32, packed=True),
+    LayerKind("torchao quantized Linear", backends.is_torchao, lambda m: tuple(m.weight.shape), backends.torchao_read,
+              backends.not_writable, lambda m: torch.float32, packed=True),
+    LayerKind("optimum-quanto QLinear", backends.is_quanto, lambda m: (m.out_features, m.in_features),
+              backends.quanto_read, backends.not_writable, lambda m: torch.float32, packed=True),
+    LayerKind("compressed-tensors compressed Linear", backends.is_compressed, backends.compressed_shape,
+              backends.compressed_read, backends.not_writable, lambda m: torch.float32, packed=True,
+              before_wrap=backends.decompress),
     LayerKind("nn.Linear", lambda m: isinstance(m, nn.Linear), lambda m: tuple(m.weight.shape),
               lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
     LayerKind("transformers Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
@@ -78,12 +95,30 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
 )
 
 
-KIND_NAMES = ", ".join(k.name for k in (*LAYER_KINDS[1:], LAYER_KINDS[0]))  # for messages: plain layers first
+KIND_NAMES = ", ".join(k.name for k in sorted(LAYER_KINDS, key=lambda k: k.packed))  # messages: plain layers first
+_REGISTERED: list[LayerKind] = []  # register_kind's, newest first: looked at before the table
+
+
+def register_kind(kind: LayerKind) -> None:
+    """Add ``kind`` before the table (and before earlier registered kinds): a module it matches is handled by it."""
+    _REGISTERED.insert(0, kind)
+
+
+def unregister_kind(kind: LayerKind) -> None:
+    """Remove a kind :func:`register_kind` added (nothing if it is not registered)."""
+    if kind in _REGISTERED:
+        _REGISTERED.remove(kind)
+
+
+def kind_names() -> str:
+    """The kinds that exist, for messages: the registered ones, then the table's (``KIND_NAMES``)."""
+    return ", ".join([k.name for k in _REGISTERED] + [KIND_NAMES])
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The table entry for ``module``'s type, or None if svdadapt cannot adapt it."""
-    return next((k for k in LAYER_KINDS if k.matches(module)), None)
+    """The entry for ``module``'s type (a registered kind first, then the table), or None if svdadapt cannot adapt
+    it."""
+    return next((k for k in (*_REGISTERED, *LAYER_KINDS) if k.matches(module)), None)
 
 
 def is_target_type(module: nn.Module) -> bool:
@@ -114,6 +149,14 @@ def scan_layer(name: str, module: nn.Module, algorithm: str) -> tuple[tuple[int,
     W = float_weight(name, module)
     checksum, finite = scan_weight(W if kind_of(module).packed else module.weight, algorithm)
     return tuple(W.shape), checksum, finite
+
+
+def before_wrap(modules: Iterable[nn.Module]) -> None:
+    """Each module's kind's ``before_wrap`` hook (``modules``: the targets PEFT is about to wrap)."""
+    for m in modules:
+        kind = kind_of(m)
+        if kind is not None and kind.before_wrap is not None:
+            kind.before_wrap(m)
 
 
 def after_wrap(modules: Iterable[nn.Module]) -> None:
@@ -151,7 +194,8 @@ def float_weight(name: str, module: nn.Module) -> torch.Tensor:
     kind = kind_of(module)
     if kind is None:
         raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot adapt "
-                        f"(supported: {KIND_NAMES})")
+                        f"(supported: {kind_names()}; a module whose forward is linear in its input: "
+                        f"svdadapt.register_linear({type(module).__name__}))")
     w = getattr(module, "weight", None)
     packed = not kind.packed and (type(w).__name__ in {"Params4bit", "Int8Params"} or hasattr(w, "quant_state"))
     W = kind.read(module)

@@ -62,7 +62,12 @@ def test_other_selectors_are_unchanged():
 def test_convolution_kernels_are_not_called_expert_parameters():
     """A Conv2d's 4-D kernel is a layer's weight, not stacked expert weights: the plain message."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    with raises_exactly(ValueError, "target_modules=['0'] matched no adaptable layer (nn.Linear, transformers Conv1D, "
-                        "bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized Linear, optimum-quanto QLinear, "
-                        "compressed-tensors compressed Linear) in Sequential; adaptable layers are: 2"):
+    with raises_exactly(ValueError, "module '0' is a Conv2d, which no layer kind of svdadapt reads (kinds: nn.Linear, "
+                        "transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized "
+                        "Linear, optimum-quanto QLinear, compressed-tensors compressed Linear); if its forward is "
+                        "linear in its input: svdadapt.register_linear(Conv2d)"):
         svdadapt.resolve_targets(model, ["0"])
+    with raises_exactly(ValueError, "target_modules=['nope'] matched no adaptable layer (nn.Linear, transformers Conv1D, "
+                        "bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized Linear, optimum-quanto "
+                        "QLinear, compressed-tensors compressed Linear) in Sequential; adaptable layers are: 2"):
+        svdadapt.resolve_targets(model, ["nope"])

@@ -193,9 +193,9 @@ def float_weight(name: str, module: nn.Module) -> torch.Tensor:
     """
     kind = kind_of(module)
     if kind is None:
-        raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot adapt "
-                        f"(supported: {kind_names()}; a module whose forward is linear in its input: "
-                        f"svdadapt.register_linear({type(module).__name__}))")
+        raise TypeError(f"module {name!r} is a {type(module).__name__}, which no layer kind of svdadapt reads "
+                        f"(kinds: {kind_names()}); if its forward is linear in its input: "
+                        f"svdadapt.register_linear({type(module).__name__})")
     w = getattr(module, "weight", None)
     packed = not kind.packed and (type(w).__name__ in {"Params4bit", "Int8Params"} or hasattr(w, "quant_state"))
     W = kind.read(module)

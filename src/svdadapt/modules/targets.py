@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layers import KIND_NAMES, is_target_type
+from .layers import KIND_NAMES, is_target_type, kind_names
 
 __all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights",
            "shared_modules", "saved_modules"]
@@ -65,12 +65,26 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
     if not _is_all_linear(target_modules):
         _refuse_parameters(model, target_modules, layers)
     if not found:
+        _refuse_unreadable(model, target_modules, exclude_modules)
         raise ValueError(
             f"target_modules={target_modules!r}{'' if exclude_modules is None else f' minus exclude_modules={exclude_modules!r}'} "
             f"matched no adaptable layer ({KIND_NAMES}) in {type(model).__name__}; adaptable layers are: "
             f"{', '.join(list(layers)[:12])}{' ...' if len(layers) > 12 else ''}"
         )
     return found
+
+
+def _refuse_unreadable(model: nn.Module, target_modules: Selector, exclude_modules: Selector | None) -> None:
+    """The one-line error for a selected module no layer kind reads (a leaf, or a module with no adaptable layer
+    inside): its name, its type, the kinds that exist and the probing fallback."""
+    if _is_all_linear(target_modules):
+        return
+    for n, m in model.named_modules():
+        if (n and matches(target_modules, n) and not (exclude_modules is not None and matches(exclude_modules, n))
+                and not any(is_target_type(c) for c in m.modules())):
+            kind = type(m).__name__
+            raise ValueError(f"module {n!r} is a {kind}, which no layer kind of svdadapt reads (kinds: "
+                             f"{kind_names()}); if its forward is linear in its input: svdadapt.register_linear({kind})")
 
 
 def _stacked_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

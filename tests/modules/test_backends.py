@@ -266,3 +266,17 @@ def test_rewriting_methods_are_refused_on_every_backend():
                                         f"{layer}: run pissa on the full-precision model with quantize=... (e.g. "
                                         "'nf4') instead"):
             svdadapt.wrap(model, "pissa", RANK, progress=False)
+
+
+def test_a_layer_quantizing_its_input_is_refused():
+    """quanto with activations quantized: the layer's forward is not linear in its input, so it has no W_c."""
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import qint4, qint8, quantize
+
+    dense = make_tiny_llama()
+    model = make_tiny_llama()
+    quantize(model, weights=qint4, activations=qint8, include=["model.layers.0.self_attn.q_proj"])
+    with raises_exactly(TypeError, "a QLinear that quantizes its input activations is not linear in its input; "
+                                   "svdadapt reads weight-only quantized layers only"):
+        svdadapt.wrap(model, "eora", RANK, reference=dense, calibration=[token_ids(2, 8, seed=0)],
+                      target_modules=["model.layers.0.self_attn.q_proj"], progress=False)

@@ -120,3 +120,8 @@ def test_a_registered_nonlinear_type_is_refused_when_read():
     finally:
         svdadapt.unregister_linear(Relu)
     assert type(model[1]) is Relu  # untouched
+
+
+def test_register_linear_needs_a_module_class():
+    with raises_exactly(TypeError, "register_linear needs an nn.Module subclass, got 3"):
+        svdadapt.register_linear(3)

@@ -34,7 +34,7 @@ import svdadapt  # noqa: E402
 FORMATS = {
     "hqq4": "HQQ 4-bit g64 (hqq)",
     "ao4": "torchao int4 weight-only g64 (IntxWeightOnlyConfig)",
-    "quanto4": "optimum-quanto qint4 (g128, its default)",
+    "quanto4": "optimum-quanto qint4 (its default groups: 128, 96 where in = 576)",
 }
 
 

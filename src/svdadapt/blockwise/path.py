@@ -111,7 +111,7 @@ def _note(progress: bool, stage: Stage, stack: str, n_blocks: int) -> None:
 @torch.no_grad()
 def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Any], plan: Plan,
                    options: BlockwiseOptions = BlockwiseOptions(), *, compensation: Compensation | None = None,
-                   progress: bool = True) -> dict[str, LayerPlan]:
+                   progress: bool = True, centered: bool = False) -> dict[str, LayerPlan]:
     """Every target's plan, the covariances collected one decoder block at a time.
 
     Args:
@@ -125,6 +125,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
             decides it for ``wrap``).
         compensation: with ``options.sequential``, the model being adapted and the LoRA scaling of its
             compensation (default: ``hook_model``, scaling 1).
+        centered: hand ``plan`` the centred covariances C − μμᵀ (a method's ``MethodSpec.centered``: EVA).
     Returns:
         name -> ``LayerPlan``, in the order of ``targets``.
     Raises:
@@ -145,7 +146,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     except BlockwiseUnsupported:
         store.close()
         raise
-    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of)
+    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of, centered)
     try:
         plans = _run_blocks(stage, hook_model, mine, stack, blocks, carriers, progress)
     finally:

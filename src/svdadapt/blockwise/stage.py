@@ -78,6 +78,7 @@ class Stage:
     targets: dict[str, nn.Module]  # name -> the module adapted (on the wrapped model)
     sequential: bool
     scaling: Callable[[str], float]  # name -> the layer's LoRA scaling
+    centered: bool = False  # the plans read the centred covariances C − μμᵀ (EVA)
     tokens: int = 0
 
     def step(self, index: int, names: list[str], collect_block: nn.Module, propagate_block: nn.Module
@@ -107,4 +108,4 @@ class Stage:
             covs = reduce_covariances(covs)
         self.tokens = max(self.tokens, covs.tokens)
         targets = {n: self.targets[n] for n in names}
-        return self.plan(targets, check_covariances(covs, targets))
+        return self.plan(targets, check_covariances(covs, targets, self.centered))

@@ -9,7 +9,8 @@ of an MLP) have the same covariance: it is computed and stored once, and every n
 tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
-Padding is dropped with the mask of the stack an input belongs to (``masks.py``). Forwards run without a KV cache
+Each input's token mean Σ x / N (in,) is kept too (``Covariances.mean``; EVA centres). Padding is dropped with the
+mask of the stack an input belongs to, and so are the positions whose ``labels`` are -100 (``masks.py``). Forwards run without a KV cache
 (``use_cache=False`` where the model takes it) and, where no target reads the output head, with the logits of the
 last position only (``logits_to_keep=1`` where the model takes it; not for a batch with ``labels``). Each input's
 XᵀX is accumulated in place, its upper block triangle only (``gram.py``: about half the multiply-adds of
@@ -52,6 +53,7 @@ class _Collector:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.acc: dict[str, torch.Tensor] = {}  # group key (first name seen) -> Σ x xᵀ
+        self.sums: dict[str, torch.Tensor] = {}  # group key -> Σ x (in,), fp64: the token means
         self.count: dict[str, int] = {}
         self.key_of: dict[str, str] = {}  # name -> group key, fixed at the name's first sighting
         self.members: dict[str, frozenset[str]] = {}  # group key -> names that read its input
@@ -96,6 +98,10 @@ class _Collector:
         if acc is None:
             acc = self.acc[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
         add_gram_upper(acc, rows.to(self.dtype))
+        total = self.sums.get(key)
+        if total is None:
+            total = self.sums[key] = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        total.add_(rows.sum(0, dtype=torch.float64))
         if not torch.isfinite(acc.diagonal()).all() and not torch.isfinite(rows).all():
             raise ValueError(f"non-finite activations (NaN or inf) in the input of module {name!r} in batch {self.batch}")
         self.count[key] = self.count.get(key, 0) + rows.shape[0]
@@ -147,7 +153,7 @@ def run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state:
     head = dict(head or {})
     if isinstance(batch, Mapping):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        state.begin(i, batch_masks(batch, i))
+        state.begin(i, batch_masks(batch, i, decoder_labels=bool(encoder_decoder(model))))
         model(**{**({} if "labels" in batch else head), **batch, **no_cache(model)})
     elif isinstance(batch, torch.Tensor):
         state.begin(i, Masks(None, None))
@@ -204,8 +210,10 @@ def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int,
                          f"targets): it did not take part in the forward pass or all its tokens were padding")
     _note_unmasked(state.unmasked)
     mean = {key: mirror_upper(state.acc[key]).div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
+    mu = {key: (state.sums[key] / state.count[key]).to(state.dtype) for key in state.acc}  # Σ x / N
     covs = Covariances({n: mean[state.key_of[n]] for n in targets},
-                       {n: state.count[state.key_of[n]] for n in targets})
+                       {n: state.count[state.key_of[n]] for n in targets},
+                       {n: mu[state.key_of[n]] for n in targets})
     if progress:
         print(f"svdadapt calibration: {covs.summary()} from {_plural(n_batches, 'batch')}")
     return covs

@@ -231,6 +231,8 @@ def wrap(
         plans = _plans(job, inputs, request.blockwise)
     else:
         job, plans, allocated = _allocated_plans(job, inputs, request.blockwise, options)
+        inputs = replace(inputs, targets={n: m for n, m in inputs.targets.items() if n in plans},  # rank 0: none
+                         base_checksums={n: c for n, c in inputs.base_checksums.items() if n in plans})
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)

@@ -70,7 +70,7 @@ class CheckpointSource:
 
     def _check(self, name: str, module: nn.Module) -> None:
         kind, key = kind_of(module), name + ".weight"
-        if kind is None or kind.packed:
+        if kind is None or kind.packed or not kind.linear:
             raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot read from a "
                             "checkpoint (float Linear / Conv1D weights only)")
         if key not in self.reader:

@@ -83,14 +83,14 @@ def check_conv(name: str, m: nn.Module) -> None:
     > 1 its delta is not B·A)."""
     kind = type(m).__name__
     if m.groups != 1:
-        raise ValueError(f"module {name!r} is an {kind} with groups={m.groups}; svdadapt adapts convolutions with "
+        raise ValueError(f"module {name!r} is a {kind} with groups={m.groups}; svdadapt adapts convolutions with "
                          "groups=1 only (PEFT's conv LoRA is not a product B·A there): leave it out of target_modules")
     if any(d != 1 for d in m.dilation):
-        raise ValueError(f"module {name!r} is an {kind} with dilation={tuple(m.dilation)}; PEFT's conv LoRA ignores "
+        raise ValueError(f"module {name!r} is a {kind} with dilation={tuple(m.dilation)}; PEFT's conv LoRA ignores "
                          "dilation (its lora_A is undilated), so svdadapt adapts dilation=1 only: leave it out of "
                          "target_modules")
     if m.padding_mode != "zeros":
-        raise ValueError(f"module {name!r} is an {kind} with padding_mode={m.padding_mode!r}; PEFT's conv LoRA pads "
+        raise ValueError(f"module {name!r} is a {kind} with padding_mode={m.padding_mode!r}; PEFT's conv LoRA pads "
                          "with zeros, so svdadapt adapts padding_mode='zeros' only: leave it out of target_modules")
 
 

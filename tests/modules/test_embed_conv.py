@@ -447,3 +447,37 @@ def test_all_linear_leaves_embeddings_and_convs_out():
     with pytest.raises(ValueError, match=r"^target_modules='all-linear' matched no adaptable layer"):
         svdadapt.resolve_targets(TinyUNet(), "all-linear")
     assert "model.embed_tokens" not in svdadapt.resolve_targets(_llama(), "all-linear")
+
+
+def test_quantize_refuses_embeddings_and_convs():
+    with raises_exactly(ValueError, "quantize='nf4' replaces each target by a bitsandbytes linear layer, but module "
+                        "'model.embed_tokens' is not a linear layer (nn.Embedding): leave it out of target_modules"):
+        svdadapt.wrap(_llama(), "pissa", rank=2, target_modules=["embed_tokens"], quantize="nf4", progress=False)
+
+
+def test_streaming_refuses_embeddings_and_convs(tmp_path):
+    from helpers import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny", 5, 128, tokenizer=False)
+    with raises_exactly(TypeError, "module 'model.embed_tokens' is not a linear layer (nn.Embedding): a checkpoint "
+                        "is streamed for Linear / Conv1D weights only; adapt it in memory (svdadapt.wrap, svdadapt "
+                        "init --in-memory)"):
+        svdadapt.init_checkpoint(model_dir, tmp_path / "out", method="pissa", rank=2,
+                                 target_modules=["embed_tokens"], progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_bad_layouts_field_is_refused(tmp_path):
+    from svdadapt.lifecycle.checkpoint import read_metadata
+
+    peft_model = svdadapt.wrap(TinyUNet(), "pissa", rank=2, target_modules=["head"], progress=False)
+    svdadapt.save(peft_model, tmp_path)
+    path = tmp_path / "svdadapt.json"
+    record = json.loads(path.read_text())
+    record["layouts"]["head"]["A_shape"] = [4, 0]
+    path.write_text(json.dumps(record))
+    field = repr("layouts['head']")  # "layouts['head']": the quotes repr picks for a name holding quotes
+    with raises_exactly(ValueError, f"{str(path)!r}: field {field} must be a mapping of target to its factor "
+                        "layout ({'A', 'B', 'A_shape', 'B_shape'}) of one of the targets, got {'A': 'lora_A.weight', "
+                        "'B': 'lora_B.weight', 'A_shape': [4, 0], 'B_shape': [1]}"):
+        read_metadata(tmp_path)

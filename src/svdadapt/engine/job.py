@@ -266,6 +266,10 @@ def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
                              f"{layer}: run {job.spec.name} on the full-precision model with quantize=... (e.g. "
                              "'nf4') instead")
     if job.quant is not None:
+        other = next((n for n, m in targets.items() if not kind_of(m).linear), None)
+        if other is not None:
+            raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a bitsandbytes linear layer, but "
+                             f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out of target_modules")
         job.quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})
     blind = [n for n, m in targets.items() if not kind_of(m).calibrates] if job.spec.needs_calibration else []
     if blind:

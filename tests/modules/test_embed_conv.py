@@ -421,8 +421,11 @@ def test_init_dir_export_of_a_peft_saved_adapter_drops_the_residual_embedding(tm
      "(its lora_A is undilated), so svdadapt adapts dilation=1 only: leave it out of target_modules"),
     (nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), "module '0' is a Conv1d with padding_mode='reflect'; "
      "PEFT's conv LoRA pads with zeros, so svdadapt adapts padding_mode='zeros' only: leave it out of target_modules"),
-], ids=["groups", "dilation", "padding_mode"])
-def test_conv_settings_peft_cannot_compute_are_refused(conv, message):
+    (nn.Embedding(10, 4, max_norm=1.0), "module '0' is an Embedding with max_norm=1.0, which renormalizes its weight "
+     "(and PEFT's lora_embedding_A) in place on every forward; svdadapt adapts embeddings with max_norm=None only: "
+     "leave it out of target_modules"),
+], ids=["groups", "dilation", "padding_mode", "max_norm"])
+def test_settings_peft_cannot_compute_exactly_are_refused(conv, message):
     model = nn.Sequential(conv)
     before = copy.deepcopy(model.state_dict())
     with raises_exactly(ValueError, message):

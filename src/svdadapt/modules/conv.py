@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["is_embedding", "is_conv", "embedding_shape", "embedding_read", "embedding_write", "conv_shape", "conv_read",
+__all__ = ["is_embedding", "is_conv", "check_embedding", "embedding_shape", "embedding_read", "embedding_write", "conv_shape", "conv_read",
            "conv_write", "conv_matrix", "check_conv", "Patches", "patches_of"]
 
 
@@ -56,6 +56,15 @@ def embedding_read(m: nn.Module) -> torch.Tensor:
 def embedding_write(m: nn.Module, base: torch.Tensor) -> None:
     """``base`` (dim, num_embeddings) stored as the weight (num_embeddings, dim)."""
     _copy_into(m.weight, base.mT)
+
+
+def check_embedding(name: str, m: nn.Module) -> None:
+    """``max_norm`` renormalizes the looked-up rows in place on every forward, the weight's and (PEFT's ``_embed``)
+    the adapter's: no fixed base and factors can be exact there. ``ValueError`` naming the module."""
+    if m.max_norm is not None:
+        raise ValueError(f"module {name!r} is an Embedding with max_norm={m.max_norm!r}, which renormalizes its "
+                         "weight (and PEFT's lora_embedding_A) in place on every forward; svdadapt adapts embeddings "
+                         "with max_norm=None only: leave it out of target_modules")
 
 
 def conv_shape(m: nn.Module) -> tuple[int, int]:

@@ -147,6 +147,28 @@ def test_conv_net_exact_at_init_and_truncated_svd(method):
     assert peft_model.svdadapt["report"]["down"]["shape"] == (8, 27)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_is_one_rounding_of_the_residual(dtype):
+    """As test_wrap's half-precision test, for convs and an embedding: the base is fl32(W − s·B·A) rounded once to
+    the dtype (stored back in the kernel's / the embedding's own layout), so per element base + s·B·A is off W by at
+    most half an ulp of the residual plus the fp32 addmm error γ_{r+2}·(|W| + s·|B|·|A|)."""
+    from bounds import half_ulp
+    from svdadapt.modules.layouts import as_matrices, lora_params
+
+    net, llama = TinyUNet().to(dtype), make_tiny_llama(dtype=dtype)
+    for model, names in ((net, CONVS), (llama, ["model.embed_tokens"])):
+        original = {n: read(model.get_submodule(n)) for n in names}
+        peft_model = svdadapt.wrap(model, "pissa", rank=RANK, alpha=ALPHA, target_modules=names, progress=False)
+        for n, layer in layers_of(peft_model, names).items():
+            base = layer.get_base_layer()
+            assert base.weight.dtype == dtype, n
+            A, B = as_matrices(*lora_params(layer, "default"))
+            assert A.dtype == torch.float32
+            residual = original[n] - product(layer)
+            fp32 = gemm_error(B, A, C=original[n], alpha=layer.scaling["default"])
+            assert bool(((read(base) - residual).abs() <= half_ulp(residual.abs() + fp32, dtype) + fp32).all()), n
+
+
 def test_vit_patch_projection_and_linears():
     """A tiny ViT from a config: "all-linear" leaves the patch projection (a Conv2d) out; naming it adds it, read as
     (hidden, 3·16·16); exact at init."""

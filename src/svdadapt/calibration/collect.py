@@ -5,8 +5,9 @@ target modules; the block-by-block path, ``svdadapt.blockwise``, runs it on one 
 
 Each targeted Linear's input covariance C = XᵀX / N (in, in) over the N calibration tokens that reached it
 (``covariances.Covariances``); an ``nn.Conv1d`` / ``nn.Conv2d`` target's is that of its unfolded patches
-(in·∏kernel, in·∏kernel), ``F.unfold`` with its kernel, stride and zero padding (``modules/conv.py``). Linears that read the very same tensor in a forward pass (q/k/v after one norm, gate/up
-of an MLP) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
+(in·∏kernel, in·∏kernel), ``F.unfold`` with its kernel, stride and zero padding (``modules/conv.py``). Linears
+that read the very same tensor in a forward pass (q/k/v after one norm, gate/up of an MLP; convs only if their patch
+geometry agrees too) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
 tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 

@@ -269,7 +269,8 @@ def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
         other = next((n for n, m in targets.items() if not kind_of(m).linear), None)
         if other is not None:
             raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a bitsandbytes linear layer, but "
-                             f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out of target_modules")
+                             f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out "
+                             "of target_modules")
         job.quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})
     blind = [n for n, m in targets.items() if not kind_of(m).calibrates] if job.spec.needs_calibration else []
     if blind:

@@ -4,8 +4,10 @@ target modules; the block-by-block path, ``svdadapt.blockwise``, runs it on one 
 ``wrap(calibration=...)`` accepts).
 
 Each targeted Linear's input covariance C = XᵀX / N (in, in) over the N calibration tokens that reached it
-(``covariances.Covariances``). Linears that read the very same tensor in a forward pass (q/k/v after one norm, gate/up
-of an MLP) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
+(``covariances.Covariances``); an ``nn.Conv1d`` / ``nn.Conv2d`` target's is that of its unfolded patches
+(in·∏kernel, in·∏kernel), ``F.unfold`` with its kernel, stride and zero padding (``modules/conv.py``). Linears
+that read the very same tensor in a forward pass (q/k/v after one norm, gate/up of an MLP; convs only if their patch
+geometry agrees too) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
 tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modules.layers import is_target_type
+from ..modules.layers import is_target_type, kind_of
 from ..modules.targets import resolve_targets
 from .covariances import Covariances
 from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, no_logits, version
@@ -64,6 +66,7 @@ class _Collector:
         # freed tensor's id being reused by a later, different input in the same forward
         self.seen: dict[tuple[int, object], tuple[weakref.ref, str, set[str]]] = {}
         self.unmasked: dict[str, tuple[int, ...]] = {}  # name -> input shape: padding in the batch, not removable
+        self.patches: dict[str, Any] = {}  # name -> a convolution's patch geometry (``conv.Patches``): its rows
 
     def begin(self, batch: int, masks: Masks) -> None:
         self.batch, self.masks, self.seen = batch, masks, {}
@@ -72,7 +75,8 @@ class _Collector:
         x = first_tensor(args, kwargs)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"module {name!r} was called without a tensor input in batch {self.batch}")
-        ident = (id(x), version(x))
+        geometry = self.patches.get(name)  # convs of one geometry reading one tensor share; a linear does not
+        ident = (id(x), version(x), geometry)
         entry = self.seen.get(ident)
         if entry is not None and entry[0]() is x:  # the same tensor, unchanged, as an earlier reader: shared
             key, readers = entry[1], entry[2]
@@ -108,7 +112,10 @@ class _Collector:
 
     def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in) or
-        (batch·seq, in) like the mask that :class:`masks.Masks` assigns it (any other layout: noted in ``unmasked``)."""
+        (batch·seq, in) like the mask that :class:`masks.Masks` assigns it (any other layout: noted in ``unmasked``).
+        A convolution's rows are its unfolded patches (n = batch · output positions, in = channels·∏kernel)."""
+        if name in self.patches:
+            return self.patches[name].rows(x)
         m = self.masks.mask_for(x) if x.dim() in (2, 3) else None
         if m is None and name not in self.unmasked and self.masks.unmasked_padding(x):
             self.unmasked[name] = tuple(x.shape)
@@ -135,6 +142,10 @@ def _plural(n: int, word: str) -> str:
 
 def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collector) -> list[Any]:
     """Pre-hooks on the targets (accumulate) and on the encoder / decoder stacks (track which one runs)."""
+    for name, module in targets.items():
+        kind = kind_of(module)
+        if kind is not None and kind.patches is not None:
+            state.patches[name] = kind.patches(module)
     handles = [module.register_forward_pre_hook(
         lambda mod, args, kwargs, _n=name: state.hook(_n, args, kwargs), with_kwargs=True)
         for name, module in targets.items()]

@@ -100,8 +100,10 @@ def reference_weights(reference: Any, targets: Mapping[str, nn.Module]) -> dict[
             return None if kind is None else kind.read(modules[n])  # a view: converted one layer at a time
     elif isinstance(reference, Mapping):
         def get(n: str) -> torch.Tensor | None:
-            w = reference.get(n + ".weight")
-            return w.mT if w is not None and kind_of(targets[n]).fan_in_fan_out else w
+            w, kind = reference.get(n + ".weight"), kind_of(targets[n])
+            if w is not None and kind.as_matrix is not None:  # an embedding's (n, dim), a conv's kernel
+                return kind.as_matrix(w)
+            return w.mT if w is not None and kind.fan_in_fan_out else w
     else:
         raise TypeError(f"reference must be an nn.Module or a state dict, got {type(reference).__name__}")
     out = {}

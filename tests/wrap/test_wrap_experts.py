@@ -11,33 +11,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import svdadapt
 from svdadapt.engine.experts import pack
 from bounds import gamma, gemm_error, half_ulp, truncated_svd_error, unit_roundoff
 from helpers import max_rel, out, raises_exactly, rel, token_ids
+from moe_models import EXPERTS, covariances as _covariances, moe
 
 RANK, ALPHA = 2, 4  # scaling s = 2: a forgotten s would show
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 IDS = token_ids(2, 9, 5, vocab=64)
-
-
-def moe(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny MoE model (4 experts, 2 of them per token, 2 layers), eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "mixtral":
-            cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                num_experts_per_tok=2, max_position_embeddings=32)
-            model = MixtralForCausalLM(cfg)
-        else:
-            cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=20, moe_intermediate_size=8,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                                 num_experts_per_tok=2, head_dim=4, max_position_embeddings=32)
-            model = Qwen3MoeForCausalLM(cfg)
-    return model.to(dtype).eval()
 
 
 def wrappers(peft_model) -> dict[str, torch.nn.Module]:
@@ -100,28 +82,6 @@ def test_packing_is_peft_layout(family):
 
 
 # ------------------------------------------------------------------------------------------- exact at init
-def _covariances(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Random well-conditioned per-expert covariances under the naming contract ``<module>.<param>[e]``; gate_up_proj
-    given one (in, in) per expert, down_proj one stacked (E, in, in)."""
-    g = torch.Generator().manual_seed(seed)
-    covs = {}
-    for name, m in model.named_modules():  # the attention projections ("all-linear")
-        if isinstance(m, torch.nn.Linear) and name != "lm_head":
-            X = torch.randn(4 * m.in_features, m.in_features, generator=g)
-            covs[name] = X.mT @ X
-    for name, p in model.named_parameters():
-        if p.dim() != 3:
-            continue
-        E, _, d = p.shape
-        X = torch.randn(E, 4 * d, d, generator=g)
-        C = X.mT @ X
-        if name.endswith("down_proj"):
-            covs[name] = C
-        else:
-            covs.update({f"{name}[{e}]": C[e] for e in range(E)})
-    return covs
-
-
 def _method_kw(method: str, model) -> dict:
     if method.startswith("corda"):
         return {"mode": method.split("-")[1], "calibration": _covariances(model)}

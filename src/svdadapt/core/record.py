@@ -248,7 +248,8 @@ def _check_lora_config(meta: Mapping[str, Any], where: str, targets: list[str]) 
     if isinstance(patterns, list):
         if not all(isinstance(p, str) for p in patterns):
             raise _field_error(where, "lora_config.target_modules", "a list of module names", patterns)
-        stray = next((t for t in targets if not any(_matches(t, p) for p in patterns)), None)
+        params = meta.get("parameters") or {}  # ParamWrappers: selected by target_parameters, not target_modules
+        stray = next((t for t in targets if t not in params and not any(_matches(t, p) for p in patterns)), None)
         if stray is not None:
             raise ValueError(f"{where}: field 'lora_config' has target_modules={patterns!r}, which does not cover "
                              f"target {stray!r} of the record")

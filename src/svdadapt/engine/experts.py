@@ -33,7 +33,8 @@ from ..modules.params import ParamTarget, expert_names, find_parameters, read_ex
 
 __all__ = ["ExpertPlan", "pack", "unpack", "param_job", "expert_covariances", "expert_references", "plan_experts",
            "ParamApply", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "select",
-           "plan_parameters", "record_parameters"]
+           "plan_parameters", "record_parameters", "is_wrapper", "recorded_targets", "split_factors", "param_of",
+           "wrapper_checksum", "restore_original"]
 
 
 @dataclass
@@ -300,3 +301,54 @@ def record_parameters(record: Any, applied: ParamApply, plans: Mapping[str, Expe
             record.base_checksums[n] = checksums[key]
         record.parameters[n] = {"key": key, "experts": t.experts, "stacked": t.stacked, "transposed": t.transposed,
                                 "shape": list(t.shape)}
+
+
+# ------------------------------------------------------------------------------------ the lifecycle's part
+
+
+def is_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT ``ParamWrapper`` (a targeted parameter's LoRA layer)."""
+    return _is_wrapper(module)
+
+
+def recorded_targets(parameters: Mapping[str, Mapping[str, Any]] | None) -> dict[str, ParamTarget]:
+    """svdadapt.json's ``parameters`` (wrapper module name -> key, experts, stacked, transposed, shape) back into
+    ``ParamTarget``s, by wrapper module name."""
+    out = {}
+    for name, info in (parameters or {}).items():
+        module, _, param = info["key"].rpartition(".")
+        out[name] = ParamTarget(info["key"], module, param, int(info["experts"]), bool(info["stacked"]),
+                                bool(info["transposed"]), tuple(info["shape"]))
+    return out
+
+
+def split_factors(factors: Mapping[str, Any], parameters: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any], dict[str, ParamTarget], dict[str, Any]]:
+    """(the layers' factors, the parameters' targets by key, their factors by key) of a record's factors keyed by
+    module name (a wrapper's name for a parameter)."""
+    targets = recorded_targets(parameters)
+    layers = {n: f for n, f in factors.items() if n not in targets}
+    return layers, {t.key: t for t in targets.values()}, {t.key: factors[n] for n, t in targets.items()}
+
+
+def param_of(module: nn.Module, target: ParamTarget) -> torch.Tensor | None:
+    """The parameter ``target`` names in a (plain) model, or None."""
+    try:
+        return getattr(module.get_submodule(target.module), target.param)
+    except AttributeError:
+        return None
+
+
+def wrapper_checksum(layer: nn.Module, algorithm: str = "sha256") -> str:
+    """The checksum of the (current) base parameter a ParamWrapper wraps."""
+    return weight_checksum(layer.get_param(), algorithm)
+
+
+@torch.no_grad()
+def restore_original(layer: nn.Module, target: ParamTarget, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    """``unwrap``: each expert's base set back to W_res,e + s·B₀,e·A₀,e (fp64, cast once)."""
+    param, s = layer.get_param(), float(layer.scaling[ADAPTER])
+    As, Bs = unpack(A0.double(), B0.double(), target.experts)
+    for e in range(target.experts):
+        W = read_expert(param, target, e)
+        write_expert(param, target, e, (W.double() + s * (Bs[e].to(W.device) @ As[e].to(W.device))).to(W.dtype))

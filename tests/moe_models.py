@@ -9,17 +9,17 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
-def moe(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny MoE model (4 experts, 2 of them per token, 2 layers), eval mode."""
+def moe(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, vocab: int = 64):
+    """A tiny MoE model (4 experts, 2 of them per token, 2 layers, ``vocab`` tokens), eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "mixtral":
-            cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
+            cfg = MixtralConfig(vocab_size=vocab, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                 num_experts_per_tok=2, max_position_embeddings=32)
             model = MixtralForCausalLM(cfg)
         else:
-            cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=20, moe_intermediate_size=8,
+            cfg = Qwen3MoeConfig(vocab_size=vocab, hidden_size=16, intermediate_size=20, moe_intermediate_size=8,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                                  num_experts_per_tok=2, head_dim=4, max_position_embeddings=32)
             model = Qwen3MoeForCausalLM(cfg)

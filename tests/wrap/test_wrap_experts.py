@@ -217,6 +217,15 @@ def test_two_dimensional_parameter_target():
     assert set(pm.svdadapt.report) == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
 
 
+def test_streaming_init_refuses_target_parameters(tmp_path):
+    moe("mixtral").save_pretrained(tmp_path / "m")
+    with raises_exactly(ValueError, "target_parameters=['experts.down_proj'] with init_checkpoint (streaming) is not "
+                        "supported yet; load the model and use svdadapt.wrap (docs/experts.md)"):
+        svdadapt.init_checkpoint(tmp_path / "m", tmp_path / "o", method="pissa", rank=RANK,
+                                 target_parameters=["experts.down_proj"], progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_deterministic_and_independent_of_other_targets():
     """Each expert's sketch is seeded from (seed, expert name): the same adapter whatever else is targeted."""
     model = moe("qwen3_moe", seed=10)
@@ -276,6 +285,6 @@ def test_errors():
     for kw, what in (({"quantize": "nf4"}, "quantize="), ({"allocate": True}, "allocate="),
                      ({"rank_pattern": {"down_proj": 1}}, "rank_pattern=")):
         with raises_exactly(ValueError, f"target_parameters=['experts.down_proj'] with {what} is not supported yet; "
-                            "use svdadapt.wrap on the loaded model without it (docs/experts.md)"):
+                            f"drop {what} (docs/experts.md)"):
             svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], progress=False, **kw)
     assert not svdadapt.modules.targets.is_peft(model)  # nothing was touched

@@ -81,13 +81,15 @@ def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, allocate
     """What ``target_parameters`` does not combine with yet, each a ``ValueError`` (docs/experts.md)."""
     if not target_parameters:
         return
-    refused = [("init_checkpoint (streaming)", streaming), ("quantize=", quantize is not None),
-               ("allocate=", allocate not in (False, None)), ("rank_pattern=", bool(rank_pattern)),
-               ("alpha_pattern=", bool(alpha_pattern))]
-    for what, given in refused:
+    refused = [("init_checkpoint (streaming)", streaming, "load the model and use svdadapt.wrap"),
+               ("quantize=", quantize is not None, "drop quantize="),
+               ("allocate=", allocate not in (False, None), "drop allocate="),
+               ("rank_pattern=", bool(rank_pattern), "drop rank_pattern="),
+               ("alpha_pattern=", bool(alpha_pattern), "drop alpha_pattern=")]
+    for what, given, instead in refused:
         if given:
             raise ValueError(f"target_parameters={list(target_parameters)!r} with {what} is not supported yet; "
-                             "use svdadapt.wrap on the loaded model without it (docs/experts.md)")
+                             f"{instead} (docs/experts.md)")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

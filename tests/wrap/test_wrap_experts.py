@@ -217,6 +217,40 @@ def test_two_dimensional_parameter_target():
     assert set(pm.svdadapt.report) == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
 
 
+class _TransposedExperts(torch.nn.Module):
+    """Experts stored (E, in, out) and applied as x @ w[e], flagged ``is_transposed`` as gpt-oss's are."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.w = torch.nn.Parameter(torch.randn(3, 10, 7, generator=g))  # 3 experts, in 10, out 7
+
+    def forward(self, x):
+        return sum(x @ self.w[e] for e in range(self.w.shape[0]))
+
+
+def test_transposed_experts_are_read_as_peft_reads_them():
+    """An ``is_transposed`` module's expert e is the (out, in) matrix w[e]ᵀ: PiSSA's adapter is [w[e]ᵀ]_r, PEFT's
+    ParamWrapper agrees on the orientation (its delta is added to w in (E, in, out)), and the model is exact at init."""
+    model = torch.nn.Sequential(_TransposedExperts())
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(12))
+    before, W = model(x).detach(), model[0].w.detach().double().clone()
+    pm = svdadapt.wrap(model, "pissa", rank=RANK, alpha=ALPHA, target_modules=[], target_parameters=["0.w"],
+                       progress=False)
+    with torch.no_grad():
+        assert max_rel(pm(x), before) <= 1e-5  # two fp32 products of length ≤ 10 (as test_exact_at_init_fp32)
+    (w,) = wrappers(pm).values()
+    D = w.get_delta_weight("default").detach().double()  # PEFT's delta in the stored layout (E, in, out)
+    assert D.shape == W.shape
+    for e in range(3):
+        U, S, Vh = torch.linalg.svd(W[e].mT, full_matrices=False)
+        best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+        assert rel(D[e].mT, best) <= truncated_svd_error(W[e].mT.float(), RANK, S=S) / float(best.norm())
+    assert pm.svdadapt.parameters["0"]["transposed"] and pm.svdadapt.parameters["0"]["shape"] == [7, 10]
+
+
 def test_streaming_init_refuses_target_parameters(tmp_path):
     moe("mixtral").save_pretrained(tmp_path / "m")
     with raises_exactly(ValueError, "target_parameters=['experts.down_proj'] with init_checkpoint (streaming) is not "

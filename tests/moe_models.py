@@ -4,7 +4,8 @@ svdadapt's naming, shared by the target_parameters tests."""
 from __future__ import annotations
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -18,6 +19,11 @@ def moe(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, vocab: i
                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                 num_experts_per_tok=2, max_position_embeddings=32)
             model = MixtralForCausalLM(cfg)
+        elif family == "olmoe":
+            cfg = OlmoeConfig(vocab_size=vocab, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=32, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+            model = OlmoeForCausalLM(cfg)
         else:
             cfg = Qwen3MoeConfig(vocab_size=vocab, hidden_size=16, intermediate_size=20, moe_intermediate_size=8,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,

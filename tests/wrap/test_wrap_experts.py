@@ -97,7 +97,7 @@ def _method_kw(method: str, model) -> dict:
     return {}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "olmoe"])
 @pytest.mark.parametrize("method", ["pissa", "milora", "corda-ipa", "corda-kpa"])
 def test_exact_at_init_fp32(family, method):
     model = moe(family)

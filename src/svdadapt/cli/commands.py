@@ -201,6 +201,9 @@ def _init_parser(sub: Any) -> None:
                         "text --calib, from safetensors directories are streamed by default: the same output, memory "
                         "of one layer, or for corda/eora of one decoder block)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
+    q.add_argument("--target-parameters", nargs="+", default=None, metavar="NAME",
+                   help="parameters as targets, as PEFT's target_parameters (MoE experts: experts.gate_up_proj "
+                        "experts.down_proj); each expert decomposed on its own; loads the model (docs/experts.md)")
     _calib_options(q)
 
 
@@ -396,7 +399,7 @@ def _streamable(args: argparse.Namespace) -> bool:
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    return (not args.in_memory and not args.allocate and (calibrated or not spec.needs_calibration) and args.quantize is None
+    return (not args.in_memory and not args.allocate and not args.target_parameters and (calibrated or not spec.needs_calibration) and args.quantize is None
             and args.device is None and _safetensors_dir(args.model)
             and (not spec.needs_reference or _safetensors_dir(args.reference)))
 
@@ -551,7 +554,8 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
                     rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
                     calibration=calibration, reference=reference, quantize=args.quantize,
-                    quant_iters=args.quant_iters or 1, allocate=args.allocation, progress=not args.no_progress)
+                    quant_iters=args.quant_iters or 1, allocate=args.allocation, progress=not args.no_progress,
+                    target_parameters=args.target_parameters)
 
 
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:

@@ -141,12 +141,13 @@ def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Modu
 
 @torch.no_grad()
 def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-          rewrite_base: bool, quantize: str | None = None, progress: bool = False) -> nn.Module:
+          rewrite_base: bool, quantize: str | None = None, progress: bool = False, params: Any = None) -> nn.Module:
     """``get_peft_model(model, config)`` with each named layer's LoRA factors set to ``factors`` and, if
     ``rewrite_base``, its base weight to W − s·B₀·A₀. With ``quantize`` (a scheme of ``qbase.SCHEMES``) the
     targets are first replaced by quantized layers holding that base (or W) (``qbase.quantize_bases``). On any failure
     the model is restored (module tree, attributes, config, trainable flags) and the error re-raised. Then each
-    base layer's kind's ``after_wrap`` hook runs. Returns the ``peft.PeftModel``."""
+    base layer's kind's ``after_wrap`` hook runs. ``params`` (``experts.ParamApply``, for ``target_parameters``):
+    its ``check`` runs with the other checks, its ``write`` after the layers'. Returns the ``peft.PeftModel``."""
     snapshot = _Snapshot(model)
     try:
         if quantize is not None:
@@ -155,11 +156,15 @@ def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tenso
         peft_model = _build(model, config, factors)
         layers = _lora_layers(peft_model, factors)
         _check_shapes(layers, factors)  # every check before the first weight is written
+        if params is not None:
+            params.check(peft_model)
     except Exception:
         snapshot.restore()
         raise
     if rewrite_base:
         _write_bases(layers, factors, progress)
     write_factors(peft_model, factors)
+    if params is not None:
+        params.write(peft_model)
     after_wrap(layer.get_base_layer() for layer in layers.values())
     return peft_model

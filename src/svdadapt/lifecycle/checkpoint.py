@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from ..engine.experts import portable_factors
 from ..storage.manifest import check_manifest, differences, entries
 from ..core.patterns import layer_value
 from ..core.record import Factors, check_record, factors_checksum
@@ -161,10 +162,13 @@ def _write_portable(d: Path, meta: Mapping[str, Any], init: Mapping[str, Factors
 
     rewrites = bool(meta["rewrites_base"])
     layouts = meta.get("layouts") or {}
+    params = meta.get("parameters") or {}
     weights: dict[str, torch.Tensor] = {}
     for n in meta["targets"]:
         A, B = current[n]
-        if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
+        if rewrites and n in params:  # a ParamWrapper: [B_e, −B₀,e]·[A_e; A₀,e] per expert, repacked
+            A, B = portable_factors(A, B, *init[n], params[n]["experts"])
+        elif rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
             A0, B0 = init[n]
             A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
         A, B = to_saved(A, B, layouts.get(n))  # a conv's kernels
@@ -314,8 +318,9 @@ def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.T
     (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
     pattern = meta["lora_config"].get("rank_pattern") or {}
+    params = meta.get("parameters") or {}
     for n in meta["targets"]:
-        r = layer_value(pattern, n, meta["rank"])
+        r = layer_value(pattern, n, meta["rank"]) * (int(params[n]["experts"]) if n in params else 1)  # E·r rows
         try:
             init[n] = (state[f"{n}.A0"], state[f"{n}.B0"])
             current[n] = (state[f"{n}.A"], state[f"{n}.B"])

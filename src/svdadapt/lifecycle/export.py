@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine import experts
 from ..engine.apply import apply, write_factors
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, base_layer_keys, config_dict,
                          config_from_dict, read_checkpoint, write_checkpoint)
@@ -116,10 +117,23 @@ def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
     layouts = layouts_of(peft_model, record.targets)
     if layouts:  # only where a target is not a linear: records of linear models stay as they were
         meta["layouts"] = layouts
+    if record.parameters:
+        meta["parameters"] = dict(record.parameters)  # target_parameters: wrapper module -> key, experts, layout
     if spec.rewrites_base:
         # what `load` should rebuild, to tell "bit-identical" from "equal up to a different BLAS's rounding"
-        meta["residual_checksums"] = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}
+        meta["residual_checksums"] = {n: _base_checksum(m) for n, m in layers.items()}
     return meta
+
+
+def _base_checksum(layer: nn.Module) -> str:
+    """sha256 of the base a LoRA layer computes with (a ParamWrapper's: its parameter)."""
+    return experts.wrapper_checksum(layer) if experts.is_wrapper(layer) else layer_checksum(layer.get_base_layer())
+
+
+def _base_matches(layer: nn.Module, checksum: str) -> bool:
+    if experts.is_wrapper(layer):
+        return experts.wrapper_checksum(layer, checksum_algorithm(checksum)) == checksum
+    return layer_matches(layer.get_base_layer(), checksum)
 
 
 def _refuse_merged(peft_model: nn.Module, record: AdaptRecord, what: str) -> None:
@@ -177,7 +191,11 @@ def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
 def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path, progress: bool) -> None:
     modules = dict(base_model.named_modules())
     residual = meta.get("residual_checksums") or {}
+    params = experts.recorded_targets(meta.get("parameters"))
     for n in tqdm(meta["targets"], desc="svdadapt verify base", disable=not progress, unit="layer"):
+        if n in params:
+            _verify_param(base_model, params[n], meta["base_checksums"][n], directory)
+            continue
         m = modules.get(n)
         if m is None or kind_of(m) is None:
             raise ValueError(f"base model has no adaptable layer {n!r}, which {str(directory)!r} was saved for")
@@ -191,6 +209,16 @@ def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path
                 f"base weights do not match {str(directory)!r}: first mismatch at module {n!r} "
                 f"(weight {tuple(m.weight.shape)} {m.weight.dtype}, {_short(got)}…, expected {_short(want)}…){hint}"
             )
+
+
+def _verify_param(base_model: nn.Module, target: Any, want: str, directory: Path) -> None:
+    p = experts.param_of(base_model, target)
+    if p is None:
+        raise ValueError(f"base model has no parameter {target.key!r}, which {str(directory)!r} was saved for")
+    got = weight_checksum(p, checksum_algorithm(want))
+    if got != want:
+        raise ValueError(f"base weights do not match {str(directory)!r}: first mismatch at parameter {target.key!r} "
+                         f"(shape {tuple(p.shape)} {p.dtype}, {_short(got)}…, expected {_short(want)}…)")
 
 
 def _short(checksum: str) -> str:
@@ -218,7 +246,7 @@ def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> A
                        quantize=meta.get("quantize"),
                        rank_pattern=dict(meta["lora_config"].get("rank_pattern") or {}),
                        alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}),
-                       allocation=meta.get("allocation"))
+                       allocation=meta.get("allocation"), parameters=meta.get("parameters"))
 
 
 @torch.no_grad()
@@ -248,11 +276,13 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     config = config_from_dict(meta["lora_config"])
     config.inference_mode = False
     spec = get_method(meta["method"])
-    peft_model = apply(base_model, config, init, rewrite_base=spec.rewrites_base, quantize=meta.get("quantize"),
-                       progress=progress)
+    layer_init, param_targets, param_init = experts.split_factors(init, meta.get("parameters"))
+    params = experts.ParamApply(param_targets, param_init, spec.rewrites_base) if param_targets else None
+    peft_model = apply(base_model, config, layer_init, rewrite_base=spec.rewrites_base,
+                       quantize=meta.get("quantize"), progress=progress, params=params)
     layers = _targets_of(peft_model, meta["targets"])
     residual = meta.get("residual_checksums") or {}
-    differs = [n for n, m in layers.items() if n in residual and not layer_matches(m.get_base_layer(), residual[n])]
+    differs = [n for n, m in layers.items() if n in residual and not _base_matches(m, residual[n])]
     _restore_state(peft_model, saved)
     if differs:
         warnings.warn(
@@ -288,7 +318,11 @@ def unwrap(peft_model: nn.Module, merge: bool = False) -> nn.Module:
                          "original weights cannot be rebuilt from it; load the original model instead, or "
                          "unwrap(merge=True) for the fine-tuned quantized model")
     if spec.rewrites_base:
+        params = experts.recorded_targets(record.parameters)
         for n, layer in layers.items():
+            if n in params:
+                experts.restore_original(layer, params[n], *record.init_factors[n])
+                continue
             base = layer.get_base_layer()
             kind = kind_of(base)
             A0, B0 = (t.to(device=base.weight.device, dtype=torch.float64) for t in record.init_factors[n])

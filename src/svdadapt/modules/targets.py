@@ -96,9 +96,13 @@ def _refuse_parameters(model: nn.Module, selector: str | list[str], layers: dict
             what = f"target_modules={sel!r}" if isinstance(selector, str) else f"target_modules entry {sel[0]!r}"
             raise ValueError(
                 f"{what} matched no adaptable layer but {len(hits)} parameters of 3 or more dimensions in "
-                f"{type(model).__name__} ({shown}; MoE expert weights), which are parameters, not layers: PEFT adapts "
-                "those through LoraConfig(target_parameters=...), which svdadapt does not support yet; target the "
-                "adaptable layers instead (e.g. the attention projections, a shared expert)")
+                f"{type(model).__name__} ({shown}; MoE expert weights), which are parameters, not layers: pass them as "
+                f"target_parameters={_param_suffixes(n for n, _ in hits)!r} (PEFT's meaning; docs/experts.md)")
+
+
+def _param_suffixes(keys: Iterable[str]) -> list[str]:
+    """``<module>.<param>`` of each full parameter key, the module's last name only (``experts.down_proj``)."""
+    return sorted({".".join(k.split(".")[-2:]) for k in keys})
 
 
 def peft_target_list(model: nn.Module, names: list[str]) -> list[str] | str:

@@ -12,12 +12,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import svdadapt
 from bounds import gamma, unit_roundoff
 from dist_harness import as_rank, free_port, run_ranks
-from helpers import raises_exactly, token_ids
+from helpers import raises_exactly, token_ids, tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe
 from svdadapt.calibration import Covariances, collect
 from svdadapt.calibration.experts import expert_key, expert_parameters, fallback_covariances, parse_expert_key
 from svdadapt.engine.distributed import my_batches, reduce_covariances
@@ -28,33 +27,6 @@ PARAMS = ["gate_up_proj", "down_proj"]
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     pass
-
-
-def _routers(model: nn.Module, seed: int, scale: float) -> nn.Module:
-    """Router weights drawn N(0, scale²) (the configs' init gives near-uniform routing): peaked, unequal
-    routing weights, so that weighting by them changes the covariances."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in model.model.layers:
-        w = layer.mlp.gate.weight
-        w.data.copy_(torch.randn(w.shape, generator=g) * scale)
-    return model.eval()
-
-
-def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
-    torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=64)
-    return _routers(MixtralForCausalLM(cfg), seed, 0.5)
-
-
-def tiny_qwen2_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=40,
-                         intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
-                         max_position_embeddings=64)
-    return _routers(Qwen2MoeForCausalLM(cfg), seed, 0.5)
 
 
 MODELS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe}
@@ -216,7 +188,7 @@ def test_parameter_selection_follows_peft_and_refuses_what_is_not_an_expert():
     with raises_exactly(ValueError, "target_parameters entry 'experts.w1' matched no parameter of MixtralForCausalLM"):
         expert_parameters(model, ["experts.w1"])
     with raises_exactly(ValueError, "parameter 'model.layers.0.mlp.gate.weight' (4, 32) of MixtralTopKRouter is not "
-                        "an MoE expert parameter: per-expert calibration covers gate_up_proj, up_proj and down_proj "
+                        "an MoE expert parameter: per-expert targets are gate_up_proj, up_proj and down_proj "
                         "(3-D, experts first) of a module called as experts(hidden_states, top_k_index, "
                         "top_k_weights) (transformers 5 MoE experts)"):
         expert_parameters(model, ["mlp.gate.weight"])
@@ -233,13 +205,9 @@ def _starve(model: nn.Module, expert: int, to: int) -> list:
     return [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
 
 
-def _top1_mixtral() -> MixtralForCausalLM:
+def _top1_mixtral() -> nn.Module:
     """Top-1 routing: re-routing expert 3's tokens to expert 0 never picks one expert twice for a token."""
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1,
-                        max_position_embeddings=64)
-    return _routers(MixtralForCausalLM(cfg), 0, 0.5)
+    return tiny_mixtral(num_experts_per_tok=1)
 
 
 def test_an_expert_without_tokens_gets_the_pooled_covariance_with_a_warning_naming_it():
@@ -358,3 +326,33 @@ def test_per_expert_covariances_all_reduce_to_one_process(tmp_path):
         assert got.token_count(k) == n
         # each rank's fp32 mean, rescaled by its count and summed in fp64: two fp32 accumulations, 2 roundings each
         assert ((got[k].double() - C).abs() <= 2 * bound + 4 * unit_roundoff(torch.float32) * C.abs()).all(), k
+
+
+# ---------------------------------------------------------------------------------------- gpt-oss's layout
+def _gpt_oss_inputs(experts: nn.Module, e: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    h = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+    gate, up = h[:, 0::2].clamp(max=experts.limit), h[:, 1::2].clamp(-experts.limit, experts.limit)
+    return {"gate_up_proj": x, "down_proj": (up + 1) * gate * torch.sigmoid(gate * experts.alpha)}
+
+
+def test_transposed_biased_experts_of_gpt_oss():
+    model = tiny_gpt_oss()
+    covs = _collect(model, _batches())
+    for i, xs in _moe_inputs(model, _batches()).items():
+        mlp = model.model.layers[i].mlp
+        for e in range(4):
+            parts = {p: [] for p in PARAMS}
+            for x in xs:
+                top, idx = torch.topk(x @ mlp.router.weight.mT + mlp.router.bias, 2, dim=-1)
+                w = torch.softmax(top, dim=-1)
+                tok, slot = torch.where(idx == e)
+                for p, z in _gpt_oss_inputs(mlp.experts, e, x[tok]).items():
+                    parts[p].append(z.double() * w[tok, slot].double()[:, None])
+            for p, chunks in parts.items():
+                Z = torch.cat(chunks)
+                k = expert_key(f"model.layers.{i}.mlp.experts.{p}", e)
+                assert covs.token_count(k) == Z.shape[0] > 0
+                # as in reference(): γ_{n+2} for the sum, 2 roundings of ω·z, a few ulps between the two ω
+                bound = gamma(Z.shape[0] + 8) * (Z.abs().mT @ Z.abs()) / Z.shape[0]
+                assert ((covs[k].double() - Z.mT @ Z / Z.shape[0]).abs() <= bound).all(), k
+    assert tuple(covs["model.layers.0.mlp.experts.down_proj[0]"].shape) == (16, 16)

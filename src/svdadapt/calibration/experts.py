@@ -80,14 +80,29 @@ class ExpertParam:
     def keys(self) -> list[str]:
         return [expert_key(self.key, e) for e in range(self.num_experts)]
 
+    def matrix(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s (out, in) matrix: a view of the parameter (transposed for an ``is_transposed`` module),
+        so ``matrix(e).copy_(new)`` writes it."""
+        W = getattr(self.module, self.param)[e]
+        return W.mT if getattr(self.module, "is_transposed", False) else W
+
+
+# the argument names of an experts module's forward(hidden_states, index, weights): transformers 5's, gpt-oss's
+_ROUTING_NAMES = (("hidden_states", "top_k_index", "top_k_weights"), ("hidden_states", "router_indices", "routing_weights"))
+
+
+def _routing_names(module: nn.Module) -> tuple[str, str, str] | None:
+    """The names of the three routing arguments of ``module.forward`` when it is an experts module's, else None."""
+    try:
+        params = tuple(inspect.signature(module.forward).parameters)[:3]
+    except (TypeError, ValueError):
+        return None
+    return params if params in _ROUTING_NAMES else None
+
 
 def _is_experts_module(module: nn.Module) -> bool:
     """A module called as ``forward(hidden_states, top_k_index, top_k_weights)`` (transformers 5 experts)."""
-    try:
-        params = list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[:3] == ["hidden_states", "top_k_index", "top_k_weights"]
+    return _routing_names(module) is not None
 
 
 def _matches(targets: list[str], key: str) -> bool:
@@ -127,7 +142,7 @@ def _expert_param(key: str, module: nn.Module, pname: str, p: torch.Tensor) -> E
     if role is None or p.dim() != 3 or not _is_experts_module(module):
         raise ValueError(
             f"parameter {key!r} {tuple(p.shape)} of {type(module).__name__} is not an MoE expert parameter: "
-            "per-expert calibration covers gate_up_proj, up_proj and down_proj (3-D, experts first) of a module "
+            "per-expert targets are gate_up_proj, up_proj and down_proj (3-D, experts first) of a module "
             "called as experts(hidden_states, top_k_index, top_k_weights) (transformers 5 MoE experts)")
     in_features = p.shape[1] if getattr(module, "is_transposed", False) else p.shape[2]
     return ExpertParam(key, module, pname, role, p.shape[0], int(in_features))
@@ -137,7 +152,7 @@ def _routing_args(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) of one call of an experts module."""
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    return bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"]
+    return tuple(bound[n] for n in _routing_names(module))  # type: ignore[return-value]
 
 
 def _linear(module: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Tensor:

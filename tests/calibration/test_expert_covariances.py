@@ -309,8 +309,17 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
         raw = collect(model, my_batches(_batches(4)), {}, progress=False,
                       experts=expert_parameters(model, PARAMS))
         covs = reduce_covariances(raw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pooled = fallback_covariances(covs, min_tokens=10**9)
+        try:
+            reduce_covariances(pooled)
+        except ValueError as e:
+            message = str(e)
         if rank == 0:
             covs.save(out)
+            with open(out + ".txt", "w") as f:
+                f.write(message)
     as_rank(rank, 2, port, body)
 
 
@@ -320,6 +329,9 @@ def test_per_expert_covariances_all_reduce_to_one_process(tmp_path):
     out = str(tmp_path / "rank0.safetensors")
     run_ranks(_dist_worker, (free_port(), out), nprocs=2)
     got = Covariances.load(out)
+    with open(out + ".txt") as f:  # a fallback before the reduction: refused on every rank
+        assert f.read() == ("ranks 0, 1: ValueError: reduce the covariances before their experts' fallback "
+                            "(fallback_covariances): 'model.layers.0.mlp.experts.gate_up_proj[0]' is already a fallback")
     model = tiny_mixtral()
     ref = reference(model, _batches(4))
     for k, (C, n, bound) in ref.items():
@@ -356,3 +368,33 @@ def test_transposed_biased_experts_of_gpt_oss():
                 bound = gamma(Z.shape[0] + 8) * (Z.abs().mT @ Z.abs()) / Z.shape[0]
                 assert ((covs[k].double() - Z.mT @ Z / Z.shape[0]).abs() <= bound).all(), k
     assert tuple(covs["model.layers.0.mlp.experts.down_proj[0]"].shape) == (16, 16)
+
+
+# ---------------------------------------------------------------------------------------- block by block
+def test_block_by_block_on_moe_decoder_blocks_equals_the_whole_model():
+    """Mixtral's decoder blocks (attention, then the sparse MoE block) run one at a time: the attention
+    projections' covariances are bit-identical to the whole-model collection's."""
+    from svdadapt.blockwise import plan_blockwise
+    from svdadapt.engine.plan import LayerPlan
+
+    model = tiny_mixtral()
+    targets = svdadapt.resolve_targets(model)
+    assert all(".self_attn." in n for n in targets)  # the experts are parameters, not Linear layers
+    got = {}
+
+    def plan(block_targets, covs):
+        got.update({n: covs[n].clone() for n in block_targets})
+        return {n: LayerPlan(n, torch.zeros(1, 1), torch.zeros(1, 1), {}) for n in block_targets}
+
+    plan_blockwise(model, targets, _batches(), plan, progress=False)
+    whole = svdadapt.collect_covariances(model, _batches(), progress=False)
+    assert sorted(got) == sorted(whole)
+    assert all(torch.equal(got[n], whole[n]) for n in whole)
+
+
+def test_non_finite_expert_activations_are_named():
+    model = tiny_mixtral()
+    model.model.layers[1].mlp.experts.gate_up_proj.data[2, 0, :] = float("inf")  # expert 2's gate row: inf·x
+    with raises_exactly(ValueError, "non-finite activations (NaN or inf) in the input of expert "
+                                    "'model.layers.1.mlp.experts.down_proj[2]' in batch 0"):
+        collect(model, _batches(), {}, progress=False, experts=expert_parameters(model, ["experts.down_proj"]))

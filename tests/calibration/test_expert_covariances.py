@@ -398,3 +398,32 @@ def test_non_finite_expert_activations_are_named():
     with raises_exactly(ValueError, "non-finite activations (NaN or inf) in the input of expert "
                                     "'model.layers.1.mlp.experts.down_proj[2]' in batch 0"):
         collect(model, _batches(), {}, progress=False, experts=expert_parameters(model, ["experts.down_proj"]))
+
+
+@pytest.mark.parametrize("with_layers", [False, True])
+def test_block_by_block_expert_covariances_equal_the_whole_model(with_layers):
+    """Each block's per-expert covariances, collected while the block runs on its stored inputs (padding dropped
+    with the block's mask), fallback applied: bit-identical to ``collect_covariances(target_parameters=)``."""
+    from svdadapt.blockwise import BlockwiseOptions, BlockwiseUnsupported, plan_blockwise
+    from svdadapt.engine.plan import LayerPlan
+
+    model = tiny_qwen2_moe()
+    targets = svdadapt.resolve_targets(model, ["q_proj"]) if with_layers else {}
+    got = {}
+
+    def plan(block_targets, covs):
+        got.update({n: c.clone() for n, c in covs.items()})
+        return {n: LayerPlan(n, torch.zeros(1, 1), torch.zeros(1, 1), {}) for n in block_targets}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few tokens per expert: pooled, warned
+        plan_blockwise(model, targets, _batches(), plan, progress=False, experts=expert_parameters(model, PARAMS),
+                       expert_options={"weighting": "routing", "min_tokens": 20})
+        whole = svdadapt.collect_covariances(model, _batches(), target_modules=["q_proj"] if with_layers else None,
+                                             target_parameters=PARAMS, min_tokens=20, progress=False)
+    assert sorted(got) == sorted(whole)
+    assert all(torch.equal(got[k], whole[k]) for k in whole)
+    with raises_exactly(BlockwiseUnsupported, "blockwise calibration: sequential=True with expert parameters: the "
+                                              "blocks would carry on without the experts' compensation"):
+        plan_blockwise(model, targets, _batches(), plan, BlockwiseOptions(sequential=True), progress=False,
+                       experts=expert_parameters(model, PARAMS))

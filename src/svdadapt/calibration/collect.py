@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..modules.layers import is_target_type
 from ..modules.targets import resolve_targets
 from .covariances import Covariances
-from .experts import ExpertParam, RoutedCollector, check_fallback, expert_parameters, fallback_covariances
+from .experts import WEIGHTINGS, ExpertParam, RoutedCollector, check_fallback, expert_parameters, fallback_covariances
 from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, no_logits, version
 from .gram import add_gram_upper, mirror_upper
 from .masks import Masks, batch_masks, encoder_decoder
@@ -261,6 +261,8 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any],
     Raises:
         ValueError: no tokens seen (or none for some target), NaN/inf in a module's input (named), bad dtype.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
     targets = {} if target_modules is None else resolve_targets(model, target_modules)
     if target_parameters is None:
         if target_modules is None:

@@ -239,3 +239,13 @@ def tiny_gpt_oss(seed: int = 0) -> nn.Module:
         b = layer.mlp.experts.gate_up_proj_bias
         b.data.copy_(torch.randn(b.shape, generator=g) * 0.5)
     return model
+
+
+def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
+    """A tiny Qwen3MoeForCausalLM: 2 MoE layers, 8 experts of intermediate 16, top-2 renormalized
+    (norm_topk_prob=True), no shared expert."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, moe_intermediate_size=16, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=64)
+    return random_routers(_seeded(seed, lambda: transformers.Qwen3MoeForCausalLM(cfg)), seed)

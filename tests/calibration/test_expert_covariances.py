@@ -1,7 +1,7 @@
 """Per-expert covariances of MoE expert parameters (svdadapt/calibration/experts.py) against an independent
 routed-token reference: the MoE block's input captured, routed by hand with the router's weights (softmax, top-k,
-renormalized where the config says), expert e's Σ ω z zᵀ over the tokens sent to it summed in fp64; on a tiny
-Mixtral and a tiny Qwen2-MoE built from configs. Counts, padding, the weighting option, the fallback for experts
+renormalized where the config says), expert e's Σ ω z zᵀ over the tokens sent to it summed in fp64; on tiny
+Mixtral, Qwen2-MoE and Qwen3-MoE models built from configs, and gpt-oss (transposed, biased, its own gate). Counts, padding, the weighting option, the fallback for experts
 with too few tokens, the file, torch.distributed."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 import svdadapt
 from bounds import gamma, unit_roundoff
 from dist_harness import as_rank, free_port, run_ranks
-from helpers import raises_exactly, token_ids, tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe
+from helpers import raises_exactly, tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe, token_ids
 from svdadapt.calibration import Covariances, collect
 from svdadapt.calibration.experts import expert_key, expert_parameters, fallback_covariances, parse_expert_key
 from svdadapt.engine.distributed import my_batches, reduce_covariances
@@ -29,7 +29,7 @@ def _one_thread(one_thread):
     pass
 
 
-MODELS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe}
+MODELS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "qwen3_moe": tiny_qwen3_moe}
 
 
 def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -63,7 +64,10 @@ def batches(seed: int, n: int = 8) -> list[dict[str, torch.Tensor]]:
 def block_io(model, data) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
     """layer -> [(MoE block input, output)] per held-out batch."""
     io = {i: [] for i in range(len(model.model.layers))}
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, _i=i: io[_i].append((a[0], o[0] if isinstance(o, tuple) else o)))
+    def keep(i, x, out):
+        io[i].append((x, out[0] if isinstance(out, tuple) else out))
+
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, _i=i: keep(_i, a[0], o))
              for i, layer in enumerate(model.model.layers)]
     with torch.no_grad():
         for b in data:
@@ -119,14 +123,14 @@ def run(family: str, seed: int) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    import os
     load = os.getloadavg()
     results = {}
     for family in ("mixtral", "qwen2_moe"):
         rows = [run(family, s) for s in range(3)]
         results[family] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} | {"per_seed": rows}
     cols = ["compressed", "svd", "eora_pooled", "eora_tokens", "eora_routing"]
-    print(f"held-out relative error of the MoE blocks' outputs (mean of 3 seeds), RTN {BITS}-bit g{GROUP}, EoRA r{RANK}")
+    print(f"held-out relative error of the MoE blocks' outputs (mean of 3 seeds), RTN {BITS}-bit g{GROUP}, "
+          f"EoRA r{RANK}")
     print(f"{'model':<10}" + "".join(f"{c:>14}" for c in cols))
     for family, r in results.items():
         print(f"{family:<10}" + "".join(f"{r[c]:>14.4e}" for c in cols))

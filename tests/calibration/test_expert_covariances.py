@@ -1,12 +1,12 @@
 """Per-expert covariances of MoE expert parameters (svdadapt/calibration/experts.py) against an independent
 routed-token reference: the MoE block's input captured, routed by hand with the router's weights (softmax, top-k,
 renormalized where the config says), expert e's Σ ω z zᵀ over the tokens sent to it summed in fp64; on tiny
-Mixtral, Qwen2-MoE and Qwen3-MoE models built from configs, and gpt-oss (transposed, biased, its own gate). Counts, padding, the weighting option, the fallback for experts
-with too few tokens, the file, torch.distributed."""
+Mixtral, Qwen2-MoE and Qwen3-MoE models built from configs, and gpt-oss (transposed, biased, its own gate). Counts,
+padding, the weighting option, the fallback for experts with too few tokens, the file, torch.distributed, block by
+block."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -331,7 +331,8 @@ def test_per_expert_covariances_all_reduce_to_one_process(tmp_path):
     got = Covariances.load(out)
     with open(out + ".txt") as f:  # a fallback before the reduction: refused on every rank
         assert f.read() == ("ranks 0, 1: ValueError: reduce the covariances before their experts' fallback "
-                            "(fallback_covariances): 'model.layers.0.mlp.experts.gate_up_proj[0]' is already a fallback")
+                            "(fallback_covariances): 'model.layers.0.mlp.experts.gate_up_proj[0]' is already a "
+                            "fallback")
     model = tiny_mixtral()
     ref = reference(model, _batches(4))
     for k, (C, n, bound) in ref.items():

@@ -49,7 +49,8 @@ def test_linear_targets_and_experts_together():
     alone = svdadapt.compress.quantize(model, bits=4, target_modules=["q_proj"])
     for i in range(2):
         assert torch.equal(both.model.layers[i].self_attn.q_proj.weight, alone.model.layers[i].self_attn.q_proj.weight)
-        assert torch.equal(both.model.layers[i].mlp.experts.gate_up_proj, model.model.layers[i].mlp.experts.gate_up_proj)
+        experts, original = both.model.layers[i].mlp.experts, model.model.layers[i].mlp.experts
+        assert torch.equal(experts.gate_up_proj, original.gate_up_proj)
         W = model.model.layers[i].mlp.experts.down_proj.detach()
         assert all(torch.equal(both.model.layers[i].mlp.experts.down_proj[e], quantize_weight(W[e], 4))
                    for e in range(W.shape[0]))

@@ -88,7 +88,8 @@ class ExpertParam:
 
 
 # the argument names of an experts module's forward(hidden_states, index, weights): transformers 5's, gpt-oss's
-_ROUTING_NAMES = (("hidden_states", "top_k_index", "top_k_weights"), ("hidden_states", "router_indices", "routing_weights"))
+_ROUTING_NAMES = (("hidden_states", "top_k_index", "top_k_weights"),
+                  ("hidden_states", "router_indices", "routing_weights"))
 
 
 def _routing_names(module: nn.Module) -> tuple[str, str, str] | None:

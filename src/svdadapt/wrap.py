@@ -82,7 +82,7 @@ def _covariances(job: Job, inputs: _Inputs, calibration: Any) -> dict[str, torch
         covs = reduce_covariances(as_covariances(my_batches(calibration), hook_model, list(targets), progress=progress))
     else:
         covs = as_covariances(calibration, hook_model, list(targets), progress=progress)
-    return checks.check_covariances(covs, targets)
+    return checks.check_covariances(covs, targets, job.spec.centered)
 
 
 def _plan(job: Job, references: dict[str, torch.Tensor] | None, targets: dict[str, nn.Module],
@@ -131,7 +131,8 @@ def _plans(job: Job, inputs: _Inputs, blockwise: Any, allocating: bool = False) 
     try:
         return plan_blockwise(_hook_model(job, inputs, batches), inputs.targets, batches,
                               partial(_plan, job, inputs.references), options,
-                              compensation=Compensation(inputs.model, job.scaling_of), progress=inputs.progress)
+                              compensation=Compensation(inputs.model, job.scaling_of), progress=inputs.progress,
+                              centered=job.spec.centered)
     except BlockwiseUnsupported as e:
         if blockwise is not None:
             raise
@@ -230,6 +231,8 @@ def wrap(
         plans = _plans(job, inputs, request.blockwise)
     else:
         job, plans, allocated = _allocated_plans(job, inputs, request.blockwise, options)
+        inputs = replace(inputs, targets={n: m for n, m in inputs.targets.items() if n in plans},  # rank 0: none
+                         base_checksums={n: c for n, c in inputs.base_checksums.items() if n in plans})
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
                        progress=request.progress)

@@ -79,7 +79,8 @@ def _expert_inputs(experts: nn.Module, e: int, x: torch.Tensor) -> dict[str, tor
 
 
 def reference(model: nn.Module, batches: list[dict], weighting: str = "routing"):
-    """key -> (Σ ω z zᵀ / N in fp64, N, the elementwise bound of an fp32 accumulation of it)."""
+    """key -> (Σ ω z zᵀ / N in fp64, N, the elementwise bound of an fp32 accumulation of it, the token mean
+    Σ ω^½ z / N (EVA centres), its bound)."""
     out = {}
     for i, xs in _moe_inputs(model, batches).items():
         block = model.model.layers[i].mlp
@@ -100,7 +101,8 @@ def reference(model: nn.Module, batches: list[dict], weighting: str = "routing")
             # each, 2 in a product); ω from the router's own fp32 ops, a few ulps off ours: +4 more
             bound = gamma(n + 8) * (Z.abs().mT @ Z.abs())
             key = expert_key(f"model.layers.{i}.mlp.experts.{p}", e)
-            out[key] = (S / max(n, 1), n, bound / max(n, 1))
+            mean_bound = gamma(8) * Z.abs().sum(0)  # an fp64 sum of ω^½·z rounded in fp32: a few roundings each
+            out[key] = (S / max(n, 1), n, bound / max(n, 1), Z.sum(0) / max(n, 1), mean_bound / max(n, 1))
     return out
 
 
@@ -120,9 +122,10 @@ def test_per_expert_covariances_equal_the_routed_token_reference(family, weighti
     ref = reference(model, _batches(), weighting)
     assert sorted(covs) == sorted(ref)
     assert all(ref[k][1] > 0 for k in ref)  # every expert got tokens: the reference is not trivially zero
-    for k, (C, n, bound) in ref.items():
+    for k, (C, n, bound, mu, mu_bound) in ref.items():
         assert covs.token_count(k) == n, k
         assert ((covs[k].double() - C).abs() <= bound).all(), (k, (covs[k].double() - C).abs().max().item())
+        assert ((covs.mean(k).double() - mu).abs() <= mu_bound).all(), k
         assert covs.fallback_of(k) is None
 
 
@@ -234,6 +237,10 @@ def test_an_expert_without_tokens_gets_the_pooled_covariance_with_a_warning_nami
         pooled = sum(raw[j].double() * c for j, c in zip(keys, n)) / sum(n)
         # fp64 sum of 3 fp32 matrices (exact products by integers up to 2^24), one fp32 rounding at the end
         assert torch.allclose(covs[k].double(), pooled, rtol=2 * unit_roundoff(torch.float32), atol=0)
+        pooled_mean = sum(raw.mean(j).double() * c for j, c in zip(keys, n)) / sum(n)
+        # as the matrix; entries near zero: one fp32 rounding of the largest mean's size
+        assert torch.allclose(covs.mean(k).double(), pooled_mean, rtol=2 * unit_roundoff(torch.float32),
+                              atol=4 * unit_roundoff(torch.float32) * float(pooled_mean.abs().max()))
         assert covs.token_count(k) == sum(n) and covs.fallback_of(k) == "pooled: 0 routed tokens < 1"
         assert torch.isfinite(covs[k]).all() and torch.linalg.eigvalsh(covs[k].double()).max() > 0
         for j in keys[:3]:
@@ -335,7 +342,7 @@ def test_per_expert_covariances_all_reduce_to_one_process(tmp_path):
                             "fallback")
     model = tiny_mixtral()
     ref = reference(model, _batches(4))
-    for k, (C, n, bound) in ref.items():
+    for k, (C, n, bound, _, _) in ref.items():
         assert got.token_count(k) == n
         # each rank's fp32 mean, rescaled by its count and summed in fp64: two fp32 accumulations, 2 roundings each
         assert ((got[k].double() - C).abs() <= 2 * bound + 4 * unit_roundoff(torch.float32) * C.abs()).all(), k

@@ -60,8 +60,10 @@ def test_other_selectors_are_unchanged():
 
 
 def test_convolution_kernels_are_not_called_expert_parameters():
-    """A Conv2d's 4-D kernel is a layer's weight, not stacked expert weights: the plain message."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    """A Conv3d's 5-D kernel (a conv kind svdadapt does not adapt) is a layer's weight, not stacked expert weights:
+    the plain message."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     with raises_exactly(ValueError, "target_modules=['0'] matched no adaptable layer (nn.Linear, transformers Conv1D, "
-                        "bitsandbytes Linear4bit/Linear8bitLt) in Sequential; adaptable layers are: 2"):
+                        "nn.Embedding, nn.Conv1d/nn.Conv2d, bitsandbytes Linear4bit/Linear8bitLt) in Sequential; "
+                        "adaptable layers are: 2"):
         svdadapt.resolve_targets(model, ["0"])

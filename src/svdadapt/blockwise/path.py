@@ -111,7 +111,7 @@ def _note(progress: bool, stage: Stage, stack: str, n_blocks: int) -> None:
 @torch.no_grad()
 def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Any], plan: Plan,
                    options: BlockwiseOptions = BlockwiseOptions(), *, compensation: Compensation | None = None,
-                   progress: bool = True, experts: Mapping[str, Any] | None = None,
+                   progress: bool = True, centered: bool = False, experts: Mapping[str, Any] | None = None,
                    expert_options: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
     """Every target's plan, the covariances collected one decoder block at a time.
 
@@ -126,6 +126,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
             decides it for ``wrap``).
         compensation: with ``options.sequential``, the model being adapted and the LoRA scaling of its
             compensation (default: ``hook_model``, scaling 1).
+        centered: hand ``plan`` the centred covariances C − μμᵀ (a method's ``MethodSpec.centered``: EVA).
         experts: MoE expert parameters of ``hook_model`` (``calibration.experts.expert_parameters``): each block's
             per-expert covariances (keys ``<param>[e]``) are collected with its layers' and handed to ``plan`` in
             the same mapping (not with ``sequential``: the experts' compensation is not applied to the blocks).
@@ -155,7 +156,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     except BlockwiseUnsupported:
         store.close()
         raise
-    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of, experts=experts,
+    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of, centered, experts=experts,
                   expert_options=dict(expert_options or {}))
     try:
         plans = _run_blocks(stage, hook_model, mine, stack, blocks, carriers, progress)

@@ -79,6 +79,7 @@ class Stage:
     targets: dict[str, nn.Module]  # name -> the module adapted (on the wrapped model)
     sequential: bool
     scaling: Callable[[str], float]  # name -> the layer's LoRA scaling
+    centered: bool = False  # the plans read the centred covariances C − μμᵀ (EVA)
     tokens: int = 0
     # MoE expert parameters (key -> ExpertParam of the hook model) and the options of their collection: weighting,
     # min_tokens, fallback (``collect_covariances``'s); their per-expert covariances go to ``plan`` with the block's
@@ -122,4 +123,5 @@ class Stage:
                                         fallback=opts.get("fallback", "pooled"))
         self.tokens = max(self.tokens, covs.tokens)
         targets = {n: self.targets[n] for n in names}
-        return self.plan(targets, {**check_covariances(covs, targets), **{k: covs[k] for k in keys}})
+        experts_covs = {k: covs.centered(k) if self.centered else covs[k] for k in keys}
+        return self.plan(targets, {**check_covariances(covs, targets, self.centered), **experts_covs})

@@ -4,12 +4,15 @@ target modules; the block-by-block path, ``svdadapt.blockwise``, runs it on one 
 ``wrap(calibration=...)`` accepts).
 
 Each targeted Linear's input covariance C = XᵀX / N (in, in) over the N calibration tokens that reached it
-(``covariances.Covariances``). Linears that read the very same tensor in a forward pass (q/k/v after one norm, gate/up
-of an MLP) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
+(``covariances.Covariances``); an ``nn.Conv1d`` / ``nn.Conv2d`` target's is that of its unfolded patches
+(in·∏kernel, in·∏kernel), ``F.unfold`` with its kernel, stride and zero padding (``modules/conv.py``). Linears
+that read the very same tensor in a forward pass (q/k/v after one norm, gate/up of an MLP; convs only if their patch
+geometry agrees too) have the same covariance: it is computed and stored once, and every name of the group maps to the *same*
 tensor object (``wrap()`` caches the per-covariance Cholesky / eigendecomposition by object identity). "The same" is
 the same object *at the same version*: a tensor changed in place between two readers (``h.relu_()``) is a new input.
 
-Padding is dropped with the mask of the stack an input belongs to (``masks.py``). Forwards run without a KV cache
+Each input's token mean Σ x / N (in,) is kept too (``Covariances.mean``; EVA centres). Padding is dropped with the
+mask of the stack an input belongs to, and so are the positions whose ``labels`` are -100 (``masks.py``). Forwards run without a KV cache
 (``use_cache=False`` where the model takes it) and, where no target reads the output head, with the logits of the
 last position only (``logits_to_keep=1`` where the model takes it; not for a batch with ``labels``). Each input's
 XᵀX is accumulated in place, its upper block triangle only (``gram.py``: about half the multiply-adds of
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modules.layers import is_target_type
+from ..modules.layers import is_target_type, kind_of
 from ..modules.targets import resolve_targets
 from .covariances import Covariances
 from .experts import WEIGHTINGS, ExpertParam, RoutedCollector, check_fallback, expert_parameters, fallback_covariances
@@ -53,6 +56,7 @@ class _Collector:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.acc: dict[str, torch.Tensor] = {}  # group key (first name seen) -> Σ x xᵀ
+        self.sums: dict[str, torch.Tensor] = {}  # group key -> Σ x (in,), fp64: the token means
         self.count: dict[str, int] = {}
         self.key_of: dict[str, str] = {}  # name -> group key, fixed at the name's first sighting
         self.members: dict[str, frozenset[str]] = {}  # group key -> names that read its input
@@ -63,6 +67,7 @@ class _Collector:
         # freed tensor's id being reused by a later, different input in the same forward
         self.seen: dict[tuple[int, object], tuple[weakref.ref, str, set[str]]] = {}
         self.unmasked: dict[str, tuple[int, ...]] = {}  # name -> input shape: padding in the batch, not removable
+        self.patches: dict[str, Any] = {}  # name -> a convolution's patch geometry (``conv.Patches``): its rows
 
     def begin(self, batch: int, masks: Masks) -> None:
         self.batch, self.masks, self.seen = batch, masks, {}
@@ -71,7 +76,8 @@ class _Collector:
         x = first_tensor(args, kwargs)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"module {name!r} was called without a tensor input in batch {self.batch}")
-        ident = (id(x), version(x))
+        geometry = self.patches.get(name)  # convs of one geometry reading one tensor share; a linear does not
+        ident = (id(x), version(x), geometry)
         entry = self.seen.get(ident)
         if entry is not None and entry[0]() is x:  # the same tensor, unchanged, as an earlier reader: shared
             key, readers = entry[1], entry[2]
@@ -97,13 +103,20 @@ class _Collector:
         if acc is None:
             acc = self.acc[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
         add_gram_upper(acc, rows.to(self.dtype))
+        total = self.sums.get(key)
+        if total is None:
+            total = self.sums[key] = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        total.add_(rows.sum(0, dtype=torch.float64))
         if not torch.isfinite(acc.diagonal()).all() and not torch.isfinite(rows).all():
             raise ValueError(f"non-finite activations (NaN or inf) in the input of module {name!r} in batch {self.batch}")
         self.count[key] = self.count.get(key, 0) + rows.shape[0]
 
     def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The (n, in) token inputs of ``x`` (..., in); padding dropped where ``x`` is laid out (batch, seq, in) or
-        (batch·seq, in) like the mask that :class:`masks.Masks` assigns it (any other layout: noted in ``unmasked``)."""
+        (batch·seq, in) like the mask that :class:`masks.Masks` assigns it (any other layout: noted in ``unmasked``).
+        A convolution's rows are its unfolded patches (n = batch · output positions, in = channels·∏kernel)."""
+        if name in self.patches:
+            return self.patches[name].rows(x)
         m = self.masks.mask_for(x) if x.dim() in (2, 3) else None
         if m is None and name not in self.unmasked and self.masks.unmasked_padding(x):
             self.unmasked[name] = tuple(x.shape)
@@ -130,6 +143,10 @@ def _plural(n: int, word: str) -> str:
 
 def _hook_all(model: nn.Module, targets: Mapping[str, nn.Module], state: _Collector) -> list[Any]:
     """Pre-hooks on the targets (accumulate) and on the encoder / decoder stacks (track which one runs)."""
+    for name, module in targets.items():
+        kind = kind_of(module)
+        if kind is not None and kind.patches is not None:
+            state.patches[name] = kind.patches(module)
     handles = [module.register_forward_pre_hook(
         lambda mod, args, kwargs, _n=name: state.hook(_n, args, kwargs), with_kwargs=True)
         for name, module in targets.items()]
@@ -148,7 +165,7 @@ def run_batch(model: nn.Module, batch: Any, i: int, device: torch.device, state:
     head = dict(head or {})
     if isinstance(batch, Mapping):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        state.begin(i, batch_masks(batch, i))
+        state.begin(i, batch_masks(batch, i, decoder_labels=bool(encoder_decoder(model))))
         model(**{**({} if "labels" in batch else head), **batch, **no_cache(model)})
     elif isinstance(batch, torch.Tensor):
         state.begin(i, Masks(None, None))
@@ -213,13 +230,16 @@ def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int,
                          f"targets): it did not take part in the forward pass or all its tokens were padding")
     _note_unmasked(state.unmasked)
     mean = {key: mirror_upper(state.acc[key]).div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
+    mu = {key: (state.sums[key] / state.count[key]).to(state.dtype) for key in state.acc}  # Σ x / N
     matrices = {n: mean[state.key_of[n]] for n in targets}
     counts = {n: state.count[state.key_of[n]] for n in targets}
+    means = {n: mu[state.key_of[n]] for n in targets}
     if routed is not None:
-        expert_matrices, expert_counts = routed.finish()
+        expert_matrices, expert_counts, expert_means = routed.finish()
         matrices.update(expert_matrices)
         counts.update(expert_counts)
-    covs = Covariances(matrices, counts)
+        means.update(expert_means)
+    covs = Covariances(matrices, counts, means)
     if progress:
         print(f"svdadapt calibration: {covs.summary()} from {_plural(n_batches, 'batch')}")
     return covs

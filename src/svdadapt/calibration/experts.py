@@ -208,6 +208,7 @@ class RoutedCollector:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
         self.params, self.dtype, self.state, self.weighting = dict(params), dtype, state, weighting
         self.acc: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # key -> Σ ω^½ z (in,), fp64: the token means (EVA centres)
         self.count: dict[str, int] = {k: 0 for p in self.params.values() for k in p.keys()}
         self.unmasked: dict[str, tuple[int, ...]] = {}
 
@@ -252,19 +253,25 @@ class RoutedCollector:
         if acc is None:
             acc = self.acc[key] = torch.zeros(zf.shape[1], zf.shape[1], dtype=self.dtype, device=zf.device)
         add_gram_upper(acc, zf)
+        total = self.sums.get(key)
+        if total is None:
+            total = self.sums[key] = torch.zeros(zf.shape[1], dtype=torch.float64, device=zf.device)
+        total.add_(zf.sum(0, dtype=torch.float64))
         if not torch.isfinite(acc.diagonal()).all() and not torch.isfinite(zf).all():
             raise ValueError(f"non-finite activations (NaN or inf) in the input of expert {key!r} in batch "
                              f"{self.state.batch}")
         self.count[key] += z.shape[0]
 
-    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """key -> C_e = Σ ω z zᵀ / N_e (in, in) (zeros for N_e = 0), key -> N_e, every expert of every parameter."""
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]:
+        """key -> C_e = Σ ω z zᵀ / N_e (in, in) (zeros for N_e = 0), key -> N_e, key -> the mean Σ ω^½ z / N_e
+        (in,) of the same rows (zeros for N_e = 0), every expert of every parameter."""
         if self.unmasked:
             key, shape = next(iter(self.unmasked.items()))
             warnings.warn(f"svdadapt calibration: the hidden states of experts {key!r} (shape {shape}) are laid out "
                           "neither (batch, seq, H) nor (batch·seq, H) like the attention_mask, so their padding "
                           "tokens count; pass unpadded batches (docs/calibration.md)", stacklevel=caller_level())
         matrices: dict[str, torch.Tensor] = {}
+        means: dict[str, torch.Tensor] = {}
         for p in self.params.values():
             device = getattr(p.module, p.param).device
             device = torch.device("cpu") if device.type == "meta" else device
@@ -272,7 +279,9 @@ class RoutedCollector:
                 acc = self.acc.get(k)
                 matrices[k] = (mirror_upper(acc).div_(self.count[k]) if acc is not None else
                                torch.zeros(p.in_features, p.in_features, dtype=self.dtype, device=device))
-        return matrices, dict(self.count)
+                means[k] = ((self.sums[k] / self.count[k]).to(self.dtype) if acc is not None else
+                            torch.zeros(p.in_features, dtype=self.dtype, device=device))
+        return matrices, dict(self.count), means
 
 
 def _by_parameter(covs: Covariances, names: Iterable[str] | None) -> dict[str, dict[int, str]]:
@@ -289,19 +298,25 @@ def _by_parameter(covs: Covariances, names: Iterable[str] | None) -> dict[str, d
     return out
 
 
-def _pooled(covs: Covariances, keys: Mapping[int, str], param: str) -> tuple[torch.Tensor, int]:
-    """The token-weighted mean of the experts' covariances, Σ N_e C_e / Σ N_e (fp64 sum), and Σ N_e."""
-    total, tokens = None, 0
+def _pooled(covs: Covariances, keys: Mapping[int, str], param: str
+            ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """The token-weighted mean of the experts' covariances, Σ N_e C_e / Σ N_e (fp64 sum), Σ N_e, and the pooled
+    token mean Σ N_e μ_e / Σ N_e (None where ``covs`` holds no means)."""
+    total, tokens, mu = None, 0, None
     for k in keys.values():
         n = covs.token_count(k)
         if n:
             part = covs[k].to(torch.float64) * n
             total = part if total is None else total.add_(part)
+            if covs.has_means:
+                m = covs.mean(k).to(torch.float64) * n
+                mu = m if mu is None else mu.add_(m)
             tokens += n
     if total is None:
         raise ValueError(f"calibration saw no tokens for any expert of parameter {param!r}: the router sent it "
                          "none of the calibration tokens (or all were padding)")
-    return (total / tokens).to(covs[next(iter(keys.values()))].dtype), tokens
+    dtype = covs[next(iter(keys.values()))].dtype
+    return (total / tokens).to(dtype), tokens, None if mu is None else (mu / tokens).to(dtype)
 
 
 def _warn_low(low: list[tuple[str, int]], min_tokens: int | None, fallback: str | None) -> None:
@@ -347,6 +362,7 @@ def fallback_covariances(covs: Covariances, names: Iterable[str] | None = None, 
     """
     check_fallback(min_tokens, fallback, damping)
     matrices, counts, notes = dict(covs), {k: covs.token_count(k) for k in covs}, covs.fallbacks
+    means = {k: covs.mean(k) for k in covs} if covs.has_means else None
     low_all: list[tuple[str, int]] = []
     for param, keys in _by_parameter(covs, names).items():
         d = covs[next(iter(keys.values()))].shape[0]
@@ -354,7 +370,7 @@ def fallback_covariances(covs: Covariances, names: Iterable[str] | None = None, 
         low = [(k, covs.token_count(k)) for _, k in sorted(keys.items()) if covs.token_count(k) < bound]
         if not low:
             continue
-        P, tokens = _pooled(covs, keys, param)
+        P, tokens, mu = _pooled(covs, keys, param)
         empty = [k for k, n in low if n == 0]
         if fallback is None and empty:
             raise ValueError(f"expert {empty[0]!r} received no calibration tokens ({len(empty)} experts of "
@@ -364,14 +380,18 @@ def fallback_covariances(covs: Covariances, names: Iterable[str] | None = None, 
         for k, n in low:
             if fallback == "pooled":
                 matrices[k], counts[k] = P, tokens
+                if means is not None:
+                    means[k] = mu
             elif fallback == "damped":
                 matrices[k] = covs[k] + torch.eye(d, dtype=P.dtype, device=P.device) * (damping * s)
             elif fallback == "identity":
                 matrices[k] = torch.eye(d, dtype=P.dtype, device=P.device) * s
+                if means is not None:
+                    means[k] = torch.zeros_like(means[k])
             if fallback is not None:
                 notes[k] = f"{fallback}: {n} routed tokens < {bound}"
         low_all += low
     if not low_all:
         return covs
     _warn_low(low_all, min_tokens, fallback)
-    return Covariances(matrices, counts, notes)
+    return Covariances(matrices, counts, means, notes)

@@ -250,6 +250,27 @@ def _check_lora_config(meta: Mapping[str, Any], where: str, targets: list[str]) 
                              f"target {stray!r} of the record")
 
 
+_LAYOUT_KEYS = {"A", "B", "A_shape", "B_shape"}
+
+
+def _check_layouts(meta: Mapping[str, Any], where: str, targets: list[str]) -> None:
+    """``layouts`` (optional, ``modules/layouts.py``): target -> {"A", "B": key suffixes, "A_shape", "B_shape":
+    lists of positive integers}."""
+    layouts = meta.get("layouts")
+    if layouts is None:
+        return
+    want = "a mapping of target to its factor layout ({'A', 'B', 'A_shape', 'B_shape'})"
+    if not isinstance(layouts, Mapping):
+        raise _field_error(where, "layouts", want, layouts)
+    for name, lay in layouts.items():
+        ok = (name in targets and isinstance(lay, Mapping) and set(lay) == _LAYOUT_KEYS
+              and all(isinstance(lay[k], str) and lay[k] for k in "AB")
+              and all(isinstance(lay[k], list) and all(_is_int(d) and d > 0 for d in lay[k])
+                      for k in ("A_shape", "B_shape")))
+        if not ok:
+            raise _field_error(where, f"layouts[{name!r}]", want + " of one of the targets", lay)
+
+
 def check_record(meta: Mapping[str, Any], where: str) -> None:
     """Types, ranges and agreement of the fields of an svdadapt.json record (``where`` names it in the message):
     ``ValueError`` naming the first bad field, in one line."""
@@ -257,3 +278,4 @@ def check_record(meta: Mapping[str, Any], where: str) -> None:
     targets = _check_targets(meta, where)
     _check_lora_config(meta, where, targets)
     _check_per_target(meta, where, targets)
+    _check_layouts(meta, where, targets)

@@ -253,7 +253,8 @@ def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
 
 def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
     """A packed (already quantized) target can be read but not re-decomposed into a new base; with ``quantize=``
-    every target must be a shape the quantized kernel runs."""
+    every target must be a shape the quantized kernel runs; a method that calibrates, no target whose kind has no
+    input covariance (``nn.Embedding``)."""
     packed = [n for n, m in targets.items() if kind_of(m).packed]
     if packed:
         layer = type(targets[packed[0]]).__name__
@@ -265,7 +266,17 @@ def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
                              f"{layer}: run {job.spec.name} on the full-precision model with quantize=... (e.g. "
                              "'nf4') instead")
     if job.quant is not None:
+        other = next((n for n, m in targets.items() if not kind_of(m).linear), None)
+        if other is not None:
+            raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a bitsandbytes linear layer, but "
+                             f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out "
+                             "of target_modules")
         job.quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})
+    blind = [n for n, m in targets.items() if not kind_of(m).calibrates] if job.spec.needs_calibration else []
+    if blind:
+        raise ValueError(f"method {job.spec.name!r} needs each target's input covariance, but module {blind[0]!r} is "
+                         f"an {type(targets[blind[0]]).__name__}, whose input is a token index, not a vector: leave "
+                         "it out of target_modules, or adapt it with pissa / milora")
 
 
 # ----------------------------------------------------------------------------------------------------- outputs

@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.apply import apply, write_factors
-from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
-                         read_checkpoint, write_checkpoint)
+from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, base_layer_keys, config_dict,
+                         config_from_dict, read_checkpoint, write_checkpoint)
 from ..modules.layers import before_save, kind_of, layer_checksum, layer_matches
+from ..modules.layouts import from_saved, layout_of
 from ..core.methods import get_method
 from ..core.record import ADAPTER, AdaptRecord, Factors, checksum_algorithm, weight_checksum
 from ..modules.targets import is_peft
@@ -66,17 +67,27 @@ def _current_state(peft_model: nn.Module, names: list[str], state_dict: Mapping[
     passes a gathered one under FSDP / DeepSpeed), else from the model."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=ADAPTER)
-    lora = adapter_keys(names)
+    # save_embedding_layers=False: PEFT would add a targeted embedding's base weight, here the residual
+    sd = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=ADAPTER,
+                                   save_embedding_layers=False)
+    layouts = layouts_of(peft_model, names)
+    lora = adapter_keys(names, layouts) | base_layer_keys(sd, names)
     extras = {k: v.detach().cpu() for k, v in sd.items() if k not in lora}
     out = {}
     for n in names:
+        ka, kb = adapter_key(n, "A", layouts.get(n)), adapter_key(n, "B", layouts.get(n))
         try:
-            out[n] = (sd[adapter_key(n, "A")].detach().cpu(), sd[adapter_key(n, "B")].detach().cpu())
+            out[n] = from_saved(sd[ka].detach().cpu(), sd[kb].detach().cpu())  # as matrices (r, in), (out, r)
         except KeyError:
-            raise KeyError(f"the adapter state has no LoRA factors for module {n!r} "
-                           f"(looked for {adapter_key(n, 'A')!r})") from None
+            raise KeyError(f"the adapter state has no LoRA factors for module {n!r} (looked for {ka!r})") from None
     return out, extras
+
+
+def layouts_of(peft_model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
+    """svdadapt.json's ``layouts``: name -> the factor layout of each target whose LoRA factors are not a linear's
+    (an embedding's parameters, a conv's kernels; ``modules/layouts.py``)."""
+    layers = _targets_of(peft_model, names)
+    return {n: lay for n in names if (lay := layout_of(layers[n], ADAPTER)) is not None}
 
 
 def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
@@ -102,6 +113,9 @@ def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
             "report": record.report, "quantize": record.quantize}
     if record.allocation is not None:
         meta["allocation"] = record.allocation
+    layouts = layouts_of(peft_model, record.targets)
+    if layouts:  # only where a target is not a linear: records of linear models stay as they were
+        meta["layouts"] = layouts
     if spec.rewrites_base:
         # what `load` should rebuild, to tell "bit-identical" from "equal up to a different BLAS's rounding"
         meta["residual_checksums"] = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}

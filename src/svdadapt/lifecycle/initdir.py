@@ -134,7 +134,8 @@ def _save_raw_adapter(peft_model: nn.Module, out: Path) -> None:
     cfg = peft_model.peft_config["default"]
     cfg.base_model_name_or_path, original_name = str((out / BASE_DIR).resolve()), cfg.base_model_name_or_path
     with sorted_sets(cfg):  # byte-identical adapter_config.json whatever the hash seed
-        PeftModel.save_pretrained(peft_model, str(out / TRAINED_DIR))
+        # save_embedding_layers=False: a targeted embedding's weight is base/'s, not the adapter's to carry
+        PeftModel.save_pretrained(peft_model, str(out / TRAINED_DIR), save_embedding_layers=False)
     cfg.base_model_name_or_path = original_name
 
 

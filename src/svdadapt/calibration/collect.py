@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..modules.layers import is_target_type, kind_of
 from ..modules.targets import resolve_targets
 from .covariances import Covariances
+from .experts import WEIGHTINGS, ExpertParam, RoutedCollector, check_fallback, expert_parameters, fallback_covariances
 from .forward import caller_level, eval_mode, first_tensor, model_device, no_cache, no_logits, version
 from .gram import add_gram_upper, mirror_upper
 from .masks import Masks, batch_masks, encoder_decoder
@@ -187,17 +188,22 @@ def _note_unmasked(unmasked: Mapping[str, tuple[int, ...]]) -> None:
 
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.Module],
-            dtype: torch.dtype = torch.float32, progress: bool = True) -> Covariances:
+            dtype: torch.dtype = torch.float32, progress: bool = True,
+            experts: Mapping[str, ExpertParam] | None = None, weighting: str = "routing") -> Covariances:
     """Run ``model`` on ``batches`` (as :func:`collect_covariances` does) with hooks on ``targets`` (name -> a
-    module of ``model``) and return their input covariances (in, in), accumulated and stored in ``dtype``."""
+    module of ``model``) and return their input covariances (in, in), accumulated and stored in ``dtype``; with
+    ``experts`` (``experts.expert_parameters``), also every expert's covariance of those parameters, from its
+    routed tokens (``weighting``: ``experts.RoutedCollector``; no fallback applied: an expert no token reached
+    has zeros and a count of 0)."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"covariances accumulate in torch.float32 or torch.float64, got dtype={dtype}")
     state = _Collector(dtype)
+    routed = RoutedCollector(experts, dtype, state, weighting) if experts else None
     device = model_device(model)
     head = no_logits(model, targets.values())
     n_batches = 0
     with eval_mode(model):
-        handles = _hook_all(model, targets, state)
+        handles = _hook_all(model, targets, state) + (routed.hooks() if routed else [])
         try:
             total = len(batches) if hasattr(batches, "__len__") else None
             for i, batch in enumerate(tqdm(batches, total=total, desc="svdadapt calibration", unit="batch",
@@ -207,12 +213,15 @@ def collect(model: nn.Module, batches: Iterable[Any], targets: Mapping[str, nn.M
         finally:  # hooks must never outlive the collection, also when the model raises
             for h in handles:
                 h.remove()
-    return _finish(state, targets, n_batches, progress)
+    return _finish(state, targets, n_batches, progress, routed)
 
 
-def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int, progress: bool) -> Covariances:
-    """The means XᵀX / N of a finished collection, after checking that every target saw tokens."""
-    if n_batches == 0 or not state.count or max(state.count.values()) == 0:
+def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int, progress: bool,
+            routed: RoutedCollector | None = None) -> Covariances:
+    """The means XᵀX / N of a finished collection, after checking that every target saw tokens (every expert
+    parameter, through some expert)."""
+    seen = list(state.count.values()) + (list(routed.count.values()) if routed else [])
+    if n_batches == 0 or not seen or max(seen) == 0:
         raise ValueError(f"calibration saw no tokens ({_plural(n_batches, 'batch')}): pass non-empty batches whose "
                          "attention_mask is not all zero")
     missing = [n for n in targets if n not in state.key_of or state.count.get(state.key_of[n], 0) == 0]
@@ -222,18 +231,28 @@ def _finish(state: _Collector, targets: Mapping[str, nn.Module], n_batches: int,
     _note_unmasked(state.unmasked)
     mean = {key: mirror_upper(state.acc[key]).div_(state.count[key]) for key in state.acc}  # XᵀX / N, in place
     mu = {key: (state.sums[key] / state.count[key]).to(state.dtype) for key in state.acc}  # Σ x / N
-    covs = Covariances({n: mean[state.key_of[n]] for n in targets},
-                       {n: state.count[state.key_of[n]] for n in targets},
-                       {n: mu[state.key_of[n]] for n in targets})
+    matrices = {n: mean[state.key_of[n]] for n in targets}
+    counts = {n: state.count[state.key_of[n]] for n in targets}
+    means = {n: mu[state.key_of[n]] for n in targets}
+    if routed is not None:
+        expert_matrices, expert_counts, expert_means = routed.finish()
+        matrices.update(expert_matrices)
+        counts.update(expert_counts)
+        means.update(expert_means)
+    covs = Covariances(matrices, counts, means)
     if progress:
         print(f"svdadapt calibration: {covs.summary()} from {_plural(n_batches, 'batch')}")
     return covs
 
 
 @torch.no_grad()
-def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules: str | Iterable[str] = "all-linear",
-                        dtype: torch.dtype = torch.float32, progress: bool = True) -> Covariances:
-    """Run ``model`` on ``batches`` and return the input covariance of every targeted Linear.
+def collect_covariances(model: nn.Module, batches: Iterable[Any],
+                        target_modules: str | Iterable[str] | None = "all-linear",
+                        dtype: torch.dtype = torch.float32, progress: bool = True, *,
+                        target_parameters: str | Iterable[str] | None = None, weighting: str = "routing",
+                        min_tokens: int | None = None, fallback: str | None = "pooled") -> Covariances:
+    """Run ``model`` on ``batches`` and return the input covariance of every targeted Linear and, with
+    ``target_parameters``, of every expert of the targeted MoE expert parameters.
 
     Args:
         model: any ``nn.Module``; run in eval mode under ``torch.no_grad`` (its training flag is restored).
@@ -244,9 +263,17 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules
             decoder token counts) or of tensors (``model(batch)``, every position counts). Any batch size and
             sequence length.
         target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear or transformers Conv1D but the
-            output head).
+            output head; ``None``: none, with ``target_parameters``).
         dtype: accumulation and storage dtype, ``torch.float32`` or ``torch.float64``.
         progress: progress bar over batches, and a one-line summary printed at the end.
+        target_parameters: PEFT's ``target_parameters`` (``"experts.gate_up_proj"``, ``"down_proj"``: a suffix of
+            ``<module>.<param>``), MoE expert parameters only (``calibration/experts.py``): expert e's covariance,
+            key ``<module>.<param>[e]``, counts the tokens routed to e (``down_proj``: e's own intermediate
+            activations).
+        weighting: ``"routing"`` (each routed token weighted by its squared routing weight) or ``"tokens"``.
+        min_tokens, fallback: what an expert that received fewer than ``min_tokens`` tokens (default its input
+            width) gets, with a warning naming it (``experts.fallback_covariances``: ``"pooled"``, ``"damped"``,
+            ``"identity"`` or ``None``).
     Returns:
         :class:`Covariances`: name -> C = XᵀX / N (in, in), in the layer's input width (``weight.shape[1]`` of a
         Linear, ``weight.shape[0]`` of a Conv1D, which stores (in, out)); q/k/v-style readers of one input share a
@@ -254,7 +281,18 @@ def collect_covariances(model: nn.Module, batches: Iterable[Any], target_modules
     Raises:
         ValueError: no tokens seen (or none for some target), NaN/inf in a module's input (named), bad dtype.
     """
-    return collect(model, batches, resolve_targets(model, target_modules), dtype, progress)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+    targets = {} if target_modules is None else resolve_targets(model, target_modules)
+    if target_parameters is None:
+        if target_modules is None:
+            raise ValueError("target_modules=None and no target_parameters: nothing to calibrate")
+        return collect(model, batches, targets, dtype, progress)
+    check_fallback(min_tokens, fallback)
+    experts = expert_parameters(model, target_parameters)
+    covs = collect(model, batches, targets, dtype, progress, experts, weighting)
+    return fallback_covariances(covs, [k for p in experts.values() for k in p.keys()], min_tokens=min_tokens,
+                                fallback=fallback)
 
 
 def _looks_like_batch(m: Mapping) -> bool:

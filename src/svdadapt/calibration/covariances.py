@@ -6,7 +6,9 @@ For a Linear with input x (in,), its covariance over the calibration tokens t = 
     C = (1/N) · Σ_t x_t x_tᵀ = XᵀX / N          (in, in), X the (N, in) matrix of token inputs
 
 (the *mean* over tokens, not centred: CorDA and EoRA both want the second moment). ``N`` is stored next to
-it, so a sum can be recovered exactly as ``C · N``. Both methods are invariant to a scalar scale of C, so the
+it, so a sum can be recovered exactly as ``C · N``. An MoE expert's covariance (key ``<param>[e]``,
+``calibration/experts.py``) counts the tokens routed to it; one replaced by a fallback (too few tokens) carries a
+note (``fallback_of``) saying what it is and how many tokens the expert had. Both methods are invariant to a scalar scale of C, so the
 normalization only matters for reading the numbers. Linears that read the very same tensor (q/k/v after one norm)
 map to one tensor object, stored once.
 
@@ -55,14 +57,17 @@ class Covariances(Mapping[str, torch.Tensor]):
         nbytes: memory of the unique tensors.
         summary(): one line (layers, unique inputs, tokens, memory).
         has_means, mean(name), centered(name): the token mean μ (in,) and C − μμᵀ (in, in).
+        fallbacks / fallback_of(name): name -> how a covariance replaced for too few tokens was made (MoE
+            experts, ``experts.fallback_covariances``), None for a collected one.
         save(path) / Covariances.load(path): safetensors, bit-exact.
     """
 
     def __init__(self, matrices: Mapping[str, torch.Tensor], counts: Mapping[str, int] | None = None,
-                 means: Mapping[str, torch.Tensor] | None = None) -> None:
+                 means: Mapping[str, torch.Tensor] | None = None, fallbacks: Mapping[str, str] | None = None) -> None:
         """Build from ``matrices`` (name -> (in, in) tensor; names mapped to the same tensor object form a
-        group stored once), ``counts`` (name -> token count; names of a group must agree; default 0) and
-        ``means`` (name -> (in,) token mean, for every name or None; a group's first name's is its own)."""
+        group stored once), ``counts`` (name -> token count; names of a group must agree; default 0),
+        ``means`` (name -> (in,) token mean, for every name or None; a group's first name's is its own) and
+        ``fallbacks`` (name -> a note, for covariances that are a fallback, not collected)."""
         self._matrix: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, int] = {}
         groups: list[list[str]] = []
@@ -85,6 +90,7 @@ class Covariances(Mapping[str, torch.Tensor]):
                 raise ValueError(f"modules {list(names)} share one covariance but have different token counts {sorted(cs)}")
             self._count.append(cs.pop())
         self._means = None if means is None else _group_means(self._groups, self._matrix, means)
+        self._fallback = {n: str(v) for n, v in (fallbacks or {}).items() if n in self._matrix}
 
     # Mapping protocol -----------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -131,6 +137,14 @@ class Covariances(Mapping[str, torch.Tensor]):
         C = self._matrix[name]
         return (C.to(torch.float64) - torch.outer(mu, mu)).to(C.dtype)
 
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return dict(self._fallback)
+
+    def fallback_of(self, name: str) -> str | None:
+        """How ``name``'s covariance was made when it is a fallback (too few tokens), None when collected."""
+        return self._fallback.get(name)
+
     def shared_with(self, name: str) -> tuple[str, ...]:
         """All names (``name`` included) that read the same input as ``name``."""
         return self._groups[self._group_of[name]]
@@ -162,6 +176,8 @@ class Covariances(Mapping[str, torch.Tensor]):
         meta = {"format": _FORMAT, "normalization": "mean: C = X^T X / N",
                 "groups": json.dumps([list(g) for g in self._groups]), "counts": json.dumps(self._count),
                 "order": json.dumps(list(self._matrix))}
+        if self._fallback:  # absent from files without fallbacks (and from files written before it existed)
+            meta["fallbacks"] = json.dumps(self._fallback)
         if self._means is not None:  # under keys no module name can take ('::' is not in a module path)
             tensors.update({_MEAN_KEY + g[0]: m.detach().cpu().contiguous() for g, m in zip(self._groups, self._means)})
             meta["means"] = "token means under '" + _MEAN_KEY + "<first name of the group>'"
@@ -190,6 +206,7 @@ class Covariances(Mapping[str, torch.Tensor]):
                     raise ValueError(f"{p!r} is not a svdadapt covariance file (format={meta.get('format')!r})")
                 keys = set(f.keys())
                 groups, counts, order = _read_layout(meta, keys, p)
+                fallbacks = _read_fallbacks(meta, set(order), p)
                 tensors = {names[0]: f.get_tensor(names[0]) for names in groups}
                 means = _read_means(f, meta, keys, groups, p)
         except (OSError, SafetensorError) as e:  # safetensors' own words, without its traceback
@@ -197,7 +214,7 @@ class Covariances(Mapping[str, torch.Tensor]):
         matrices = {name: tensors[names[0]] for names in groups for name in names}
         count_of = {name: n for names, n in zip(groups, counts) for name in names}
         try:
-            return cls({n: matrices[n] for n in order}, count_of, means)
+            return cls({n: matrices[n] for n in order}, count_of, means, fallbacks)
         except ValueError as e:
             raise ValueError(f"{p!r} holds an invalid covariance: {e}") from None
 
@@ -237,6 +254,21 @@ def _read_layout(meta: Mapping[str, str], keys: set[str], path: str
     if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(names)):
         raise bad("'order' must list every module name of 'groups' exactly once")
     return groups, counts, order
+
+
+def _read_fallbacks(meta: Mapping[str, str], names: set[str], path: str) -> dict[str, str]:
+    """The fallback notes of a covariance file (none in files without fallbacks or older ones), checked."""
+    if "fallbacks" not in meta:
+        return {}
+    try:
+        notes = json.loads(meta["fallbacks"])
+    except json.JSONDecodeError:
+        notes = None
+    if not (isinstance(notes, dict) and all(isinstance(k, str) and k in names and isinstance(v, str)
+                                            for k, v in notes.items())):
+        raise ValueError(f"{path!r} has inconsistent covariance metadata: 'fallbacks' must map module names of "
+                         "the file to notes")
+    return notes
 
 
 def _group_means(groups: tuple[tuple[str, ...], ...], matrices: Mapping[str, torch.Tensor],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -235,7 +236,8 @@ def wrap(
     param_targets = experts.select(model, job, inputs.targets)  # target_parameters (engine/experts.py)
     _warn_coverage(model, inputs.targets, param_targets)
     checksums = experts.param_checksums(model, param_targets)
-    param_plans = experts.plan_parameters(job, model, param_targets, request.calibration, request.reference)
+    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
+    param_plans = experts.plan_parameters(job, model, param_targets, expert_calibration, request.reference)
     allocated = None
     if not inputs.targets:
         plans = {}
@@ -255,6 +257,18 @@ def wrap(
         experts.record_parameters(record, params, param_plans, checksums)
     attach(peft_model, record)  # save_pretrained guard, see lifecycle/export.py
     return peft_model
+
+
+def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, Any]) -> tuple[_Inputs, Any]:
+    """What the experts' plans read as calibration: given covariances as they are; from batches, the routed-token
+    covariances of every expert (``experts.routed_covariances``), collected in a pass of their own on the model
+    the method calibrates on. The batches are read once into a list, which the layers' calibration reuses."""
+    calibration = inputs.calibration
+    if not (param_targets and job.spec.needs_calibration) or isinstance(calibration, (Mapping, str, os.PathLike)):
+        return inputs, calibration
+    inputs = replace(inputs, calibration=list(calibration))
+    hook_model = _hook_model(job, inputs, inputs.calibration)
+    return inputs, experts.routed_covariances(hook_model, inputs.calibration, param_targets, inputs.progress)
 
 
 def _warn_coverage(model: nn.Module, targets: Mapping[str, nn.Module], params: Mapping[str, Any]) -> None:

@@ -325,14 +325,43 @@ def test_errors():
                         "'model.layers.1.mlp.experts.gate_up_proj' stacked (4, in, in))"):
         svdadapt.wrap(model, "corda", rank=RANK, target_modules=[], target_parameters=EXPERTS, calibration=covs,
                       progress=False)
-    with raises_exactly(ValueError, "target_parameters with CorDA / EoRA needs each expert's covariance: pass "
-                        "calibration= a mapping (or svdadapt.Covariances) with keys '<module>.<param>[e]' (in, in) "
-                        "or '<module>.<param>' (experts, in, in); collecting them from batches is not supported yet"):
-        svdadapt.wrap(model, "corda", rank=RANK, target_modules=[], target_parameters=EXPERTS, calibration=[IDS],
-                      progress=False)
+    with raises_exactly(ValueError, "target parameter 'model.layers.0.mlp.gate.weight' is 2-D (not an MoE "
+                        "expert): its input covariance cannot be collected from routed tokens; pass calibration= a "
+                        "Covariances holding it"):
+        svdadapt.wrap(model, "corda", rank=RANK, target_modules=[], target_parameters=["mlp.gate.weight"],
+                      calibration=[IDS], progress=False)
     for kw, what in (({"quantize": "nf4"}, "quantize="), ({"allocate": True}, "allocate="),
                      ({"rank_pattern": {"down_proj": 1}}, "rank_pattern=")):
         with raises_exactly(ValueError, f"target_parameters=['experts.down_proj'] with {what} is not supported yet; "
                             f"drop {what} (docs/experts.md)"):
             svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], progress=False, **kw)
     assert not svdadapt.modules.targets.is_peft(model)  # nothing was touched
+
+
+@pytest.mark.parametrize("method", ["corda", "eora"])
+def test_calibration_batches_give_the_routed_token_covariances(method):
+    """calibration= batches: each expert's covariance is collected from the tokens routed to it
+    (``collect_covariances(target_parameters=)``, on the reference model for EoRA), so the adapters equal, bit for
+    bit, those from the covariances collected by hand and passed in: one collection routine, one plan."""
+    model = moe("mixtral", seed=8)
+    batches = [token_ids(2, 9, seed=s, vocab=64) for s in range(6)]
+    kw = {}
+    if method == "eora":  # the reference: the model before a perturbation of its experts
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 3:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9)))
+        kw["reference"] = ref
+    hooked = kw.get("reference", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning, and the fallback's for experts with few tokens
+        covs = svdadapt.collect_covariances(hooked, batches, target_modules=None, target_parameters=EXPERTS,
+                                            progress=False)
+        given = svdadapt.wrap(copy.deepcopy(model), method, rank=RANK, target_modules=[], target_parameters=EXPERTS,
+                              calibration=covs, progress=False, **kw)
+        collected = svdadapt.wrap(copy.deepcopy(model), method, rank=RANK, target_modules=[],
+                                  target_parameters=EXPERTS, calibration=iter(batches), progress=False, **kw)
+    a, b = given.state_dict(), collected.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(torch.count_nonzero(v) for k, v in b.items() if "lora_A" in k)

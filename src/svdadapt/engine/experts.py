@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from . import plan
+from .distributed import my_batches, reduce_covariances, world
+from ..calibration.collect import collect
 from ..calibration.covariances import Covariances
+from ..calibration.experts import expert_parameters, fallback_covariances
 from ..core.methods import finish
 from ..core.patterns import layer_value
 from ..core.record import ADAPTER, weight_checksum
@@ -111,9 +114,9 @@ def expert_covariances(calibration: Any, targets: Mapping[str, ParamTarget]) -> 
     if isinstance(calibration, str) or hasattr(calibration, "__fspath__"):
         calibration = Covariances.load(calibration)
     if not isinstance(calibration, Mapping):
-        raise ValueError("target_parameters with CorDA / EoRA needs each expert's covariance: pass calibration= a "
-                         "mapping (or svdadapt.Covariances) with keys '<module>.<param>[e]' (in, in) or "
-                         "'<module>.<param>' (experts, in, in); collecting them from batches is not supported yet")
+        raise ValueError("target_parameters with CorDA / EoRA needs each expert's covariance: pass calibration= "
+                         "batches, or a mapping (or svdadapt.Covariances) with keys '<module>.<param>[e]' (in, in) "
+                         "or '<module>.<param>' (experts, in, in)")
     out = {}
     for t in targets.values():
         stacked = calibration.get(t.key) if t.stacked else None
@@ -274,6 +277,24 @@ def select(model: nn.Module, job: Any, module_targets: Mapping[str, nn.Module]) 
         if not torch.isfinite(p).all():
             raise ValueError(f"target parameter {key!r} contains NaN or inf")
     return targets
+
+
+def routed_covariances(hook_model: nn.Module, batches: list, targets: Mapping[str, ParamTarget],
+                       progress: bool = False) -> Covariances:
+    """Every targeted expert's covariance from calibration ``batches`` run on ``hook_model``: the tokens the
+    router sends to it (``calibration/experts.py``, weighted by the squared routing weight), all-reduced under
+    ``torch.distributed`` (each rank runs its share of the batches), then the fallback for experts with fewer
+    tokens than their input width (the parameter's pooled covariance, with a warning naming them).
+
+    A 2-D parameter target (no router) has no routed tokens: its covariance must be given (a ``Covariances``)."""
+    flat = [t.key for t in targets.values() if not t.stacked]
+    if flat:
+        raise ValueError(f"target parameter {flat[0]!r} is 2-D (not an MoE expert): its input covariance cannot be "
+                         "collected from routed tokens; pass calibration= a Covariances holding it")
+    params = expert_parameters(hook_model, [t.key for t in targets.values()])
+    mine = my_batches(batches) if world()[1] > 1 else batches
+    covs = reduce_covariances(collect(hook_model, mine, {}, torch.float32, progress, params, "routing"))
+    return fallback_covariances(covs, [k for p in params.values() for k in p.keys()])
 
 
 def plan_parameters(job: Any, model: nn.Module, targets: Mapping[str, ParamTarget], calibration: Any,

@@ -80,3 +80,13 @@ def test_compact_usage_errors_exit_2(pissa_init, tmp_path, capsys, extra, messag
     assert capsys.readouterr().err.strip().splitlines()[-1] == "svdadapt: error: " + message.replace("{missing}",
                                                                                                      missing)
     assert not (tmp_path / "lora").exists()
+
+
+def test_an_unreadable_covariances_file_exits_1(pissa_init, tmp_path, capsys):
+    bad = tmp_path / "c.safetensors"
+    bad.write_text("not a safetensors file")
+    capsys.readouterr()
+    assert main(["export", str(pissa_init), "--out", str(tmp_path / "lora"), "--rank", "2",
+                 "--covariances", str(bad)]) == 1  # what a named file holds: exit 1 (docs/cli.md#exit-codes)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"svdadapt: error: {str(bad)!r} is not a readable safetensors file (truncated or corrupt)")

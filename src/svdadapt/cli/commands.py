@@ -159,7 +159,8 @@ _COMPACT_FLAGS = (("give rank or energy", "give --rank or --energy"), ("got rank
 
 
 def _compact_args(args: argparse.Namespace):
-    """``export``'s compact options checked (a usage error), None for the plain export."""
+    """``export``'s compact options checked (a usage error): a function that builds them (reading the covariances
+    file), or None for the plain export."""
     from ..lifecycle.compact import ROUND_TO, compact_options
 
     round_to = args.round_to
@@ -179,7 +180,10 @@ def _compact_args(args: argparse.Namespace):
         raise UsageError("--weighted needs --covariances (the layers' input covariances, `svdadapt calibrate`)")
     if args.covariances is not None and not Path(args.covariances).is_file():
         raise UsageError(f"no such covariances file: {args.covariances!r}")
-    return compact_options(args.rank, args.energy, round_to, args.covariances, args.weighted)  # reads the file
+    if all(v is None for v in (args.rank, args.energy, round_to, args.covariances)):
+        return None
+    # the covariances file is read after every path check (what it holds is an exit-1 matter)
+    return lambda: compact_options(args.rank, args.energy, round_to, args.covariances, args.weighted)
 
 
 def _calib_options(q: argparse.ArgumentParser) -> None:
@@ -689,6 +693,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     compact = _compact_args(args)
     d, adapter, out = _export_paths(args)
+    compact = None if compact is None else compact()
     try:
         done = export_init_dir(d, out, adapter, log=_say, compact=compact)
     except NotAnAdapter as e:
@@ -719,6 +724,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _print_compact(done: Any) -> int:
     from ..lifecycle.compact import REPORT_FILE
 
+    from ..lifecycle.export import quantization_gap
+
     rep = json.loads((done.out / REPORT_FILE).read_text())
     rows = rep["layers"].values()
     ranks = sorted({r["rank"] for r in rows})
@@ -734,6 +741,9 @@ def _print_compact(done: Any) -> int:
         ("applies to", "the ORIGINAL model" if done.meta["rewrites_base"] else "the compressed model (as trained)"),
         ("written", f"{done.out} (per layer: {REPORT_FILE})"),
     ]))
+    gap = quantization_gap(done.meta.get("quantize"), done.meta.get("report") or {})
+    if gap is not None:
+        print(gap)
     return 0
 
 

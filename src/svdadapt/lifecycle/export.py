@@ -173,6 +173,9 @@ def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
     before_save(peft_model)
     meta = checkpoint_meta(peft_model)
     current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)
+    if gap is not None:
+        print(gap)
     return write_compact(directory, meta, peft_model.svdadapt.init_factors, current, options, extras)
 
 

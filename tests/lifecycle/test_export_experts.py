@@ -89,3 +89,15 @@ def test_load_rejects_another_base_naming_the_parameter(trained):
     with pytest.raises(ValueError, match=r"first mismatch at parameter 'model\.layers\.1\.mlp\.experts\.gate_up_proj' "
                                          rf"\(shape \({shape[0]}, {shape[1]}, {shape[2]}\) torch\.float32, crc32 "):
         svdadapt.load(other, d, progress=False)
+
+
+def test_compact_export_refuses_expert_wrappers(trained, tmp_path):
+    """export_lora(rank=) writes one (out, in) product per target: a ParamWrapper's packed experts are refused,
+    naming the wrapper, before anything is written."""
+    _, _, pm, _, _ = trained
+    with pytest.raises(ValueError) as e:
+        svdadapt.export_lora(pm, tmp_path / "c", rank=1)
+    assert str(e.value) == ("a compact export (rank= / energy= / round_to= / covariances=) writes linear layers only; "
+                            "target 'model.layers.0.mlp.experts.down_proj' is an MoE parameter (its factors have "
+                            "their own layout): export it without those keywords")
+    assert not (tmp_path / "c").exists()

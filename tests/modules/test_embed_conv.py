@@ -366,6 +366,11 @@ def test_conv_net_save_load_export_unwrap(tmp_path):
         # W_res = fl(W − s·B₀·A₀) (fp32 addmm), then W_res + s·B₀·A₀ in fp64 and one rounding to fp32
         bound = gemm_error(B0, A0, C=W, alpha=scaling[n]) + U32 * W.abs()
         assert bool(((read(plain.get_submodule(n)) - W).abs() <= bound).all()), n
+    with pytest.raises(ValueError) as e:  # a compact export writes (out, in) products only
+        svdadapt.export_lora(peft_model, tmp_path / "c", rank=1)
+    assert str(e.value) == ("a compact export (rank= / energy= / round_to= / covariances=) writes linear layers only; "
+                            "target 'down' is an embedding or convolution (its factors have their own layout): "
+                            "export it without those keywords")
 
 
 def test_llama_embed_tokens_save_export_without_the_residual_embedding(tmp_path):

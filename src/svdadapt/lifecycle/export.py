@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..engine import experts
 from ..engine.apply import apply, write_factors
+from .compact import compact_options, write_compact
 from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, base_layer_keys, config_dict,
                          config_from_dict, read_checkpoint, write_checkpoint)
 from ..modules.layers import before_save, kind_of, layer_checksum, layer_matches
@@ -182,10 +183,28 @@ def save(peft_model: nn.Module, directory: str | os.PathLike, *,
 
 @torch.no_grad()
 def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
-                state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+                state_dict: Mapping[str, torch.Tensor] | None = None, rank: int | None = None,
+                energy: float | None = None, round_to: str | list[int] | None = None, covariances: Any = None,
+                weighted: bool = False) -> Path:
     """Write only the vanilla PEFT adapter for the ORIGINAL base (A' = [A; A₀], B' = [B, −B₀], alpha doubled; EoRA:
-    the plain rank-r LoRA for W_c). Returns the directory."""
-    return _write_portable(peft_model, directory, False, state_dict)
+    the plain rank-r LoRA for W_c). Returns the directory.
+
+    Compact (``lifecycle/compact.py``): with ``rank=k`` each layer's update ΔW is written at rank k (its best rank-k
+    approximation; exact when rank(ΔW) ≤ k), with ``energy=f`` at the smallest rank keeping the fraction f of
+    ‖ΔW‖²; ``round_to`` ("vllm" or a list of ranks) rounds each layer's rank up to the next slot; ``covariances``
+    (a ``Covariances``, a mapping or its file) adds the whitened error ‖(ΔW − M)·X‖ / ‖ΔW·X‖ to the report and, with
+    ``weighted=True``, M minimizes it. Per-layer ranks go to ``rank_pattern`` (scaling 1), the errors to
+    svdadapt_export.json."""
+    options = compact_options(rank, energy, round_to, covariances, weighted)
+    if options is None:
+        return _write_portable(peft_model, directory, False, state_dict)
+    before_save(peft_model)
+    meta = checkpoint_meta(peft_model)
+    current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)
+    if gap is not None:
+        print(gap)
+    return write_compact(directory, meta, peft_model.svdadapt.init_factors, current, options, extras)
 
 
 def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path, progress: bool) -> None:

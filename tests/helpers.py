@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TOY_SIZES = (24, 40, 32, 16)
@@ -186,3 +187,65 @@ def output_bytes(path) -> bytes:
     meta = json.loads(path.read_text())
     meta.get("files", {}).pop("adapter/adapter_config.json", None)
     return json.dumps(meta).encode()
+
+
+# ------------------------------------------------------------------------------------------------------ MoE models
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def random_routers(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    """Router weights (and biases) drawn N(0, scale²) (the configs' init gives near-uniform routing): peaked,
+    unequal routing weights, so that weighting by them changes the covariances."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        router = getattr(layer.mlp, "gate", None) or layer.mlp.router
+        for p in router.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def tiny_mixtral(seed: int = 0, **overrides) -> nn.Module:
+    """A tiny MixtralForCausalLM: 2 layers, hidden 32, 4 experts of intermediate 24, top-2."""
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    cfg = transformers.MixtralConfig(**{**kw, **overrides})
+    return random_routers(_seeded(seed, lambda: transformers.MixtralForCausalLM(cfg)), seed)
+
+
+def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
+    """A tiny Qwen2MoeForCausalLM: 2 MoE layers, 6 experts of intermediate 16, top-2 with the raw softmax
+    probabilities as weights (norm_topk_prob=False), a shared expert (nn.Linear) of 40."""
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=40,
+        intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, max_position_embeddings=64)
+    return random_routers(_seeded(seed, lambda: transformers.Qwen2MoeForCausalLM(cfg)), seed)
+
+
+def tiny_gpt_oss(seed: int = 0) -> nn.Module:
+    """A tiny GptOssForCausalLM: experts stored transposed, (E, H, 2·I) with interleaved gate/up columns and
+    biases, its own clamped SwiGLU, routing by a softmax over the top-k logits; its experts' forward is
+    (hidden_states, router_indices, routing_weights)."""
+    cfg = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["full_attention"] * 2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = random_routers(_seeded(seed, lambda: transformers.GptOssForCausalLM(cfg)), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in model.model.layers:
+        b = layer.mlp.experts.gate_up_proj_bias
+        b.data.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    return model
+
+
+def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
+    """A tiny Qwen3MoeForCausalLM: 2 MoE layers, 8 experts of intermediate 16, top-2 renormalized
+    (norm_topk_prob=True), no shared expert."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, moe_intermediate_size=16, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=64)
+    return random_routers(_seeded(seed, lambda: transformers.Qwen3MoeForCausalLM(cfg)), seed)

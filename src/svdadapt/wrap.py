@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances, caller_level
 from .engine.distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine.apply import apply
-from .engine import allocation
+from .engine import allocation, experts
 from .engine.plan import LayerPlan, plan_layer, plan_layers
 from .lifecycle.export import attach
 from .engine.job import (Job, Request, build_job, calibrates_on, check_needs, check_packing, keywords, lora_config,
@@ -27,6 +28,7 @@ from .core.methods import SVD_CHOICES, get_method
 from .quant.quantized import compressed_inputs, plan_quantized_layer
 from .core.record import AdaptRecord
 from .engine.sources import ModelSource
+from .modules.params import coverage_warning
 from .modules.targets import is_peft, resolve_targets
 
 __all__ = ["wrap", "resolve_targets", "SVD_CHOICES", "build_job", "select_targets", "lora_config"]
@@ -82,7 +84,7 @@ def _covariances(job: Job, inputs: _Inputs, calibration: Any) -> dict[str, torch
         covs = reduce_covariances(as_covariances(my_batches(calibration), hook_model, list(targets), progress=progress))
     else:
         covs = as_covariances(calibration, hook_model, list(targets), progress=progress)
-    return checks.check_covariances(covs, targets)
+    return checks.check_covariances(covs, targets, job.spec.centered)
 
 
 def _plan(job: Job, references: dict[str, torch.Tensor] | None, targets: dict[str, nn.Module],
@@ -131,7 +133,8 @@ def _plans(job: Job, inputs: _Inputs, blockwise: Any, allocating: bool = False) 
     try:
         return plan_blockwise(_hook_model(job, inputs, batches), inputs.targets, batches,
                               partial(_plan, job, inputs.references), options,
-                              compensation=Compensation(inputs.model, job.scaling_of), progress=inputs.progress)
+                              compensation=Compensation(inputs.model, job.scaling_of), progress=inputs.progress,
+                              centered=job.spec.centered)
     except BlockwiseUnsupported as e:
         if blockwise is not None:
             raise
@@ -207,6 +210,9 @@ def wrap(
         quantize, quant_iters: a bitsandbytes scheme ("nf4", "fp4", "int8") for the new base (QPiSSA: the
             residual; EoRA: W itself, compensated), and LoftQ-style alternation steps (the best step is kept).
         progress: progress bars.
+        target_parameters: PEFT's: parameters as targets, matched as ``<module>.<param>`` or a dotted suffix
+            (MoE experts: ``["experts.gate_up_proj", "experts.down_proj"]``); each expert decomposed on its own
+            (docs/experts.md). ``target_modules=[]`` adapts the parameters only.
         allocate: True or ``svdadapt.AllocateOptions(budget=, min_rank=, max_rank=, objective=)``: each layer's
             rank chosen to maximize the method's objective within a parameter budget (default: what uniform
             ``rank`` costs), written as the ``rank_pattern`` (docs/wrap.md, "Allocating ranks under a budget").
@@ -222,16 +228,51 @@ def wrap(
     checks.check_flag("progress", request.progress)
     job = build_job(spec, rank, request, quantize=quantize, quant_iters=quant_iters, task_type=task_type,
                     modules_to_save=modules_to_save)
+    experts.refuse_unsupported(job.target_parameters, quantize=quantize, allocate=allocate,
+                               rank_pattern=request.rank_pattern, alpha_pattern=request.alpha_pattern)
     options = allocation.resolve(allocate, job, job.quant is not None and spec.rewrites_base)
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)
+    param_targets = experts.select(model, job, inputs.targets)  # target_parameters (engine/experts.py)
+    _warn_coverage(model, inputs.targets, param_targets)
+    checksums = experts.param_checksums(model, param_targets)
+    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
+    param_plans = experts.plan_parameters(job, model, param_targets, expert_calibration, request.reference)
     allocated = None
-    if options is None:
+    if not inputs.targets:
+        plans = {}
+    elif options is None:
         plans = _plans(job, inputs, request.blockwise)
     else:
         job, plans, allocated = _allocated_plans(job, inputs, request.blockwise, options)
+        inputs = replace(inputs, targets={n: m for n, m in inputs.targets.items() if n in plans},  # rank 0: none
+                         base_checksums={n: c for n, c in inputs.base_checksums.items() if n in plans})
+    params = experts.ParamApply(param_targets, {k: (p.A, p.B) for k, p in param_plans.items()},
+                                spec.rewrites_base) if param_targets else None
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
                        rewrite_base=spec.rewrites_base, quantize=None if job.quant is None else job.quant.scheme,
-                       progress=request.progress)
-    attach(peft_model, _record(job, inputs.targets, plans, inputs.base_checksums, allocated))  # save_pretrained guard, see lifecycle/export.py
+                       progress=request.progress, params=params)
+    record = _record(job, inputs.targets, plans, inputs.base_checksums, allocated)
+    if params is not None:
+        experts.record_parameters(record, params, param_plans, checksums)
+    attach(peft_model, record)  # save_pretrained guard, see lifecycle/export.py
     return peft_model
+
+
+def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, Any]) -> tuple[_Inputs, Any]:
+    """What the experts' plans read as calibration: given covariances as they are; from batches, the routed-token
+    covariances of every expert (``experts.routed_covariances``), collected in a pass of their own on the model
+    the method calibrates on. The batches are read once into a list, which the layers' calibration reuses."""
+    calibration = inputs.calibration
+    if not (param_targets and job.spec.needs_calibration) or isinstance(calibration, (Mapping, str, os.PathLike)):
+        return inputs, calibration
+    inputs = replace(inputs, calibration=list(calibration))
+    hook_model = _hook_model(job, inputs, inputs.calibration)
+    return inputs, experts.routed_covariances(hook_model, inputs.calibration, param_targets, inputs.progress)
+
+
+def _warn_coverage(model: nn.Module, targets: Mapping[str, nn.Module], params: Mapping[str, Any]) -> None:
+    """The warning of ``params.coverage_warning`` (most of the decoder blocks' weights are MoE experts left out)."""
+    message = coverage_warning(model, targets, params)
+    if message is not None:
+        warnings.warn(message, stacklevel=caller_level())

@@ -208,7 +208,7 @@ ERRORS = [
     (["init", "{tiny}", "--method", "pissa", "--rank", "65", "--out", "{new}", "--no-progress"], 1,
      "svdadapt: error: rank=65 exceeds min(out, in) = 32 of module 'model.layers.0.self_attn.k_proj' with weight (32, 64)"),
     (["init", "{tiny}", "--method", "pissa", "--rank", "2", "--target-modules", "nope", "--out", "{new}",
-      "--no-progress"], 1, "svdadapt: error: target_modules=['nope'] matched no adaptable layer (nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed Linear) in LlamaForCausalLM; …"),
+      "--no-progress"], 1, "svdadapt: error: target_modules=['nope'] matched no adaptable layer (nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/nn.Conv2d, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed Linear) in LlamaForCausalLM; …"),
     (["calibrate", "{tiny}", "--calib", "{calib}", "--out", "{new}.pt"], 2,
      "svdadapt: error: --out must be a .safetensors file, got '{new}.pt'"),
     (["calibrate", "{tiny}", "--out", "{new}.safetensors"], 2,

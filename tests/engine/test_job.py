@@ -38,7 +38,8 @@ INIT_CHECKPOINT = {"checkpoint_dir": ("POSITIONAL_OR_KEYWORD", inspect.Parameter
                    "max_shard_bytes": ("KEYWORD_ONLY", 1 << 30), "resume": ("KEYWORD_ONLY", True)}
 NEW = {"options": ("KEYWORD_ONLY", None),  # the nested form of a method's options, beside the flat keywords
        "rank_pattern": ("KEYWORD_ONLY", None), "alpha_pattern": ("KEYWORD_ONLY", None),  # PEFT's per-layer ones
-       "allocate": ("KEYWORD_ONLY", False)}  # rank allocation (init_checkpoint refuses it with a reason)
+       "allocate": ("KEYWORD_ONLY", False),  # rank allocation (init_checkpoint refuses it with a reason)
+       "target_parameters": ("KEYWORD_ONLY", None)}  # PEFT's (MoE experts; init_checkpoint refuses it)
 
 
 def _params(fn) -> dict:

@@ -101,8 +101,8 @@ def test_register_linear_runs_eora_on_an_unknown_type():
 
 
 def test_unreadable_module_type_is_one_line_naming_it_and_the_kinds():
-    kinds = ("nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized "
-             "Linear, optimum-quanto QLinear, compressed-tensors compressed Linear")
+    kinds = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/nn.Conv2d, bitsandbytes Linear4bit/Linear8bitLt, "
+             "HQQ HQQLinear, torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed Linear")
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
     with raises_exactly(ValueError, f"module '1' is a ReLU, which no layer kind of svdadapt reads (kinds: {kinds}); "
                                     "if its forward is linear in its input: svdadapt.register_linear(ReLU)"):

@@ -1,6 +1,6 @@
 """Target selection on MoE models: transformers 5 stores the routed experts as 3-D parameters of one module
 (``experts.gate_up_proj`` (E, 2·I, H), ``experts.down_proj`` (E, H, I)), not as layers; a selector naming them
-says so and names PEFT's ``target_parameters``."""
+says so and names the ``target_parameters`` that would select them."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen
 import svdadapt
 from helpers import raises_exactly
 
-_WAY_OUT = ("which are parameters, not layers: PEFT adapts those through LoraConfig(target_parameters=...), which "
-            "svdadapt does not support yet; target the adaptable layers instead (e.g. the attention projections, a "
-            "shared expert)")
+def _way_out(suggested: list[str]) -> str:
+    return (f"which are parameters, not layers: pass them as target_parameters={suggested!r} (PEFT's meaning; "
+            "docs/experts.md)")
 
 
 def _model(kind: str):
@@ -37,11 +37,11 @@ def test_expert_parameters_are_named_as_parameters(kind, cls, gate_up):
     first = f"model.layers.0.mlp.experts.gate_up_proj {gate_up}"
     with raises_exactly(ValueError, f"target_modules entry 'experts' matched no adaptable layer but 4 parameters of 3 "
                         f"or more dimensions in {cls} ({first}, model.layers.0.mlp.experts.down_proj {down} ...; MoE "
-                        f"expert weights), {_WAY_OUT}"):
+                        f"expert weights), {_way_out(['experts.down_proj', 'experts.gate_up_proj'])}"):
         svdadapt.resolve_targets(model, ["experts"])
     with raises_exactly(ValueError, f"target_modules entry 'gate_up_proj' matched no adaptable layer but 2 parameters "
                         f"of 3 or more dimensions in {cls} ({first}, model.layers.1.mlp.experts.gate_up_proj "
-                        f"{gate_up}; MoE expert weights), {_WAY_OUT}"):
+                        f"{gate_up}; MoE expert weights), {_way_out(['experts.gate_up_proj'])}"):
         svdadapt.wrap(model, "pissa", rank=2, target_modules=["gate_up_proj"], progress=False)
     with pytest.raises(ValueError, match=r"^target_modules='\.\*experts\.\*' matched no adaptable layer but 4 "):
         svdadapt.resolve_targets(model, ".*experts.*")
@@ -60,14 +60,16 @@ def test_other_selectors_are_unchanged():
 
 
 def test_convolution_kernels_are_not_called_expert_parameters():
-    """A Conv2d's 4-D kernel is a layer's weight, not stacked expert weights: the plain message."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    with raises_exactly(ValueError, "module '0' is a Conv2d, which no layer kind of svdadapt reads (kinds: nn.Linear, "
-                        "transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized "
-                        "Linear, optimum-quanto QLinear, compressed-tensors compressed Linear); if its forward is "
-                        "linear in its input: svdadapt.register_linear(Conv2d)"):
+    """A Conv3d's 5-D kernel (a conv kind svdadapt does not adapt) is a layer's weight, not stacked expert weights:
+    the one-line message for a module no kind reads."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with raises_exactly(ValueError, "module '0' is a Conv3d, which no layer kind of svdadapt reads (kinds: nn.Linear, "
+                        "transformers Conv1D, nn.Embedding, nn.Conv1d/nn.Conv2d, bitsandbytes Linear4bit/Linear8bitLt, "
+                        "HQQ HQQLinear, torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed "
+                        "Linear); if its forward is linear in its input: svdadapt.register_linear(Conv3d)"):
         svdadapt.resolve_targets(model, ["0"])
     with raises_exactly(ValueError, "target_modules=['nope'] matched no adaptable layer (nn.Linear, transformers Conv1D, "
-                        "bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, torchao quantized Linear, optimum-quanto "
-                        "QLinear, compressed-tensors compressed Linear) in Sequential; adaptable layers are: 2"):
+                        "nn.Embedding, nn.Conv1d/nn.Conv2d, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, "
+                        "torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed Linear) in "
+                        "Sequential; adaptable layers are: 2"):
         svdadapt.resolve_targets(model, ["nope"])

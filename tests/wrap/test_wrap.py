@@ -274,8 +274,8 @@ def test_error_rank_above_min_dimension(tiny_llama) -> None:
 def test_error_no_module_matched(tiny_llama) -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"^target_modules=\['qkv'\] matched no adaptable layer \(nn\.Linear, transformers Conv1D, "
-                                         r"bitsandbytes Linear4bit/Linear8bitLt\) in LlamaForCausalLM; "
-                                         r"adaptable layers are: model\.layers\.0\.self_attn\.q_proj, "):
+                                         r"nn\.Embedding, nn\.Conv1d/nn\.Conv2d, bitsandbytes Linear4bit/Linear8bitLt\) in LlamaForCausalLM; "
+                                         r"adaptable layers are: model\.embed_tokens, model\.layers\.0\.self_attn\.q_proj, "):
         wrap(model, "pissa", RANK, target_modules=["qkv"], progress=False)
     with pytest.raises(ValueError, match=r"^target_modules='nothing.*' matched no adaptable layer \(.*\) in Sequential"):
         wrap(toy(), "pissa", RANK, target_modules="nothing.*", progress=False)

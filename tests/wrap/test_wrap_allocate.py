@@ -289,7 +289,7 @@ def test_errors() -> None:
     with raises_exactly(TypeError, "allocate must be True, False or a svdadapt.AllocateOptions, got 'yes'"):
         wrap(allocate="yes")
     for kw, msg in ((dict(budget=-1), "budget must be None or an integer number of parameters >= 0, got -1"),
-                    (dict(min_rank=0), "min_rank must be a positive integer, got 0"),
+                    (dict(min_rank=-1), "min_rank must be None or an integer >= 0, got -1"),
                     (dict(max_rank=2.5), "max_rank must be None or a positive integer, got 2.5"),
                     (dict(min_rank=5, max_rank=4), "min_rank=5 exceeds max_rank=4")):
         with raises_exactly(ValueError, f"AllocateOptions: {msg}"):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import eval_mode, first_tensor, model_device, run_batch
+from ..calibration import eval_mode, first_tensor, model_device, run_batch, token_mask
 from .hidden import HiddenStates
 from .stack import BlockwiseUnsupported, Chain
 
@@ -116,8 +116,7 @@ class _Capture:
 
     def begin(self, batch: Any) -> None:
         self.chain.begin()
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        self.mask = mask if isinstance(mask, torch.Tensor) else None
+        self.mask = token_mask(batch)  # attention_mask and labels != -100
 
 
 class _Recorder(nn.Module):

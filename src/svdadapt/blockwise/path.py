@@ -111,7 +111,8 @@ def _note(progress: bool, stage: Stage, stack: str, n_blocks: int) -> None:
 @torch.no_grad()
 def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Any], plan: Plan,
                    options: BlockwiseOptions = BlockwiseOptions(), *, compensation: Compensation | None = None,
-                   progress: bool = True) -> dict[str, LayerPlan]:
+                   progress: bool = True, centered: bool = False, experts: Mapping[str, Any] | None = None,
+                   expert_options: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
     """Every target's plan, the covariances collected one decoder block at a time.
 
     Args:
@@ -125,6 +126,11 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
             decides it for ``wrap``).
         compensation: with ``options.sequential``, the model being adapted and the LoRA scaling of its
             compensation (default: ``hook_model``, scaling 1).
+        centered: hand ``plan`` the centred covariances C − μμᵀ (a method's ``MethodSpec.centered``: EVA).
+        experts: MoE expert parameters of ``hook_model`` (``calibration.experts.expert_parameters``): each block's
+            per-expert covariances (keys ``<param>[e]``) are collected with its layers' and handed to ``plan`` in
+            the same mapping (not with ``sequential``: the experts' compensation is not applied to the blocks).
+        expert_options: ``weighting``, ``min_tokens``, ``fallback`` of their collection (``collect_covariances``'s).
     Returns:
         name -> ``LayerPlan``, in the order of ``targets``.
     Raises:
@@ -136,16 +142,22 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     scaling_of = scaling if callable(scaling) else (lambda _name: scaling)
     sequential = bool(options.sequential)
     batches, names = list(batches), list(targets)
+    experts = dict(experts or {})
+    if experts and sequential:
+        raise BlockwiseUnsupported("sequential=True with expert parameters: the blocks would carry on without the "
+                                   "experts' compensation")
     mine = my_batches(batches) if world()[1] > 1 else batches  # a process group: each rank runs its share
     hook_targets = hooked_targets(hook_model, names)
     store = HiddenStates(options.memory_budget_mb * 2 ** 20, options.offload_dir)
     try:
-        stack, blocks, carriers = select_stack(hook_model, model, sequential, names)
+        stack, blocks, carriers = select_stack(hook_model, model, sequential,
+                                               names + [p.key.rpartition(".")[0] for p in experts.values()])
         capture(model if sequential else hook_model, carriers, mine, store)
     except BlockwiseUnsupported:
         store.close()
         raise
-    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of)
+    stage = Stage(store, plan, hook_targets, dict(targets), sequential, scaling_of, centered, experts=experts,
+                  expert_options=dict(expert_options or {}))
     try:
         plans = _run_blocks(stage, hook_model, mine, stack, blocks, carriers, progress)
     finally:
@@ -160,11 +172,14 @@ def _run_blocks(stage: Stage, hook_model: nn.Module, batches: list[Any], stack: 
     the last one holding a target."""
     names = list(stage.targets)
     where = {n: block_of(n, stack, len(blocks)) for n in names}
+    held = {k: block_of(p.key, stack, len(blocks)) for k, p in stage.experts.items()}  # expert parameters' blocks
     plans: dict[str, LayerPlan] = {}
     outside = [n for n in names if where[n] is None]
-    if outside:
-        plans.update(stage.covariances_and_plans(hook_model, batches, outside))
-    last = max(i for i in where.values() if i is not None)
+    outside_experts = [k for k, i in held.items() if i is None]
+    if outside or outside_experts:
+        plans.update(stage.covariances_and_plans(hook_model, batches, outside, outside_experts))
+    last = max(i for i in [*where.values(), *held.values()] if i is not None)
     for i in tqdm(range(last + 1), desc="svdadapt blocks", unit="block", disable=not progress):
-        plans.update(stage.step(i, [n for n in names if where[n] == i], blocks[i], carriers[i]))
-    return {n: plans[n] for n in names}
+        plans.update(stage.step(i, [n for n in names if where[n] == i], blocks[i], carriers[i],
+                                [k for k, b in held.items() if b == i]))
+    return {n: plans[n] for n in names} | {k: v for k, v in plans.items() if k not in where}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..calibration import collect, eval_mode, first_tensor
+from ..calibration import collect, eval_mode, fallback_covariances, first_tensor
+from ..calibration.experts import ExpertParam
 from ..engine.checks import check_covariances
 from ..engine.distributed import reduce_covariances, world
 from ..engine.plan import LayerPlan
@@ -78,17 +79,23 @@ class Stage:
     targets: dict[str, nn.Module]  # name -> the module adapted (on the wrapped model)
     sequential: bool
     scaling: Callable[[str], float]  # name -> the layer's LoRA scaling
+    centered: bool = False  # the plans read the centred covariances C − μμᵀ (EVA)
     tokens: int = 0
+    # MoE expert parameters (key -> ExpertParam of the hook model) and the options of their collection: weighting,
+    # min_tokens, fallback (``collect_covariances``'s); their per-expert covariances go to ``plan`` with the block's
+    experts: dict[str, ExpertParam] = field(default_factory=dict)
+    expert_options: dict[str, Any] = field(default_factory=dict)
 
-    def step(self, index: int, names: list[str], collect_block: nn.Module, propagate_block: nn.Module
-             ) -> dict[str, LayerPlan]:
-        """Plan block ``index``'s ``names`` from their covariances and move every hidden state past the block."""
+    def step(self, index: int, names: list[str], collect_block: nn.Module, propagate_block: nn.Module,
+             experts: list[str] | None = None) -> dict[str, LayerPlan]:
+        """Plan block ``index``'s ``names`` (and ``experts``, keys of ``self.experts``) from their covariances and
+        move every hidden state past the block."""
         plans: dict[str, LayerPlan] = {}
         runner = _BlockRun(collect_block, index, self.store, keep=not self.sequential)
-        if names:
+        if names or experts:
             slots = [{"slot": j} if m is None else {"slot": j, "attention_mask": m}
                      for j, m in enumerate(self.store.masks)]
-            plans = self.covariances_and_plans(runner, slots, names)
+            plans = self.covariances_and_plans(runner, slots, names, experts)
         elif not self.sequential:
             with eval_mode(collect_block):
                 for j in range(len(self.store)):
@@ -99,12 +106,22 @@ class Stage:
                     self.store.set(j, self.store.run(propagate_block, j, index))
         return plans
 
-    def covariances_and_plans(self, run: nn.Module, batches: list[Any], names: list[str]) -> dict[str, LayerPlan]:
+    def covariances_and_plans(self, run: nn.Module, batches: list[Any], names: list[str],
+                              experts: list[str] | None = None) -> dict[str, LayerPlan]:
         """``names``' covariances from ``run`` over ``batches`` (all-reduced over the ranks of a process group),
-        handed to ``plan``; they are freed on return."""
-        covs = collect(run, batches, {n: self.hook_targets[n] for n in names}, torch.float32, progress=False)
+        handed to ``plan``; they are freed on return. With ``experts``, every expert's covariance of those
+        parameters too (after the all-reduce, the experts' fallback), keyed ``<param>[e]`` beside the layers'."""
+        params = {k: self.experts[k] for k in experts or []}
+        opts = self.expert_options
+        covs = collect(run, batches, {n: self.hook_targets[n] for n in names}, torch.float32, progress=False,
+                       experts=params or None, weighting=opts.get("weighting", "routing"))
         if world()[1] > 1:
             covs = reduce_covariances(covs)
+        keys = [k for p in params.values() for k in p.keys()]
+        if keys:
+            covs = fallback_covariances(covs, keys, min_tokens=opts.get("min_tokens"),
+                                        fallback=opts.get("fallback", "pooled"))
         self.tokens = max(self.tokens, covs.tokens)
         targets = {n: self.targets[n] for n in names}
-        return self.plan(targets, check_covariances(covs, targets))
+        experts_covs = {k: covs.centered(k) if self.centered else covs[k] for k in keys}
+        return self.plan(targets, {**check_covariances(covs, targets, self.centered), **experts_covs})

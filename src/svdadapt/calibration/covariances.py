@@ -6,9 +6,16 @@ For a Linear with input x (in,), its covariance over the calibration tokens t = 
     C = (1/N) · Σ_t x_t x_tᵀ = XᵀX / N          (in, in), X the (N, in) matrix of token inputs
 
 (the *mean* over tokens, not centred: CorDA and EoRA both want the second moment). ``N`` is stored next to
-it, so a sum can be recovered exactly as ``C · N``. Both methods are invariant to a scalar scale of C, so the
+it, so a sum can be recovered exactly as ``C · N``. An MoE expert's covariance (key ``<param>[e]``,
+``calibration/experts.py``) counts the tokens routed to it; one replaced by a fallback (too few tokens) carries a
+note (``fallback_of``) saying what it is and how many tokens the expert had. Both methods are invariant to a scalar scale of C, so the
 normalization only matters for reading the numbers. Linears that read the very same tensor (q/k/v after one norm)
 map to one tensor object, stored once.
+
+Alongside, the token mean μ = (1/N)·Σ_t x_t (in,) of each input (collected since EVA, which wants the centred
+covariance C − μμᵀ = (1/N)·Σ_t (x_t − μ)(x_t − μ)ᵀ, as PEFT's incremental PCA centres its inputs): ``has_means``,
+``mean(name)``, ``centered(name)``. Files written before the means existed load without them (``has_means``
+False); only a method that centres asks for them, and gets a ``ValueError`` saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import torch
 __all__ = ["Covariances", "fmt_bytes"]
 
 _FORMAT = "svdadapt.covariances/1"
+_MEAN_KEY = "::mean::"
+_NO_MEANS = ("these covariances hold no token means (collected or saved before svdadapt recorded them): collect "
+             "them again with svdadapt.collect_covariances for a method that centres its covariance (eva)")
 
 
 def fmt_bytes(n: int) -> str:
@@ -46,12 +56,18 @@ class Covariances(Mapping[str, torch.Tensor]):
         token_count(name): N for ``name``'s input.
         nbytes: memory of the unique tensors.
         summary(): one line (layers, unique inputs, tokens, memory).
+        has_means, mean(name), centered(name): the token mean μ (in,) and C − μμᵀ (in, in).
+        fallbacks / fallback_of(name): name -> how a covariance replaced for too few tokens was made (MoE
+            experts, ``experts.fallback_covariances``), None for a collected one.
         save(path) / Covariances.load(path): safetensors, bit-exact.
     """
 
-    def __init__(self, matrices: Mapping[str, torch.Tensor], counts: Mapping[str, int] | None = None) -> None:
+    def __init__(self, matrices: Mapping[str, torch.Tensor], counts: Mapping[str, int] | None = None,
+                 means: Mapping[str, torch.Tensor] | None = None, fallbacks: Mapping[str, str] | None = None) -> None:
         """Build from ``matrices`` (name -> (in, in) tensor; names mapped to the same tensor object form a
-        group stored once) and ``counts`` (name -> token count; names of a group must agree; default 0)."""
+        group stored once), ``counts`` (name -> token count; names of a group must agree; default 0),
+        ``means`` (name -> (in,) token mean, for every name or None; a group's first name's is its own) and
+        ``fallbacks`` (name -> a note, for covariances that are a fallback, not collected)."""
         self._matrix: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, int] = {}
         groups: list[list[str]] = []
@@ -73,6 +89,8 @@ class Covariances(Mapping[str, torch.Tensor]):
             if len(cs) > 1:
                 raise ValueError(f"modules {list(names)} share one covariance but have different token counts {sorted(cs)}")
             self._count.append(cs.pop())
+        self._means = None if means is None else _group_means(self._groups, self._matrix, means)
+        self._fallback = {n: str(v) for n, v in (fallbacks or {}).items() if n in self._matrix}
 
     # Mapping protocol -----------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -98,6 +116,34 @@ class Covariances(Mapping[str, torch.Tensor]):
         if name not in self._group_of:
             raise KeyError(f"no covariance for module {name!r}")
         return self._count[self._group_of[name]]
+
+    @property
+    def has_means(self) -> bool:
+        """True if the token means were collected (files written before they existed have none)."""
+        return self._means is not None
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The token mean μ = (1/N)·Σ_t x_t (in,) of ``name``'s input; ``ValueError`` where none was stored."""
+        if name not in self._group_of:
+            raise KeyError(f"no covariance for module {name!r}")
+        if self._means is None:
+            raise ValueError(_NO_MEANS)
+        return self._means[self._group_of[name]]
+
+    def centered(self, name: str) -> torch.Tensor:
+        """The centred covariance C − μμᵀ = (1/N)·Σ_t (x_t − μ)(x_t − μ)ᵀ (in, in) of ``name``'s input, formed in
+        fp64 and returned in C's dtype (a new tensor each call); ``ValueError`` where no mean was stored."""
+        mu = self.mean(name).to(torch.float64)
+        C = self._matrix[name]
+        return (C.to(torch.float64) - torch.outer(mu, mu)).to(C.dtype)
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return dict(self._fallback)
+
+    def fallback_of(self, name: str) -> str | None:
+        """How ``name``'s covariance was made when it is a fallback (too few tokens), None when collected."""
+        return self._fallback.get(name)
 
     def shared_with(self, name: str) -> tuple[str, ...]:
         """All names (``name`` included) that read the same input as ``name``."""
@@ -130,6 +176,11 @@ class Covariances(Mapping[str, torch.Tensor]):
         meta = {"format": _FORMAT, "normalization": "mean: C = X^T X / N",
                 "groups": json.dumps([list(g) for g in self._groups]), "counts": json.dumps(self._count),
                 "order": json.dumps(list(self._matrix))}
+        if self._fallback:  # absent from files without fallbacks (and from files written before it existed)
+            meta["fallbacks"] = json.dumps(self._fallback)
+        if self._means is not None:  # under keys no module name can take ('::' is not in a module path)
+            tensors.update({_MEAN_KEY + g[0]: m.detach().cpu().contiguous() for g, m in zip(self._groups, self._means)})
+            meta["means"] = "token means under '" + _MEAN_KEY + "<first name of the group>'"
         save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
@@ -153,14 +204,17 @@ class Covariances(Mapping[str, torch.Tensor]):
                 meta = f.metadata() or {}
                 if meta.get("format") != _FORMAT:
                     raise ValueError(f"{p!r} is not a svdadapt covariance file (format={meta.get('format')!r})")
-                groups, counts, order = _read_layout(meta, set(f.keys()), p)
+                keys = set(f.keys())
+                groups, counts, order = _read_layout(meta, keys, p)
+                fallbacks = _read_fallbacks(meta, set(order), p)
                 tensors = {names[0]: f.get_tensor(names[0]) for names in groups}
+                means = _read_means(f, meta, keys, groups, p)
         except (OSError, SafetensorError) as e:  # safetensors' own words, without its traceback
             raise ValueError(f"{p!r} is not a readable safetensors file (truncated or corrupt): {e}") from None
         matrices = {name: tensors[names[0]] for names in groups for name in names}
         count_of = {name: n for names, n in zip(groups, counts) for name in names}
         try:
-            return cls({n: matrices[n] for n in order}, count_of)
+            return cls({n: matrices[n] for n in order}, count_of, means, fallbacks)
         except ValueError as e:
             raise ValueError(f"{p!r} holds an invalid covariance: {e}") from None
 
@@ -200,3 +254,42 @@ def _read_layout(meta: Mapping[str, str], keys: set[str], path: str
     if not (isinstance(order, list) and all(isinstance(n, str) for n in order) and sorted(order) == sorted(names)):
         raise bad("'order' must list every module name of 'groups' exactly once")
     return groups, counts, order
+
+
+def _read_fallbacks(meta: Mapping[str, str], names: set[str], path: str) -> dict[str, str]:
+    """The fallback notes of a covariance file (none in files without fallbacks or older ones), checked."""
+    if "fallbacks" not in meta:
+        return {}
+    try:
+        notes = json.loads(meta["fallbacks"])
+    except json.JSONDecodeError:
+        notes = None
+    if not (isinstance(notes, dict) and all(isinstance(k, str) and k in names and isinstance(v, str)
+                                            for k, v in notes.items())):
+        raise ValueError(f"{path!r} has inconsistent covariance metadata: 'fallbacks' must map module names of "
+                         "the file to notes")
+    return notes
+
+
+def _group_means(groups: tuple[tuple[str, ...], ...], matrices: Mapping[str, torch.Tensor],
+                 means: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """One mean (in,) per group, its first name's, checked: present and shaped like the group's C."""
+    out = []
+    for names in groups:
+        m, d = means.get(names[0]), matrices[names[0]].shape[0]
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (d,):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"token mean for {names[0]!r} must be a ({d},) tensor, got {shape}")
+        out.append(m)
+    return out
+
+
+def _read_means(f, meta: Mapping[str, str], keys: set[str], groups: list[list[str]], path: str
+                ) -> dict[str, torch.Tensor] | None:
+    """The token means of a file that has them (metadata ``means``), keyed by each group's first name."""
+    if "means" not in meta:
+        return None
+    missing = [g[0] for g in groups if _MEAN_KEY + g[0] not in keys]
+    if missing:
+        raise ValueError(f"{path!r} has inconsistent covariance metadata: no token mean for group {missing[0]!r}")
+    return {g[0]: f.get_tensor(_MEAN_KEY + g[0]) for g in groups}

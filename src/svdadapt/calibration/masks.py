@@ -2,7 +2,8 @@
 
 Padding is dropped with the mask of the stack an input belongs to: ``attention_mask`` in the encoder (or the only
 stack), ``decoder_attention_mask`` in the decoder of an encoder–decoder model, from inputs laid out (batch, seq, in)
-or (batch·seq, in) (the rule: :class:`Masks`).
+or (batch·seq, in) (the rule: :class:`Masks`). A batch's ``labels`` equal to -100 (the positions no loss is
+computed on: prompts, padding) are masked out the same way, for every calibrated method (:func:`batch_masks`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .forward import version
 
-__all__ = ["Masks", "batch_masks", "encoder_decoder"]
+__all__ = ["Masks", "batch_masks", "encoder_decoder", "token_mask", "IGNORE_INDEX"]
 
 _ENCODER, _DECODER = "encoder", "decoder"
 
@@ -116,14 +117,43 @@ def _flat(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     return mask if x.dim() == 3 else mask.reshape(-1)
 
 
-def batch_masks(batch: Mapping[str, Any], i: int) -> Masks:
+IGNORE_INDEX = -100  # the label of a position no loss is computed on (transformers' and PEFT's EVA default)
+
+
+def _label_mask(batch: Mapping[str, Any], mask: torch.Tensor | None, i: int, key: str) -> torch.Tensor | None:
+    """``mask`` (batch, seq) bool or None, and-ed with ``labels != -100`` where the batch has ``labels`` laid out
+    like it (or like ``input_ids`` when there is no mask): a position whose label is ignored counts nowhere."""
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return mask
+    like = mask if mask is not None else batch.get("input_ids" if key == "attention_mask" else "decoder_input_ids")
+    if isinstance(like, torch.Tensor) and tuple(like.shape[:2]) != tuple(labels.shape):
+        raise ValueError(f"batch {i}: labels has shape {tuple(labels.shape)}, but {key} (or the ids) "
+                         f"{tuple(like.shape[:2])}: labels must be laid out like the sequence they label")
+    keep = labels != IGNORE_INDEX
+    return keep if mask is None else mask & keep
+
+
+def batch_masks(batch: Mapping[str, Any], i: int, decoder_labels: bool = False) -> Masks:
     """The masks a dict batch gives: ``attention_mask`` (the encoder's, or the only stack's) and
-    ``decoder_attention_mask``, each (batch, seq) or absent."""
+    ``decoder_attention_mask``, each (batch, seq) or absent; ``labels`` (batch, seq) equal to -100 mask their
+    positions out too, in the only stack's mask (``decoder_labels`` False) or the decoder's (an encoder–decoder
+    model: labels are the decoder's)."""
     masks = []
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = batch.get(key)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"batch {i}: {key} must be (batch, seq), got shape {shape}")
-        masks.append(None if mask is None else mask.bool())
+        mask = None if mask is None else mask.bool()
+        if (key == "decoder_attention_mask") == decoder_labels:
+            mask = _label_mask(batch, mask, i, key)
+        masks.append(mask)
     return Masks(*masks)
+
+
+def token_mask(batch: Any, i: int = 0) -> torch.Tensor | None:
+    """The (batch, seq) bool mask of the tokens that count in a decoder-only batch (``attention_mask`` and
+    ``labels != -100``), None where every token counts or the batch is not a dict (the block-by-block path's
+    capture, ``blockwise/capture.py``)."""
+    return batch_masks(batch, i).enc if isinstance(batch, Mapping) else None

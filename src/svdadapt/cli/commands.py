@@ -124,6 +124,7 @@ def _parser() -> _Parser:
                    help="the trained adapter (PEFT save_pretrained of the model built from DIR/base + DIR/adapter, "
                         "or an svdadapt.save directory of the same init); default DIR/adapter")
     q.add_argument("--out", required=True, metavar="LORA_DIR", help="a new (or empty) output directory")
+    _compact_options(q)
 
     q = sub.add_parser("report", help="print the per-layer report of an init or save directory")
     q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
@@ -136,6 +137,53 @@ def _parser() -> _Parser:
                                    "manifest in DIR/svdadapt.json; exit 1 naming the first file that differs.")
     q.add_argument("dir", metavar="DIR", help="a directory written by `svdadapt init`, `export` or svdadapt.save")
     return p
+
+
+def _compact_options(q: argparse.ArgumentParser) -> None:
+    """``export``'s compact options (``svdadapt.export_lora``'s keywords; lifecycle/compact.py)."""
+    g = q.add_argument_group("compact export (a plain LoRA at reduced per-layer ranks, not resumable)")
+    g.add_argument("--rank", type=int, default=None, metavar="K", help="each layer's update at its best rank K")
+    g.add_argument("--energy", type=float, default=None, metavar="F",
+                   help="each layer at the smallest rank keeping the fraction F in (0, 1] of its update's energy")
+    g.add_argument("--round-to", default=None, metavar="vllm|8,16,...",
+                   help="round each layer's rank up to the next slot (vllm: 8,16,32,64,128,256)")
+    g.add_argument("--covariances", default=None, metavar="FILE.safetensors",
+                   help="input covariances (`svdadapt calibrate`): the whitened error is reported")
+    g.add_argument("--weighted", action="store_true", help="with --covariances: minimize the whitened error")
+
+
+# export_lora's words in its messages -> the command line's flags
+_COMPACT_FLAGS = (("give rank or energy", "give --rank or --energy"), ("got rank=", "got --rank "),
+                  (", energy=", ", --energy "), ("rank must", "--rank must"), ("energy must", "--energy must"),
+                  ("round_to", "--round-to"))
+
+
+def _compact_args(args: argparse.Namespace):
+    """``export``'s compact options checked (a usage error): a function that builds them (reading the covariances
+    file), or None for the plain export."""
+    from ..lifecycle.compact import ROUND_TO, compact_options
+
+    round_to = args.round_to
+    if round_to is not None and round_to not in ROUND_TO:  # "8,16,32"
+        try:
+            round_to = [int(v) for v in round_to.split(",")]
+        except ValueError:
+            pass  # compact_options names the bad value
+    try:
+        compact_options(args.rank, args.energy, round_to)
+    except ValueError as e:
+        msg = str(e).replace("export_lora: ", "")
+        for word, flag in _COMPACT_FLAGS:
+            msg = msg.replace(word, flag)
+        raise UsageError(msg) from None
+    if args.weighted and args.covariances is None:
+        raise UsageError("--weighted needs --covariances (the layers' input covariances, `svdadapt calibrate`)")
+    if args.covariances is not None and not Path(args.covariances).is_file():
+        raise UsageError(f"no such covariances file: {args.covariances!r}")
+    if all(v is None for v in (args.rank, args.energy, round_to, args.covariances)):
+        return None
+    # the covariances file is read after every path check (what it holds is an exit-1 matter)
+    return lambda: compact_options(args.rank, args.energy, round_to, args.covariances, args.weighted)
 
 
 def _calib_options(q: argparse.ArgumentParser) -> None:
@@ -201,6 +249,9 @@ def _init_parser(sub: Any) -> None:
                         "text --calib, from safetensors directories are streamed by default: the same output, memory "
                         "of one layer, or for corda/eora of one decoder block)")
     q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
+    q.add_argument("--target-parameters", nargs="+", default=None, metavar="NAME",
+                   help="parameters as targets, as PEFT's target_parameters (MoE experts: experts.gate_up_proj "
+                        "experts.down_proj); each expert decomposed on its own; loads the model (docs/experts.md)")
     _calib_options(q)
 
 
@@ -396,7 +447,7 @@ def _streamable(args: argparse.Namespace) -> bool:
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    return (not args.in_memory and not args.allocate and (calibrated or not spec.needs_calibration) and args.quantize is None
+    return (not args.in_memory and not args.allocate and not args.target_parameters and (calibrated or not spec.needs_calibration) and args.quantize is None
             and args.device is None and _safetensors_dir(args.model)
             and (not spec.needs_reference or _safetensors_dir(args.reference)))
 
@@ -551,7 +602,8 @@ def _wrap_model(args: argparse.Namespace, model: Any, calibration: Any, referenc
                     rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), svd=args.svd, seed=args.seed, mode=args.mode,
                     calibration=calibration, reference=reference, quantize=args.quantize,
-                    quant_iters=args.quant_iters or 1, allocate=args.allocation, progress=not args.no_progress)
+                    quant_iters=args.quant_iters or 1, allocate=args.allocation, progress=not args.no_progress,
+                    target_parameters=args.target_parameters)
 
 
 def _print_init_summary(pm: Any, args: argparse.Namespace, out: Path) -> None:
@@ -643,11 +695,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..lifecycle.export import quantization_gap
     from ..lifecycle.initdir import NotAnAdapter, export_init_dir
 
+    compact = _compact_args(args)
     d, adapter, out = _export_paths(args)
+    compact = None if compact is None else compact()
     try:
-        done = export_init_dir(d, out, adapter, log=_say)
+        done = export_init_dir(d, out, adapter, log=_say, compact=compact)
     except NotAnAdapter as e:
         raise UsageError(str(e)) from None
+    if compact is not None:
+        return _print_compact(done)
     meta = done.meta
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
     pattern = {k: v * (2 if meta["rewrites_base"] else 1) for k, v in
@@ -666,6 +722,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(gap)
     if done.changed == 0:
         _say("warning: the adapter equals its initialization (no training?): the exported LoRA is zero")
+    return 0
+
+
+def _print_compact(done: Any) -> int:
+    from ..lifecycle.compact import REPORT_FILE
+
+    from ..lifecycle.export import quantization_gap
+
+    rep = json.loads((done.out / REPORT_FILE).read_text())
+    rows = rep["layers"].values()
+    ranks = sorted({r["rank"] for r in rows})
+    print(kv("svdadapt export (compact)", [
+        ("method", done.meta["method"]),
+        ("trained adapter", str(done.adapter)),
+        ("ranks", ", ".join(map(str, ranks)) + f" over {len(rep['layers'])} layers"),
+        ("parameters", f"{rep['parameters']:,} ({rep['parameters'] / rep['parameters_full_export']:.1%} of the "
+                       "plain export)"),
+        ("largest relative error", f"{max(r['error'] for r in rows):.3g}"),
+        *([("largest whitened error", f"{max(r['whitened_error'] for r in rows):.3g}")]
+          if all("whitened_error" in r for r in rows) else []),
+        ("applies to", "the ORIGINAL model" if done.meta["rewrites_base"] else "the compressed model (as trained)"),
+        ("written", f"{done.out} (per layer: {REPORT_FILE})"),
+    ]))
+    gap = quantization_gap(done.meta.get("quantize"), done.meta.get("report") or {})
+    if gap is not None:
+        print(gap)
     return 0
 
 

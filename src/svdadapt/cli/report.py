@@ -77,7 +77,7 @@ def format_report(method: str, layers: dict[str, dict[str, Any]], per_layer: boo
         return table(rows, header)
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for n, r in layers.items():
-        groups.setdefault(n.rsplit(".", 1)[-1], []).append((n, r))
+        groups.setdefault(n.rsplit(".", 1)[-1].partition("[")[0], []).append((n, r))  # experts "<param>[e]": one kind
     rows = []
     pick_worst = max if spec.report.high_is_bad else min
     mean = lambda rs, k: sum(float(r.get(k, nan)) for _, r in rs) / len(rs)  # noqa: E731

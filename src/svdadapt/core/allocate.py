@@ -17,19 +17,42 @@ module: torch only. Shapes: a spectrum is a 1-D tensor of singular values, desce
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["OBJECTIVES", "Allocation", "allocate_ranks", "solve", "check_floor", "objective_gains", "method_objective"]
+__all__ = ["OBJECTIVES", "OBJECTIVE_DEFAULTS", "COSTS", "Allocation", "allocate_ranks", "solve", "check_floor",
+           "objective_gains", "method_objective", "layer_costs"]
 
 OBJECTIVES = {
     "energy": "the fraction of each layer's energy captured, σ_i² / ‖W‖²_F (‖W·C‖²_F for CorDA), summed over layers",
     "energy_raw": "the energy captured, σ_i², summed over layers (layers with larger norms weigh more)",
     "eora": "the whitened compensation error removed, σ_i² of (W_ref − W_c)·S, summed: Σ‖(ΔW − M)·X‖² is "
             "Σ‖ΔW·S‖²_F minus it",
+    "eva": "PEFT's EVA redistribution: the explained variance ratio λ_i / tr C of each layer's centred input "
+           "covariance, summed; one per rank (PEFT's budget Σ r), ranks 0 .. 2·r (rho = 2), ties in target order",
 }
+COSTS = ("params", "ranks")  # what a rank costs: in + out adapter parameters, or one (a budget of ranks, as EVA's)
+
+
+@dataclass(frozen=True)
+class ObjectiveDefaults:
+    """What an objective's allocation takes when not told: the cost of a rank (``COSTS``), the minimum rank, the
+    maximum rank as a multiple of the uniform rank, how ties between layers are broken ("name": the earlier name;
+    "order": the earlier layer in the given order, as PEFT's EVA keeps a stable sort's order), and whether each
+    layer keeps the uniform rank's scaling alpha/r (alpha scaled by r_layer / r, PEFT's ``adjust_scaling_factors``)."""
+
+    cost: str = "params"
+    min_rank: int = 1
+    max_factor: int = 4
+    ties: str = "name"
+    keep_scaling: bool = False
+
+
+OBJECTIVE_DEFAULTS = {name: ObjectiveDefaults() for name in OBJECTIVES}
+OBJECTIVE_DEFAULTS["eva"] = ObjectiveDefaults(cost="ranks", min_rank=0, max_factor=2, ties="order", keep_scaling=True)
 TABLE_LIMIT = 2 * 10 ** 9  # table updates (ranks to place × budget units) beyond which solve refuses
 
 
@@ -60,15 +83,16 @@ def method_objective(spec, mode: str | None) -> str:
 def objective_gains(objective: str, spectra: Mapping[str, torch.Tensor],
                     totals: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Each layer's gain per rank (fp64, 1-D) under ``objective``: σ² for "energy_raw" / "eora", σ² / total for
-    "energy" (``totals``: layer -> ‖W‖²_F, or ‖W·C‖²_F; a zero total gives zero gains)."""
+    "energy" and "eva" (``totals``: layer -> ‖W‖²_F, or ‖W·C‖²_F; EVA: σ² = λ and total = tr C, so σ² / total
+    is the explained variance ratio; a zero total gives zero gains)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown allocation objective {objective!r}; valid objectives are: {', '.join(OBJECTIVES)}")
     gains = {n: s.detach().to(torch.float64).cpu().pow(2) for n, s in spectra.items()}
-    if objective != "energy":
+    if objective not in ("energy", "eva"):
         return gains
     if totals is None:
-        raise ValueError("objective 'energy' divides each layer's σ² by its total energy: pass totals= "
-                         "(layer -> ‖W‖²_F, or ‖W·C‖²_F for CorDA)")
+        raise ValueError(f"objective {objective!r} divides each layer's σ² by its total energy: pass totals= "
+                         "(layer -> ‖W‖²_F, or ‖W·C‖²_F for CorDA, tr C for EVA)")
     missing = sorted(set(gains) - set(totals))
     if missing:
         raise ValueError(f"totals has no entry for layers {missing}")
@@ -85,10 +109,11 @@ def _check_gains(name: str, g: torch.Tensor) -> None:
 
 
 def _class_order(names: list[str], gains: Mapping[str, torch.Tensor], lo: Mapping[str, int],
-                 hi: Mapping[str, int]) -> list[tuple[float, str, int]]:
-    """A class's extra ranks, best first: (gain, layer, rank) sorted by gain desc, then name, then rank."""
+                 hi: Mapping[str, int], position: Mapping[str, Any]) -> list[tuple[float, str, int]]:
+    """A class's extra ranks, best first: (gain, layer, rank) sorted by gain desc, then the layer's ``position``
+    (its name, or its place in a given order), then rank."""
     items = [(float(gains[n][k - 1]), n, k) for n in names for k in range(lo[n] + 1, hi[n] + 1)]
-    return sorted(items, key=lambda it: (-it[0], it[1], it[2]))
+    return sorted(items, key=lambda it: (-it[0], position[it[1]], it[2]))
 
 
 def _dp(classes: list[tuple[int, list[float]]], units: int) -> list[int]:
@@ -123,11 +148,15 @@ def check_floor(budget: int, costs: Mapping[str, int], lo: Mapping[str, int]) ->
 
 
 def solve(gains: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: int, lo: Mapping[str, int],
-          hi: Mapping[str, int]) -> dict[str, int]:
+          hi: Mapping[str, int], order: Sequence[str] | None = None) -> dict[str, int]:
     """Ranks r (layer -> int, ``lo[n] <= r[n] <= hi[n]``) maximizing Σ_n Σ_{k<=r[n]} gains[n][k-1] subject to
     Σ costs[n]·r[n] <= budget; exact (see the module docstring). ``gains[n]``: 1-D, non-increasing, >= 0, at least
-    ``hi[n]`` long. ``ValueError`` if the minimum ranks cost more than ``budget``."""
+    ``hi[n]`` long; ``order``: every layer, ties going to the earlier one (None: the earlier name). ``ValueError``
+    if the minimum ranks cost more than ``budget``."""
     names = sorted(gains)
+    if order is not None and sorted(order) != names:
+        raise ValueError("order must list every layer of gains exactly once")
+    position: dict[str, Any] = {n: n for n in names} if order is None else {n: i for i, n in enumerate(order)}
     for n in names:
         _check_gains(n, gains[n])
     floor = check_floor(budget, costs, lo)
@@ -139,7 +168,7 @@ def solve(gains: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: i
     if not by_cost:
         return ranks
     unit = math.gcd(*by_cost)
-    orders = {c: _class_order(ns, gains, lo, hi) for c, ns in sorted(by_cost.items())}
+    orders = {c: _class_order(ns, gains, lo, hi, position) for c, ns in sorted(by_cost.items())}
     units = min((budget - floor) // unit, sum(c * len(o) for c, o in orders.items()) // unit)
     work = sum(len(o) for o in orders.values()) * (units + 1)
     if work > TABLE_LIMIT:
@@ -155,9 +184,10 @@ def solve(gains: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: i
 def _bounds(spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], min_rank: int,
             max_rank: int | None) -> tuple[dict[str, int], dict[str, int]]:
     """Each layer's (min, max) rank: max = min(max_rank, min(out, in)); its spectrum must be that long."""
-    for what, v in (("min_rank", min_rank), ("max_rank", max_rank)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    if not isinstance(min_rank, int) or isinstance(min_rank, bool) or min_rank < 0:
+        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1):
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
     if max_rank is not None and min_rank > max_rank:
         raise ValueError(f"min_rank={min_rank} exceeds max_rank={max_rank}")
     lo, hi = {}, {}
@@ -173,24 +203,34 @@ def _bounds(spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
     return lo, hi
 
 
+def layer_costs(shapes: Mapping[str, tuple[int, int]], cost: str = "params") -> dict[str, int]:
+    """What one rank of each layer costs: in + out adapter parameters (``cost="params"``) or one (``"ranks"``)."""
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
+    return {n: (o + i if cost == "params" else 1) for n, (o, i) in shapes.items()}
+
+
 def allocate_ranks(spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], rank: int, *,
                    budget: int | None = None, min_rank: int = 1, max_rank: int | None = None,
-                   objective: str = "energy", totals: Mapping[str, float] | None = None) -> Allocation:
-    """Per-layer ranks maximizing ``objective`` (``OBJECTIVES``) within ``budget`` adapter parameters.
+                   objective: str = "energy", totals: Mapping[str, float] | None = None, cost: str = "params",
+                   order: Sequence[str] | None = None) -> Allocation:
+    """Per-layer ranks maximizing ``objective`` (``OBJECTIVES``) within ``budget``.
 
     ``spectra``: layer -> its leading singular values (1-D, descending; of W for PiSSA, W·C for CorDA-IPA, the
-    whitened ΔW for EoRA), at least min(max_rank, out, in) long; ``shapes``: layer -> (out, in) (a rank costs
-    in + out parameters); ``budget``: default ``rank``·Σ(in + out), what uniform ``rank`` costs; ``totals``: layer
-    -> total energy, for "energy". Never over budget; bit-identical for the same inputs."""
+    whitened ΔW for EoRA, √λ of the centred input covariance for EVA), at least min(max_rank, out, in) long;
+    ``shapes``: layer -> (out, in); ``cost``: a rank costs in + out parameters ("params") or one ("ranks", the
+    budget a number of ranks); ``budget``: default what uniform ``rank`` costs; ``totals``: layer -> total energy,
+    for "energy" / "eva"; ``order``: ties go to the earlier layer in it (None: the earlier name); ``min_rank`` 0
+    lets a layer have no adapter. Never over budget; bit-identical for the same inputs."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     gains = objective_gains(objective, spectra, totals)
     lo, hi = _bounds(spectra, shapes, min_rank, max_rank)
-    costs = {n: shapes[n][0] + shapes[n][1] for n in spectra}
+    costs = layer_costs({n: shapes[n] for n in spectra}, cost)
     budget = rank * sum(costs.values()) if budget is None else budget
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"budget must be a non-negative integer number of parameters, got {budget!r}")
-    ranks = solve(gains, costs, budget, lo, hi)
+    ranks = solve(gains, costs, budget, lo, hi, order)
     uniform = None
     if all(hi[n] >= rank for n in gains):
         uniform = sum(float(gains[n][:rank].sum()) for n in sorted(gains))

@@ -20,7 +20,7 @@ from .linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE, TruncatedSVD, damped_chol
 from .patterns import layer_value
 
 __all__ = ["Init", "SVDOptions", "CordaOptions", "EoraOptions", "MethodSpec", "METHODS", "get_method", "pissa",
-           "milora", "corda", "eora", "finish", "lora_scaling", "layer_scaling", "truncated_stats", "SVD_CHOICES",
+           "milora", "corda", "eora", "eva", "finish", "lora_scaling", "layer_scaling", "truncated_stats", "SVD_CHOICES",
            "ReportColumn", "check_method_keywords", "method_keywords", "recorded_keywords", "mode_choices",
            "with_modes"]
 
@@ -184,6 +184,31 @@ def eora(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any]
                             "kept_rank": float(S.shape[1])}, float(err0))
 
 
+@torch.no_grad()
+def prepare_eva(C: torch.Tensor, *, options: Any = None) -> dict[str, Any]:
+    """Per-covariance eigendecomposition of the *centred* covariance C (in, in) in fp64: its eigenvalues λ
+    (descending, clamped at 0) and eigenvectors as rows (in, in), and its trace (the total variance)."""
+    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
+    return {"evals": evals.flip(0).clamp_min(0), "rows": evecs.flip(1).mT.contiguous(),
+            "trace": float(C.to(torch.float64).diagonal().sum())}
+
+
+@torch.no_grad()
+def eva(W: torch.Tensor, *, rank: int, scaling: float, prepared: dict[str, Any], largest: bool = True,
+        svd: SVDOptions = SVDOptions(), generator: torch.Generator | None = None) -> Init:
+    """EVA (explained variance adaptation): A (r, in) = the top-``rank`` eigenvectors of the centred input
+    covariance (the top right-singular vectors of the centred layer inputs), as rows; B (out, r) = 0, so the
+    adapter adds nothing at init and the base is kept. ``sigma`` = √λ (λ the covariance's eigenvalues): rank
+    allocation's gain σ² / total is λ / tr C, PEFT's explained variance ratio. ``rank`` is at most ``in``."""
+    rows, evals, trace = prepared["rows"], prepared["evals"], prepared["trace"]
+    if rank > rows.shape[0]:
+        raise RuntimeError(f"rank {rank} exceeds the input width {rows.shape[0]}")
+    A = rows[:rank].to(W.dtype)
+    B = W.new_zeros(W.shape[0], rank)
+    lam = evals[:rank]
+    return Init(A, B, lam.sqrt(), {"energy": _fraction(lam.sum(), torch.tensor(trace))}, trace)
+
+
 # ------------------------------------------------------------------------------------------------------ registry
 
 
@@ -220,6 +245,8 @@ class MethodSpec:
     report: ReportColumn = ReportColumn("energy", "energy")
     extra_columns: tuple[str, ...] = ()
     allocation: str = "energy"  # the objective rank allocation maximizes (core/allocate.py OBJECTIVES)
+    centered: bool = False  # its covariance is the centred one, C − μμᵀ (calibration's token means)
+    scaled_factors: bool = True  # its factors depend on the LoRA scaling (s·B·A fixed); False: A, B as they are
 
     @property
     def default_mode(self) -> str | None:
@@ -266,6 +293,10 @@ METHODS: dict[str, MethodSpec] = {
                        description="rank-r compensation of W_ref − W_c in the calibration-whitened space",
                        prepare=prepare_eora, options_type=EoraOptions,
                        report=ReportColumn("residual_error", "comp. error", True), allocation="eora"),
+    "eva": MethodSpec("eva", eva, needs_calibration=True, needs_reference=False, rewrites_base=False,
+                      description="A = top-r eigenvectors of the centred input covariance (explained variance), B = 0",
+                      prepare=prepare_eva, report=ReportColumn("energy", "expl. var."), allocation="eva",
+                      centered=True, scaled_factors=False),
 }
 
 

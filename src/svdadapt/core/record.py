@@ -118,6 +118,9 @@ class AdaptRecord:
         allocation: with ``wrap(..., allocate=...)``, the allocation's options as resolved, its budget, cost and
             gain, and those of the uniform rank (each layer's own in ``report``: rank, gain, uniform_gain); None
             otherwise.
+        parameters: with ``target_parameters``, each PEFT ``ParamWrapper``'s module name (also in ``targets``; its
+            packed factors in ``init_factors``) -> ``key`` (``module.param``), ``experts``, ``stacked``,
+            ``transposed``, ``shape`` (out, in) of one expert; None otherwise (docs/experts.md).
     Dict-style reads (``record["method"]``) are supported for code written against the old dict record.
     """
 
@@ -133,6 +136,7 @@ class AdaptRecord:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     allocation: dict[str, Any] | None = None
+    parameters: dict[str, dict[str, Any]] | None = None  # target_parameters: wrapper module -> key, experts, layout
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
@@ -244,10 +248,32 @@ def _check_lora_config(meta: Mapping[str, Any], where: str, targets: list[str]) 
     if isinstance(patterns, list):
         if not all(isinstance(p, str) for p in patterns):
             raise _field_error(where, "lora_config.target_modules", "a list of module names", patterns)
-        stray = next((t for t in targets if not any(_matches(t, p) for p in patterns)), None)
+        params = meta.get("parameters") or {}  # ParamWrappers: selected by target_parameters, not target_modules
+        stray = next((t for t in targets if t not in params and not any(_matches(t, p) for p in patterns)), None)
         if stray is not None:
             raise ValueError(f"{where}: field 'lora_config' has target_modules={patterns!r}, which does not cover "
                              f"target {stray!r} of the record")
+
+
+_LAYOUT_KEYS = {"A", "B", "A_shape", "B_shape"}
+
+
+def _check_layouts(meta: Mapping[str, Any], where: str, targets: list[str]) -> None:
+    """``layouts`` (optional, ``modules/layouts.py``): target -> {"A", "B": key suffixes, "A_shape", "B_shape":
+    lists of positive integers}."""
+    layouts = meta.get("layouts")
+    if layouts is None:
+        return
+    want = "a mapping of target to its factor layout ({'A', 'B', 'A_shape', 'B_shape'})"
+    if not isinstance(layouts, Mapping):
+        raise _field_error(where, "layouts", want, layouts)
+    for name, lay in layouts.items():
+        ok = (name in targets and isinstance(lay, Mapping) and set(lay) == _LAYOUT_KEYS
+              and all(isinstance(lay[k], str) and lay[k] for k in "AB")
+              and all(isinstance(lay[k], list) and all(_is_int(d) and d > 0 for d in lay[k])
+                      for k in ("A_shape", "B_shape")))
+        if not ok:
+            raise _field_error(where, f"layouts[{name!r}]", want + " of one of the targets", lay)
 
 
 def check_record(meta: Mapping[str, Any], where: str) -> None:
@@ -257,3 +283,4 @@ def check_record(meta: Mapping[str, Any], where: str) -> None:
     targets = _check_targets(meta, where)
     _check_lora_config(meta, where, targets)
     _check_per_target(meta, where, targets)
+    _check_layouts(meta, where, targets)

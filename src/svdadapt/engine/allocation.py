@@ -19,19 +19,20 @@ from typing import Any
 
 import torch
 
-from ..core.allocate import OBJECTIVES, Allocation, allocate_ranks, check_floor, method_objective, objective_gains
+from ..core.allocate import (COSTS, OBJECTIVE_DEFAULTS, OBJECTIVES, Allocation, allocate_ranks, check_floor,
+                             layer_costs, method_objective, objective_gains)
 from ..core.methods import truncated_stats
 from ..core.patterns import layer_value
 from .plan import Job, LayerPlan
 
 __all__ = ["AllocateOptions", "MAX_RANK_FACTOR", "resolve", "layer_caps", "max_rank_job", "allocate_plans",
-           "rank_keys"]
+           "rank_keys", "kept_alphas"]
 
 # max_rank=None: 4·rank (capped at each layer's min(out, in)). Each layer is decomposed at its maximum rank and
 # its factors are held at that rank until the allocation: the sketch's cost and the plans' memory grow with it (4×
 # the adapter's), and so does the allocator's table. On SmolLM2-135M at rank 16 the normalized objective takes
 # k / v up to 64 = 4·16 (docs/wrap.md): a larger cap moves more budget there, give max_rank= for that.
-MAX_RANK_FACTOR = 4
+MAX_RANK_FACTOR = OBJECTIVE_DEFAULTS["energy"].max_factor  # 4
 # the objectives defined on the spectrum and total of every method whose own objective is one of them or "eora"
 # (the fraction, or the amount, of the decomposed matrix's energy); "eora" itself only for EoRA
 _RAW = ("energy", "energy_raw")
@@ -45,27 +46,35 @@ def _positive_int(v: Any) -> bool:
 class AllocateOptions:
     """``wrap(..., allocate=AllocateOptions(...))`` (``allocate=True``: the defaults).
 
-    budget: adapter parameters, Σ rank·(in + out) over the targets; None: what uniform ``rank`` costs.
-    min_rank, max_rank: each layer's rank bounds; max_rank None: ``MAX_RANK_FACTOR``·rank; a layer's maximum is
-        also at most its min(out, in).
+    budget: adapter parameters, Σ rank·(in + out) over the targets (with ``cost="ranks"``: Σ rank); None: what
+        uniform ``rank`` costs.
+    min_rank, max_rank: each layer's rank bounds; None: the objective's defaults (``OBJECTIVE_DEFAULTS``: 1 and
+        ``MAX_RANK_FACTOR``·rank; EVA's 0 and 2·rank); a layer's maximum is also at most its min(out, in); a layer
+        allocated rank 0 gets no adapter.
     objective: a key of ``core.allocate.OBJECTIVES``; None: the method's own (``method_objective``).
+    cost: what a rank costs, ``"params"`` (in + out) or ``"ranks"`` (one); None: the objective's default.
     """
 
     budget: int | None = None
-    min_rank: int = 1
+    min_rank: int | None = None
     max_rank: int | None = None
     objective: str | None = None
+    cost: str | None = None
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
                                         or self.budget < 0):
             raise ValueError(f"AllocateOptions: budget must be None or an integer number of parameters >= 0, got "
                              f"{self.budget!r}")
-        if not _positive_int(self.min_rank):
-            raise ValueError(f"AllocateOptions: min_rank must be a positive integer, got {self.min_rank!r}")
+        if self.min_rank is not None and not (_positive_int(self.min_rank) or self.min_rank == 0
+                                              and not isinstance(self.min_rank, bool)):
+            raise ValueError(f"AllocateOptions: min_rank must be None or an integer >= 0, got {self.min_rank!r}")
+        if self.cost is not None and self.cost not in COSTS:
+            raise ValueError(f"AllocateOptions: cost must be None or one of {', '.join(map(repr, COSTS))}, got "
+                             f"{self.cost!r}")
         if self.max_rank is not None and not _positive_int(self.max_rank):
             raise ValueError(f"AllocateOptions: max_rank must be None or a positive integer, got {self.max_rank!r}")
-        if self.max_rank is not None and self.min_rank > self.max_rank:
+        if self.max_rank is not None and self.min_rank is not None and self.min_rank > self.max_rank:
             raise ValueError(f"AllocateOptions: min_rank={self.min_rank} exceeds max_rank={self.max_rank}")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"AllocateOptions: unknown allocation objective {self.objective!r}; valid objectives "
@@ -93,18 +102,21 @@ def resolve(allocate: Any, job: Job, quantized_residual: bool = False) -> Alloca
     if objective not in allowed:
         raise ValueError(f"allocation objective {objective!r} does not apply to method {job.spec.name!r}: its "
                          f"objectives are {', '.join(allowed)}")
-    max_rank = MAX_RANK_FACTOR * job.rank if allocate.max_rank is None else allocate.max_rank
-    if allocate.min_rank > max_rank:
-        raise ValueError(f"AllocateOptions: min_rank={allocate.min_rank} exceeds max_rank={max_rank} "
-                         f"(the default, {MAX_RANK_FACTOR}·rank)")
-    return replace(allocate, objective=objective, max_rank=max_rank)
+    d = OBJECTIVE_DEFAULTS[objective]
+    max_rank = d.max_factor * job.rank if allocate.max_rank is None else allocate.max_rank
+    min_rank = d.min_rank if allocate.min_rank is None else allocate.min_rank
+    if min_rank > max_rank:
+        raise ValueError(f"AllocateOptions: min_rank={min_rank} exceeds max_rank={max_rank} "
+                         f"(the default, {d.max_factor}·rank)")
+    return replace(allocate, objective=objective, max_rank=max_rank, min_rank=min_rank,
+                   cost=d.cost if allocate.cost is None else allocate.cost)
 
 
 def layer_caps(options: AllocateOptions, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
     """Each layer's maximum rank, min(max_rank, out, in): the rank it is decomposed at. ``ValueError`` before any
     decomposition for a budget below what the minimum ranks cost (``allocate_ranks``' own check, early)."""
     if options.budget is not None:
-        check_floor(options.budget, {n: o + i for n, (o, i) in shapes.items()}, dict.fromkeys(shapes, options.min_rank))
+        check_floor(options.budget, layer_costs(shapes, options.cost), dict.fromkeys(shapes, options.min_rank))
     return {n: min(options.max_rank, *shape) for n, shape in shapes.items()}
 
 
@@ -139,12 +151,12 @@ def _spectra(plans: Mapping[str, LayerPlan], caps: Mapping[str, int]) -> dict[st
 
 
 def _totals(plans: Mapping[str, LayerPlan], objective: str) -> dict[str, float] | None:
-    if objective != "energy":
+    if objective not in ("energy", "eva"):
         return None
     missing = next((n for n, p in plans.items() if p.total is None), None)
     if missing is not None:
-        raise ValueError(f"objective 'energy' needs each layer's total energy; the plan of module {missing!r} "
-                         f"has none")
+        raise ValueError(f"objective {objective!r} needs each layer's total energy; the plan of module "
+                         f"{missing!r} has none")
     return {n: float(p.total) for n, p in plans.items()}
 
 
@@ -180,22 +192,48 @@ def allocate_plans(job: Job, plan_job: Job, plans: Mapping[str, LayerPlan], opti
     caps = layer_caps(options, shapes)
     spectra = _spectra(plans, caps)
     totals = _totals(plans, options.objective)
+    d = OBJECTIVE_DEFAULTS[options.objective]
     a = allocate_ranks(spectra, shapes, job.rank, budget=options.budget, min_rank=options.min_rank,
-                       max_rank=options.max_rank, objective=options.objective, totals=totals)
-    final = replace(job, rank_pattern=rank_keys(a.ranks))
+                       max_rank=options.max_rank, objective=options.objective, totals=totals, cost=options.cost,
+                       order=list(plans) if d.ties == "order" else None)
+    kept = {n: r for n, r in a.ranks.items() if r > 0}  # rank 0: no adapter on that layer
+    if not kept:
+        raise ValueError(f"the allocation gave every layer rank 0 (budget={a.budget}): raise the budget or min_rank")
+    final = replace(job, rank_pattern=rank_keys(kept))
+    if d.keep_scaling:
+        final = replace(final, alpha_pattern=kept_alphas(job, kept))
     gains = objective_gains(options.objective, spectra, totals)
     cut = {}
     for n, p in plans.items():
         r = a.ranks[n]
-        A, B = _cut(p, r, plan_job.scaling_of(n), final.scaling_of(n))
+        if r == 0:
+            continue
+        s_max, s_r = (plan_job.scaling_of(n), final.scaling_of(n)) if job.spec.scaled_factors else (1.0, 1.0)
+        A, B = _cut(p, r, s_max, s_r)
         cut[n] = LayerPlan(n, A, B, _layer_report(p, r, gains[n], job.rank), p.spectrum[:r].clone(), p.total)
     return final, cut, summary(a, options, job.rank, shapes)
+
+
+def kept_alphas(job: Job, ranks: Mapping[str, int]) -> dict[str, float]:
+    """The ``alpha_pattern`` that keeps every layer's scaling at the uniform rank's (PEFT's EVA
+    ``adjust_scaling_factors``): layer n's alpha times r_n / rank where r_n differs from ``rank``, the entries that
+    differ from ``alpha`` (full module names, as PEFT's EVA writes them)."""
+    out = {}
+    for n in sorted(ranks):
+        alpha = layer_value(job.alpha_pattern, n, job.alpha)
+        if ranks[n] != job.rank:
+            alpha *= ranks[n] / job.rank
+        if alpha != job.alpha:
+            out[n] = alpha
+    return out
 
 
 def summary(a: Allocation, options: AllocateOptions, rank: int, shapes: Mapping[str, tuple[int, int]]
             ) -> dict[str, Any]:
     """The record's ``allocation``: the options as resolved, the budget, the cost and gain of the ranks, and those
     of uniform ``rank``."""
-    return {**asdict(options), "budget": a.budget, "cost": a.cost, "gain": a.gain,
-            "uniform_rank": rank, "uniform_cost": rank * sum(o + i for o, i in shapes.values()),
+    opts = asdict(options)
+    opts["cost_unit"] = opts.pop("cost")  # "params" or "ranks"; "cost" is what the ranks cost
+    return {**opts, "budget": a.budget, "cost": a.cost, "gain": a.gain,
+            "uniform_rank": rank, "uniform_cost": rank * sum(layer_costs(shapes, options.cost).values()),
             "uniform_gain": a.uniform_gain}

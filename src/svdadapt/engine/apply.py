@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modules.layers import after_wrap, before_wrap, compute_dtype, kind_of, read_weight
+from ..modules.layouts import as_matrices, has_lora, lora_params
 from ..core.methods import finish
 from ..modules.qbase import quantize_bases
 from ..core.record import ADAPTER
@@ -57,7 +58,7 @@ def _lora_layers(peft_model: nn.Module, names: Iterable[str]) -> dict[str, nn.Mo
     out = {}
     for n in names:
         layer = modules.get(n)
-        if layer is None or not hasattr(layer, "lora_A") or ADAPTER not in layer.lora_A:
+        if layer is None or not has_lora(layer, ADAPTER):
             raise TypeError(f"PEFT did not put a LoRA layer on module {n!r} (got {type(layer).__name__})")
         out[n] = layer
     return out
@@ -66,7 +67,7 @@ def _lora_layers(peft_model: nn.Module, names: Iterable[str]) -> dict[str, nn.Mo
 def _check_shapes(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     for n, layer in layers.items():
         A, B = factors[n]
-        lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        lora_A, lora_B = as_matrices(*lora_params(layer, ADAPTER))  # a conv's kernels, an embedding's parameters
         if A.shape != lora_A.shape or B.shape != lora_B.shape:
             raise ValueError(f"factors of {n!r} have shapes {tuple(A.shape)}, {tuple(B.shape)}; its LoRA layer has "
                              f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
@@ -76,12 +77,13 @@ def _check_shapes(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[t
 
 @torch.no_grad()
 def write_factors(peft_model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy (A (r, in), B (out, r)) into each named module's LoRA layer (shapes and dtypes checked first)."""
+    """Copy (A (r, in), B (out, r)) into each named module's LoRA layer, in its kind's layout (``layouts.py``: a
+    conv's (r, in, *k) / (out, r, 1, ...) kernels, an embedding's parameters); shapes and dtypes checked first."""
     layers = _lora_layers(peft_model, factors)
     _check_shapes(layers, factors)
     for n, layer in layers.items():
-        layer.lora_A[ADAPTER].weight.data.copy_(factors[n][0])
-        layer.lora_B[ADAPTER].weight.data.copy_(factors[n][1])
+        for param, value in zip(lora_params(layer, ADAPTER), factors[n]):
+            param.data.copy_(value.reshape(param.shape))
 
 
 def _in_place(base: nn.Module, W: torch.Tensor) -> bool:
@@ -115,7 +117,7 @@ def _write_bases(layers: Mapping[str, nn.Module], factors: Mapping[str, tuple[to
 
 def _lora_layers_in(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in peft_model.base_model.model.named_modules()
-            if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+            if has_lora(m, ADAPTER)}
 
 
 def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Module:
@@ -139,12 +141,13 @@ def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Modu
 
 @torch.no_grad()
 def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-          rewrite_base: bool, quantize: str | None = None, progress: bool = False) -> nn.Module:
+          rewrite_base: bool, quantize: str | None = None, progress: bool = False, params: Any = None) -> nn.Module:
     """``get_peft_model(model, config)`` with each named layer's LoRA factors set to ``factors`` and, if
     ``rewrite_base``, its base weight to W − s·B₀·A₀. With ``quantize`` (a scheme of ``qbase.SCHEMES``) the
     targets are first replaced by quantized layers holding that base (or W) (``qbase.quantize_bases``). On any failure
     the model is restored (module tree, attributes, config, trainable flags) and the error re-raised. Then each
-    base layer's kind's ``after_wrap`` hook runs. Returns the ``peft.PeftModel``."""
+    base layer's kind's ``after_wrap`` hook runs. ``params`` (``experts.ParamApply``, for ``target_parameters``):
+    its ``check`` runs with the other checks, its ``write`` after the layers'. Returns the ``peft.PeftModel``."""
     snapshot = _Snapshot(model)
     try:
         if quantize is not None:
@@ -154,11 +157,15 @@ def apply(model: nn.Module, config: Any, factors: Mapping[str, tuple[torch.Tenso
         peft_model = _build(model, config, factors)
         layers = _lora_layers(peft_model, factors)
         _check_shapes(layers, factors)  # every check before the first weight is written
+        if params is not None:
+            params.check(peft_model)
     except Exception:
         snapshot.restore()
         raise
     if rewrite_base:
         _write_bases(layers, factors, progress)
     write_factors(peft_model, factors)
+    if params is not None:
+        params.write(peft_model)
     after_wrap(layer.get_base_layer() for layer in layers.values())
     return peft_model

@@ -100,8 +100,10 @@ def reference_weights(reference: Any, targets: Mapping[str, nn.Module]) -> dict[
             return None if kind is None else kind.read(modules[n])  # a view: converted one layer at a time
     elif isinstance(reference, Mapping):
         def get(n: str) -> torch.Tensor | None:
-            w = reference.get(n + ".weight")
-            return w.mT if w is not None and kind_of(targets[n]).fan_in_fan_out else w
+            w, kind = reference.get(n + ".weight"), kind_of(targets[n])
+            if w is not None and kind.as_matrix is not None:  # an embedding's (n, dim), a conv's kernel
+                return kind.as_matrix(w)
+            return w.mT if w is not None and kind.fan_in_fan_out else w
     else:
         raise TypeError(f"reference must be an nn.Module or a state dict, got {type(reference).__name__}")
     out = {}
@@ -118,9 +120,14 @@ def reference_weights(reference: Any, targets: Mapping[str, nn.Module]) -> dict[
     return out
 
 
-def check_covariances(covs: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+def check_covariances(covs: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module],
+                      centered: bool = False) -> dict[str, torch.Tensor]:
     """name -> C (in, in) for each target, fetched once (a mapping that builds tensors on access keeps stable ids
-    this way) and checked: present, square of the layer's input size, finite, not zero."""
+    this way) and checked: present, square of the layer's input size, finite, not zero. ``centered`` (a method's
+    ``MethodSpec.centered``): C − μμᵀ instead (``Covariances.centered``, one tensor per shared input), which needs a
+    ``Covariances`` holding the token means."""
+    if centered:
+        covs = _centered(covs, targets)
     out = {}
     for n, module in targets.items():
         if n not in covs:
@@ -133,4 +140,22 @@ def check_covariances(covs: Mapping[str, torch.Tensor], targets: Mapping[str, nn
         if not C.diagonal().sum() > 0:
             raise ValueError(f"covariance for {n!r} is zero: calibration saw no signal for this layer")
         out[n] = C
+    return out
+
+
+def _centered(covs: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The targets' centred covariances, names that share an input sharing one tensor; ``ValueError`` for a
+    mapping without token means (a plain dict, or a file saved before the means were recorded)."""
+    has = getattr(covs, "has_means", False)
+    if not has:
+        what = "a Covariances without token means" if hasattr(covs, "has_means") else f"a {type(covs).__name__}"
+        raise ValueError(f"this method centres the input covariance (C − μμᵀ) and needs the token means, but "
+                         f"calibration is {what} (saved before svdadapt recorded them, or built by hand): pass "
+                         f"batches, or covariances collected again with svdadapt.collect_covariances")
+    out: dict[str, torch.Tensor] = {}
+    for n in targets:
+        if n not in covs:
+            raise ValueError(f"calibration has no covariance for targeted module {n!r}")
+        first = covs.shared_with(n)[0]
+        out[n] = out[first] if first in out else covs.centered(n)
     return out

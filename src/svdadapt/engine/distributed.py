@@ -192,20 +192,30 @@ def my_batches(batches: Sequence) -> list:
 
 def reduce_covariances(covs: Covariances) -> Covariances:
     """The covariances of all ranks' batches: per shared input, C = Σ_ranks (C_rank · N_rank) / Σ_ranks N_rank
-    (all-reduced sums of XᵀX and of the token counts); names that shared a tensor still share one."""
+    (all-reduced sums of XᵀX and of the token counts), the token means likewise from the sums of x; names that
+    shared a tensor still share one. An input no rank saw (an MoE expert no token was routed to) stays zeros with a
+    count of 0: the experts' fallback (``calibration.experts.fallback_covariances``) comes after this, on the
+    reduced counts."""
     if world()[1] == 1:
         return covs
-    check_in()
+    check_in(ValueError("reduce the covariances before their experts' fallback (fallback_covariances): "
+                        f"{next(iter(covs.fallbacks))!r} is already a fallback") if covs.fallbacks else None)
     matrices: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    means: dict[str, torch.Tensor] = {}
     for group in covs.groups:
         n = covs.token_count(group[0])
         total = all_reduce_sum(covs[group[0]].to(torch.float64) * n)
         tokens = int(all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64)).item())
-        C = (total / tokens).to(covs[group[0]].dtype)
+        C = (total / tokens if tokens else total).to(covs[group[0]].dtype)
+        if covs.has_means:  # Σ x, all-reduced like Σ x xᵀ
+            mu = all_reduce_sum(covs.mean(group[0]).to(torch.float64) * n)
+            mu = (mu / tokens if tokens else mu).to(C.dtype)
         for name in group:
             matrices[name], counts[name] = C, tokens
-    return Covariances({n: matrices[n] for n in covs}, counts)
+            if covs.has_means:
+                means[name] = mu
+    return Covariances({n: matrices[n] for n in covs}, counts, means if covs.has_means else None)
 
 
 # ------------------------------------------------------------------------------------------- the same job

@@ -26,6 +26,7 @@ from ..core.linalg import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from ..core.methods import (MethodSpec, SVDOptions, check_method_keywords, lora_scaling, method_keywords,
                       recorded_keywords)
 from ..core.patterns import ambiguous_keys, check_pattern, unmatched_keys
+from ..modules.params import check_target_parameters
 from ..modules.qbase import QuantOptions
 from ..modules.targets import matches, peft_target_list, resolve_targets, saved_modules
 
@@ -55,6 +56,7 @@ class Request:
     reference: Any = None
     blockwise: Any = None
     options: Any = None  # a method's options object (e.g. CordaOptions(mode="kpa")), in place of its flat keywords
+    target_parameters: Iterable[str] | None = None  # PEFT's: parameters (MoE experts) as targets (docs/experts.md)
     flat: Mapping[str, Any] = field(default_factory=lambda: _method_defaults())  # the flat method keywords as given
 
 
@@ -101,6 +103,7 @@ class Job(plan.Job):
     keywords: Mapping[str, Any] = field(default_factory=dict)
     task_type: str | None = None
     modules_to_save: tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] = ()  # PEFT's target_parameters as given (checked)
 
 
 def _method_options(spec: MethodSpec, request: Request) -> dict[str, Any]:
@@ -141,7 +144,8 @@ def build_job(spec: MethodSpec, rank: int, request: Request, *, quantize: str | 
                spec.options(**given), request.seed, alpha=alpha, use_rslora=request.use_rslora,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                quant=quant_options(quantize, quant_iters), keywords=given, task_type=task_type,
-               modules_to_save=None if modules_to_save is None else tuple(modules_to_save))
+               modules_to_save=None if modules_to_save is None else tuple(modules_to_save),
+               target_parameters=check_target_parameters(request.target_parameters))
 
 
 def quant_options(quantize: str | None, quant_iters: Any) -> QuantOptions | None:
@@ -223,6 +227,8 @@ def task_type_for(model: nn.Module, task_type: str | None) -> str | None:
 def select_targets(model: nn.Module, target_modules: Any, exclude_modules: Any, job: Job) -> dict[str, nn.Module]:
     """``resolve_targets`` less the modules PEFT trains whole for the job's task type (it never puts LoRA on them)."""
     keep_whole = saved_modules(task_type_for(model, job.task_type), job.modules_to_save)
+    if job.target_parameters and not isinstance(target_modules, str) and not list(target_modules):
+        return {}  # target_modules=[]: the parameters only, as in PEFT
     targets = resolve_targets(model, target_modules, exclude_modules)
     kept = {n: m for n, m in targets.items() if not (keep_whole and matches(keep_whole, n))}
     if not kept:
@@ -253,7 +259,8 @@ def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
 
 def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
     """A packed (already quantized) target can be read but not re-decomposed into a new base; with ``quantize=``
-    every target must be a shape the quantized kernel runs."""
+    every target must be a shape the quantized kernel runs; a method that calibrates, no target whose kind has no
+    input covariance (``nn.Embedding``)."""
     packed = [n for n, m in targets.items() if kind_of(m).packed]
     if packed:
         layer = type(targets[packed[0]]).__name__
@@ -265,7 +272,17 @@ def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
                              f"{layer}: run {job.spec.name} on the full-precision model with quantize=... (e.g. "
                              "'nf4') instead")
     if job.quant is not None:
+        other = next((n for n, m in targets.items() if not kind_of(m).linear), None)
+        if other is not None:
+            raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a bitsandbytes linear layer, but "
+                             f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out "
+                             "of target_modules")
         job.quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})
+    blind = [n for n, m in targets.items() if not kind_of(m).calibrates] if job.spec.needs_calibration else []
+    if blind:
+        raise ValueError(f"method {job.spec.name!r} needs each target's input covariance, but module {blind[0]!r} is "
+                         f"an {type(targets[blind[0]]).__name__}, whose input is a token index, not a vector: leave "
+                         "it out of target_modules, or adapt it with pissa / milora")
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -288,4 +305,5 @@ def lora_config(model: nn.Module, targets: Mapping[str, nn.Module], job: Job) ->
                       use_rslora=job.use_rslora, lora_dropout=0.0, bias="none", init_lora_weights=True,
                       modules_to_save=list(job.modules_to_save) if job.modules_to_save else None,
                       fan_in_fan_out=any(kind_of(m).fan_in_fan_out for m in targets.values()),
-                      task_type=task_type_for(model, job.task_type))
+                      task_type=task_type_for(model, job.task_type),
+                      target_parameters=list(job.target_parameters) or None)

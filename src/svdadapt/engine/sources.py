@@ -70,6 +70,9 @@ class CheckpointSource:
 
     def _check(self, name: str, module: nn.Module) -> None:
         kind, key = kind_of(module), name + ".weight"
+        if kind is not None and not kind.linear:
+            raise TypeError(f"module {name!r} is not a linear layer ({kind.name}): a checkpoint is streamed for "
+                            "Linear / Conv1D weights only; adapt it in memory (svdadapt.wrap, svdadapt init --in-memory)")
         if kind is None or kind.packed:
             raise TypeError(f"module {name!r} is a {type(module).__name__}, which svdadapt cannot read from a "
                             "checkpoint (float Linear / Conv1D weights only)")

@@ -29,13 +29,15 @@ import warnings
 
 import torch
 
+from ..engine.experts import portable_factors
 from ..storage.manifest import check_manifest, differences, entries
 from ..core.patterns import layer_value
 from ..core.record import Factors, check_record, factors_checksum
+from ..modules.layouts import from_saved, suffixes, to_saved
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
            "config_from_dict", "write_checkpoint", "read_checkpoint", "read_metadata", "Saved", "adapter_keys",
-           "save_config", "sorted_sets", "read_trained_adapter", "verify", "Verified", "TRAINED_DIR", "BASE_DIR"]
+           "save_config", "sorted_sets", "base_layer_keys", "read_trained_adapter", "verify", "Verified", "TRAINED_DIR", "BASE_DIR"]
 
 META_FILE = "svdadapt.json"
 STATE_FILE = "svdadapt_state.safetensors"
@@ -50,14 +52,25 @@ RECORD_DIGEST = "svdadapt:record_sha256"  # state tensor (32 uint8): sha256 of s
 _OWN_FIELDS = ("format", "init_checksum", "files", "trained_dir")  # what write_checkpoint itself records
 
 
-def adapter_key(name: str, which: str) -> str:
-    """PEFT's saved-adapter key of ``lora_A``/``lora_B`` of module ``name`` (adapter name stripped)."""
-    return f"{_PREFIX}{name}.lora_{which}.weight"
+def adapter_key(name: str, which: str, layout: Mapping[str, Any] | None = None) -> str:
+    """PEFT's saved-adapter key of ``lora_A``/``lora_B`` of module ``name`` (adapter name stripped), in the factor
+    ``layout`` of its kind (``modules/layouts.py``; None: a linear's ``lora_A.weight``, an embedding's
+    ``lora_embedding_A``)."""
+    return f"{_PREFIX}{name}.{suffixes(layout)['AB'.index(which)]}"
 
 
-def adapter_keys(names: Any) -> set[str]:
-    """The saved keys of the LoRA A and B of each of ``names``."""
-    return {adapter_key(n, which) for n in names for which in "AB"}
+def adapter_keys(names: Any, layouts: Mapping[str, Any] | None = None) -> set[str]:
+    """The saved keys of the LoRA A and B of each of ``names`` (``layouts``: svdadapt.json's, name -> layout)."""
+    layouts = layouts or {}
+    return {adapter_key(n, which, layouts.get(n)) for n in names for which in "AB"}
+
+
+def base_layer_keys(keys: Any, names: Any) -> set[str]:
+    """The keys among ``keys`` of a target's base layer (``<module>.base_layer.*``): PEFT's save_pretrained puts a
+    targeted embedding's base weight into the adapter (``save_embedding_layers="auto"``). On an svdadapt model that
+    is the rewritten residual, which must not reach an adapter for the original base."""
+    prefixes = tuple(f"{_PREFIX}{n}.base_layer." for n in names)
+    return {k for k in keys if k.startswith(prefixes)}
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -148,14 +161,19 @@ def _write_portable(d: Path, meta: Mapping[str, Any], init: Mapping[str, Factors
     from safetensors.torch import save_file
 
     rewrites = bool(meta["rewrites_base"])
+    layouts = meta.get("layouts") or {}
+    params = meta.get("parameters") or {}
     weights: dict[str, torch.Tensor] = {}
     for n in meta["targets"]:
         A, B = current[n]
-        if rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
+        if rewrites and n in params:  # a ParamWrapper: [B_e, −B₀,e]·[A_e; A₀,e] per expert, repacked
+            A, B = portable_factors(A, B, *init[n], params[n]["experts"])
+        elif rewrites:  # ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀]
             A0, B0 = init[n]
             A, B = torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
-        weights[adapter_key(n, "A")] = A.contiguous().clone()
-        weights[adapter_key(n, "B")] = B.contiguous().clone()
+        A, B = to_saved(A, B, layouts.get(n))  # a conv's kernels
+        weights[adapter_key(n, "A", layouts.get(n))] = A.contiguous().clone()
+        weights[adapter_key(n, "B", layouts.get(n))] = B.contiguous().clone()
     weights.update({k: v.detach().cpu().contiguous().clone() for k, v in extras.items()})
     save_file(weights, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     save_config(_portable_config(config_from_dict(meta["lora_config"]), rewrites), d)
@@ -300,8 +318,9 @@ def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.T
     (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
     pattern = meta["lora_config"].get("rank_pattern") or {}
+    params = meta.get("parameters") or {}
     for n in meta["targets"]:
-        r = layer_value(pattern, n, meta["rank"])
+        r = layer_value(pattern, n, meta["rank"]) * (int(params[n]["experts"]) if n in params else 1)  # E·r rows
         try:
             init[n] = (state[f"{n}.A0"], state[f"{n}.B0"])
             current[n] = (state[f"{n}.A"], state[f"{n}.B"])
@@ -427,14 +446,15 @@ def read_trained_adapter(adapter: str | os.PathLike, meta: Mapping[str, Any], in
         raise ValueError(f"trained adapter {str(adapter)!r} has target_modules={cfg.get('target_modules')!r}, the "
                          f"init directory has {want.get('target_modules')!r}: it was not trained from this init")
     sd = _load_safetensors(adapter / ADAPTER_WEIGHTS)
-    current = {}
+    layouts, current = meta.get("layouts") or {}, {}
     for n in meta["targets"]:
-        ka, kb = adapter_key(n, "A"), adapter_key(n, "B")
+        ka, kb = adapter_key(n, "A", layouts.get(n)), adapter_key(n, "B", layouts.get(n))
         if ka not in sd or kb not in sd:
             raise ValueError(f"trained adapter {str(adapter)!r} has no LoRA factors for module {n!r} (key {ka!r})")
-        if sd[ka].shape != init[n][0].shape or sd[kb].shape != init[n][1].shape:
+        A, B = from_saved(sd[ka], sd[kb])
+        if A.shape != init[n][0].shape or B.shape != init[n][1].shape:
             raise ValueError(f"trained adapter {str(adapter)!r}: module {n!r} has shapes {tuple(sd[ka].shape)}, "
                              f"{tuple(sd[kb].shape)}; expected {tuple(init[n][0].shape)}, {tuple(init[n][1].shape)}")
-        current[n] = (sd[ka], sd[kb])
-    lora = adapter_keys(meta["targets"])
-    return current, {k: v for k, v in sd.items() if k not in lora}
+        current[n] = (A, B)
+    drop = adapter_keys(meta["targets"], layouts) | base_layer_keys(sd, meta["targets"])
+    return current, {k: v for k, v in sd.items() if k not in drop}

@@ -31,10 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine import experts
 from ..engine.apply import apply, write_factors
-from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, config_dict, config_from_dict,
-                         read_checkpoint, write_checkpoint)
+from .compact import compact_options, write_compact
+from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys, base_layer_keys, config_dict,
+                         config_from_dict, read_checkpoint, write_checkpoint)
 from ..modules.layers import before_save, kind_of, layer_checksum, layer_matches
+from ..modules.layouts import from_saved, layout_of
 from ..core.methods import get_method
 from ..core.record import ADAPTER, AdaptRecord, Factors, checksum_algorithm, weight_checksum
 from ..modules.targets import is_peft
@@ -66,17 +69,27 @@ def _current_state(peft_model: nn.Module, names: list[str], state_dict: Mapping[
     passes a gathered one under FSDP / DeepSpeed), else from the model."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=ADAPTER)
-    lora = adapter_keys(names)
+    # save_embedding_layers=False: PEFT would add a targeted embedding's base weight, here the residual
+    sd = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=ADAPTER,
+                                   save_embedding_layers=False)
+    layouts = layouts_of(peft_model, names)
+    lora = adapter_keys(names, layouts) | base_layer_keys(sd, names)
     extras = {k: v.detach().cpu() for k, v in sd.items() if k not in lora}
     out = {}
     for n in names:
+        ka, kb = adapter_key(n, "A", layouts.get(n)), adapter_key(n, "B", layouts.get(n))
         try:
-            out[n] = (sd[adapter_key(n, "A")].detach().cpu(), sd[adapter_key(n, "B")].detach().cpu())
+            out[n] = from_saved(sd[ka].detach().cpu(), sd[kb].detach().cpu())  # as matrices (r, in), (out, r)
         except KeyError:
-            raise KeyError(f"the adapter state has no LoRA factors for module {n!r} "
-                           f"(looked for {adapter_key(n, 'A')!r})") from None
+            raise KeyError(f"the adapter state has no LoRA factors for module {n!r} (looked for {ka!r})") from None
     return out, extras
+
+
+def layouts_of(peft_model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
+    """svdadapt.json's ``layouts``: name -> the factor layout of each target whose LoRA factors are not a linear's
+    (an embedding's parameters, a conv's kernels; ``modules/layouts.py``)."""
+    layers = _targets_of(peft_model, names)
+    return {n: lay for n in names if (lay := layout_of(layers[n], ADAPTER)) is not None}
 
 
 def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
@@ -102,10 +115,26 @@ def checkpoint_meta(peft_model: nn.Module) -> dict[str, Any]:
             "report": record.report, "quantize": record.quantize}
     if record.allocation is not None:
         meta["allocation"] = record.allocation
+    layouts = layouts_of(peft_model, record.targets)
+    if layouts:  # only where a target is not a linear: records of linear models stay as they were
+        meta["layouts"] = layouts
+    if record.parameters:
+        meta["parameters"] = dict(record.parameters)  # target_parameters: wrapper module -> key, experts, layout
     if spec.rewrites_base:
         # what `load` should rebuild, to tell "bit-identical" from "equal up to a different BLAS's rounding"
-        meta["residual_checksums"] = {n: layer_checksum(m.get_base_layer()) for n, m in layers.items()}
+        meta["residual_checksums"] = {n: _base_checksum(m) for n, m in layers.items()}
     return meta
+
+
+def _base_checksum(layer: nn.Module) -> str:
+    """sha256 of the base a LoRA layer computes with (a ParamWrapper's: its parameter)."""
+    return experts.wrapper_checksum(layer) if experts.is_wrapper(layer) else layer_checksum(layer.get_base_layer())
+
+
+def _base_matches(layer: nn.Module, checksum: str) -> bool:
+    if experts.is_wrapper(layer):
+        return experts.wrapper_checksum(layer, checksum_algorithm(checksum)) == checksum
+    return layer_matches(layer.get_base_layer(), checksum)
 
 
 def _refuse_merged(peft_model: nn.Module, record: AdaptRecord, what: str) -> None:
@@ -154,16 +183,38 @@ def save(peft_model: nn.Module, directory: str | os.PathLike, *,
 
 @torch.no_grad()
 def export_lora(peft_model: nn.Module, directory: str | os.PathLike, *,
-                state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+                state_dict: Mapping[str, torch.Tensor] | None = None, rank: int | None = None,
+                energy: float | None = None, round_to: str | list[int] | None = None, covariances: Any = None,
+                weighted: bool = False) -> Path:
     """Write only the vanilla PEFT adapter for the ORIGINAL base (A' = [A; A₀], B' = [B, −B₀], alpha doubled; EoRA:
-    the plain rank-r LoRA for W_c). Returns the directory."""
-    return _write_portable(peft_model, directory, False, state_dict)
+    the plain rank-r LoRA for W_c). Returns the directory.
+
+    Compact (``lifecycle/compact.py``): with ``rank=k`` each layer's update ΔW is written at rank k (its best rank-k
+    approximation; exact when rank(ΔW) ≤ k), with ``energy=f`` at the smallest rank keeping the fraction f of
+    ‖ΔW‖²; ``round_to`` ("vllm" or a list of ranks) rounds each layer's rank up to the next slot; ``covariances``
+    (a ``Covariances``, a mapping or its file) adds the whitened error ‖(ΔW − M)·X‖ / ‖ΔW·X‖ to the report and, with
+    ``weighted=True``, M minimizes it. Per-layer ranks go to ``rank_pattern`` (scaling 1), the errors to
+    svdadapt_export.json."""
+    options = compact_options(rank, energy, round_to, covariances, weighted)
+    if options is None:
+        return _write_portable(peft_model, directory, False, state_dict)
+    before_save(peft_model)
+    meta = checkpoint_meta(peft_model)
+    current, extras = _current_state(peft_model, meta["targets"], state_dict)
+    gap = quantization_gap(peft_model.svdadapt.quantize, peft_model.svdadapt.report)
+    if gap is not None:
+        print(gap)
+    return write_compact(directory, meta, peft_model.svdadapt.init_factors, current, options, extras)
 
 
 def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path, progress: bool) -> None:
     modules = dict(base_model.named_modules())
     residual = meta.get("residual_checksums") or {}
+    params = experts.recorded_targets(meta.get("parameters"))
     for n in tqdm(meta["targets"], desc="svdadapt verify base", disable=not progress, unit="layer"):
+        if n in params:
+            _verify_param(base_model, params[n], meta["base_checksums"][n], directory)
+            continue
         m = modules.get(n)
         if m is None or kind_of(m) is None:
             raise ValueError(f"base model has no adaptable layer {n!r}, which {str(directory)!r} was saved for")
@@ -177,6 +228,16 @@ def _verify_base(base_model: nn.Module, meta: Mapping[str, Any], directory: Path
                 f"base weights do not match {str(directory)!r}: first mismatch at module {n!r} "
                 f"(weight {tuple(m.weight.shape)} {m.weight.dtype}, {_short(got)}…, expected {_short(want)}…){hint}"
             )
+
+
+def _verify_param(base_model: nn.Module, target: Any, want: str, directory: Path) -> None:
+    p = experts.param_of(base_model, target)
+    if p is None:
+        raise ValueError(f"base model has no parameter {target.key!r}, which {str(directory)!r} was saved for")
+    got = weight_checksum(p, checksum_algorithm(want))
+    if got != want:
+        raise ValueError(f"base weights do not match {str(directory)!r}: first mismatch at parameter {target.key!r} "
+                         f"(shape {tuple(p.shape)} {p.dtype}, {_short(got)}…, expected {_short(want)}…)")
 
 
 def _short(checksum: str) -> str:
@@ -204,7 +265,7 @@ def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> A
                        quantize=meta.get("quantize"),
                        rank_pattern=dict(meta["lora_config"].get("rank_pattern") or {}),
                        alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}),
-                       allocation=meta.get("allocation"))
+                       allocation=meta.get("allocation"), parameters=meta.get("parameters"))
 
 
 @torch.no_grad()
@@ -234,11 +295,13 @@ def load(base_model: nn.Module, directory: str | os.PathLike, *, verify: bool = 
     config = config_from_dict(meta["lora_config"])
     config.inference_mode = False
     spec = get_method(meta["method"])
-    peft_model = apply(base_model, config, init, rewrite_base=spec.rewrites_base, quantize=meta.get("quantize"),
-                       progress=progress)
+    layer_init, param_targets, param_init = experts.split_factors(init, meta.get("parameters"))
+    params = experts.ParamApply(param_targets, param_init, spec.rewrites_base) if param_targets else None
+    peft_model = apply(base_model, config, layer_init, rewrite_base=spec.rewrites_base,
+                       quantize=meta.get("quantize"), progress=progress, params=params)
     layers = _targets_of(peft_model, meta["targets"])
     residual = meta.get("residual_checksums") or {}
-    differs = [n for n, m in layers.items() if n in residual and not layer_matches(m.get_base_layer(), residual[n])]
+    differs = [n for n, m in layers.items() if n in residual and not _base_matches(m, residual[n])]
     _restore_state(peft_model, saved)
     if differs:
         warnings.warn(
@@ -274,7 +337,11 @@ def unwrap(peft_model: nn.Module, merge: bool = False) -> nn.Module:
                          "original weights cannot be rebuilt from it; load the original model instead, or "
                          "unwrap(merge=True) for the fine-tuned quantized model")
     if spec.rewrites_base:
+        params = experts.recorded_targets(record.parameters)
         for n, layer in layers.items():
+            if n in params:
+                experts.restore_original(layer, params[n], *record.init_factors[n])
+                continue
             base = layer.get_base_layer()
             kind = kind_of(base)
             A0, B0 = (t.to(device=base.weight.device, dtype=torch.float64) for t in record.init_factors[n])

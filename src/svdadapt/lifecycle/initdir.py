@@ -37,6 +37,7 @@ from torch import nn
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, META_FILE, STATE_FILE, TRAINED_DIR, Saved,
                          Verified, adapter_key, config_dict, read_checkpoint, read_metadata, read_trained_adapter,
                          save_config, sorted_sets, write_checkpoint)
+from .compact import CompactOptions, write_compact
 from .export import checkpoint_meta
 from ..engine.job import Job, lora_config, recorded_options
 from ..modules.layers import before_save
@@ -134,7 +135,8 @@ def _save_raw_adapter(peft_model: nn.Module, out: Path) -> None:
     cfg = peft_model.peft_config["default"]
     cfg.base_model_name_or_path, original_name = str((out / BASE_DIR).resolve()), cfg.base_model_name_or_path
     with sorted_sets(cfg):  # byte-identical adapter_config.json whatever the hash seed
-        PeftModel.save_pretrained(peft_model, str(out / TRAINED_DIR))
+        # save_embedding_layers=False: a targeted embedding's weight is base/'s, not the adapter's to carry
+        PeftModel.save_pretrained(peft_model, str(out / TRAINED_DIR), save_embedding_layers=False)
     cfg.base_model_name_or_path = original_name
 
 
@@ -220,7 +222,7 @@ class Exported:
 
 
 def export_init_dir(init_dir: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                    *, log: Log | None = None) -> Exported:
+                    *, log: Log | None = None, compact: CompactOptions | None = None) -> Exported:
     """The trained adapter of an init directory as the directory ``svdadapt.save`` writes (a plain LoRA for the
     ORIGINAL model, rank 2r; EoRA: rank r for the compressed model; ``svdadapt.load`` resumes from it).
 
@@ -228,7 +230,9 @@ def export_init_dir(init_dir: str | os.PathLike, out: str | os.PathLike, adapter
     directory of the same init (default DIR/adapter). Every file of ``init_dir`` is checked against its manifest,
     base/ included (``log`` gets a line when DIR/adapter is a trained adapter of this init). Refused
     (``ValueError``) if the adapter comes from another init; :class:`NotAnAdapter` if it lacks PEFT's files.
-    ``out`` should be a new or empty directory (nothing here checks that it is not an input)."""
+    ``out`` should be a new or empty directory (nothing here checks that it is not an input). With ``compact``
+    (``compact.compact_options``) ``out`` is the compact export instead (``compact.write_compact``: a plain PEFT LoRA
+    at reduced per-layer ranks and svdadapt_export.json, not resumable)."""
     d = Path(init_dir)
     adapter = Path(adapter) if adapter is not None else d / TRAINED_DIR
     saved = read_checkpoint(d, check_base=True)
@@ -238,7 +242,10 @@ def export_init_dir(init_dir: str | os.PathLike, out: str | os.PathLike, adapter
     init = saved.init
     current, extras = _trained_state(adapter, d, saved)
     meta = {k: v for k, v in saved.meta.items() if k not in ("format", "init_checksum", "files", "trained_dir")}
-    write_checkpoint(out, meta, init, current, resume=True, extras=extras)
+    if compact is None:
+        write_checkpoint(out, meta, init, current, resume=True, extras=extras)
+    else:
+        write_compact(out, meta, init, current, compact, extras)
     moved = sum(int(not (a.equal(init[n][0]) and b.equal(init[n][1]))) for n, (a, b) in current.items())
     return Exported(Path(out), adapter, meta, moved, len(current))
 

@@ -7,6 +7,8 @@ layer type is one entry here, not a branch elsewhere:
 - transformers ``Conv1D`` (GPT-2 family): weight stored transposed, (in, out) — PEFT's ``fan_in_fan_out``;
 - bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: read by dequantizing, written by quantizing (``bnb.py``); its
   hooks guard training forwards after wrapping and restore the canonical storage layout before a save;
+- ``torch.nn.Embedding`` (read as weightᵀ) and ``torch.nn.Conv1d`` / ``nn.Conv2d`` (the kernel as (out, in·∏k)):
+  ``conv.py``; not selected by ``"all-linear"``.
 - HQQ ``HQQLinear``, torchao weight-only tensor subclasses, optimum-quanto ``QLinear``, compressed-tensors
   compressed Linears: read through each backend's own dequantization (``backends.py``), not written;
 - kinds registered at run time (:func:`register_kind`; ``probe.register_linear``: any module whose forward is
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import backends, bnb
+from . import backends, bnb, conv
 from ..core.record import checksum_matches, scan_weight, weight_checksum
 
 __all__ = ["LayerKind", "LAYER_KINDS", "kind_of", "is_target_type", "read_weight", "float_weight", "compute_dtype",
@@ -61,6 +63,11 @@ class LayerKind:
     fan_in_fan_out: bool = False  # PEFT's flag for weights stored (in, out)
     after_wrap: Callable[[nn.Module], None] | None = None
     before_save: Callable[[nn.Module], bool] | None = None
+    linear: bool = True  # selected by target_modules="all-linear"
+    check: Callable[[str, nn.Module], None] | None = None  # refuses a layer's settings (name, module), before any read
+    as_matrix: Callable[[torch.Tensor], torch.Tensor] | None = None  # a stored weight (state dict) as (out, in)
+    calibrates: bool = True  # has an input covariance (CorDA / EoRA); False: the input is not a vector
+    patches: Callable[[nn.Module], Any] | None = None  # calibration rows: ``patches(m).rows(x)`` (n, in), hashable
     before_wrap: Callable[[nn.Module], None] | None = None
 
 
@@ -92,6 +99,12 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
               lambda m: m.weight.detach(), lambda m, w: _copy_into(m.weight, w), lambda m: m.weight.dtype),
     LayerKind("transformers Conv1D", _is_conv1d, lambda m: tuple(m.weight.shape[::-1]), lambda m: m.weight.detach().mT,
               lambda m, w: _copy_into(m.weight, w.mT), lambda m: m.weight.dtype, fan_in_fan_out=True),
+    LayerKind("nn.Embedding", conv.is_embedding, conv.embedding_shape, conv.embedding_read, conv.embedding_write,
+              lambda m: m.weight.dtype, linear=False, check=conv.check_embedding, as_matrix=lambda w: w.mT,
+              calibrates=False),
+    LayerKind("nn.Conv1d/nn.Conv2d", conv.is_conv, conv.conv_shape, conv.conv_read, conv.conv_write,
+              lambda m: m.weight.dtype, linear=False, check=conv.check_conv, as_matrix=conv.conv_matrix,
+              patches=conv.patches_of),
 )
 
 
@@ -189,13 +202,16 @@ def float_weight(name: str, module: nn.Module) -> torch.Tensor:
     """``module``'s weight as an (out, in) float tensor as stored (a view where the layout allows; packed layers
     dequantized), not converted.
 
-    Raises ``TypeError`` naming the module for a layer type svdadapt does not know or a non-float weight.
+    Raises ``TypeError`` naming the module for a layer type svdadapt does not know or a non-float weight, and the
+    kind's ``check`` error (``ValueError``: a convolution's groups, dilation, padding_mode).
     """
     kind = kind_of(module)
     if kind is None:
         raise TypeError(f"module {name!r} is a {type(module).__name__}, which no layer kind of svdadapt reads "
                         f"(kinds: {kind_names()}); if its forward is linear in its input: "
                         f"svdadapt.register_linear({type(module).__name__})")
+    if kind.check is not None:
+        kind.check(name, module)
     w = getattr(module, "weight", None)
     packed = not kind.packed and (type(w).__name__ in {"Params4bit", "Int8Params"} or hasattr(w, "quant_state"))
     W = kind.read(module)

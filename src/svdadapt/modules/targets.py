@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layers import KIND_NAMES, is_target_type, kind_names
+from .layers import KIND_NAMES, is_target_type, kind_names, kind_of
 
 __all__ = ["resolve_targets", "matches", "output_head_names", "peft_target_list", "is_peft", "shared_weights",
            "shared_modules", "saved_modules"]
@@ -50,12 +50,13 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
     module name, in ``named_modules()`` order.
 
     Adaptable means a layer kind of ``svdadapt.layers`` (``nn.Linear``, transformers ``Conv1D``, bitsandbytes
-    linears). Raises ``ValueError`` if nothing matches.
+    linears, ``nn.Embedding``, ``nn.Conv1d`` / ``nn.Conv2d``; ``"all-linear"`` selects the linear kinds only, as
+    PEFT's does). Raises ``ValueError`` if nothing matches.
     """
     layers = {n: m for n, m in model.named_modules() if n and is_target_type(m)}
     if _is_all_linear(target_modules):
         skip = output_head_names(model)
-        found = {n: m for n, m in layers.items() if n not in skip}
+        found = {n: m for n, m in layers.items() if n not in skip and kind_of(m).linear}
     else:
         target_modules = _as_selector(target_modules)
         found = {n: m for n, m in layers.items() if matches(target_modules, n)}
@@ -109,9 +110,13 @@ def _refuse_parameters(model: nn.Module, selector: str | list[str], layers: dict
             what = f"target_modules={sel!r}" if isinstance(selector, str) else f"target_modules entry {sel[0]!r}"
             raise ValueError(
                 f"{what} matched no adaptable layer but {len(hits)} parameters of 3 or more dimensions in "
-                f"{type(model).__name__} ({shown}; MoE expert weights), which are parameters, not layers: PEFT adapts "
-                "those through LoraConfig(target_parameters=...), which svdadapt does not support yet; target the "
-                "adaptable layers instead (e.g. the attention projections, a shared expert)")
+                f"{type(model).__name__} ({shown}; MoE expert weights), which are parameters, not layers: pass them as "
+                f"target_parameters={_param_suffixes(n for n, _ in hits)!r} (PEFT's meaning; docs/experts.md)")
+
+
+def _param_suffixes(keys: Iterable[str]) -> list[str]:
+    """``<module>.<param>`` of each full parameter key, the module's last name only (``experts.down_proj``)."""
+    return sorted({".".join(k.split(".")[-2:]) for k in keys})
 
 
 def peft_target_list(model: nn.Module, names: list[str]) -> list[str] | str:

@@ -2,7 +2,10 @@
 
 Both functions return a compressed *deep copy* of the model (the original is untouched) whose targeted
 Linear weights are replaced by their compressed values, still stored as ordinary floating-point tensors
-("fake quantization"): this is the W_c that EoRA compensates, without any packed kernel.
+("fake quantization"): this is the W_c that EoRA compensates, without any packed kernel. With
+``target_parameters`` (PEFT's, MoE expert parameters: ``calibration/experts.py``) each expert's (out, in) matrix of
+a 3-D expert parameter is compressed on its own, as a Linear's weight would be (groups along its input; Wanda's
+scores from that expert's covariance, key ``<param>[e]``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..calibration.experts import ExpertParam, expert_key, expert_parameters
 from ..modules.layers import kind_of
 from ..modules.targets import resolve_targets
 
@@ -86,31 +90,71 @@ def _float_weights(targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _compress_copy(model: nn.Module, target_modules: str | Iterable[str],
-                   compress_one: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
-    """A deep copy of ``model`` whose targets' weights are ``compress_one(name, W (out, in))``; every target is
-    checked on the original first."""
-    _float_weights(resolve_targets(model, target_modules))
+def _layers(model: nn.Module, target_modules: str | Iterable[str] | None) -> dict[str, nn.Module]:
+    return {} if target_modules is None else resolve_targets(model, target_modules)
+
+
+def _experts(model: nn.Module, target_parameters: str | Iterable[str] | None) -> dict[str, ExpertParam]:
+    return {} if target_parameters is None else expert_parameters(model, target_parameters)
+
+
+def _expert_weights(params: Mapping[str, ExpertParam]) -> dict[str, torch.Tensor]:
+    """``<param>[e]`` -> expert e's (out, in) matrix (a view), every expert of every parameter, checked like
+    :func:`_float_weights`."""
+    out = {}
+    for p in params.values():
+        if not torch.is_floating_point(getattr(p.module, p.param)):
+            raise TypeError(f"parameter {p.key!r} has dtype {getattr(p.module, p.param).dtype}; cannot compress it")
+        for e in range(p.num_experts):
+            W = p.matrix(e)
+            if not torch.isfinite(W).all():
+                raise ValueError(f"expert {expert_key(p.key, e)!r} has a weight with NaN or inf; cannot compress it")
+            out[expert_key(p.key, e)] = W
+    return out
+
+
+def _targets(model: nn.Module, target_modules: str | Iterable[str] | None,
+             target_parameters: str | Iterable[str] | None) -> dict[str, torch.Tensor]:
+    """name -> (out, in) weight view of every target: the Linear layers, then every expert's matrix."""
+    if target_modules is None and target_parameters is None:
+        raise ValueError("target_modules=None and no target_parameters: nothing to compress")
+    return {**_float_weights(_layers(model, target_modules)), **_expert_weights(_experts(model, target_parameters))}
+
+
+def _compress_copy(model: nn.Module, target_modules: str | Iterable[str] | None,
+                   compress_one: Callable[[str, torch.Tensor], torch.Tensor],
+                   target_parameters: str | Iterable[str] | None = None) -> nn.Module:
+    """A deep copy of ``model`` whose targets' weights are ``compress_one(name, W (out, in))`` (each expert's
+    matrix of a targeted expert parameter on its own, name ``<param>[e]``); every target is checked on the
+    original first."""
+    _targets(model, target_modules, target_parameters)
     clone = copy.deepcopy(model)
-    for name, m in resolve_targets(clone, target_modules).items():
+    for name, m in _layers(clone, target_modules).items():
         kind = kind_of(m)
         kind.write(m, compress_one(name, kind.read(m)).to(kind.storage_dtype(m)))
+    for name, W in _expert_weights(_experts(clone, target_parameters)).items():
+        W.copy_(compress_one(name, W))
     return clone
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int, group_size: int | None = 128, symmetric: bool = False,
-             target_modules: str | Iterable[str] = "all-linear") -> nn.Module:
+             target_modules: str | Iterable[str] | None = "all-linear",
+             target_parameters: str | Iterable[str] | None = None) -> nn.Module:
     """A deep copy of ``model`` whose targeted Linear weights are k-bit round-to-nearest quantized
     (``quantize_weight``: groups of ``group_size`` input columns, asymmetric min/max by default).
 
     Args:
         bits: 2 … 8. group_size: columns per group (``None``: one group per row).
         symmetric: GPTQ-style symmetric grid instead of the asymmetric one.
-        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear but the output head).
+        target_modules: as in :func:`svdadapt.wrap` (``"all-linear"``: every Linear but the output head; ``None``:
+            none, with ``target_parameters``).
+        target_parameters: MoE expert parameters (PEFT's ``target_parameters``, e.g. ``["experts.gate_up_proj",
+            "experts.down_proj"]``): each expert's (out, in) matrix quantized on its own, groups along its input.
     """
     _check_bits(bits, group_size)
-    return _compress_copy(model, target_modules, lambda _, W: quantize_weight(W, bits, group_size, symmetric))
+    return _compress_copy(model, target_modules, lambda _, W: quantize_weight(W, bits, group_size, symmetric),
+                          target_parameters)
 
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -146,7 +190,8 @@ def prune_weight(W: torch.Tensor, *, pattern: str | None = None, sparsity: float
 @torch.no_grad()
 def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | None = None,
           calibration: Mapping[str, torch.Tensor] | None = None,
-          target_modules: str | Iterable[str] = "all-linear") -> nn.Module:
+          target_modules: str | Iterable[str] | None = "all-linear",
+          target_parameters: str | Iterable[str] | None = None) -> nn.Module:
     """A deep copy of ``model`` with its targeted Linear weights pruned (see :func:`prune_weight`).
 
     Args:
@@ -155,7 +200,9 @@ def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | Non
         sparsity: fraction of each row's weights set to zero, in [0, 1); excludes ``pattern``.
         calibration: a :class:`~svdadapt.Covariances` (or mapping name -> C): score by |W|·√diag(C)
             (Wanda) instead of |W|.
-        target_modules: as in :func:`svdadapt.wrap`.
+        target_modules: as in :func:`svdadapt.wrap` (``None``: none, with ``target_parameters``).
+        target_parameters: MoE expert parameters, each expert's (out, in) matrix pruned on its own (its
+            covariance in ``calibration`` under ``<param>[e]``, ``collect_covariances(target_parameters=...)``).
     """
     if sparsity is not None:
         if pattern is not None:
@@ -167,7 +214,7 @@ def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | Non
         match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
         if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
             raise ValueError(f"pattern must look like 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
-    for name, W in _float_weights(resolve_targets(model, target_modules)).items():
+    for name, W in _targets(model, target_modules, target_parameters).items():
         in_f = W.shape[1]
         if pattern is not None and in_f % int(pattern.split(":")[1]) != 0:
             raise ValueError(f"module {name!r} has in_features={in_f}, not a multiple of M in pattern {pattern!r}")
@@ -182,4 +229,4 @@ def prune(model: nn.Module, pattern: str | None = None, *, sparsity: float | Non
         norm = None if calibration is None else calibration[name].diagonal().clamp_min(0).sqrt()
         return prune_weight(W, pattern=pattern, sparsity=sparsity, input_norm=norm)
 
-    return _compress_copy(model, target_modules, prune_one)
+    return _compress_copy(model, target_modules, prune_one, target_parameters)

@@ -84,4 +84,5 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
             lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
             hook_model = reference.model if calibrates_on(job) == "reference" else ck.model
         plan_blockwise(hook_model, ck.targets, calibration, plan, options,
-                       compensation=Compensation(ck.model, job.scaling_of), progress=progress)
+                       compensation=Compensation(ck.model, job.scaling_of), progress=progress,
+                       centered=job.spec.centered)

@@ -56,6 +56,7 @@ from ..blockwise import BlockwiseOptions
 from ..blockwise import resolve as resolve_blockwise
 from ..engine.distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
 from ..lifecycle.initdir import BASE_DIR, write_streamed
+from ..engine.experts import refuse_unsupported
 from ..engine.job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
 from ..core.methods import get_method
 from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
@@ -384,6 +385,7 @@ def init_checkpoint(
     check_needs(spec, request.calibration, request.reference, streaming=True)
     _check_run_options(request.progress, resume, max_shard_bytes, request.blockwise)
     job = build_job(spec, rank, request)
+    refuse_unsupported(job.target_parameters, streaming=True)  # MoE experts in memory only (docs/experts.md)
     ck = _open_checkpoint(src, job, request.target_modules, request.exclude_modules)
     ref = None if request.reference is None else _open_reference(request.reference, ck)
     batches = None if request.calibration is None else list(request.calibration)

@@ -274,7 +274,9 @@ def test_error_rank_above_min_dimension(tiny_llama) -> None:
 def test_error_no_module_matched(tiny_llama) -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"^target_modules=\['qkv'\] matched no adaptable layer \(nn\.Linear, transformers Conv1D, "
-                                         r"nn\.Embedding, nn\.Conv1d/nn\.Conv2d, bitsandbytes Linear4bit/Linear8bitLt\) in LlamaForCausalLM; "
+                                         r"nn\.Embedding, nn\.Conv1d/nn\.Conv2d, bitsandbytes Linear4bit/Linear8bitLt, HQQ HQQLinear, "
+                                         r"torchao quantized Linear, optimum-quanto QLinear, compressed-tensors compressed "
+                                         r"Linear\) in LlamaForCausalLM; "
                                          r"adaptable layers are: model\.embed_tokens, model\.layers\.0\.self_attn\.q_proj, "):
         wrap(model, "pissa", RANK, target_modules=["qkv"], progress=False)
     with pytest.raises(ValueError, match=r"^target_modules='nothing.*' matched no adaptable layer \(.*\) in Sequential"):

@@ -200,12 +200,12 @@ SHAPE = {"a": (4, 2)}
                                  "(Σ min_rank·(in + out) over 1 layers)"),
     (dict(min_rank=3, max_rank=2), "min_rank=3 exceeds max_rank=2"),
     (dict(min_rank=3), "min_rank=3 exceeds min(out, in) = 2 of layer 'a'"),
-    (dict(min_rank=0), "min_rank must be a positive integer, got 0"),
+    (dict(min_rank=-1), "min_rank must be an integer >= 0, got -1"),
     (dict(max_rank=True), "max_rank must be a positive integer, got True"),
     (dict(objective="variance"), "unknown allocation objective 'variance'; valid objectives are: energy, "
-                                 "energy_raw, eora"),
+                                 "energy_raw, eora, eva"),
     (dict(objective="energy"), "objective 'energy' divides each layer's σ² by its total energy: pass totals= "
-                               "(layer -> ‖W‖²_F, or ‖W·C‖²_F for CorDA)"),
+                               "(layer -> ‖W‖²_F, or ‖W·C‖²_F for CorDA, tr C for EVA)"),
     (dict(objective="energy", totals={"b": 1.0}), "totals has no entry for layers ['a']"),
     (dict(budget=-1), "budget must be a non-negative integer number of parameters, got -1"),
 ])

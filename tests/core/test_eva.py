@@ -259,3 +259,24 @@ def test_eva_rank_zero_layer_has_no_adapter():
     ranks = {n: l.lora_A["default"].weight.shape[0] for n, l in lora_layers(pm).items()}
     assert sum(ranks.values()) == 3 and len(ranks) < 12
     assert sorted(pm.svdadapt.targets) == sorted(n.replace("base_model.model.", "") for n in ranks)
+
+
+def test_eva_errors():
+    """The errors of the means, the labels and an all-zero allocation, as docs/errors.md gives them."""
+    C = torch.eye(4)
+    with raises_exactly(ValueError, "token mean for 'q' must be a (4,) tensor, got (3,)"):
+        svdadapt.Covariances({"q": C}, {"q": 2}, {"q": torch.zeros(3)})
+    with raises_exactly(ValueError, "these covariances hold no token means (collected or saved before svdadapt "
+                                    "recorded them): collect them again with svdadapt.collect_covariances for a "
+                                    "method that centres its covariance (eva)"):
+        svdadapt.Covariances({"q": C}, {"q": 2}).centered("q")
+    bad = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 7, dtype=torch.long)}
+    with raises_exactly(ValueError, "batch 0: labels has shape (2, 7), but attention_mask (or the ids) (2, 8): "
+                                    "labels must be laid out like the sequence they label"):
+        svdadapt.collect_covariances(_model(), [bad], TARGETS, progress=False)
+    with raises_exactly(ValueError, "the allocation gave every layer rank 0 (budget=0): raise the budget or "
+                                    "min_rank"):
+        svdadapt.wrap(_model(), "eva", rank=1, calibration=[_batch()], target_modules=TARGETS,
+                      allocate=svdadapt.AllocateOptions(budget=0), progress=False)
+    with raises_exactly(ValueError, "AllocateOptions: cost must be None or one of 'params', 'ranks', got 'bytes'"):
+        svdadapt.AllocateOptions(cost="bytes")

@@ -235,7 +235,7 @@ def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 def test_error_unknown_method(tiny_llama) -> None:
     model = tiny_llama()
     before = linear_weights(model)
-    with pytest.raises(ValueError, match=r"^unknown method 'lora'; valid methods are: pissa, milora, corda, eora$"):
+    with pytest.raises(ValueError, match=r"^unknown method 'lora'; valid methods are: pissa, milora, corda, eora, eva$"):
         wrap(model, "lora", RANK, progress=False)
     assert_untouched(model, before)
 

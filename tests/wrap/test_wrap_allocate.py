@@ -275,7 +275,7 @@ def test_errors() -> None:
                                     "(Σ min_rank·(in + out) over 14 layers)"):
         wrap(allocate=AllocateOptions(budget=100))
     with raises_exactly(ValueError, "AllocateOptions: unknown allocation objective 'variance'; valid objectives "
-                                    "are: energy, energy_raw, eora"):
+                                    "are: energy, energy_raw, eora, eva"):
         AllocateOptions(objective="variance")
     with raises_exactly(ValueError, "allocation objective 'eora' does not apply to method 'pissa': its "
                                     "objectives are energy, energy_raw"):

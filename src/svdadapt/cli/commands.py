@@ -264,11 +264,13 @@ def _allocate_options(q: argparse.ArgumentParser) -> None:
                         "the rank_pattern; loads the model, not streamed)")
     q.add_argument("--budget", type=_positive, default=None, metavar="PARAMS",
                    help="with --allocate: adapter parameters, sum of rank*(in + out) (default: what --rank costs)")
-    q.add_argument("--min-rank", type=_positive, default=None, metavar="R", help="with --allocate: default 1")
+    q.add_argument("--min-rank", type=_positive, default=None, metavar="R",
+                   help="with --allocate: default 1 (eva: 0)")
     q.add_argument("--max-rank", type=_positive, default=None, metavar="R",
                    help="with --allocate: each layer's decomposition rank (default 4*rank, at most min(out, in))")
     q.add_argument("--objective", choices=list(OBJECTIVES), default=None,
-                   help="with --allocate: default the method's own (pissa, corda ipa: energy; eora: eora)")
+                   help="with --allocate: default the method's own (pissa, corda ipa: energy; eora: eora; "
+                        "eva: eva)")
 
 
 def _allocation(args: argparse.Namespace) -> Any:
@@ -284,7 +286,7 @@ def _allocation(args: argparse.Namespace) -> Any:
         raise UsageError("--allocate writes every layer's rank as the rank pattern; drop --rank-pattern")
     from ..engine.allocation import AllocateOptions
 
-    return AllocateOptions(budget=args.budget, min_rank=args.min_rank or 1, max_rank=args.max_rank,
+    return AllocateOptions(budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank,
                            objective=args.objective)
 
 

@@ -179,7 +179,7 @@ ERRORS = [
     (["init", "{missing}.gguf", "--method", "pissa", "--rank", "2", "--out", "{new}"], 2,
      "svdadapt: error: no such model directory or .gguf file: '{missing}.gguf'"),
     (["init", "{tiny}", "--method", "lora", "--rank", "2", "--out", "{new}"], 2,
-     "svdadapt: error: argument --method: invalid choice: 'lora' (choose from 'pissa', 'milora', 'corda', 'eora') "
+     "svdadapt: error: argument --method: invalid choice: 'lora' (choose from 'pissa', 'milora', 'corda', 'eora', 'eva') "
      "(see `svdadapt init --help`)"),
     (["init", "{tiny}", "--method", "pissa", "--rank", "0", "--out", "{new}"], 2,
      "svdadapt: error: argument --rank: must be a positive integer, got '0' (see `svdadapt init --help`)"),

@@ -120,7 +120,7 @@ def test_cli_mode_choices_come_from_the_registry() -> None:
 def test_registry_entries_by_keyword() -> None:
     assert [(s.name, s.needs_calibration, s.needs_reference, s.rewrites_base) for s in METHODS.values()] == [
         ("pissa", False, False, True), ("milora", False, False, True), ("corda", True, False, True),
-        ("eora", True, True, False)]
+        ("eora", True, True, False), ("eva", True, False, False)]
 
 
 def test_tied_weights_found_on_the_meta_device() -> None:

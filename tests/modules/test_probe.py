@@ -110,6 +110,16 @@ def test_unreadable_module_type_is_one_line_naming_it_and_the_kinds():
                       progress=False)
 
 
+def test_a_regex_matching_only_weightless_modules_is_matched_no():
+    """A regex (a string selector) that happens to match an activation is not asking for it: "matched no
+    adaptable layer"; the one-line kind error is for modules named in a list or holding tensors of their own."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.GELU())
+    selector = r"\d+"  # matches "0" (a container of an adaptable layer) and "1" (the GELU), not "0.0"
+    with pytest.raises(ValueError) as e:
+        svdadapt.wrap(model, "pissa", 2, target_modules=selector, progress=False)
+    assert str(e.value).startswith(f"target_modules={selector!r} matched no adaptable layer (")
+
+
 def test_a_registered_nonlinear_type_is_refused_when_read():
     model = nn.Sequential(nn.Linear(16, 16), Relu())
     svdadapt.register_linear(Relu)

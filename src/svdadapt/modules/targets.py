@@ -77,15 +77,22 @@ def resolve_targets(model: nn.Module, target_modules: Selector = "all-linear",
 
 def _refuse_unreadable(model: nn.Module, target_modules: Selector, exclude_modules: Selector | None) -> None:
     """The one-line error for a selected module no layer kind reads (a leaf, or a module with no adaptable layer
-    inside): its name, its type, the kinds that exist and the probing fallback."""
+    inside): its name, its type, the kinds that exist and the probing fallback. A regex (a string) that also
+    matches weightless modules (activations, dropout) is not asking for those: the "matched no" error speaks for it;
+    a module named in a list, or one holding tensors of its own (a foreign quantized layer), gets this error."""
     if _is_all_linear(target_modules):
         return
+    regex = isinstance(target_modules, str)
     for n, m in model.named_modules():
         if (n and matches(target_modules, n) and not (exclude_modules is not None and matches(exclude_modules, n))
-                and not any(is_target_type(c) for c in m.modules())):
+                and not any(is_target_type(c) for c in m.modules()) and (not regex or _holds_tensors(m))):
             kind = type(m).__name__
             raise ValueError(f"module {n!r} is a {kind}, which no layer kind of svdadapt reads (kinds: "
                              f"{kind_names()}); if its forward is linear in its input: svdadapt.register_linear({kind})")
+
+
+def _holds_tensors(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
 
 
 def _stacked_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

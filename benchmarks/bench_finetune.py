@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     lrs = [float(x) for x in args.lrs.split(",")]
     method_lrs = parse_method_lrs(p, args.method_lrs, methods)
     seeds = parse_seeds(p, args.seeds)
-    cfg = dict(methods=methods, lrs=sorted({*lrs, *(x for v in method_lrs.values() for x in v)}), seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+    cfg = dict(methods=methods, lrs=sorted({x for m in methods for x in method_lrs.get(m, lrs)}), seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
                eval_every=args.eval_every, target_loss=args.target_loss, model=args.model or "SmolLM2-135M-Instruct",
                target_modules=args.targets, alpha="rank", n_val=args.n_val, n_test=args.n_test)
     # a run is reused only if everything that shapes it is unchanged

@@ -12,6 +12,15 @@ Methods, all at the same rank, alpha = rank, all linear layers, so the same trai
 * ``corda-ipa``  CorDA, top-r of W·C with C from task items (the training split)
 * ``corda-kpa``  CorDA, bottom-r of W·C with C from knowledge text disjoint from the probe items
 
+Not in the default ``--methods``, for rank allocation (docs/wrap.md; benchmarks/results/bench_finetune_allocate.json):
+
+* ``pissa-alloc``      ``wrap(..., "pissa", rank, allocate=True)``: per-layer ranks at the parameter budget of uniform
+                       ``rank`` (the method's objective, the captured fraction per layer; max rank 4·rank)
+* ``corda-ipa-alloc``  the same for CorDA-IPA, on corda-ipa's covariances
+* ``eva-peft``         PEFT's own EVA (``init_lora_weights="eva"``, ``EvaConfig()`` defaults: rho 2, i.e. ranks
+                       redistributed up to 2·rank with the total rank count kept; the batches carry no labels, so
+                       the attention mask alone selects tokens), ``initialize_lora_eva_weights`` on the same task batches as corda-ipa's covariances
+
 Protocol: every method runs every learning rate of a shared sweep on seed 0; the learning rate with the best
 validation accuracy (ties: lower mean training loss over the last 20 steps) then runs on the remaining seeds. Each
 finished run is written to ``benchmarks/results/bench_finetune.json`` at once; rerunning skips runs already
@@ -44,7 +53,13 @@ from _common import (RESULTS_DIR, add_finetune_arguments, best_lr, machine_info,
                      parse_seeds, report_only, show, sweep_grid, write_results)
 
 NAME = "bench_finetune"
-METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
+DEFAULT_METHODS = ("lora", "pissa", "milora", "corda-ipa", "corda-kpa")
+METHODS = (*DEFAULT_METHODS, "pissa-alloc", "corda-ipa-alloc", "eva-peft")
+
+
+def calib_key(method: str) -> str:
+    """The calibration a method uses: an allocated variant and PEFT's EVA share corda-ipa's task items."""
+    return "corda-ipa" if method == "eva-peft" else method.removesuffix("-alloc")
 
 
 # --------------------------------------------------------------------------------------------------- set-up
@@ -59,13 +74,26 @@ def calibrations(base, tok, train_pairs, methods, targets, progress: bool) -> tu
 
     texts = {"corda-ipa": _tasks.task_texts(train_pairs[:512]), "corda-kpa": _tasks.KNOWLEDGE_TEXTS}
     covs, secs = {}, {}
-    for m in methods:
-        if m in texts:
+    for key in dict.fromkeys(calib_key(m) for m in methods):
+        if key in texts:
             t0 = time.perf_counter()
-            batches = svdadapt.text_batches(tok, texts[m], seq_len=64, batch_size=8)
-            covs[m] = svdadapt.collect_covariances(base, batches, target_modules=targets, progress=progress)
-            secs[m] = time.perf_counter() - t0
+            batches = svdadapt.text_batches(tok, texts[key], seq_len=64, batch_size=8)
+            covs[key] = svdadapt.collect_covariances(base, batches, target_modules=targets, progress=progress)
+            secs[key] = time.perf_counter() - t0
+            covs[f"{key}-batches"] = batches
     return covs, secs
+
+
+def eva_peft(model, rank: int, targets, batches) -> Any:
+    """PEFT's EVA on ``model``: ``LoraConfig(init_lora_weights="eva")`` then ``initialize_lora_eva_weights`` over
+    ``batches`` (dicts of input_ids / attention_mask); alpha = rank (EVA adjusts it per layer to keep alpha / r)."""
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     init_lora_weights="eva", eva_config=EvaConfig())
+    pm = get_peft_model(model, cfg)
+    initialize_lora_eva_weights(pm, [dict(b) for b in batches], show_progress_bar=False)
+    return pm
 
 
 def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], targets, progress: bool):
@@ -76,11 +104,16 @@ def make_model(base, method: str, rank: int, seed: int, covs: dict[str, Any], ta
     model = copy.deepcopy(base)
     if method == "lora":
         return _tasks.default_lora(model, rank, targets, seed)
-    if method in ("pissa", "milora"):
-        return svdadapt.wrap(model, method, rank, target_modules=targets, seed=seed, progress=progress)
-    mode = method.split("-")[1]
-    return svdadapt.wrap(model, "corda", rank, mode=mode, calibration=covs[method], target_modules=targets, seed=seed,
-                         progress=progress)
+    if method == "eva-peft":
+        return eva_peft(model, rank, targets, covs["corda-ipa-batches"])
+    allocate = method.endswith("-alloc")
+    name = method.removesuffix("-alloc")
+    if name in ("pissa", "milora"):
+        return svdadapt.wrap(model, name, rank, target_modules=targets, seed=seed, progress=progress,
+                             allocate=allocate)
+    mode = name.split("-")[1]
+    return svdadapt.wrap(model, "corda", rank, mode=mode, calibration=covs[name], target_modules=targets, seed=seed,
+                         progress=progress, allocate=allocate)
 
 
 def one_run(base, tok, data, covs, *, method: str, lr: float, seed: int, cfg: dict, progress: bool) -> dict:
@@ -169,7 +202,8 @@ def plot(payload: dict, path: Path) -> None:
     runs, cfg = payload["runs"], payload["config"]
     methods = [m for m in cfg["methods"] if best_lr(runs, m) is not None]
     fig, (ax_l, ax_a, ax_p) = plt.subplots(1, 3, figsize=(17, 5))
-    colors = dict(zip(METHODS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    colors = dict(zip(METHODS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:cyan", "tab:olive",
+                                "tab:purple"]))
     for m in methods:
         lr = best_lr(runs, m)
         rs = [r for r in runs if r["method"] == m and r["lr"] == lr]
@@ -215,7 +249,11 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     """Run the protocol; ``model``/``tokenizer`` may be passed in (tests; never modified), else ``--model`` or the
     bundled SmolLM2. Returns the payload written to ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--method-lrs", action="append", default=[], metavar="METHOD=LR,LR,...",
+                   help="this method's seed-0 rates instead of --lrs, run in the order given (repeatable)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="write --out from the runs of these results files "
+                   "(same configuration), print the tables and draw the PNG; nothing is run")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="all-linear", help=_tasks.TARGETS_HELP)
     p.add_argument("--model", default=None, help=_tasks.MODEL_HELP)
@@ -225,6 +263,8 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     out = Path(args.out)
     if args.report_only:
         return report_only(out, report, plot)
+    if args.merge:
+        return merge(p, args.merge, out, [m.strip() for m in args.methods.split(",") if m.strip()])
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -232,8 +272,9 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
     if unknown:
         p.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
+    method_lrs = parse_method_lrs(p, args.method_lrs, methods)
     seeds = parse_seeds(p, args.seeds)
-    cfg = dict(methods=methods, lrs=lrs, seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+    cfg = dict(methods=methods, lrs=sorted({x for m in methods for x in method_lrs.get(m, lrs)}), seeds=seeds, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
                eval_every=args.eval_every, target_loss=args.target_loss, model=args.model or "SmolLM2-135M-Instruct",
                target_modules=args.targets, alpha="rank", n_val=args.n_val, n_test=args.n_test)
     # a run is reused only if everything that shapes it is unchanged
@@ -280,7 +321,7 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
         return any(r["method"] == m and r["lr"] == lr and r["seed"] == s for r in runs)
 
     t_all = time.perf_counter()
-    plan = [(m, lr, 0) for m in methods for lr in lrs]
+    plan = [(m, lr, 0) for m in methods for lr in method_lrs.get(m, lrs)]
     for phase in ("sweep", "seeds"):
         if phase == "seeds":
             plan = [(m, best_lr(runs, m), s) for m in methods for s in seeds if s != 0]
@@ -297,6 +338,43 @@ def main(argv: list[str] | None = None, model=None, tokenizer=None) -> dict:
                   f"{row['train_s']:.0f} s", flush=True)
     payload["bench_s_this_invocation"] = time.perf_counter() - t_all
     save()
+    return show(out, payload, report, plot)
+
+
+def parse_method_lrs(p, items: list[str], methods: list[str]) -> dict[str, list[float]]:
+    """``--method-lrs METHOD=LR,LR`` items as {method: [rates]}; a method not in ``--methods`` is an error."""
+    out = {}
+    for item in items:
+        m, sep, rates = item.partition("=")
+        if not sep or m.strip() not in methods:
+            p.error(f"--method-lrs {item!r}: expected METHOD=LR,LR,... with METHOD one of --methods")
+        out[m.strip()] = [float(x) for x in rates.split(",")]
+    return out
+
+
+def merge(p, paths: list[str], out: Path, methods: list[str]) -> dict:
+    """``--merge``: one payload from the runs of ``methods`` (in that order) in several results files of the same
+    configuration (a run found twice: the first file's), written to ``out``, reported and plotted."""
+    loaded = [json.loads(Path(x).read_text()) for x in paths]
+    keys = ("steps", "batch_size", "rank", "eval_every", "target_loss", "model", "target_modules", "n_val", "n_test")
+    first = loaded[0]
+    for x, d in zip(paths, loaded):
+        if {k: d["config"].get(k) for k in keys} != {k: first["config"].get(k) for k in keys}:
+            p.error(f"--merge: {x} holds another configuration than {paths[0]}")
+    runs, seen = [], set()
+    for d in loaded:
+        for r in d["runs"]:
+            if r["method"] in methods and (r["method"], r["lr"], r["seed"]) not in seen:
+                seen.add((r["method"], r["lr"], r["seed"]))
+                runs.append(r)
+    cfg = dict(first["config"], methods=methods, lrs=sorted({r["lr"] for r in runs}),
+               seeds=sorted({r["seed"] for r in runs}))
+    payload = {"config": cfg, "probe_before": first["probe_before"], "base_task": first["base_task"],
+               "merged_from": [str(x) for x in paths], "runs": runs,
+               "summary": summarize(runs, methods, first["probe_before"]),
+               "best_lr": {m: best_lr(runs, m) for m in methods}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=float) + "\n")
     return show(out, payload, report, plot)
 
 

@@ -160,3 +160,38 @@ def test_bench_finetune_protocol_resume_and_plot(smollm2, tmp_path, tasks, monke
     again = bench.main(argv, model=model, tokenizer=tok)  # resumes: the same six runs, nothing retrained
     assert [(r["method"], r["lr"], r["seed"], r["losses"]) for r in again["runs"]] == \
         [(r["method"], r["lr"], r["seed"], r["losses"]) for r in runs]
+
+
+@pytest.mark.slow
+def test_bench_finetune_allocated_and_eva_methods_per_method_rates_and_merge(smollm2, tmp_path, tasks, monkeypatch):
+    """The allocation methods of the benchmark on 2 steps a run: ``--method-lrs`` gives a method its own rates, run
+    in the order given; pissa-alloc spends at most the uniform rank's parameters and starts at the base model (exact
+    at init); PEFT's EVA runs on the task batches; ``--merge`` unites two results files in ``--methods``' order."""
+    model, tok = smollm2
+    monkeypatch.setattr(tasks, "probe_items", lambda items=tasks.probe_items(): items[:8])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = _load(ROOT / "benchmarks" / "bench_finetune.py", "bench_finetune_a")
+    common = ["--seeds", "0", "--steps", "2", "--batch-size", "2", "--eval-every", "1", "--n-val", "16", "--n-test",
+              "16", "--targets", "q_proj,v_proj", "--no-progress"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    a = bench.main(["--methods", "pissa,pissa-alloc", "--lrs", "1e-3", "--method-lrs", "pissa-alloc=3e-3,1e-3",
+                    "--out", str(first), *common], model=model, tokenizer=tok)
+    assert [(r["method"], r["lr"]) for r in a["runs"]] == [("pissa", 1e-3), ("pissa-alloc", 3e-3),
+                                                           ("pissa-alloc", 1e-3)]
+    uniform, alloc = a["runs"][0], a["runs"][1]
+    targets = [m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    budget = 8 * sum(m.in_features + m.out_features for m in targets)
+    assert uniform["trainable"] == budget and 0 < alloc["trainable"] <= budget  # never over the budget
+    # exact at init, as above
+    assert abs(alloc["probe_at_init"]["logprob"] - a["probe_before"]["logprob"]) < 1e-4
+    b = bench.main(["--methods", "eva-peft", "--lrs", "1e-3", "--out", str(second), *common], model=model,
+                   tokenizer=tok)
+    assert [(r["method"], r["lr"]) for r in b["runs"]] == [("eva-peft", 1e-3)]
+    # EVA starts with B = 0: each adapted layer adds exact zeros to the base layer's output, so bit for bit
+    assert b["runs"][0]["probe_at_init"]["logprob"] == b["probe_before"]["logprob"]
+    merged = bench.main(["--methods", "eva-peft,pissa-alloc", "--merge", str(first), str(second), "--out",
+                         str(tmp_path / "m.json")])
+    assert [s["method"] for s in merged["summary"]] == ["eva-peft", "pissa-alloc"]
+    assert sorted((r["method"], r["lr"]) for r in merged["runs"]) == [("eva-peft", 1e-3), ("pissa-alloc", 1e-3),
+                                                                      ("pissa-alloc", 3e-3)]
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

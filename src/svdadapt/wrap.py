@@ -233,20 +233,8 @@ def wrap(
     options = allocation.resolve(allocate, job, job.quant is not None and spec.rewrites_base)
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)
-    param_targets = experts.select(model, job, inputs.targets)  # target_parameters (engine/experts.py)
-    _warn_coverage(model, inputs.targets, param_targets)
-    checksums = experts.param_checksums(model, param_targets)
-    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
-    param_plans = experts.plan_parameters(job, model, param_targets, expert_calibration, request.reference)
-    allocated = None
-    if not inputs.targets:
-        plans = {}
-    elif options is None:
-        plans = _plans(job, inputs, request.blockwise)
-    else:
-        job, plans, allocated = _allocated_plans(job, inputs, request.blockwise, options)
-        inputs = replace(inputs, targets={n: m for n, m in inputs.targets.items() if n in plans},  # rank 0: none
-                         base_checksums={n: c for n, c in inputs.base_checksums.items() if n in plans})
+    inputs, param_targets, checksums, param_plans = _expert_plans(job, model, inputs, request.reference)
+    job, inputs, plans, allocated = _layer_plans(job, inputs, request.blockwise, options)
     params = experts.ParamApply(param_targets, {k: (p.A, p.B) for k, p in param_plans.items()},
                                 spec.rewrites_base) if param_targets else None
     peft_model = apply(model, lora_config(model, inputs.targets, job), {n: (p.A, p.B) for n, p in plans.items()},
@@ -257,6 +245,33 @@ def wrap(
         experts.record_parameters(record, params, param_plans, checksums)
     attach(peft_model, record)  # save_pretrained guard, see lifecycle/export.py
     return peft_model
+
+
+def _expert_plans(job: Job, model: nn.Module, inputs: _Inputs, reference: Any
+                  ) -> tuple[_Inputs, dict[str, Any], dict[str, str], dict[str, Any]]:
+    """``target_parameters`` (engine/experts.py): the parameters selected (with the coverage warning), their
+    checksums, and every expert planned; the inputs with the calibration batches read into a list if the experts
+    collected on them."""
+    param_targets = experts.select(model, job, inputs.targets)
+    _warn_coverage(model, inputs.targets, param_targets)
+    checksums = experts.param_checksums(model, param_targets)
+    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
+    return inputs, param_targets, checksums, experts.plan_parameters(job, model, param_targets, expert_calibration,
+                                                                     reference)
+
+
+def _layer_plans(job: Job, inputs: _Inputs, blockwise: Any, options: allocation.AllocateOptions | None
+                 ) -> tuple[Job, _Inputs, dict[str, LayerPlan], dict[str, Any] | None]:
+    """The target layers' plans, uniform or allocated (then the job carries the ranks as its rank_pattern and a
+    layer allocated rank 0 leaves the targets): (job, inputs, plans, the allocation summary or None)."""
+    if not inputs.targets:
+        return job, inputs, {}, None
+    if options is None:
+        return job, inputs, _plans(job, inputs, blockwise), None
+    job, plans, allocated = _allocated_plans(job, inputs, blockwise, options)
+    inputs = replace(inputs, targets={n: m for n, m in inputs.targets.items() if n in plans},
+                     base_checksums={n: c for n, c in inputs.base_checksums.items() if n in plans})
+    return job, inputs, plans, allocated
 
 
 def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, Any]) -> tuple[_Inputs, Any]:

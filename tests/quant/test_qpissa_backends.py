@@ -206,3 +206,17 @@ def test_errors_exact_messages(monkeypatch):
     with raises_exactly(ImportError, 'quantize= with this scheme needs torchao: pip install "svdadapt[torchao]"'):
         svdadapt.wrap(model, "pissa", RANK, quantize="torchao-int4", progress=False)
     assert all(type(m) is nn.Linear for m in svdadapt.resolve_targets(model).values())  # untouched
+
+
+@pytest.mark.parametrize("scheme", BACKEND_SCHEMES)
+def test_eora_quantize_builds_the_backends_own_layer_of_w(scheme):
+    """EoRA with ``quantize=``: each base is the backend's own quantization of W, bit for bit as the backend's API
+    gives it (both quantize the same fp32 W deterministically)."""
+    pytest.importorskip(PACKAGE[scheme])
+    model = make_tiny_llama()
+    W0 = originals(model)
+    covs = svdadapt.collect_covariances(model, [token_ids(2, 16, seed=0)], progress=False)
+    pm = svdadapt.wrap(copy.deepcopy(model), "eora", RANK, quantize=scheme, calibration=covs, progress=False)
+    assert_backend_layers(pm, scheme)
+    for n, layer in lora_layers(pm).items():
+        assert torch.equal(dequantized(layer.get_base_layer()), dequantized(backend_quantized(W0[n], scheme))), n

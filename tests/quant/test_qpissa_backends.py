@@ -220,3 +220,19 @@ def test_eora_quantize_builds_the_backends_own_layer_of_w(scheme):
     assert_backend_layers(pm, scheme)
     for n, layer in lora_layers(pm).items():
         assert torch.equal(dequantized(layer.get_base_layer()), dequantized(backend_quantized(W0[n], scheme))), n
+
+
+@pytest.mark.parametrize("scheme", BACKEND_SCHEMES)
+def test_unwrap_merge_requantizes_the_fine_tuned_weight(scheme):
+    """``unwrap(merge=True)`` (PEFT's merge) gives the backend's layer of deq(base) + s·B·A with the fine-tuned
+    factors, bit for bit as the backend's API quantizes that fp32 matrix (torchao: the model is marked with the
+    quantizer PEFT re-quantizes with)."""
+    pytest.importorskip(PACKAGE[scheme])
+    pm = wrapped(make_tiny_llama(), scheme)
+    train(pm, token_ids(2, 8, seed=0), steps=2)
+    want = {n: (dequantized(layer.get_base_layer()).float() + layer.get_delta_weight("default"))
+            for n, layer in lora_layers(pm).items()}
+    merged = svdadapt.unwrap(pm, merge=True)
+    for n, W in want.items():
+        layer = merged.get_submodule(n)
+        assert torch.equal(dequantized(layer), dequantized(backend_quantized(W, scheme))), n

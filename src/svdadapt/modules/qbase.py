@@ -7,7 +7,8 @@ quantizer building the layer (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, HQ
 weight-only ``nn.Linear``), the package it needs and how the model is marked. A bitsandbytes model is marked the way
 transformers marks a model it loaded quantized, so PEFT puts its bitsandbytes LoRA layers on top and
 ``save_pretrained`` writes an ordinary quantized checkpoint; PEFT picks its HQQ / torchao LoRA layers by the layer's
-type, so those need no mark.
+type, and a torchao model is marked as transformers marks one it loaded with a ``TorchAoConfig`` (where PEFT finds the
+config it re-quantizes with on merge); HQQ needs no mark.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["SCHEMES", "Scheme", "QuantOptions", "quantize_dequantize", "replace_
 
 
 def _no_mark(model: nn.Module, scheme: str, quantized: set[str]) -> None:
-    """PEFT dispatches HQQ / torchao LoRA layers by the base layer's type: nothing to mark."""
+    """PEFT dispatches its HQQ LoRA layer by the base layer's type and merges with the layer's own config."""
 
 
 def _bnb_problem(name: str, out_f: int, in_f: int) -> str | None:
@@ -68,6 +69,10 @@ def _bnb_build(W: torch.Tensor, bias: torch.Tensor | None, scheme: str) -> nn.Mo
     return bnb.quantize_linear(W, bias, scheme)
 
 
+def _torchao_mark(name: str, model: nn.Module, scheme: str, quantized: set[str]) -> None:
+    qwrite.mark_torchao(model, name, GROUP, quantized)
+
+
 GROUP = 64  # the group size of the HQQ and torchao int4 schemes (bitsandbytes' 4-bit block size too)
 
 _TABLE: dict[str, Scheme] = {
@@ -77,9 +82,11 @@ _TABLE: dict[str, Scheme] = {
                    fallback="torchao-int8"),
     "torchao-int4": Scheme(partial(qwrite.torchao_linear, name="int4", group_size=GROUP), "torchao",
                            partial(qwrite.require, "torchao.quantization", "torchao"),
-                           partial(_group_problem, GROUP), fallback="torchao-int8"),
+                           partial(_group_problem, GROUP), mark=partial(_torchao_mark, "int4"),
+                           fallback="torchao-int8"),
     "torchao-int8": Scheme(partial(qwrite.torchao_linear, name="int8", group_size=GROUP), "torchao",
-                           partial(qwrite.require, "torchao.quantization", "torchao")),
+                           partial(qwrite.require, "torchao.quantization", "torchao"),
+                           mark=partial(_torchao_mark, "int8")),
 }
 SCHEMES = tuple(_TABLE)  # the schemes a quantized base can have (``quantize=``, the CLI's ``--quantize``)
 

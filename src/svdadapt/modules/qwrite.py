@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-__all__ = ["require", "hqq_linear", "torchao_linear"]
+__all__ = ["require", "hqq_linear", "torchao_linear", "torchao_config", "mark_torchao"]
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -55,7 +55,8 @@ def hqq_linear(weight: torch.Tensor, bias: torch.Tensor | None, nbits: int, grou
     return layer.requires_grad_(False)
 
 
-def _torchao_config(name: str, group_size: int):
+def torchao_config(name: str, group_size: int):
+    """torchao's weight-only config of ``name`` ("int8": per row; "int4": groups of ``group_size``)."""
     quantization = require("torchao.quantization", "torchao")
     if name == "int8":
         return quantization.Int8WeightOnlyConfig()
@@ -69,8 +70,44 @@ def torchao_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str, g
     """An ``nn.Linear`` (CPU) whose weight is torchao's weight-only tensor of ``weight`` (out, in): ``name`` "int8"
     (per row) or "int4" (groups of ``group_size``), quantized by ``torchao.quantization.quantize_``; ``bias``
     (out,) stays fp32. Deterministic."""
-    config = _torchao_config(name, group_size)
+    config = torchao_config(name, group_size)
     layer = _float_linear(weight, bias)
     sys_quantize = require("torchao.quantization", "torchao").quantize_
     sys_quantize(layer, config)
     return layer.requires_grad_(False)
+
+
+class _ApplyConfig:
+    """The one method of a ``TorchAoConfig`` PEFT calls, for a model that is not a transformers one."""
+
+    def __init__(self, quant_type) -> None:
+        self.quant_type = quant_type
+
+    def get_apply_tensor_subclass(self):
+        return self.quant_type
+
+
+def _quantizer(qc):
+    """transformers' own torchao quantizer of ``qc`` where qc is a ``TorchAoConfig``, else a holder of ``qc``."""
+    if isinstance(qc, _ApplyConfig):
+        return type("TorchaoMark", (), {"quantization_config": qc})()
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    return TorchAoHfQuantizer(qc)
+
+
+def mark_torchao(model: nn.Module, name: str, group_size: int, quantized: set[str]) -> None:
+    """Mark ``model`` as transformers marks a model it loaded with a ``TorchAoConfig`` of the same config: for a
+    transformers model ``config.quantization_config`` (a ``TorchAoConfig`` whose ``modules_to_not_convert`` holds
+    every other linear) and ``hf_quantizer`` (transformers' ``TorchAoHfQuantizer``), where PEFT finds
+    ``get_apply_tensor_subclass`` (without it PEFT's ``TorchaoLoraLinear`` cannot merge, which re-quantizes)."""
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    quant_type = torchao_config(name, group_size)
+    config = getattr(model, "config", None)
+    qc = _ApplyConfig(quant_type)
+    if config is not None and hasattr(config, "to_dict"):
+        from transformers import TorchAoConfig
+
+        qc = TorchAoConfig(quant_type=quant_type, modules_to_not_convert=skip)
+        config.quantization_config = qc
+    model.hf_quantizer = _quantizer(qc)

@@ -207,7 +207,8 @@ def wrap(
         calibration, reference, calibrate_on, blockwise: CorDA/EoRA's covariances (a ``Covariances``, a mapping,
             a saved file or an iterable of batches), EoRA's uncompressed model or state dict, which model EoRA's
             batches run on, and whether batches are collected one decoder block at a time (None: where supported).
-        quantize, quant_iters: a bitsandbytes scheme ("nf4", "fp4", "int8") for the new base (QPiSSA: the
+        quantize, quant_iters: a scheme of ``modules.qbase.SCHEMES`` (bitsandbytes "nf4", "fp4", "int8"; HQQ
+            "hqq4"; torchao "torchao-int4", "torchao-int8") for the new base (QPiSSA: the
             residual; EoRA: W itself, compensated), and LoftQ-style alternation steps (the best step is kept).
         progress: progress bars.
         target_parameters: PEFT's: parameters as targets, matched as ``<module>.<param>`` or a dotted suffix

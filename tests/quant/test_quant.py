@@ -388,13 +388,13 @@ def test_errors_exact_messages():
     from transformers import BitsAndBytesConfig  # noqa: F401  (the transformers extra is installed with the tests)
 
     model = make_tiny_llama()
-    with raises_exactly(ValueError, "quantize must be one of nf4, fp4, int8 or None, got 'nf3'"):
+    with raises_exactly(ValueError, "quantize must be one of nf4, fp4, int8, hqq4, torchao-int4, torchao-int8 or None, got 'nf3'"):
         svdadapt.wrap(model, "pissa", RANK, quantize="nf3", progress=False)
     with raises_exactly(ValueError, "quant_iters must be an integer >= 1, got 0"):
         svdadapt.wrap(model, "pissa", RANK, quantize="nf4", quant_iters=0, progress=False)
     with raises_exactly(ValueError, "quant_iters must be an integer >= 1, got 2.0"):
         svdadapt.wrap(model, "pissa", RANK, quantize="nf4", quant_iters=2.0, progress=False)
-    with raises_exactly(ValueError, "quant_iters=5 needs quantize= (a bitsandbytes scheme)"):
+    with raises_exactly(ValueError, "quant_iters=5 needs quantize= (a quantization scheme)"):
         svdadapt.wrap(model, "pissa", RANK, quant_iters=5, progress=False)
     assert all(type(m) is torch.nn.Linear for m in svdadapt.resolve_targets(model).values())  # untouched
 

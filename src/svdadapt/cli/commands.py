@@ -549,7 +549,7 @@ def _check_machine(args: argparse.Namespace) -> None:
 
     if args.device is not None:
         _check_device(args.device)
-    missing = missing_package() if args.quantize is not None else None
+    missing = missing_package(args.quantize) if args.quantize is not None else None
     if missing is not None:
         raise UsageError(f"--quantize needs {missing}, which is not installed: pip install {missing}")
 

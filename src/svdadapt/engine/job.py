@@ -154,7 +154,7 @@ def quant_options(quantize: str | None, quant_iters: Any) -> QuantOptions | None
         if isinstance(quant_iters, bool) or not isinstance(quant_iters, int) or quant_iters < 1:
             raise ValueError(f"quant_iters must be an integer >= 1, got {quant_iters!r}")
         if quant_iters != 1:
-            raise ValueError(f"quant_iters={quant_iters!r} needs quantize= (a bitsandbytes scheme)")
+            raise ValueError(f"quant_iters={quant_iters!r} needs quantize= (a quantization scheme)")
         return None
     return QuantOptions(quantize, quant_iters)
 

@@ -472,7 +472,7 @@ def test_all_linear_leaves_embeddings_and_convs_out():
 
 
 def test_quantize_refuses_embeddings_and_convs():
-    with raises_exactly(ValueError, "quantize='nf4' replaces each target by a bitsandbytes linear layer, but module "
+    with raises_exactly(ValueError, "quantize='nf4' replaces each target by a quantized linear layer, but module "
                         "'model.embed_tokens' is not a linear layer (nn.Embedding): leave it out of target_modules"):
         svdadapt.wrap(_llama(), "pissa", rank=2, target_modules=["embed_tokens"], quantize="nf4", progress=False)
 

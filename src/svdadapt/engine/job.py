@@ -274,7 +274,7 @@ def check_packing(job: Job, targets: Mapping[str, nn.Module]) -> None:
     if job.quant is not None:
         other = next((n for n, m in targets.items() if not kind_of(m).linear), None)
         if other is not None:
-            raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a bitsandbytes linear layer, but "
+            raise ValueError(f"quantize={job.quant.scheme!r} replaces each target by a quantized linear layer, but "
                              f"module {other!r} is not a linear layer ({kind_of(targets[other]).name}): leave it out "
                              "of target_modules")
         job.quant.check_shapes({n: kind_of(m).shape(m) for n, m in targets.items()})

@@ -74,4 +74,5 @@ def test_missing_package_names_what_quantize_needs(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
                         else find_spec(name, *a))
     assert qbase.missing_package() == "bitsandbytes"
-    assert qbase.SCHEMES == ("nf4", "fp4", "int8")
+    assert qbase.SCHEMES == ("nf4", "fp4", "int8", "hqq4", "torchao-int4", "torchao-int8")
+    assert [qbase.scheme(n).package for n in qbase.SCHEMES] == ["bitsandbytes"] * 3 + ["hqq", "torchao", "torchao"]

@@ -185,3 +185,23 @@ def test_a_resumed_run_equals_in_memory_init(tmp, monkeypatch):
                              max_shard_bytes=6_000)
     _in_memory(ck, tmp / "m", "pissa")
     _assert_same(tmp / "s", tmp / "m")
+
+
+def test_errors_name_the_parameter(tmp):
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck)
+    with pytest.raises(ValueError) as e:
+        svdadapt.init_checkpoint(ck, tmp / "a", method="pissa", rank=13, target_modules=[],
+                                 target_parameters=EXPERTS, progress=False)
+    assert str(e.value) == ("rank 13 exceeds min(out, in) = 12 of target parameter "
+                            "'model.layers.0.mlp.experts.down_proj' (each expert 16x12)")
+    from safetensors.torch import save_file
+    tensors = _tensors(ck / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        svdadapt.init_checkpoint(ck, tmp / "b", method="pissa", rank=2, target_parameters=EXPERTS, progress=False)
+    assert str(e.value) == (f"target parameter 'model.layers.1.mlp.experts.gate_up_proj' has no tensor in checkpoint "
+                            f"{ck} (neither 'model.layers.1.mlp.experts.gate_up_proj' nor the per-expert tensors of "
+                            "transformers' conversion mapping)")
+    assert not (tmp / "a").exists() and not (tmp / "b").exists()

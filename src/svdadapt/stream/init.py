@@ -17,6 +17,10 @@ takes on a loaded model); a block's targets are decomposed while it is loaded an
 written as for PiSSA, from the journal (EoRA: copied through). Memory: one block (per model), the hidden states (on
 disk past ``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
 
+``target_parameters`` (MoE experts; PiSSA / MiLoRA on one process): each targeted parameter is read whole when the
+writer reaches its first tensor, planned expert by expert as ``wrap`` plans it, and its residual written in the
+checkpoint's own layout (``experts.StreamedParams``); its packed factors go to the adapter after the layers'.
+
 Several processes (``torch.distributed``): the base's shards (the files one process would write,
 ``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
 those shards, rank 0 joins them (``shards.merge_parts``) and writes the rest. The files are those of one process.
@@ -367,6 +371,8 @@ def init_checkpoint(
             oversample, seed, mode, damping, options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
+        target_parameters: PEFT's (MoE experts, docs/experts.md), for PiSSA / MiLoRA on one process: each expert
+            decomposed as ``wrap`` does, the base written in the checkpoint's layout (``experts.StreamedParams``).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded
             from the checkpoint only while it runs (``svdadapt.lazy``): ``wrap``'s adapters, bit for bit.
         reference, calibrate_on: EoRA's uncompressed checkpoint directory (also read one block at a time) and

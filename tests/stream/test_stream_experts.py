@@ -75,7 +75,7 @@ def _in_memory(ck: Path, out: Path, method: str, **kw) -> Path:
 
 @pytest.mark.parametrize("family, method, dtype", [
     ("mixtral", "pissa", torch.float32), ("mixtral", "milora", torch.float32), ("qwen3_moe", "pissa", torch.float32),
-    ("qwen3_moe", "milora", torch.float32), ("mixtral", "pissa", torch.bfloat16)])
+    ("qwen3_moe", "milora", torch.float32), ("olmoe", "pissa", torch.float32), ("mixtral", "pissa", torch.bfloat16)])
 def test_streamed_experts_equal_in_memory_init(tmp, family, method, dtype):
     ck = tmp / "ck"
     moe(family, dtype=dtype).save_pretrained(ck, max_shard_size="20KB")  # transformers' per-expert layout, several shards

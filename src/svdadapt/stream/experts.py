@@ -8,7 +8,8 @@ A checkpoint stores a parameter either under its key (``<module>.<param>``, (E, 
 expert e's (out, in) is then the row-wise concatenation of its source tensors (``w1`` and ``w3``, or ``gate_proj``
 and ``up_proj``), and its residual is split back into them. Other conversions are refused (``ValueError``).
 
-Memory: one parameter (E·out·in, twice: as read and its residual) at a time, plus the packed factors.
+Memory: the targeted parameters of one layer (E·out·in each, twice: as read and its residual: a parameter's
+tensors interleave with the next one's in the checkpoint, Mixtral's w1, w2, w3), plus the packed factors.
 """
 
 from __future__ import annotations

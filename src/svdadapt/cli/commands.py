@@ -449,7 +449,11 @@ def _streamable(args: argparse.Namespace) -> bool:
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    return (not args.in_memory and not args.allocate and not args.target_parameters and (calibrated or not spec.needs_calibration) and args.quantize is None
+    from ..engine.distributed import world
+
+    # target_parameters (MoE experts) stream for PiSSA / MiLoRA on one process (stream/experts.py)
+    params_ok = not args.target_parameters or (not spec.needs_calibration and world()[1] == 1)
+    return (not args.in_memory and not args.allocate and params_ok and (calibrated or not spec.needs_calibration) and args.quantize is None
             and args.device is None and _safetensors_dir(args.model)
             and (not spec.needs_reference or _safetensors_dir(args.reference)))
 
@@ -474,7 +478,7 @@ def _cmd_init_streaming(args: argparse.Namespace) -> int:
                     rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern,
                     target_modules=_targets(args.target_modules), use_rslora=args.rslora, svd=args.svd,
                     seed=args.seed, mode=args.mode, calibration=calibration, reference=args.reference,
-                    progress=not args.no_progress, resume=True)
+                    progress=not args.no_progress, resume=True, target_parameters=args.target_parameters)
     if _rank() == 0:
         from ..lifecycle.initdir import REPORT_FILE
 

@@ -84,7 +84,8 @@ def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, allocate
     """What ``target_parameters`` does not combine with yet, each a ``ValueError`` (docs/experts.md)."""
     if not target_parameters:
         return
-    refused = [("init_checkpoint (streaming)", streaming, "load the model and use svdadapt.wrap"),
+    refused = [("init_checkpoint (streaming) of CorDA / EoRA or under torch.distributed", streaming,
+                "load the model and use svdadapt.wrap"),
                ("quantize=", quantize is not None, "drop quantize="),
                ("allocate=", allocate not in (False, None), "drop allocate="),
                ("rank_pattern=", bool(rank_pattern), "drop rank_pattern="),

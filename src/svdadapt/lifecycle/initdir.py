@@ -156,17 +156,26 @@ def _save_base(peft_model: nn.Module, base_dir: Path, tokenizer: Any, log: Log |
 
 def write_streamed(out: Path, job: Job, skeleton: nn.Module, targets: Mapping[str, nn.Module],
                    results: Mapping[str, LayerResult], model_path: str | os.PathLike,
-                   reference_path: str | os.PathLike | None) -> None:
+                   reference_path: str | os.PathLike | None, params: Mapping[str, Any] | None = None) -> None:
     """adapter/, report.json, svdadapt_state.safetensors and svdadapt.json of a streamed init whose base/ is written
     (``init_checkpoint``). ``skeleton``: the model on the meta device, ``targets`` its target modules, ``results``
-    each target's journaled factors A₀ (r, in), B₀ (out, r), report and checksums, in model order."""
+    each target's journaled factors A₀ (r, in), B₀ (out, r), report and checksums, in model order. ``params``
+    (``target_parameters``): ParamWrapper module name -> ``stream.experts.ParamResult`` (packed A₀ (E·r, in),
+    B₀ (out, r·E), the experts' reports, checksums, svdadapt.json's ``parameters`` entry), recorded after the
+    layers as ``wrap`` records them."""
     config = lora_config(skeleton, targets, job)
     config.base_model_name_or_path = str(model_path)  # what get_peft_model records for a model loaded from there
-    _write_adapter(out / TRAINED_DIR, skeleton, config, results, out / BASE_DIR)
+    if config.target_parameters:  # a set once get_peft_model has injected the adapter (PEFT's lora model)
+        config.target_parameters = set(config.target_parameters)
+    params = dict(params or {})
+    _write_adapter(out / TRAINED_DIR, skeleton, config, {**results, **params}, out / BASE_DIR)
     meta = _streamed_meta(job, config, results)
+    if params:
+        _add_params(meta, params)
     meta["source"] = _source(model_path, reference_path)
     _write_report(out, meta)
-    _write_record(out, meta, {n: (r.A, r.B) for n, r in results.items()}, _written_hashes(out))
+    init = {n: (r.A, r.B) for n, r in {**results, **params}.items()}
+    _write_record(out, meta, init, _written_hashes(out))
     (out / BASE_DIR / WRITTEN_FILE).unlink(missing_ok=True)
 
 
@@ -197,6 +206,17 @@ def _streamed_meta(job: Job, config: Any, results: Mapping[str, LayerResult]) ->
     if spec.rewrites_base:
         meta["residual_checksums"] = {n: r.residual_checksum for n, r in results.items()}
     return meta
+
+
+def _add_params(meta: dict[str, Any], params: Mapping[str, Any]) -> None:
+    """The targeted parameters' part of svdadapt.json, as ``experts.record_parameters`` records it."""
+    meta["targets"] += list(params)
+    for n, p in params.items():
+        meta["base_checksums"][n] = p.base_checksum
+        meta["report"].update(p.report)
+        if meta["rewrites_base"]:
+            meta["residual_checksums"][n] = p.residual_checksum
+    meta["parameters"] = {n: dict(p.info) for n, p in params.items()}
 
 
 def _written_hashes(out: Path) -> dict[str, dict[str, Any]]:

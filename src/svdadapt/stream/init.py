@@ -17,6 +17,10 @@ takes on a loaded model); a block's targets are decomposed while it is loaded an
 written as for PiSSA, from the journal (EoRA: copied through). Memory: one block (per model), the hidden states (on
 disk past ``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
 
+``target_parameters`` (MoE experts; PiSSA / MiLoRA on one process): each targeted parameter is read whole when the
+writer reaches its first tensor, planned expert by expert as ``wrap`` plans it, and its residual written in the
+checkpoint's own layout (``experts.StreamedParams``); its packed factors go to the adapter after the layers'.
+
 Several processes (``torch.distributed``): the base's shards (the files one process would write,
 ``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
 those shards, rank 0 joins them (``shards.merge_parts``) and writes the rest. The files are those of one process.
@@ -63,6 +67,7 @@ from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from ..engine.sources import CheckpointSource
 from .calibrated import plan_calibrated
+from .experts import StreamedParams
 from .inputs import check_layout, check_reference, check_unchanged, input_stats
 from .journal import STREAM_DIR, Journal, layer_base, locked, open_journal
 
@@ -114,6 +119,7 @@ class _Checkpoint:
     targets: dict[str, nn.Module]
     reader: CheckpointReader
     source: CheckpointSource
+    params: StreamedParams | None = None  # target_parameters (stream/experts.py)
 
 
 def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: Any) -> _Checkpoint:
@@ -126,7 +132,8 @@ def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: 
     check_layout(model, reader, job.spec.needs_calibration)
     source = CheckpointSource(reader, targets)
     checks.check_rank_fits(job.rank, source.shapes, job.rank_pattern)
-    return _Checkpoint(src, model, targets, reader, source)
+    params = StreamedParams(job, model, targets, reader) if job.target_parameters else None
+    return _Checkpoint(src, model, targets, reader, source, params)
 
 
 def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
@@ -167,6 +174,7 @@ def _job_key(job: Job, alpha: float | None, ck: _Checkpoint, max_shard_bytes: in
             "calibration": calibration, "calibrate_on": calibrates_on(job),
             "sequential": None if options is None else options.sequential,
             "reference": None if reference is None else _tensors_key(reference.reader),
+            **({"target_parameters": sorted(ck.params.targets)} if ck.params is not None else {}),
             "inputs": {"model": input_stats(ck.reader),
                        "reference": None if reference is None else input_stats(reference.reader)}}
 
@@ -225,7 +233,7 @@ def _check_inputs(journal: Journal, ck: _Checkpoint, ref: _Checkpoint | None, ou
 
 
 def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, base_dir: Path, journal: Journal,
-                max_shard_bytes: int, progress: bool) -> None:
+                max_shard_bytes: int, progress: bool, params: StreamedParams | None = None) -> None:
     """Every tensor of the checkpoint, in its order, into ``base_dir``: targets rewritten, the rest copied."""
     if journal.base_complete or _finished_base(base_dir, reader, source, journal):
         journal.mark_base_complete()
@@ -239,7 +247,7 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
                     bar.update()
                 continue
             if name is None:
-                writer.add(key, reader.get(key))
+                writer.add(key, params.base(key) if params is not None and params.owns(key) else reader.get(key))
                 continue
             writer.add(key, layer_base(job, source, journal, name)[0])
             bar.update()
@@ -255,7 +263,8 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, journal: Journal,
     (``initdir.write_streamed``)."""
     copy_files(ck.reader.files, out / BASE_DIR)
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
-    write_streamed(out, job, ck.model, ck.targets, results, ck.src, reference)
+    params = None if ck.params is None else ck.params.finish()  # after the layers, as wrap records them
+    write_streamed(out, job, ck.model, ck.targets, results, ck.src, reference, params)
 
 
 _IO_FLOPS_PER_BYTE = 10.0  # a byte read and written weighs about as much as 10 flops of decomposition
@@ -321,10 +330,12 @@ def _decompose(run: _Run, batches: list[Any] | None, blocks: BlockwiseOptions | 
         if run.ref is not None:
             run.ref.reader.close()
     if world()[1] == 1:
-        _write_base(job, ck.reader, ck.source, base_dir, journal, run.max_shard_bytes, run.progress)
+        _write_base(job, ck.reader, ck.source, base_dir, journal, run.max_shard_bytes, run.progress, ck.params)
     elif not _write_base_together(job, ck, journal, base_dir, run.max_shard_bytes, run.progress):
         return False
     _complete_journal(job, ck.source, journal)
+    if ck.params is not None:
+        ck.params.finish()  # a parameter a resumed run found written is planned again before the reader closes
     ck.reader.close()
     return True
 
@@ -360,6 +371,8 @@ def init_checkpoint(
             oversample, seed, mode, damping, options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
+        target_parameters: PEFT's (MoE experts, docs/experts.md), for PiSSA / MiLoRA on one process: each expert
+            decomposed as ``wrap`` does, the base written in the checkpoint's layout (``experts.StreamedParams``).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded
             from the checkpoint only while it runs (``svdadapt.lazy``): ``wrap``'s adapters, bit for bit.
         reference, calibrate_on: EoRA's uncompressed checkpoint directory (also read one block at a time) and
@@ -385,7 +398,8 @@ def init_checkpoint(
     check_needs(spec, request.calibration, request.reference, streaming=True)
     _check_run_options(request.progress, resume, max_shard_bytes, request.blockwise)
     job = build_job(spec, rank, request)
-    refuse_unsupported(job.target_parameters, streaming=True)  # MoE experts in memory only (docs/experts.md)
+    # MoE experts stream for the data-free methods on one process (stream/experts.py; docs/experts.md)
+    refuse_unsupported(job.target_parameters, streaming=spec.needs_calibration or world()[1] > 1)
     ck = _open_checkpoint(src, job, request.target_modules, request.exclude_modules)
     ref = None if request.reference is None else _open_reference(request.reference, ck)
     batches = None if request.calibration is None else list(request.calibration)

@@ -47,18 +47,27 @@ def build(family: str, seed: int) -> torch.nn.Module:
             model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
                 **common, intermediate_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=64,
                 num_experts=8, norm_topk_prob=False, decoder_sparse_step=1))
-        g = torch.Generator().manual_seed(seed)
-        emb = model.model.embed_tokens.weight
-        Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))
-        emb.data.copy_(torch.randn(emb.shape, generator=g) @ torch.diag(torch.logspace(0, -2, 64)) @ Q.mT)
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.data.normal_(0, 0.5, generator=g)
+    structure(model, seed)
     return model.eval()
 
 
-def batches(seed: int, n: int = 8) -> list[dict[str, torch.Tensor]]:
+@torch.no_grad()
+def structure(model: torch.nn.Module, seed: int) -> None:
+    """In place: embeddings (vocab, hidden) with a spectrum decaying from 1 to 0.01 (anisotropic hidden states, as
+    trained models have) and every router N(0, 0.5²) (peaked routing, unequal weights), from generator ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 512, (4, 64), generator=g)} for _ in range(n)]
+    emb = model.model.embed_tokens.weight
+    h = emb.shape[1]
+    Q, _ = torch.linalg.qr(torch.randn(h, h, generator=g))
+    emb.data.copy_(torch.randn(emb.shape, generator=g) @ torch.diag(torch.logspace(0, -2, h)) @ Q.mT)
+    for layer in model.model.layers:
+        layer.mlp.gate.weight.data.normal_(0, 0.5, generator=g)
+
+
+def batches(seed: int, n: int = 8, vocab: int = 512, shape: tuple[int, int] = (4, 64)) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of random token ids (``shape`` = (batch, length)) below ``vocab``, from generator ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, shape, generator=g)} for _ in range(n)]
 
 
 def block_io(model, data) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -327,7 +327,8 @@ def test_quantized_eora_init(tiny_dir, calib_files, tmp_path):
 
 QUANT_ERRORS = [
     (["--method", "pissa", "--quantize", "q3"], 2,
-     "argument --quantize: invalid choice: 'q3' (choose from 'nf4', 'fp4', 'int8', 'hqq4', 'torchao-int4', 'torchao-int8') (see `svdadapt init --help`)"),
+     "argument --quantize: invalid choice: 'q3' (choose from 'nf4', 'fp4', 'int8', 'hqq4', 'torchao-int4', "
+     "'torchao-int8') (see `svdadapt init --help`)"),
     (["--method", "pissa", "--quant-iters", "3"], 2,
      "--quant-iters applies with --quantize only (it re-fits the adapter to a quantized base)"),
     (["--method", "pissa", "--quantize", "nf4", "--quant-iters", "0"], 2,

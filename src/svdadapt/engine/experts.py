@@ -246,18 +246,21 @@ class ParamApply:
             lora_A, lora_B = w.lora_A[ADAPTER].weight, w.lora_B[ADAPTER].weight
             A, B = A.to(lora_A.dtype), B.to(lora_B.dtype)  # PEFT's ParamWrapper factors take the parameter's dtype
             if self.rewrite_base:
-                self._residual(w.get_param(), t, A, B, float(w.scaling[ADAPTER]))
+                write_residuals(w.get_param(), t, A, B, float(w.scaling[ADAPTER]))
             lora_A.copy_(A)
             lora_B.copy_(B)
             self.stored[key] = (A.detach().cpu().clone(), B.detach().cpu().clone())
 
-    @staticmethod
-    def _residual(param: torch.Tensor, t: ParamTarget, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        As, Bs = unpack(A, B, t.experts)
-        for e in range(t.experts):
-            W = read_expert(param, t, e)
-            new = finish(W.to(compute_dtype(W.dtype)), As[e].to(W.device), Bs[e].to(W.device), scaling, W.dtype)
-            write_expert(param, t, e, new)
+
+@torch.no_grad()
+def write_residuals(param: torch.Tensor, t: ParamTarget, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+    """Each expert's slice of ``param`` (the stored 3-D or 2-D parameter) replaced in place by its residual
+    W_e − s·B_e·A_e, computed from the packed factors A (E·r, in), B (out, r·E) as PEFT stores them."""
+    As, Bs = unpack(A, B, t.experts)
+    for e in range(t.experts):
+        W = read_expert(param, t, e)
+        new = finish(W.to(compute_dtype(W.dtype)), As[e].to(W.device), Bs[e].to(W.device), scaling, W.dtype)
+        write_expert(param, t, e, new)
 
 
 # ------------------------------------------------------------------------------------------- wrap's entry points

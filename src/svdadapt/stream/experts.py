@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.record import weight_checksum
-from ..engine.experts import ParamApply, param_job, plan_experts
+from ..engine.experts import param_job, plan_experts, write_residuals
 from ..modules.params import ParamTarget, find_parameters
 from ..storage.shards import CheckpointReader
 from .inputs import _conversions as conversions
@@ -148,7 +148,7 @@ class StreamedParams:
         plan = plan_experts(self.job, stored, {key: t})[key]
         A, B = plan.A, plan.B  # in the adapter dtype (PEFT's autocast: fp32 for a bf16 / fp16 parameter)
         new = stored.clone()
-        ParamApply._residual(new, t, A, B, float(param_job(self.job, key).scaling))
+        write_residuals(new, t, A, B, float(param_job(self.job, key).scaling))
         self.results[key] = ParamResult(A, B, plan.report, weight_checksum(stored, "crc32"),
                                         weight_checksum(new, "sha256"),
                                         {"key": key, "experts": t.experts, "stacked": t.stacked,

@@ -28,7 +28,6 @@ from .core.methods import SVD_CHOICES, get_method
 from .quant.quantized import compressed_inputs, plan_quantized_layer
 from .core.record import AdaptRecord
 from .engine.sources import ModelSource
-from .modules.params import coverage_warning
 from .modules.targets import is_peft, resolve_targets
 
 __all__ = ["wrap", "resolve_targets", "SVD_CHOICES", "build_job", "select_targets", "lora_config"]
@@ -254,7 +253,7 @@ def _expert_plans(job: Job, model: nn.Module, inputs: _Inputs, reference: Any
     checksums, and every expert planned; the inputs with the calibration batches read into a list if the experts
     collected on them."""
     param_targets = experts.select(model, job, inputs.targets)
-    _warn_coverage(model, inputs.targets, param_targets)
+    experts.warn_coverage(model, inputs.targets, param_targets)
     checksums = experts.param_checksums(model, param_targets)
     inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
     return inputs, param_targets, checksums, experts.plan_parameters(job, model, param_targets, expert_calibration,
@@ -285,10 +284,3 @@ def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, A
     inputs = replace(inputs, calibration=list(calibration))
     hook_model = _hook_model(job, inputs, inputs.calibration)
     return inputs, experts.routed_covariances(hook_model, inputs.calibration, param_targets, inputs.progress)
-
-
-def _warn_coverage(model: nn.Module, targets: Mapping[str, nn.Module], params: Mapping[str, Any]) -> None:
-    """The warning of ``params.coverage_warning`` (most of the decoder blocks' weights are MoE experts left out)."""
-    message = coverage_warning(model, targets, params)
-    if message is not None:
-        warnings.warn(message, stacklevel=caller_level())

@@ -9,6 +9,7 @@ report.json), and PEFT's ``PeftModel.from_pretrained`` on the written base repro
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,20 @@ def test_errors_name_the_parameter(tmp):
                             f"{ck} (neither 'model.layers.1.mlp.experts.gate_up_proj' nor the per-expert tensors of "
                             "transformers' conversion mapping)")
     assert not (tmp / "a").exists() and not (tmp / "b").exists()
+
+
+def test_streaming_warns_when_most_of_the_blocks_are_left_out(tmp):
+    """init_checkpoint reads the coverage off the meta-device skeleton and says what wrap says: on a Mixtral with
+    "all-linear" and no target_parameters, the experts left out and the value that would include them."""
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck)
+    with pytest.warns(UserWarning) as caught:
+        svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=2, progress=False)
+    with pytest.warns(UserWarning) as in_memory:
+        svdadapt.wrap(AutoModelForCausalLM.from_pretrained(ck).eval(), "pissa", rank=2, progress=False)
+    ours = [str(w.message) for w in caught if "are left out" in str(w.message)]
+    assert ours == [str(w.message) for w in in_memory if "are left out" in str(w.message)] and len(ours) == 1
+    assert ours[0].endswith("add target_parameters=['mlp.experts.down_proj', 'mlp.experts.gate_up_proj'] to adapt them")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the experts targeted, no warning
+        svdadapt.init_checkpoint(ck, tmp / "e", method="pissa", rank=2, target_parameters=EXPERTS, progress=False)

@@ -15,8 +15,9 @@ so PEFT's delta of expert e is s·B_e·A_e, in the (out, in) orientation the par
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,11 +29,13 @@ from .distributed import my_batches, reduce_covariances, world
 from ..calibration.collect import collect
 from ..calibration.covariances import Covariances
 from ..calibration.experts import expert_parameters, fallback_covariances
+from ..calibration.forward import caller_level
 from ..core.methods import finish
 from ..core.patterns import layer_value
 from ..core.record import ADAPTER, weight_checksum
 from ..modules.layers import compute_dtype
-from ..modules.params import ParamTarget, expert_names, find_parameters, read_expert, write_expert
+from ..modules.params import (ParamTarget, coverage_warning, expert_names, find_parameters, read_expert,
+                              write_expert)
 
 __all__ = ["ExpertPlan", "pack", "unpack", "param_job", "expert_covariances", "expert_references", "plan_experts",
            "ParamApply", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "select",
@@ -264,6 +267,14 @@ def write_residuals(param: torch.Tensor, t: ParamTarget, A: torch.Tensor, B: tor
 
 
 # ------------------------------------------------------------------------------------------- wrap's entry points
+
+
+def warn_coverage(model: nn.Module, targets: Iterable[str], params: Iterable[str]) -> None:
+    """The warning of ``params.coverage_warning`` (most of the decoder blocks' weights are MoE experts left out),
+    for ``wrap`` on the model and ``init_checkpoint`` on its meta-device skeleton."""
+    message = coverage_warning(model, targets, params)
+    if message is not None:
+        warnings.warn(message, stacklevel=caller_level())
 
 
 def select(model: nn.Module, job: Any, module_targets: Mapping[str, nn.Module]) -> dict[str, ParamTarget]:

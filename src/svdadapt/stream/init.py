@@ -60,7 +60,7 @@ from ..blockwise import BlockwiseOptions
 from ..blockwise import resolve as resolve_blockwise
 from ..engine.distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
 from ..lifecycle.initdir import BASE_DIR, write_streamed
-from ..engine.experts import refuse_unsupported
+from ..engine.experts import refuse_unsupported, warn_coverage
 from ..engine.job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
 from ..core.methods import get_method
 from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
@@ -133,6 +133,7 @@ def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: 
     source = CheckpointSource(reader, targets)
     checks.check_rank_fits(job.rank, source.shapes, job.rank_pattern)
     params = StreamedParams(job, model, targets, reader) if job.target_parameters else None
+    warn_coverage(model, targets, () if params is None else params.targets)
     return _Checkpoint(src, model, targets, reader, source, params)
 
 

@@ -698,6 +698,7 @@ def _export_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..core.record import saved_pattern
     from ..lifecycle.export import quantization_gap
     from ..lifecycle.initdir import NotAnAdapter, export_init_dir
 
@@ -712,8 +713,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _print_compact(done)
     meta = done.meta
     rank = meta["rank"] * (2 if meta["rewrites_base"] else 1)
-    pattern = {k: v * (2 if meta["rewrites_base"] else 1) for k, v in
-               (meta["lora_config"].get("rank_pattern") or {}).items()}
+    pattern = {k: v * (2 if meta["rewrites_base"] else 1) for k, v in saved_pattern(meta).items()}
     print(kv("svdadapt export", [
         ("method", meta["method"]),
         ("trained adapter", str(adapter)),

@@ -119,10 +119,9 @@ def layer_ranks(meta: dict[str, Any]) -> dict[str, int]:
     """Each target's rank from a record (``AdaptRecord.summary()`` or svdadapt.json): its ``rank_pattern``
     entry (PEFT's rule), else the rank."""
     from ..core.patterns import layer_value
+    from ..core.record import saved_pattern
 
-    pattern = meta.get("rank_pattern")
-    if pattern is None:
-        pattern = (meta.get("lora_config") or {}).get("rank_pattern") or {}
+    pattern = saved_pattern(meta)
     return {n: layer_value(pattern, n, meta["rank"]) for n in meta["targets"]}
 
 

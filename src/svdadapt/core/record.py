@@ -17,7 +17,7 @@ import torch
 from .patterns import check_pattern, layer_entry
 
 __all__ = ["ADAPTER", "AdaptRecord", "Factors", "CHECKSUMS", "weight_checksum", "checksum_algorithm", "checksum_matches",
-           "scan_weight", "factors_checksum", "check_record"]
+           "scan_weight", "factors_checksum", "check_record", "saved_pattern"]
 
 ADAPTER = "default"  # the PEFT adapter name svdadapt fills
 
@@ -216,7 +216,7 @@ def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -
     report = meta.get("report") or {}
     if not isinstance(report, Mapping) or not all(isinstance(r, Mapping) for r in report.values()):
         raise _field_error(where, "report", "a mapping of module name to a mapping of numbers", report)
-    pattern = meta["lora_config"].get("rank_pattern") or {}
+    pattern = saved_pattern(meta)
     for t in targets:
         shape = (report.get(t) or {}).get("shape")
         key, rank = layer_entry(pattern, t, meta["rank"])
@@ -274,6 +274,15 @@ def _check_layouts(meta: Mapping[str, Any], where: str, targets: list[str]) -> N
                       for k in ("A_shape", "B_shape")))
         if not ok:
             raise _field_error(where, f"layouts[{name!r}]", want + " of one of the targets", lay)
+
+
+def saved_pattern(meta: Mapping[str, Any], which: str = "rank") -> dict[str, Any]:
+    """The ``rank_pattern`` (``which="rank"``) or ``alpha_pattern`` of a saved record: svdadapt.json's
+    ``lora_config`` entry (what PEFT reads), or, for an ``AdaptRecord.summary()`` (no LoRA config), its own field;
+    {} when there is none."""
+    key = f"{which}_pattern"
+    pattern = meta["lora_config"].get(key) if "lora_config" in meta else meta.get(key)
+    return dict(pattern or {})
 
 
 def check_record(meta: Mapping[str, Any], where: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from ..engine.experts import portable_factors
 from ..storage.manifest import check_manifest, differences, entries
 from ..core.patterns import layer_value
-from ..core.record import Factors, check_record, factors_checksum
+from ..core.record import Factors, check_record, factors_checksum, saved_pattern
 from ..modules.layouts import from_saved, suffixes, to_saved
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
@@ -317,7 +317,7 @@ def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.T
     """(initial, current) factors per target from the state file, their shapes checked against each target's rank
     (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
-    pattern = meta["lora_config"].get("rank_pattern") or {}
+    pattern = saved_pattern(meta)
     params = meta.get("parameters") or {}
     for n in meta["targets"]:
         r = layer_value(pattern, n, meta["rank"]) * (int(params[n]["experts"]) if n in params else 1)  # E·r rows

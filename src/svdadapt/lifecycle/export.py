@@ -39,7 +39,7 @@ from .checkpoint import (META_FILE, STATE_FILE, Saved, adapter_key, adapter_keys
 from ..modules.layers import before_save, kind_of, layer_checksum, layer_matches
 from ..modules.layouts import from_saved, layout_of
 from ..core.methods import get_method
-from ..core.record import ADAPTER, AdaptRecord, Factors, checksum_algorithm, weight_checksum
+from ..core.record import ADAPTER, AdaptRecord, Factors, checksum_algorithm, saved_pattern, weight_checksum
 from ..modules.targets import is_peft
 
 __all__ = ["save", "load", "export_lora", "unwrap", "attach", "checkpoint_meta", "record_of", "weight_checksum",
@@ -263,8 +263,7 @@ def _record_from_meta(meta: Mapping[str, Any], init: Mapping[str, Factors]) -> A
                        init_factors={n: (a.clone(), b.clone()) for n, (a, b) in init.items()},
                        report=meta.get("report", {}), base_checksums=meta["base_checksums"],
                        quantize=meta.get("quantize"),
-                       rank_pattern=dict(meta["lora_config"].get("rank_pattern") or {}),
-                       alpha_pattern=dict(meta["lora_config"].get("alpha_pattern") or {}),
+                       rank_pattern=saved_pattern(meta), alpha_pattern=saved_pattern(meta, "alpha"),
                        allocation=meta.get("allocation"), parameters=meta.get("parameters"))
 
 

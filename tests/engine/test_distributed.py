@@ -159,3 +159,30 @@ def test_cli_under_torchrun_writes_the_one_process_files(tmp_path) -> None:
     for f in files:
         if f.name != "adapter_config.json":  # names its own base directory
             assert output_bytes(tmp_path / "one" / f) == output_bytes(tmp_path / "two" / f), f
+
+
+def _wrap_experts():
+    from moe_models import EXPERTS, moe
+
+    return svdadapt.wrap(moe("mixtral", seed=2), "pissa", RANK // 2, target_parameters=EXPERTS, progress=False)
+
+
+def _experts_worker(rank: int, size: int, port: int, out_dir: str) -> None:
+    def body() -> None:
+        pm = _wrap_experts()
+        torch.save({"init": pm.svdadapt.init_factors, "report": pm.svdadapt.report}, f"{out_dir}/experts{rank}.pt")
+    as_rank(rank, size, port, body)
+
+
+def test_two_ranks_split_the_experts_and_build_the_one_process_model(tmp_path, one_thread) -> None:
+    """target_parameters under a process group: each rank decomposes its share of the experts (split by cost like
+    the layers), the plans are all-gathered, and every rank packs the factors one process packs, bit for bit (each
+    expert's factors come from one rank with its (seed, expert name) generator)."""
+    mp.spawn(_experts_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _wrap_experts()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"experts{rank}.pt")
+        assert got["init"].keys() == single.svdadapt.init_factors.keys()
+        for n, (A, B) in single.svdadapt.init_factors.items():
+            assert torch.equal(got["init"][n][0], A) and torch.equal(got["init"][n][1], B), n
+        assert got["report"] == single.svdadapt.report

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import plan
-from .distributed import my_batches, reduce_covariances, world
+from .distributed import gather_plans, my_batches, my_share, reduce_covariances, world
 from ..calibration.collect import collect
 from ..calibration.covariances import Covariances
 from ..calibration.experts import expert_parameters, fallback_covariances
@@ -174,13 +174,21 @@ def plan_experts(job: plan.Job, model: nn.Module, targets: Mapping[str, ParamTar
                  covariances: Mapping[str, torch.Tensor] | None = None,
                  references: Mapping[str, torch.Tensor] | None = None) -> dict[str, ExpertPlan]:
     """Every targeted parameter's experts decomposed one by one (``plan.plan_layers``, each expert seeded from
-    (seed, expert name)) and packed; the model untouched."""
+    (seed, expert name)) and packed; the model untouched. Inside a process group each rank decomposes its share of
+    all the experts (split by cost, as the layers are) and the plans are all-gathered: the same factors as one
+    process."""
+    names = {name: key for key, t in targets.items() for name in expert_names(t)}
+    mine = set(my_share({name: targets[key].shape for name, key in names.items()}, job))
+    local: dict[str, plan.LayerPlan] = {}
+    for key, t in targets.items():
+        inputs = (x for x in _inputs(model, t, covariances, references) if x.name in mine)
+        local.update(plan.plan_layers(param_job(job, key), inputs, Counter(), progress=False))
+    plans = gather_plans(local, list(names))
     out = {}
     for key, t in targets.items():
-        plans = plan.plan_layers(param_job(job, key), _inputs(model, t, covariances, references), Counter(),
-                                 progress=False)
-        A, B = pack([p.A for p in plans.values()], [p.B for p in plans.values()])
-        out[key] = ExpertPlan(t, A, B, {n: p.report for n, p in plans.items()})
+        ps = [plans[name] for name in expert_names(t)]
+        out[key] = ExpertPlan(t, *pack([p.A for p in ps], [p.B for p in ps]), {n: plans[n].report
+                                                                              for n in expert_names(t)})
     return out
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_table, smollm2, write_results  # noqa: E402
-from bench_eora import calibration_texts, code_texts, perplexity  # noqa: E402
+from bench_eora import perplexity, prose_and_code_batches  # noqa: E402
 
 import svdadapt  # noqa: E402
 
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model, tok = smollm2()
-    calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=args.calib_len, batch_size=4,
-                                  max_batches=math.ceil(args.calib_seqs / 4))
-    evals = svdadapt.text_batches(tok, code_texts(), seq_len=512, batch_size=4,
-                                  max_batches=math.ceil(args.eval_tokens / 2048))
+    calib, evals = prose_and_code_batches(tok, args.calib_len, args.calib_seqs, args.eval_tokens)
     rows: list[dict] = []
     payload = {"config": {**vars(args), "calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib),
                           "eval_tokens": sum(int(b["attention_mask"].sum()) for b in evals),

@@ -57,6 +57,16 @@ def code_texts() -> list[str]:
     return out
 
 
+def prose_and_code_batches(tok, calib_len: int, calib_seqs: int, eval_tokens: int) -> tuple[list, list]:
+    """(calibration, held-out) batches of 4: ``calib_seqs`` sequences of ``calib_len`` tokens of the calibration
+    prose, and about ``eval_tokens`` tokens of standard-library source in sequences of 512."""
+    calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=calib_len, batch_size=4,
+                                  max_batches=math.ceil(calib_seqs / 4))
+    evals = svdadapt.text_batches(tok, code_texts(), seq_len=512, batch_size=4,
+                                  max_batches=math.ceil(eval_tokens / 2048))
+    return calib, evals
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """(perplexity, mean next-token NLL) over the unmasked tokens of ``batches``."""

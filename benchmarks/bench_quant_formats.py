@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, smollm2, write_results  # noqa: E402
-from bench_eora import calibration_texts, code_texts, perplexity  # noqa: E402
+from bench_eora import perplexity, prose_and_code_batches  # noqa: E402
 
 import svdadapt  # noqa: E402
 
@@ -80,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = smollm2()
-    calib = svdadapt.text_batches(tok, calibration_texts(), seq_len=args.calib_len, batch_size=4,
-                                  max_batches=math.ceil(args.calib_seqs / 4))
-    evals = svdadapt.text_batches(tok, code_texts(), seq_len=512, batch_size=4,
-                                  max_batches=math.ceil(args.eval_tokens / 2048))
+    calib, evals = prose_and_code_batches(tok, args.calib_len, args.calib_seqs, args.eval_tokens)
     rows: list[dict] = []
     payload = {"config": {**vars(args), "torch_threads": torch.get_num_threads(),
                           "load_at_start": os.getloadavg(), "model": "SmolLM2-135M-Instruct (fp32)"}, "rows": rows}

@@ -16,6 +16,7 @@ from torch import nn
 
 from bounds import gamma, gemm_error
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids, train
+from quant_helpers import fro, originals
 
 import svdadapt
 from svdadapt.modules.qbase import SCHEMES, missing_package
@@ -28,15 +29,6 @@ BACKEND_SCHEMES = list(PACKAGE)
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """conftest's one_thread for every test here (SVDADAPT_TEST_THREADS sets another count)."""
-
-
-def fro(t: torch.Tensor) -> float:
-    return float(t.double().norm())
-
-
-def originals(model) -> dict[str, torch.Tensor]:
-    """Every target's full-precision W (out, in), fp64, before wrap replaces anything."""
-    return {n: m.weight.detach().double().clone() for n, m in svdadapt.resolve_targets(model).items()}
 
 
 def backend_quantized(W: torch.Tensor, scheme: str) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids  # noqa: E402
+from quant_helpers import fro, originals  # noqa: E402
 
 import svdadapt  # noqa: E402
 from svdadapt.modules import bnb as sbnb
@@ -27,15 +28,6 @@ RANK = 8  # tiny Llama: hidden 64, intermediate 128
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """conftest's one_thread for every test here (SVDADAPT_TEST_THREADS sets another count)."""
-
-
-def fro(t: torch.Tensor) -> float:
-    return float(t.double().norm())
-
-
-def originals(model) -> dict[str, torch.Tensor]:
-    """Every target's full-precision W (out, in), fp64, before wrap rewrites anything."""
-    return {n: m.weight.detach().double().clone() for n, m in svdadapt.resolve_targets(model).items()}
 
 
 def bnb_fp32_scales_qlora(W: torch.Tensor, scheme: str) -> torch.Tensor:

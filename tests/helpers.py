@@ -249,3 +249,16 @@ def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=64)
     return random_routers(_seeded(seed, lambda: transformers.Qwen3MoeForCausalLM(cfg)), seed)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` (flat uint8): equal for two tensors exactly when they are equal bit for bit."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def safetensors_dict(path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

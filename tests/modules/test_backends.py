@@ -18,6 +18,7 @@ import torch
 import svdadapt
 from bounds import gamma
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids
+from quant_helpers import eora_optimum, fro, layer_inputs
 from svdadapt.modules.layers import kind_of
 
 RANK = 8
@@ -149,31 +150,6 @@ def test_read_equals_the_backends_forward(backend):
 
 # ------------------------------------------------------------------------------------------------ EoRA
 
-def layer_inputs(model, names, ids) -> dict[str, torch.Tensor]:
-    """The inputs X (N, in) each named Linear of ``model`` sees on token ids ``ids``, fp64."""
-    xs: dict[str, list[torch.Tensor]] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
-        for n in names]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in xs.items()}
-
-
-def eora_optimum(dW: torch.Tensor, X: torch.Tensor, rank: int) -> torch.Tensor:
-    """argmin over rank-r M of ‖(ΔW − M)·Xᵀ‖_F in fp64: C = XᵀX/N = S·Sᵀ (S = Q·Λ^½), M* = [ΔW·S]_r·S⁺."""
-    C = X.T @ X / X.shape[0]
-    evals, Q = torch.linalg.eigh(C)
-    keep = evals > evals[-1] * 1e-12  # fp64 eigenvalues below 1e-12·λ_max are rounding (d·u64 ≈ 1e-14)
-    evals, Q = evals[keep], Q[:, keep]
-    U, s, Vh = torch.linalg.svd(dW @ (Q * evals.sqrt()), full_matrices=False)
-    return (U[:, :rank] * s[:rank]) @ Vh[:rank] @ (Q / evals.sqrt()).T
-
-
 @pytest.fixture(scope="module")
 def calibration():
     """The dense tiny Llama, its covariances on 1024 calibration tokens (more than any input width) and the
@@ -202,7 +178,6 @@ def test_eora_is_the_optimum_and_beats_plain_svd(backend, calibration):
         assert type(layer).__name__ == PEFT_LAYER[backend], (n, type(layer))
         dW = dense.get_submodule(n).weight.detach().double() - Wc[n]
         M = lora_product(layer)
-        fro = lambda t: float(t.norm())  # noqa: E731
         got, best = fro((dW - M) @ X_cal[n].T), fro((dW - eora_optimum(dW, X_cal[n], RANK)) @ X_cal[n].T)
         # best ≤ got: an fp64 optimum, 1e-9 ≫ fp64 noise; got ≤ best·(1 + 1e-3): fp32 factors, second order
         assert best <= got * (1 + 1e-9) and got <= best * (1 + 1e-3), (n, got, best)

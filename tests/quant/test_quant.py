@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids  # noqa: E402
-from quant_helpers import fro, originals  # noqa: E402
+from quant_helpers import eora_optimum, fro, layer_inputs, originals  # noqa: E402
 
 import svdadapt  # noqa: E402
 from svdadapt.modules import bnb as sbnb
@@ -259,31 +259,6 @@ def test_restore_layouts_before_training_gives_the_fp32_gradients():
 
 
 # ------------------------------------------------------------------------------------------------ 3. EoRA on nf4
-
-
-def layer_inputs(model, names, ids) -> dict[str, torch.Tensor]:
-    """The inputs X (N, in) each named Linear of ``model`` sees on token ids ``ids``, fp64."""
-    xs: dict[str, list[torch.Tensor]] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
-        for n in names]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in xs.items()}
-
-
-def eora_optimum(dW: torch.Tensor, X: torch.Tensor, rank: int) -> torch.Tensor:
-    """argmin over rank-r M of ‖(ΔW − M)·Xᵀ‖_F in fp64: C = XᵀX/N = S·Sᵀ (S = Q·Λ^½), M* = [ΔW·S]_r·S⁺."""
-    C = X.T @ X / X.shape[0]
-    evals, Q = torch.linalg.eigh(C)
-    keep = evals > evals[-1] * 1e-12  # fp64 eigenvalues below 1e-12·λ_max are rounding (d·u64 ≈ 1e-14)
-    evals, Q = evals[keep], Q[:, keep]
-    U, s, Vh = torch.linalg.svd(dW @ (Q * evals.sqrt()), full_matrices=False)
-    return (U[:, :rank] * s[:rank]) @ Vh[:rank] @ (Q / evals.sqrt()).T
 
 
 def check_eora(pm, reference, X_cal, X_held, rank: int) -> None:

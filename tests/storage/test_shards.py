@@ -25,6 +25,7 @@ from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, Check
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _synthetic  # noqa: E402
+from helpers import bits  # noqa: E402
 
 TINY = dict(hidden=64, intermediate=128, layers=2, vocab=128, heads=4, kv_heads=2)
 
@@ -86,16 +87,12 @@ def _files(d: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _assert_same_tensors(reader: CheckpointReader, sd: dict[str, torch.Tensor]) -> None:
+def _assert_samesafetensors_dict(reader: CheckpointReader, sd: dict[str, torch.Tensor]) -> None:
     assert sorted(reader.names) == sorted(sd)
     for name, t in sd.items():
         got = reader.get(name)
         assert got.dtype == t.dtype and got.shape == t.shape, name
-        assert torch.equal(_bits(got), _bits(t)), name
+        assert torch.equal(bits(got), bits(t)), name
 
 
 # ------------------------------------------------------------------------------------------------ round trips
@@ -124,7 +121,7 @@ def test_round_trip_several_shards(tmp):
     for name, t in sd.items():
         assert (r.shape(name), r.dtype(name), r.nbytes(name)) == (t.shape, t.dtype, t.nbytes)
         assert r.file_of(name) == tmp / index["weight_map"][name]
-    _assert_same_tensors(r, sd)
+    _assert_samesafetensors_dict(r, sd)
 
 
 def test_single_shard_is_model_safetensors_without_index(tmp):
@@ -133,7 +130,7 @@ def test_single_shard_is_model_safetensors_without_index(tmp):
     assert os.listdir(tmp) == [SINGLE_FILE]
     r = CheckpointReader(tmp)
     assert r.index_file is None
-    _assert_same_tensors(r, sd)
+    _assert_samesafetensors_dict(r, sd)
     # a bare .safetensors path reads the same, with no config and nothing to copy
     r2 = CheckpointReader(tmp / SINGLE_FILE)
     assert r2.names == r.names and r2.config is None and r2.files == []
@@ -173,7 +170,7 @@ def test_reads_a_transformers_sharded_checkpoint(tmp):
     assert r.total_size == index["metadata"]["total_size"] == 361728
     assert [f.name for f in r.files] == ["config.json", "generation_config.json"]
     assert r.config["hidden_size"] == 64 and r.config["num_hidden_layers"] == 2
-    _assert_same_tensors(r, sd)
+    _assert_samesafetensors_dict(r, sd)
 
 
 def test_writer_output_loads_with_from_pretrained(tmp):
@@ -246,7 +243,7 @@ def test_resume_after_crash_is_byte_identical(tmp):
             w2.add(name, t)
     w2.close()
     assert _files(out) == _files(tmp / "ref")  # same names, same bytes (index included)
-    _assert_same_tensors(CheckpointReader(out), sd)
+    _assert_samesafetensors_dict(CheckpointReader(out), sd)
 
 
 def test_resume_rewrites_a_corrupted_shard_and_all_after_it(tmp):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import svdadapt
@@ -32,7 +31,7 @@ import svdadapt.storage.shardfile as shardfile
 from svdadapt.cli import main as cli_main
 from svdadapt.storage.shards import INDEX_FILE, JOURNAL_FILE, CheckpointReader
 
-from helpers import make_tiny_llama, out, token_ids
+from helpers import bits, make_tiny_llama, out, safetensors_dict, token_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svdadapt.json", "report.json"]
@@ -49,22 +48,13 @@ def _checkpoint(d: Path, model: torch.nn.Module, shard: str = "100KB") -> Path:
     return d
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def _assert_same_base(a: Path, b: Path) -> None:
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert sorted(ra.names) == sorted(rb.names)
     for n in ra.names:
         x, y = ra.get(n), rb.get(n)
         assert x.dtype == y.dtype and x.shape == y.shape, n
-        assert torch.equal(_bits(x), _bits(y)), f"{n} differs"
+        assert torch.equal(bits(x), bits(y)), f"{n} differs"
 
 
 def _assert_same_output(a: Path, b: Path) -> None:
@@ -72,9 +62,9 @@ def _assert_same_output(a: Path, b: Path) -> None:
     _assert_same_base(a / "base", b / "base")
     for f in FILES:
         if f.endswith(".safetensors"):
-            ta, tb = _tensors(a / f), _tensors(b / f)
+            ta, tb = safetensors_dict(a / f), safetensors_dict(b / f)
             assert ta.keys() == tb.keys()
-            assert all(torch.equal(_bits(ta[k]), _bits(tb[k])) for k in ta), f
+            assert all(torch.equal(bits(ta[k]), bits(tb[k])) for k in ta), f
         elif f == "svdadapt.json":  # the manifest lists each run's own base shards and adapter paths
             ma, mb = (json.loads((d / f).read_text()) for d in (a, b))
             fa, fb = ma.pop("files"), mb.pop("files")
@@ -288,7 +278,7 @@ def test_resume_detects_a_changed_weight(tmp, monkeypatch):
     monkeypatch.undo()
     from safetensors.torch import save_file
 
-    sd = _tensors(ck / "model.safetensors")
+    sd = safetensors_dict(ck / "model.safetensors")
     sd[calls[0] + ".weight"] = sd[calls[0] + ".weight"] * 2
     save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"weight of '{calls[0]}'.*changed"):
@@ -332,7 +322,7 @@ def test_missing_target_and_tied_weights(tmp):
     from safetensors.torch import save_file
 
     ck = _checkpoint(tmp / "ck", make_tiny_llama(6), shard="10MB")
-    sd = _tensors(ck / "model.safetensors")
+    sd = safetensors_dict(ck / "model.safetensors")
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj' has no weight .* in checkpoint .*ck"):
@@ -403,7 +393,7 @@ def _calibration(seeds=(0, 1, 2)) -> list[dict]:
 
 
 def _adapter_factors(d: Path) -> dict[str, torch.Tensor]:
-    return _tensors(d / "adapter" / "adapter_model.safetensors")
+    return safetensors_dict(d / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("mode, dtype", [("ipa", torch.float32), ("kpa", torch.float32), ("ipa", torch.bfloat16)])

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import svdadapt
@@ -24,6 +23,7 @@ from svdadapt.lifecycle.initdir import write_init_dir
 from svdadapt.storage.shards import CheckpointReader
 
 from bounds import gamma
+from helpers import bits, safetensors_dict
 from moe_models import EXPERTS, moe
 
 FILES = ["adapter/adapter_model.safetensors", "svdadapt_state.safetensors", "svdadapt.json", "report.json"]
@@ -34,27 +34,18 @@ def _one_thread(one_thread):
     """Bit-identity with the in-memory path holds at equal thread counts."""
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def _assert_same(a: Path, b: Path) -> None:
     """Base tensors, adapter tensors and the records of two init directories, bit for bit / field for field."""
     ra, rb = CheckpointReader(a / "base"), CheckpointReader(b / "base")
     assert sorted(ra.names) == sorted(rb.names)
     for n in ra.names:
         x, y = ra.get(n), rb.get(n)
-        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(_bits(x), _bits(y)), n
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y)), n
     for f in FILES:
         if f.endswith(".safetensors"):
-            ta, tb = _tensors(a / f), _tensors(b / f)
+            ta, tb = safetensors_dict(a / f), safetensors_dict(b / f)
             assert ta.keys() == tb.keys(), f
-            assert all(ta[k].dtype == tb[k].dtype and torch.equal(_bits(ta[k]), _bits(tb[k])) for k in ta), f
+            assert all(ta[k].dtype == tb[k].dtype and torch.equal(bits(ta[k]), bits(tb[k])) for k in ta), f
         elif f == "svdadapt.json":  # the manifest names each run's own base shards
             ma, mb = (json.loads((d / f).read_text()) for d in (a, b))
             fa, fb = ma.pop("files"), mb.pop("files")
@@ -110,13 +101,13 @@ def test_streamed_experts_only_and_fused_checkpoint(tmp, family):
                or not model.config.tie_word_embeddings}, str(fused / "model.safetensors"), metadata={"format": "pt"})
     svdadapt.init_checkpoint(fused, tmp / "f", method="pissa", rank=2, target_modules=[], target_parameters=EXPERTS,
                              progress=False)
-    a, b = _tensors(tmp / "f" / "adapter" / "adapter_model.safetensors"), _tensors(
+    a, b = safetensors_dict(tmp / "f" / "adapter" / "adapter_model.safetensors"), safetensors_dict(
         tmp / "m" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
-    base = _tensors(tmp / "f" / "base" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    base = safetensors_dict(tmp / "f" / "base" / "model.safetensors")
     state = pm.get_base_model().state_dict()
     for key in [k for k in base if k.endswith(("gate_up_proj", "down_proj"))]:
-        assert torch.equal(_bits(base[key]), _bits(state[key])), key
+        assert torch.equal(bits(base[key]), bits(state[key])), key
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -197,7 +188,7 @@ def test_errors_name_the_parameter(tmp):
     assert str(e.value) == ("rank 13 exceeds min(out, in) = 12 of target parameter "
                             "'model.layers.0.mlp.experts.down_proj' (each expert 16x12)")
     from safetensors.torch import save_file
-    tensors = _tensors(ck / "model.safetensors")
+    tensors = safetensors_dict(ck / "model.safetensors")
     del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError) as e:

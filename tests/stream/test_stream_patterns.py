@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import svdadapt
@@ -19,7 +18,7 @@ from svdadapt.cli import main as cli_main
 from svdadapt.storage.shards import CheckpointReader
 
 from dist_harness import as_rank, free_port
-from helpers import make_tiny_llama, output_bytes, token_ids
+from helpers import bits, make_tiny_llama, output_bytes, safetensors_dict, token_ids
 
 RANK, ALPHA = 4, 8.0
 RANKS = {r"layers\.0\.self_attn\.q_proj": 2, "down_proj": 6, "v_proj": 8}
@@ -32,24 +31,15 @@ def _one_thread(one_thread):
     """Bit-identity with the in-memory path holds at equal thread counts."""
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])) for k in a)
 
 
 def _same_base(a: Path, b: Path) -> None:
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert sorted(ra.names) == sorted(rb.names)
     for n in ra.names:
-        assert torch.equal(_bits(ra.get(n)), _bits(rb.get(n))), n
+        assert torch.equal(bits(ra.get(n)), bits(rb.get(n))), n
 
 
 def _calibration() -> list[dict]:
@@ -71,18 +61,18 @@ def test_streamed_equals_the_in_memory_init(tmp_path, method):
                      "--no-progress", "--out", str(tmp_path / "m")]) == 0
     _same_base(tmp_path / "s" / "base", tmp_path / "m" / "base")
     for f in ("adapter/adapter_model.safetensors", "svdadapt_state.safetensors"):
-        assert _same_tensors(_tensors(tmp_path / "s" / f), _tensors(tmp_path / "m" / f)), f
+        assert _same_tensors(safetensors_dict(tmp_path / "s" / f), safetensors_dict(tmp_path / "m" / f)), f
     ms, mm = (json.loads((tmp_path / d / "svdadapt.json").read_text()) for d in ("s", "m"))
     ms.pop("files"), mm.pop("files")
     assert ms == mm and ms["lora_config"]["rank_pattern"] == RANKS and ms["lora_config"]["alpha_pattern"] == ALPHAS
     assert (tmp_path / "s" / "report.json").read_text() == (tmp_path / "m" / "report.json").read_text()
-    factors = _tensors(tmp_path / "s" / "adapter" / "adapter_model.safetensors")
+    factors = safetensors_dict(tmp_path / "s" / "adapter" / "adapter_model.safetensors")
     assert factors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (2, 64)
     assert factors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (6, 128)
 
 
 def _assert_adapters_equal(out: Path, pm) -> None:
-    factors = _tensors(out / "adapter" / "adapter_model.safetensors")
+    factors = safetensors_dict(out / "adapter" / "adapter_model.safetensors")
     assert len(factors) == 2 * 14
     for n, (A, B) in pm.svdadapt.init_factors.items():
         key = next(k for k in factors if f".{n}.lora_A." in k)
@@ -190,5 +180,5 @@ def test_a_resumed_run_keeps_its_patterns(tmp_path, monkeypatch):
         svdadapt.init_checkpoint(ck, tmp_path / "s", **run, alpha=ALPHA, rank_pattern=RANKS)
     svdadapt.init_checkpoint(ck, tmp_path / "s", **run, **PATTERNS)
     for f in ("adapter/adapter_model.safetensors", "svdadapt_state.safetensors"):
-        assert _same_tensors(_tensors(tmp_path / "s" / f), _tensors(tmp_path / "whole" / f)), f
+        assert _same_tensors(safetensors_dict(tmp_path / "s" / f), safetensors_dict(tmp_path / "whole" / f)), f
     _same_base(tmp_path / "s" / "base", tmp_path / "whole" / "base")

@@ -11,7 +11,8 @@ float tensor, a new tensor: the backend's own dequantization, never an unpacking
 - optimum-quanto ``QLinear``: ``qweight.dequantize()`` (frozen or not);
 - compressed-tensors: an ``nn.Linear`` whose ``quantization_status`` is COMPRESSED (``weight_packed``,
   ``weight_scale``, …): the compressor of its format's own ``decompress`` on the module's state (the module is
-  not changed).
+  not changed); ``compressed_schemes`` and ``decompress_weight`` do the same from a checkpoint's tensors (the
+  streamed EoRA of ``stream/quantized.py``).
 
 A layer whose forward also quantizes its *input* (quanto activations, compressed-tensors input activations) is not
 linear in its input: its read raises ``TypeError`` naming the module type.
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["is_hqq", "hqq_shape", "hqq_read", "is_torchao", "torchao_read", "is_quanto", "quanto_read",
-           "is_compressed", "compressed_shape", "compressed_read", "decompress", "not_writable"]
+           "is_compressed", "compressed_shape", "compressed_read", "compressed_format", "compressed_schemes",
+           "decompress_weight", "decompress", "not_writable"]
 
 
 def _weight_only(module: nn.Module, quantizes_input: bool) -> None:
@@ -94,19 +96,56 @@ def compressed_shape(m: nn.Module) -> tuple[int, int]:
     return int(m.out_features), int(m.in_features)
 
 
+def _compressor(module_type: type, scheme) -> tuple[str, type]:
+    """(format, compressor class) of a compressed-tensors scheme, the format found as ``decompress_module`` finds
+    it: the scheme's own, else ``infer_module_format``."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+
+    fmt = scheme.format or infer_module_format(module_type, scheme)
+    fmt = getattr(fmt, "value", fmt)
+    return fmt, BaseCompressor.get_value_from_registry(fmt)
+
+
+def compressed_format(module_type: type, scheme) -> str:
+    """The compressed-tensors format (``"pack-quantized"``, …) a module of ``module_type`` with ``scheme`` is
+    stored in."""
+    return _compressor(module_type, scheme)[0]
+
+
+@torch.no_grad()
+def decompress_weight(state: dict[str, torch.Tensor], scheme, module_type: type = nn.Linear) -> torch.Tensor:
+    """W_c (out, in): the format's compressor's own ``decompress`` of one module's compressed state (its local
+    names: ``weight_packed``, ``weight_scale``, ``weight_shape``, …; the state is not changed). Meta tensors give
+    a meta W_c of the dtype the data would give."""
+    return _compressor(module_type, scheme)[1].decompress(state, scheme)["weight"]
+
+
+def compressed_schemes(model: nn.Module, quantization_config: dict) -> dict[str, object]:
+    """module name -> compressed-tensors ``QuantizationScheme`` of every module that ``quantization_config`` (a
+    checkpoint's config.json entry) quantizes, matched by the library's ``apply_quantization_config`` (what
+    transformers runs on loading) on a copy of ``model`` (a meta-device skeleton will do; ``model`` is not
+    changed)."""
+    import copy
+
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    config = QuantizationConfig.model_validate(quantization_config)
+    marked = copy.deepcopy(model)
+    apply_quantization_config(marked, config, show_progress=False)
+    return {n: m.quantization_scheme for n, m in marked.named_modules()
+            if getattr(m, "quantization_scheme", None) is not None}
+
+
 @torch.no_grad()
 def compressed_read(m: nn.Module) -> torch.Tensor:
     """W_c (out, in): the format's compressor's ``decompress`` of the module's own state dict (a copy: the module
     stays compressed), the format found as compressed-tensors' ``decompress_module`` finds it."""
-    from compressed_tensors.compressors.base import BaseCompressor
-    from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.utils.module import get_direct_state_dict
 
     scheme = m.quantization_scheme
     _weight_only(m, scheme.input_activations is not None)
-    fmt = scheme.format or infer_module_format(type(m), scheme)
-    compressor = BaseCompressor.get_value_from_registry(getattr(fmt, "value", fmt))
-    return compressor.decompress(get_direct_state_dict(m), scheme)["weight"]
+    return decompress_weight(get_direct_state_dict(m), scheme, type(m))
 
 
 def not_writable(m: nn.Module, base: torch.Tensor) -> None:

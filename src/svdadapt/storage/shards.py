@@ -284,6 +284,11 @@ class CheckpointReader:
         """The shard file that holds ``name``."""
         return self._entry(name).file
 
+    def files_of(self, name: str) -> tuple[Path, ...]:
+        """The shard files ``name`` is read from: its own (a view such as ``stream.quantized.DecompressedReader``
+        reads one tensor from several)."""
+        return (self.file_of(name),)
+
     @property
     def total_size(self) -> int:
         """Bytes of tensor data over all names (an index's ``metadata.total_size``)."""

@@ -70,6 +70,7 @@ from .calibrated import plan_calibrated
 from .experts import StreamedParams
 from .inputs import check_layout, check_reference, check_unchanged, input_stats
 from .journal import STREAM_DIR, Journal, layer_base, locked, open_journal
+from .quantized import DecompressedReader, check_keeps_base, check_unquantized, open_reader
 
 __all__ = ["init_checkpoint", "STREAM_DIR"]
 
@@ -112,23 +113,30 @@ def _skeleton(src: Path) -> nn.Module:
 
 @dataclass
 class _Checkpoint:
-    """The input of a run: the checkpoint directory, its meta-device skeleton, the targets and their reader."""
+    """The input of a run: the checkpoint directory, its meta-device skeleton, the targets and their reader
+    (``reader``: the checkpoint as the float model reads it, a ``quantized.DecompressedReader`` over a
+    compressed-tensors one; ``stored``: its files as they are, which the base is written from)."""
 
     src: Path
     model: nn.Module
     targets: dict[str, nn.Module]
-    reader: CheckpointReader
+    reader: CheckpointReader | DecompressedReader
     source: CheckpointSource
     params: StreamedParams | None = None  # target_parameters (stream/experts.py)
+
+    @property
+    def stored(self) -> CheckpointReader:
+        return self.reader.stored if isinstance(self.reader, DecompressedReader) else self.reader
 
 
 def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: Any) -> _Checkpoint:
     """Targets resolved as ``wrap`` resolves them, and checked against the checkpoint before anything is read."""
     model = _skeleton(src)
+    reader = open_reader(CheckpointReader(src), model)  # a compressed-tensors checkpoint: its dense view
     targets = select_targets(model, target_modules, exclude_modules, job)
+    check_keeps_base(job.spec, targets, reader)
     if job.spec.rewrites_base:
         checks.check_untied(model, targets)
-    reader = CheckpointReader(src)
     check_layout(model, reader, job.spec.needs_calibration)
     source = CheckpointSource(reader, targets)
     checks.check_rank_fits(job.rank, source.shapes, job.rank_pattern)
@@ -151,6 +159,7 @@ def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
         raise ValueError(f"the reference checkpoint {str(src)!r} has no module {missing[0]!r}")
     targets = {n: modules[n] for n in ck.targets}
     reader = CheckpointReader(src)
+    check_unquantized(reader)
     check_layout(model, reader, True, "reference checkpoint")
     source = CheckpointSource(reader, targets)
     check_reference(ck.source, source, src)
@@ -167,7 +176,7 @@ def _tensors_key(reader: CheckpointReader) -> str:
 def _job_key(job: Job, alpha: float | None, ck: _Checkpoint, max_shard_bytes: int, calibration: str | None,
              options: BlockwiseOptions | None, reference: _Checkpoint | None) -> dict[str, Any]:
     """What decides the output: a resumed run must have the same (``alpha`` as given: None for the rank)."""
-    return {"format": _FORMAT, "tensors": _tensors_key(ck.reader), "method": job.spec.name, "rank": job.rank,
+    return {"format": _FORMAT, "tensors": _tensors_key(ck.stored), "method": job.spec.name, "rank": job.rank,
             "alpha": alpha, "use_rslora": job.use_rslora,
             "rank_pattern": dict(job.rank_pattern), "alpha_pattern": dict(job.alpha_pattern), "svd": job.svd.svd, "niter": job.svd.niter,
             "oversample": job.svd.oversample, "seed": job.seed, "targets": sorted(ck.source.keys),
@@ -239,7 +248,9 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
     if journal.base_complete or _finished_base(base_dir, reader, source, journal):
         journal.mark_base_complete()
         return
-    bar = tqdm(total=len(source), desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
+    # a compressed target is copied as stored (EoRA keeps the base): only the targets stored as weights count
+    rewritten = sum(source.module_of(key) is not None for key in reader.names)
+    bar = tqdm(total=rewritten, desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
     with bar, _base_writer(base_dir, reader, max_shard_bytes, journal) as writer:
         for key in reader.names:
             name = source.module_of(key)
@@ -262,7 +273,7 @@ def _write_outputs(out: Path, ck: _Checkpoint, job: Job, journal: Journal,
                    reference: str | os.PathLike | None) -> None:
     """Everything but the base's tensors: its other files, then the adapter, report.json, the state, svdadapt.json
     (``initdir.write_streamed``)."""
-    copy_files(ck.reader.files, out / BASE_DIR)
+    copy_files(ck.stored.files, out / BASE_DIR)
     results = {n: journal.require(n) for n in ck.targets}  # model order, as wrap records them
     params = None if ck.params is None else ck.params.finish()  # after the layers, as wrap records them
     write_streamed(out, job, ck.model, ck.targets, results, ck.src, reference, params)
@@ -279,7 +290,7 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
     filesystem) and writes those shards (``shards.write_part``); rank 0 then joins them into the checkpoint
     (``shards.merge_parts``) and writes the other outputs. Returns whether this process goes on to write them."""
     rank, size = world()
-    reader, source = ck.reader, ck.source
+    reader, source = ck.stored, ck.source
     plan = plan_shards([(key, reader.nbytes(key)) for key in reader.names], max_shard_bytes)
 
     def cost(names: list[str]) -> float:
@@ -331,7 +342,7 @@ def _decompose(run: _Run, batches: list[Any] | None, blocks: BlockwiseOptions | 
         if run.ref is not None:
             run.ref.reader.close()
     if world()[1] == 1:
-        _write_base(job, ck.reader, ck.source, base_dir, journal, run.max_shard_bytes, run.progress, ck.params)
+        _write_base(job, ck.stored, ck.source, base_dir, journal, run.max_shard_bytes, run.progress, ck.params)
     elif not _write_base_together(job, ck, journal, base_dir, run.max_shard_bytes, run.progress):
         return False
     _complete_journal(job, ck.source, journal)

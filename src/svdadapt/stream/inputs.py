@@ -90,7 +90,7 @@ def check_reference(source: CheckpointSource, ref_source: CheckpointSource, ref_
 
 
 def _files(reader: CheckpointReader) -> list[Path]:
-    files = {reader.file_of(n) for n in reader.names}
+    files = {f for n in reader.names for f in reader.files_of(n)}
     return sorted(files | ({reader.index_file} if reader.index_file is not None else set()))
 
 
@@ -111,7 +111,7 @@ def _changed(reader: CheckpointReader, saved: dict[str, list[int]] | None) -> li
     if saved is None or (index is not None and saved.get(str(index)) != now[str(index)]):
         return list(reader.names)
     moved = {f for f, s in now.items() if saved.get(f) != s}
-    return [n for n in reader.names if str(reader.file_of(n)) in moved]
+    return [n for n in reader.names if any(str(f) in moved for f in reader.files_of(n))]
 
 
 def _same_as_written(key: str, tensor: torch.Tensor, file: Path) -> bool:

@@ -294,10 +294,12 @@ def test_errors():
                         "Covariances holding it"):
         svdadapt.wrap(model, "corda", rank=RANK, target_modules=[], target_parameters=["mlp.gate.weight"],
                       calibration=[IDS], progress=False)
-    for kw, what in (({"quantize": "nf4"}, "quantize="), ({"allocate": True}, "allocate=")):
-        with raises_exactly(ValueError, f"target_parameters=['experts.down_proj'] with {what} is not supported yet; "
-                            f"drop {what} (docs/experts.md)"):
-            svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], progress=False, **kw)
+    with raises_exactly(ValueError, "target_parameters=['experts.down_proj'] with allocate= is not supported: PEFT "
+                        "builds one ParamWrapper per parameter, whose rank all its experts share, while the "
+                        "allocation chooses a rank per layer; drop allocate= and give the parameters' ranks with "
+                        "rank_pattern= (docs/experts.md)"):
+        svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], allocate=True,
+                      progress=False)
     assert not svdadapt.modules.targets.is_peft(model)  # nothing was touched
 
 

@@ -83,19 +83,34 @@ def param_job(job: plan.Job, key: str) -> plan.Job:
     return replace(job, rank=rank, alpha=alpha, scaling=job.scaling_of(key), rank_pattern={}, alpha_pattern={})
 
 
-def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, allocate: Any = False,
-                       streaming: bool = False) -> None:
-    """What ``target_parameters`` does not combine with yet, each a ``ValueError`` (docs/experts.md)."""
+def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, rewrites_base: bool = True,
+                       target_modules: Any = None, allocate: Any = False, streaming: bool = False) -> None:
+    """What ``target_parameters`` does not combine with, each a ``ValueError`` (docs/experts.md). ``quantize=``
+    applies to the layers of ``target_modules`` only (bitsandbytes, HQQ and torchao have no 3-D expert layer PEFT's
+    ParamWrapper wraps, so the experts keep their float residual): fine for a method that rewrites the base
+    (QPiSSA), refused for EoRA, whose experts would have no quantization error to compensate."""
     if not target_parameters:
         return
-    refused = [("init_checkpoint (streaming) of CorDA / EoRA or under torch.distributed", streaming,
-                "load the model and use svdadapt.wrap"),
-               ("quantize=", quantize is not None, "drop quantize="),
-               ("allocate=", allocate not in (False, None), "drop allocate=")]
-    for what, given, instead in refused:
-        if given:
-            raise ValueError(f"target_parameters={list(target_parameters)!r} with {what} is not supported yet; "
-                             f"{instead} (docs/experts.md)")
+    if quantize is not None and not rewrites_base:
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with quantize={quantize!r} and a method "
+                         "that compensates compression (EoRA): quantize= quantizes the layers of target_modules "
+                         "only (bitsandbytes, HQQ and torchao have no 3-D expert layer PEFT can wrap), so the "
+                         "experts would have no quantization error to compensate; compress them with "
+                         "svdadapt.compress.quantize(..., target_parameters=...) and pass reference=, or drop "
+                         "target_parameters (docs/experts.md)")
+    if quantize is not None and not isinstance(target_modules, (str, type(None))) and not list(target_modules):
+        raise ValueError(f"quantize={quantize!r} quantizes the layers of target_modules, and target_modules=[] "
+                         "selects none: the parameters of target_parameters stay float; drop quantize= or target "
+                         "some layers (docs/experts.md)")
+    if allocate not in (False, None):
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with allocate= is not supported: PEFT "
+                         "builds one ParamWrapper per parameter, whose rank all its experts share, while the "
+                         "allocation chooses a rank per layer; drop allocate= and give the parameters' ranks with "
+                         "rank_pattern= (docs/experts.md)")
+    if streaming:
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with init_checkpoint (streaming) of "
+                         "CorDA / EoRA or under torch.distributed is not supported yet; load the model and use "
+                         "svdadapt.wrap (docs/experts.md)")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

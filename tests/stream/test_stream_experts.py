@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import svdadapt
 from svdadapt.cli import main as cli_main
+from svdadapt.cli.report import layer_ranks
 from svdadapt.lifecycle.initdir import write_init_dir
 from svdadapt.storage.shards import CheckpointReader
 
@@ -240,6 +241,10 @@ def test_streamed_patterns_equal_in_memory_init(tmp, method, capsys):
     _assert_same(tmp / "s", tmp / "m")
     cfg = json.loads((tmp / "s" / "adapter" / "adapter_config.json").read_text())
     assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == (PATTERN["rank_pattern"], PATTERN["alpha_pattern"])
+    ranks = layer_ranks(json.loads((tmp / "s" / "svdadapt.json").read_text()))  # svdadapt report's / plot's
+    assert {k: v for k, v in ranks.items() if ".experts." in k} == {
+        "model.layers.0.mlp.experts.gate_up_proj": 5, "model.layers.1.mlp.experts.gate_up_proj": 2,
+        "model.layers.0.mlp.experts.down_proj": 3, "model.layers.1.mlp.experts.down_proj": 3}
     assert cli_main(["init", str(ck), "--method", method, "--rank", "2", "--out", str(tmp / "c"), "--no-progress",
                      "--target-parameters", *EXPERTS, "--rank-pattern", "down_proj=3",
                      "layers.0.mlp.experts.gate_up_proj=5", "--alpha-pattern", "down_proj=7"]) == 0

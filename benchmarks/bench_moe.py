@@ -12,6 +12,15 @@ experts only. In the same run, each in a fresh process (its own peak RSS):
 Reported: init time (wall and CPU, one BLAS thread), peak RSS, and the captured energy Σσ̃² of the rank-16 factors
 relative to the exact Σσ² (fp32 LAPACK ``svdvals`` per expert), mean and worst over the experts.
 
+Then, in the same run, from a checkpoint of the same model that transformers 5's ``save_pretrained`` writes into a
+temporary directory (its per-expert layout ``block_sparse_moe.experts.{e}.w1/w2/w3``; deleted at the end), the
+init directory written two ways, each in a fresh process (its own peak RSS, and the RSS after the imports):
+
+- ``in memory``: what ``svdadapt init --in-memory`` does: ``from_pretrained``, ``wrap``, ``write_init_dir``;
+- ``streamed``: ``svdadapt.init_checkpoint`` (one parameter of one layer in memory at a time);
+
+and whether the two adapters are bit for bit the same.
+
 ``--eora`` runs the EoRA part instead (one fresh process): the same model with structured embeddings and peaked
 routers (``bench_expert_weighting.structure``), the experts scaled by one factor so that their output is of the
 residual stream's size (``_scale_experts``), every expert RTN 3-bit groups of 64
@@ -130,6 +139,75 @@ def job_lowrank(hidden: int, intermediate: int, layers: int, experts: int) -> di
             got.append(float(S.pow(2).sum()))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"wall_s": wall, "cpu_s": cpu, "ratios": [g / x for g, x in zip(got, exact)], "ok": True}
+
+
+def job_write_checkpoint(hidden: int, intermediate: int, layers: int, experts: int, out: str) -> dict:
+    """The model saved by transformers 5's ``save_pretrained`` into ``out`` (its per-expert checkpoint layout)."""
+    torch.set_num_threads(1)
+    _model(hidden, intermediate, layers, experts).save_pretrained(out)
+    return {"bytes": sum(f.stat().st_size for f in Path(out).iterdir())}
+
+
+def _init_run(fn) -> dict:
+    """``fn()`` timed (wall, CPU) with the RSS before it (after the imports both ways need: svdadapt, peft,
+    transformers' model classes) and the peak after."""
+    import peft  # noqa: F401
+    import svdadapt.stream.init  # noqa: F401
+    from _common import current_rss_mb, peak_rss_mb
+    from transformers import MixtralForCausalLM  # noqa: F401
+
+    torch.set_num_threads(1)
+    rss0 = current_rss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "rss_start_mb": rss0,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def job_init_in_memory(checkpoint: str, out: str) -> dict:
+    """``svdadapt init --in-memory``: the model loaded, wrapped (experts only, rank 16), its init directory written."""
+    import svdadapt
+    from svdadapt.lifecycle.initdir import write_init_dir
+    from transformers import AutoModelForCausalLM
+
+    def run() -> None:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        pm = svdadapt.wrap(model, "pissa", RANK, target_modules=[], target_parameters=EXPERTS, progress=False)
+        write_init_dir(out, pm, model_path=checkpoint)
+
+    return _init_run(run)
+
+
+def job_init_streamed(checkpoint: str, out: str) -> dict:
+    """``svdadapt.init_checkpoint``: the same init directory, streamed tensor by tensor."""
+    import svdadapt
+
+    return _init_run(lambda: svdadapt.init_checkpoint(checkpoint, out, method="pissa", rank=RANK, target_modules=[],
+                                                      target_parameters=EXPERTS, progress=False))
+
+
+def _same_adapters(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k].view(torch.uint8), y[k].view(torch.uint8)) for k in x)
+
+
+def stream_rows(shape: dict) -> tuple[list[dict], dict]:
+    """The in-memory and streamed init directories of a temporary checkpoint: (rows, checkpoint info)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = Path(tmp) / "checkpoint"
+        info = run_job("bench_moe:job_write_checkpoint", env={"OMP_NUM_THREADS": "1"}, out=str(ck), **shape)
+        rows = []
+        for name, target in (("in memory (from_pretrained + wrap + write_init_dir)", "bench_moe:job_init_in_memory"),
+                             ("streamed (init_checkpoint)", "bench_moe:job_init_streamed")):
+            out = Path(tmp) / target.rsplit("_", 1)[1]
+            rows.append({"variant": name, **run_job(target, env={"OMP_NUM_THREADS": "1"}, checkpoint=str(ck),
+                                                    out=str(out))})
+        same = _same_adapters(Path(tmp) / "memory", Path(tmp) / "streamed")
+    return rows, {"checkpoint_bytes": info["bytes"], "adapters_bit_identical": same}
 
 
 BITS, GROUP = 3, 64
@@ -258,9 +336,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['variant']}: {r['error']}")
     for r in rows:
         r.pop("ratios", None)
+    streamed, ck = stream_rows(shape)
+    print(markdown_table(streamed, [("variant", "init directory", "{}"), ("wall_s", "wall s", "{:.1f}"),
+                                    ("cpu_s", "CPU s", "{:.1f}"), ("rss_start_mb", "RSS after imports MiB", "{:.0f}"),
+                                    ("peak_rss_mb", "peak RSS MiB", "{:.0f}")]))
+    print(f"checkpoint {ck['checkpoint_bytes'] / 2**20:.0f} MiB; adapters bit-identical: {ck['adapters_bit_identical']}")
     path = RESULTS_DIR / "bench_moe.json"
     kept = {k: v for k, v in json.loads(path.read_text()).items() if k == "eora"} if path.exists() else {}
-    path = write_results("bench_moe", {"shape": shape, "rank": RANK, "rows": rows, **kept})
+    path = write_results("bench_moe", {"shape": shape, "rank": RANK, "rows": rows, "streaming": {"rows": streamed, **ck},
+                                       "command": " ".join(["python benchmarks/bench_moe.py", *sys.argv[1:]]),
+                                       **kept})
     print(f"wrote {path}")
 
 

@@ -1,5 +1,6 @@
 """Tiny MoE models built from configs (transformers 5: experts as 3-D parameters) and per-expert covariances under
-svdadapt's naming, shared by the target_parameters tests."""
+svdadapt's naming, and PEFT ParamWrapper readers (each expert's delta, base, factors), shared by the
+target_parameters tests."""
 
 from __future__ import annotations
 
@@ -52,3 +53,42 @@ def covariances(model, seed: int = 1) -> dict[str, torch.Tensor]:
         else:
             covs.update({f"{name}[{e}]": C[e] for e in range(E)})
     return covs
+
+
+def wrappers(peft_model) -> dict[str, torch.nn.Module]:
+    """key ``<module>.<param>`` -> PEFT ParamWrapper; fails when there are none."""
+    found = {}
+    for n, m in peft_model.base_model.model.named_modules():
+        if type(m).__name__ == "ParamWrapper":
+            module = n.replace(".base_layer", "")
+            found[f"{module}.{m.parameter_name}"] = m
+    assert found
+    return found
+
+
+def delta(w) -> torch.Tensor:
+    """PEFT's own s·B_e·A_e of every expert, (E, out, in) fp64 (a 2-D target: (1, out, in))."""
+    d = w.get_delta_weight("default").detach().double()
+    return d if d.dim() == 3 else d[None]
+
+
+def abs_product(w) -> torch.Tensor:
+    """s·|B_e|·|A_e| of every expert, (E, out, in) fp64: PEFT's get_delta_weight formula (einsum "o r e, e r i ->
+    e o i" of lora_B (out, r, E) and lora_A (E, r, in)) on the absolute values, what rounding bounds scale with."""
+    A, B = (t.detach().double().abs() for t in (w.lora_A["default"].weight, w.lora_B["default"].weight))
+    E = w.num_experts
+    return w.scaling["default"] * torch.einsum("ore,eri->eoi", B.reshape(B.shape[0], -1, E),
+                                               A.reshape(E, -1, A.shape[-1]))
+
+
+def base_of(w) -> torch.Tensor:
+    """The (rewritten) base parameter a ParamWrapper wraps, as (E, out, in) fp64."""
+    p = w.get_param().detach().double()
+    return p if p.dim() == 3 else p[None]
+
+
+def stored(model, key: str) -> torch.Tensor:
+    """The parameter ``key`` of ``model`` as (E, out, in) fp64."""
+    module, _, param = key.rpartition(".")
+    p = getattr(model.get_submodule(module), param).detach().double()
+    return p if p.dim() == 3 else p[None]

@@ -228,8 +228,8 @@ def wrap(
     checks.check_flag("progress", request.progress)
     job = build_job(spec, rank, request, quantize=quantize, quant_iters=quant_iters, task_type=task_type,
                     modules_to_save=modules_to_save)
-    experts.refuse_unsupported(job.target_parameters, quantize=quantize, allocate=allocate,
-                               rank_pattern=request.rank_pattern, alpha_pattern=request.alpha_pattern)
+    experts.refuse_unsupported(job.target_parameters, quantize=quantize, rewrites_base=spec.rewrites_base,
+                               target_modules=request.target_modules, allocate=allocate)
     options = allocation.resolve(allocate, job, job.quant is not None and spec.rewrites_base)
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import svdadapt
 from svdadapt.cli import main as cli_main
+from svdadapt.cli.report import layer_ranks
 from svdadapt.lifecycle.initdir import write_init_dir
 from svdadapt.storage.shards import CheckpointReader
 
@@ -214,3 +215,35 @@ def test_streaming_warns_when_most_of_the_blocks_are_left_out(tmp):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with the experts targeted, no warning
         svdadapt.init_checkpoint(ck, tmp / "e", method="pissa", rank=2, target_parameters=EXPERTS, progress=False)
+
+
+PATTERN = {"rank_pattern": {"down_proj": 3, "layers.0.mlp.experts.gate_up_proj": 5},
+           "alpha_pattern": {"down_proj": 7.0}}
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_streamed_patterns_equal_in_memory_init(tmp, method, capsys):
+    """rank_pattern / alpha_pattern over parameter keys (a parameter's own rank, shared by its experts): the
+    streamed init directory, and the CLI's with --rank-pattern / --alpha-pattern, are wrap's bit for bit."""
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck, max_shard_size="20KB")
+    svdadapt.init_checkpoint(ck, tmp / "s", method=method, rank=2, target_parameters=EXPERTS, progress=False, **PATTERN)
+    _in_memory(ck, tmp / "m", method, **PATTERN)
+    _assert_same(tmp / "s", tmp / "m")
+    cfg = json.loads((tmp / "s" / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == (PATTERN["rank_pattern"], PATTERN["alpha_pattern"])
+    ranks = layer_ranks(json.loads((tmp / "s" / "svdadapt.json").read_text()))  # svdadapt report's / plot's
+    assert {k: v for k, v in ranks.items() if ".experts." in k} == {
+        "model.layers.0.mlp.experts.gate_up_proj": 5, "model.layers.1.mlp.experts.gate_up_proj": 2,
+        "model.layers.0.mlp.experts.down_proj": 3, "model.layers.1.mlp.experts.down_proj": 3}
+    assert cli_main(["init", str(ck), "--method", method, "--rank", "2", "--out", str(tmp / "c"), "--no-progress",
+                     "--target-parameters", *EXPERTS, "--rank-pattern", "down_proj=3",
+                     "layers.0.mlp.experts.gate_up_proj=5", "--alpha-pattern", "down_proj=7"]) == 0
+    assert f"streaming {ck} tensor by tensor" in capsys.readouterr().err
+    _assert_same(tmp / "c", tmp / "m")
+    with pytest.raises(ValueError) as e:
+        svdadapt.init_checkpoint(ck, tmp / "a", method=method, rank=2, target_modules=[], target_parameters=EXPERTS,
+                                 rank_pattern={"gate_up_proj": 17}, progress=False)
+    assert str(e.value) == ("rank_pattern['gate_up_proj'] = 17 exceeds min(out, in) = 16 of target parameter "
+                            "'model.layers.0.mlp.experts.gate_up_proj' (each expert 24x16)")
+    assert not (tmp / "a").exists()

@@ -16,49 +16,10 @@ import svdadapt
 from svdadapt.engine.experts import pack
 from bounds import gamma, gemm_error, half_ulp, truncated_svd_error, unit_roundoff
 from helpers import max_rel, out, raises_exactly, rel, token_ids
-from moe_models import EXPERTS, covariances as _covariances, moe
+from moe_models import EXPERTS, abs_product, base_of, covariances as _covariances, delta, moe, stored, wrappers
 
 RANK, ALPHA = 2, 4  # scaling s = 2: a forgotten s would show
 IDS = token_ids(2, 9, 5, vocab=64)
-
-
-def wrappers(peft_model) -> dict[str, torch.nn.Module]:
-    """key ``<module>.<param>`` -> PEFT ParamWrapper; fails when there are none."""
-    found = {}
-    for n, m in peft_model.base_model.model.named_modules():
-        if type(m).__name__ == "ParamWrapper":
-            module = n.replace(".base_layer", "")
-            found[f"{module}.{m.parameter_name}"] = m
-    assert found
-    return found
-
-
-def delta(w) -> torch.Tensor:
-    """PEFT's own s·B_e·A_e of every expert, (E, out, in) fp64 (a 2-D target: (1, out, in))."""
-    d = w.get_delta_weight("default").detach().double()
-    return d if d.dim() == 3 else d[None]
-
-
-def abs_product(w) -> torch.Tensor:
-    """s·|B_e|·|A_e| of every expert, (E, out, in) fp64: PEFT's get_delta_weight formula (einsum "o r e, e r i ->
-    e o i" of lora_B (out, r, E) and lora_A (E, r, in)) on the absolute values, what rounding bounds scale with."""
-    A, B = (t.detach().double().abs() for t in (w.lora_A["default"].weight, w.lora_B["default"].weight))
-    E = w.num_experts
-    return w.scaling["default"] * torch.einsum("ore,eri->eoi", B.reshape(B.shape[0], -1, E),
-                                               A.reshape(E, -1, A.shape[-1]))
-
-
-def base_of(w) -> torch.Tensor:
-    """The (rewritten) base parameter a ParamWrapper wraps, as (E, out, in) fp64."""
-    p = w.get_param().detach().double()
-    return p if p.dim() == 3 else p[None]
-
-
-def stored(model, key: str) -> torch.Tensor:
-    """The parameter ``key`` of ``model`` as (E, out, in) fp64."""
-    module, _, param = key.rpartition(".")
-    p = getattr(model.get_submodule(module), param).detach().double()
-    return p if p.dim() == 3 else p[None]
 
 
 FAMILIES = ["mixtral", "qwen3_moe"]
@@ -333,11 +294,12 @@ def test_errors():
                         "Covariances holding it"):
         svdadapt.wrap(model, "corda", rank=RANK, target_modules=[], target_parameters=["mlp.gate.weight"],
                       calibration=[IDS], progress=False)
-    for kw, what in (({"quantize": "nf4"}, "quantize="), ({"allocate": True}, "allocate="),
-                     ({"rank_pattern": {"down_proj": 1}}, "rank_pattern=")):
-        with raises_exactly(ValueError, f"target_parameters=['experts.down_proj'] with {what} is not supported yet; "
-                            f"drop {what} (docs/experts.md)"):
-            svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], progress=False, **kw)
+    with raises_exactly(ValueError, "target_parameters=['experts.down_proj'] with allocate= is not supported: PEFT "
+                        "builds one ParamWrapper per parameter, whose rank all its experts share, while the "
+                        "allocation chooses a rank per layer; drop allocate= and give the parameters' ranks with "
+                        "rank_pattern= (docs/experts.md)"):
+        svdadapt.wrap(model, "pissa", rank=RANK, target_parameters=["experts.down_proj"], allocate=True,
+                      progress=False)
     assert not svdadapt.modules.targets.is_peft(model)  # nothing was touched
 
 

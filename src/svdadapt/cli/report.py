@@ -117,12 +117,11 @@ def depth_and_kind(name: str) -> tuple[int | None, str]:
 
 def layer_ranks(meta: dict[str, Any]) -> dict[str, int]:
     """Each target's rank from a record (``AdaptRecord.summary()`` or svdadapt.json): its ``rank_pattern``
-    entry (PEFT's rule), else the rank."""
-    from ..core.patterns import layer_value
-    from ..core.record import saved_pattern
+    entry (PEFT's rule), else the rank; a ParamWrapper under its parameter's key ``<module>.<param>`` (what the
+    pattern matches, and what names its kind)."""
+    from ..core.record import pattern_name, saved_rank
 
-    pattern = saved_pattern(meta)
-    return {n: layer_value(pattern, n, meta["rank"]) for n in meta["targets"]}
+    return {pattern_name(meta, n): saved_rank(meta, n)[1] for n in meta["targets"]}
 
 
 def format_ranks(ranks: dict[str, int]) -> str:

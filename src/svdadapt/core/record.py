@@ -17,7 +17,8 @@ import torch
 from .patterns import check_pattern, layer_entry
 
 __all__ = ["ADAPTER", "AdaptRecord", "Factors", "CHECKSUMS", "weight_checksum", "checksum_algorithm", "checksum_matches",
-           "scan_weight", "factors_checksum", "check_record", "saved_pattern"]
+           "scan_weight", "factors_checksum", "check_record", "saved_pattern",
+           "pattern_name", "saved_rank"]
 
 ADAPTER = "default"  # the PEFT adapter name svdadapt fills
 
@@ -216,10 +217,9 @@ def _check_per_target(meta: Mapping[str, Any], where: str, targets: list[str]) -
     report = meta.get("report") or {}
     if not isinstance(report, Mapping) or not all(isinstance(r, Mapping) for r in report.values()):
         raise _field_error(where, "report", "a mapping of module name to a mapping of numbers", report)
-    pattern = saved_pattern(meta)
     for t in targets:
         shape = (report.get(t) or {}).get("shape")
-        key, rank = layer_entry(pattern, t, meta["rank"])
+        key, rank = saved_rank(meta, t)
         if isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and rank > min(shape):
             said = "field 'rank'" if key is None else f"field 'lora_config.rank_pattern'[{key!r}]"
             raise ValueError(f"{where}: {said} = {rank} exceeds min(out, in) = {min(shape)} of "
@@ -283,6 +283,20 @@ def saved_pattern(meta: Mapping[str, Any], which: str = "rank") -> dict[str, Any
     key = f"{which}_pattern"
     pattern = meta["lora_config"].get(key) if "lora_config" in meta else meta.get(key)
     return dict(pattern or {})
+
+
+def pattern_name(meta: Mapping[str, Any], target: str) -> str:
+    """The name ``rank_pattern`` / ``alpha_pattern`` are matched against for record ``target``: a ParamWrapper's
+    parameter key ``<module>.<param>`` (its ``parameters`` entry; PEFT matches a parameter target by its key), a
+    layer's own module name."""
+    info = (meta.get("parameters") or {}).get(target)
+    return info["key"] if isinstance(info, Mapping) and isinstance(info.get("key"), str) else target
+
+
+def saved_rank(meta: Mapping[str, Any], target: str) -> tuple[str | None, int]:
+    """(the ``rank_pattern`` key that gives record ``target`` its rank or None, that rank), PEFT's rule applied
+    to its ``pattern_name``."""
+    return layer_entry(saved_pattern(meta), pattern_name(meta, target), meta["rank"])
 
 
 def check_record(meta: Mapping[str, Any], where: str) -> None:

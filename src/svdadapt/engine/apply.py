@@ -12,6 +12,7 @@ the ``load_adapter`` guard (``write_factors`` alone).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -130,7 +131,13 @@ def _build(model: nn.Module, config: Any, factors: Mapping[str, Any]) -> nn.Modu
     with torch.random.fork_rng(devices=[]):  # PEFT's layers draw from the global RNG; ours overwrite them
         config.init_lora_weights = False
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():
+                if config.target_parameters:  # PEFT 0.21 applies a pattern key to a parameter target (matched by
+                    # its key), then warns it "matched no targeted module" as it checks modules only; every key
+                    # was checked here to match a target (engine/experts.check_param_ranks)
+                    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not "
+                                            "match any targeted module", category=RuntimeWarning)
+                peft_model = get_peft_model(model, config)
         finally:
             config.init_lora_weights = init
         for n, layer in _lora_layers_in(peft_model).items():

@@ -25,20 +25,21 @@ import torch
 from torch import nn
 
 from . import plan
+from .job import check_patterns_match
 from .distributed import gather_plans, my_batches, my_share, reduce_covariances, world
 from ..calibration.collect import collect
 from ..calibration.covariances import Covariances
 from ..calibration.experts import expert_parameters, fallback_covariances
 from ..calibration.forward import caller_level
 from ..core.methods import finish
-from ..core.patterns import layer_value
+from ..core.patterns import layer_entry, layer_value
 from ..core.record import ADAPTER, weight_checksum
 from ..modules.layers import compute_dtype
 from ..modules.params import (ParamTarget, coverage_warning, expert_names, find_parameters, read_expert,
                               write_expert)
 
 __all__ = ["ExpertPlan", "pack", "unpack", "param_job", "expert_covariances", "expert_references", "plan_experts",
-           "ParamApply", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "select",
+           "ParamApply", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "check_param_ranks", "select",
            "plan_parameters", "record_parameters", "is_wrapper", "recorded_targets", "split_factors", "param_of",
            "wrapper_checksum", "restore_original"]
 
@@ -82,21 +83,34 @@ def param_job(job: plan.Job, key: str) -> plan.Job:
     return replace(job, rank=rank, alpha=alpha, scaling=job.scaling_of(key), rank_pattern={}, alpha_pattern={})
 
 
-def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, allocate: Any = False,
-                       streaming: bool = False, rank_pattern: Any = None, alpha_pattern: Any = None) -> None:
-    """What ``target_parameters`` does not combine with yet, each a ``ValueError`` (docs/experts.md)."""
+def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, rewrites_base: bool = True,
+                       target_modules: Any = None, allocate: Any = False, streaming: bool = False) -> None:
+    """What ``target_parameters`` does not combine with, each a ``ValueError`` (docs/experts.md). ``quantize=``
+    applies to the layers of ``target_modules`` only (bitsandbytes, HQQ and torchao have no 3-D expert layer PEFT's
+    ParamWrapper wraps, so the experts keep their float residual): fine for a method that rewrites the base
+    (QPiSSA), refused for EoRA, whose experts would have no quantization error to compensate."""
     if not target_parameters:
         return
-    refused = [("init_checkpoint (streaming) of CorDA / EoRA or under torch.distributed", streaming,
-                "load the model and use svdadapt.wrap"),
-               ("quantize=", quantize is not None, "drop quantize="),
-               ("allocate=", allocate not in (False, None), "drop allocate="),
-               ("rank_pattern=", bool(rank_pattern), "drop rank_pattern="),
-               ("alpha_pattern=", bool(alpha_pattern), "drop alpha_pattern=")]
-    for what, given, instead in refused:
-        if given:
-            raise ValueError(f"target_parameters={list(target_parameters)!r} with {what} is not supported yet; "
-                             f"{instead} (docs/experts.md)")
+    if quantize is not None and not rewrites_base:
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with quantize={quantize!r} and a method "
+                         "that compensates compression (EoRA): quantize= quantizes the layers of target_modules "
+                         "only (bitsandbytes, HQQ and torchao have no 3-D expert layer PEFT can wrap), so the "
+                         "experts would have no quantization error to compensate; compress them with "
+                         "svdadapt.compress.quantize(..., target_parameters=...) and pass reference=, or drop "
+                         "target_parameters (docs/experts.md)")
+    if quantize is not None and not isinstance(target_modules, (str, type(None))) and not list(target_modules):
+        raise ValueError(f"quantize={quantize!r} quantizes the layers of target_modules, and target_modules=[] "
+                         "selects none: the parameters of target_parameters stay float; drop quantize= or target "
+                         "some layers (docs/experts.md)")
+    if allocate not in (False, None):
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with allocate= is not supported: PEFT "
+                         "builds one ParamWrapper per parameter, whose rank all its experts share, while the "
+                         "allocation chooses a rank per layer; drop allocate= and give the parameters' ranks with "
+                         "rank_pattern= (docs/experts.md)")
+    if streaming:
+        raise ValueError(f"target_parameters={list(target_parameters)!r} with init_checkpoint (streaming) of "
+                         "CorDA / EoRA or under torch.distributed is not supported yet; load the model and use "
+                         "svdadapt.wrap (docs/experts.md)")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -285,18 +299,29 @@ def warn_coverage(model: nn.Module, targets: Iterable[str], params: Iterable[str
         warnings.warn(message, stacklevel=caller_level())
 
 
+def check_param_ranks(job: Any, module_targets: Iterable[str], targets: Mapping[str, ParamTarget]) -> None:
+    """The patterns and ranks of the job over its layers and parameters together: every ``rank_pattern`` /
+    ``alpha_pattern`` key matches a target (a parameter by its key ``<module>.<param>``, as PEFT matches it), no
+    target's value depends on the keys' order (``job.check_patterns_match``), and each parameter's rank (its
+    pattern entry, else ``rank``; shared by its experts) within min(out, in) of an expert."""
+    check_patterns_match(job, [*module_targets, *targets])
+    for key, t in targets.items():
+        pattern_key, rank = layer_entry(job.rank_pattern, key, job.rank)
+        if rank > min(t.shape):
+            said = f"rank {rank}" if pattern_key is None else f"rank_pattern[{pattern_key!r}] = {rank}"
+            raise ValueError(f"{said} exceeds min(out, in) = {min(t.shape)} of target parameter {key!r} "
+                             f"(each expert {t.shape[0]}x{t.shape[1]})")
+
+
 def select(model: nn.Module, job: Any, module_targets: Mapping[str, nn.Module]) -> dict[str, ParamTarget]:
     """The job's ``target_parameters`` in ``model`` (``params.find_parameters``), each checked before anything is
     computed: finite, and the rank within min(out, in) of an expert."""
     if not job.target_parameters:
         return {}
     targets = find_parameters(model, job.target_parameters, module_targets)
+    check_param_ranks(job, module_targets, targets)
     for key, t in targets.items():
         p = getattr(model.get_submodule(t.module), t.param)
-        rank = job.rank_of(key)
-        if rank > min(t.shape):
-            raise ValueError(f"rank {rank} exceeds min(out, in) = {min(t.shape)} of target parameter {key!r} "
-                             f"(each expert {t.shape[0]}x{t.shape[1]})")
         if not torch.isfinite(p).all():
             raise ValueError(f"target parameter {key!r} contains NaN or inf")
     return targets

@@ -234,7 +234,8 @@ def select_targets(model: nn.Module, target_modules: Any, exclude_modules: Any, 
     if not kept:
         raise ValueError(f"target_modules={target_modules!r} matched only modules PEFT saves whole ({keep_whole}); "
                          "nothing is left to adapt")
-    check_patterns_match(job, kept)
+    if not job.target_parameters:  # with parameters: checked over the layers and the parameters together
+        check_patterns_match(job, kept)  # (engine/experts.check_param_ranks)
     return kept
 
 
@@ -247,8 +248,10 @@ def check_patterns_match(job: Job, targets: Iterable[str]) -> None:
     for which, pattern in (("rank", job.rank_pattern), ("alpha", job.alpha_pattern)):
         stray = unmatched_keys(pattern, targets)
         if stray:
+            params = ("; a target parameter by its key '<module>.<param>', e.g. "
+                      "'model.layers.0.mlp.experts.down_proj', as PEFT matches it") if job.target_parameters else ""
             raise ValueError(f"{which}_pattern keys {stray} match no targeted module (a key matches a module whose "
-                             f"full name ends in it, at a '.' boundary, as a regular expression)")
+                             f"full name ends in it, at a '.' boundary, as a regular expression{params})")
         clash = ambiguous_keys(pattern, targets)
         if clash is not None:
             name, a, b = clash

@@ -31,8 +31,7 @@ import torch
 
 from ..engine.experts import portable_factors
 from ..storage.manifest import check_manifest, differences, entries
-from ..core.patterns import layer_value
-from ..core.record import Factors, check_record, factors_checksum, saved_pattern
+from ..core.record import Factors, check_record, factors_checksum, saved_rank
 from ..modules.layouts import from_saved, suffixes, to_saved
 
 __all__ = ["META_FILE", "STATE_FILE", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "adapter_key", "config_dict",
@@ -317,10 +316,9 @@ def _state_factors(d: Path, meta: Mapping[str, Any], state: Mapping[str, torch.T
     """(initial, current) factors per target from the state file, their shapes checked against each target's rank
     (its ``rank_pattern`` entry in the LoRA config, else the rank)."""
     init, current = {}, {}
-    pattern = saved_pattern(meta)
     params = meta.get("parameters") or {}
     for n in meta["targets"]:
-        r = layer_value(pattern, n, meta["rank"]) * (int(params[n]["experts"]) if n in params else 1)  # E·r rows
+        r = saved_rank(meta, n)[1] * (int(params[n]["experts"]) if n in params else 1)  # E·r rows
         try:
             init[n] = (state[f"{n}.A0"], state[f"{n}.B0"])
             current[n] = (state[f"{n}.A"], state[f"{n}.B"])

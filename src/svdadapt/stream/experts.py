@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.record import weight_checksum
-from ..engine.experts import param_job, plan_experts, write_residuals
+from ..engine.experts import check_param_ranks, param_job, plan_experts, write_residuals
 from ..modules.params import ParamTarget, find_parameters
 from ..storage.shards import CheckpointReader
 from .inputs import _conversions as conversions
@@ -114,10 +114,7 @@ class StreamedParams:
                  reader: CheckpointReader) -> None:
         self.job, self.reader = job, reader
         self.targets = find_parameters(skeleton, job.target_parameters, module_targets)
-        for key, t in self.targets.items():
-            if job.rank_of(key) > min(t.shape):
-                raise ValueError(f"rank {job.rank_of(key)} exceeds min(out, in) = {min(t.shape)} of target parameter "
-                                 f"{key!r} (each expert {t.shape[0]}x{t.shape[1]})")
+        check_param_ranks(job, module_targets, self.targets)
         found = conversions(skeleton)
         self.sources = {k: _sources(t, reader, found) for k, t in self.targets.items()}
         self.owner = {ck: k for k, s in self.sources.items() for ck in ([k] if s is None else sum(s, []))}

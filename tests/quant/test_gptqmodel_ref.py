@@ -199,3 +199,18 @@ def test_sequential_pass_quantizes_each_layer_on_the_inputs_of_the_quantized_mod
         assert torch.equal(q.get_submodule(n).weight, gptq_quantize(W, hessian_from_inputs(seen[n]), 8, 32)), n
         assert torch.equal(stats[n], eora_statistics(seen[n])), n
         assert not torch.equal(q.get_submodule(n).weight, W), n
+
+
+def test_errors_of_the_reimplementation():
+    """The two errors docs/errors.md lists for it: a Hessian no damping makes positive definite (−I: every
+    H + damp·mean(diag)·I = −(1 + damp)·I), statistics with a NaN (the eigensolver hands NaN back)."""
+    from helpers import raises_exactly
+
+    with raises_exactly(ValueError, "gptq_quantize: the Hessian is not positive definite for any damp_percent "
+                                    "below 1 (mean diagonal -1)"):
+        gptq_quantize(_weight(0, 8, 16), -torch.eye(16), group_size=-1)
+    C = torch.eye(16)
+    C[0, 0] = float("nan")
+    with raises_exactly(FloatingPointError, "gptqmodel_eora: the statistics' eigensolve produced non-finite "
+                                            "eigenvalues"):
+        gptqmodel_eora(_weight(0, 8, 16), torch.zeros(8, 16), C, 2)

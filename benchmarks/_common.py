@@ -37,6 +37,7 @@ __all__ = [
     "BENCH_DIR",
     "RESULTS_DIR",
     "Stopwatch",
+    "Measured",
     "peak_rss_mb",
     "current_rss_mb",
     "run_job",
@@ -92,6 +93,37 @@ class Stopwatch:
 
     def results(self) -> dict[str, float]:
         return dict(self._out)
+
+
+class Measured:
+    """One section timed and its memory watched inside a running process: ``with Measured() as m: ...`` gives
+    ``m.cpu_s`` (this process's CPU time, all threads), ``m.wall_s``, ``m.rss_start_mb`` and ``m.rss_peak_mb``, the
+    highest RSS a background thread saw, sampling ``/proc/self/statm`` every ``interval`` s (a peak shorter than
+    that can be missed; the sampler's own CPU time, a file read per interval, is counted in ``cpu_s``). For the peak
+    of a whole job use :func:`run_job` (``ru_maxrss`` of a fresh process)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval, self._stop = interval, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self.cpu_s = self.wall_s = self.rss_start_mb = self.rss_peak_mb = 0.0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.rss_peak_mb = max(self.rss_peak_mb, current_rss_mb())
+
+    def __enter__(self) -> "Measured":
+        self.rss_start_mb = self.rss_peak_mb = current_rss_mb()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cpu_s, self.wall_s = time.process_time() - self._c0, time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.rss_peak_mb = max(self.rss_peak_mb, current_rss_mb())
 
 
 # --------------------------------------------------------------------------------------------- subprocess

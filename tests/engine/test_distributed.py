@@ -186,3 +186,45 @@ def test_two_ranks_split_the_experts_and_build_the_one_process_model(tmp_path, o
         for n, (A, B) in single.svdadapt.init_factors.items():
             assert torch.equal(got["init"][n][0], A) and torch.equal(got["init"][n][1], B), n
         assert got["report"] == single.svdadapt.report
+
+
+MOE_BATCHES = [{"input_ids": token_ids(2, 10, seed=s, vocab=64)} for s in range(4)]
+
+
+def _init_experts(src, out, method: str) -> None:
+    from moe_models import EXPERTS
+
+    kw = {"calibration": MOE_BATCHES} if method == "corda" else {}
+    svdadapt.init_checkpoint(src, out, method=method, rank=2, target_parameters=EXPERTS, max_shard_bytes=8_000,
+                             progress=False, **kw)
+
+
+def _stream_experts_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
+    as_rank(rank, size, port, lambda: _init_experts(src, out, method))
+
+
+@pytest.mark.parametrize("method", ["pissa", "corda"])
+def test_init_checkpoint_of_experts_on_two_ranks_writes_the_one_process_files(method: str, tmp_path,
+                                                                               one_thread) -> None:
+    """target_parameters streamed under a process group: every parameter planned by the ranks together (each its
+    share of the experts; CorDA: the routed-token covariances all-reduced), each rank writing its own shards'
+    residuals; the files are one process's: byte for byte for PiSSA, for CorDA up to the order in which the ranks'
+    covariance sums are added (as above)."""
+    from moe_models import moe
+
+    src = tmp_path / "model"
+    moe("mixtral", seed=3).save_pretrained(src, max_shard_size="20KB")
+    mp.spawn(_stream_experts_worker, args=(2, free_port(), str(src), str(tmp_path / "two"), method), nprocs=2,
+             join=True)
+    _init_experts(src, tmp_path / "one", method)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert sum(f.name.startswith("model-") for f in files) >= 3  # several shards, split over the ranks
+    for f in files:
+        one, two = tmp_path / "one" / f, tmp_path / "two" / f
+        if f.name == "adapter_config.json":  # names its own base directory
+            continue
+        if method == "pissa":
+            assert output_bytes(one) == output_bytes(two), f
+        elif f.suffix == ".safetensors":
+            _assert_close_corda(_safetensors(one), _safetensors(two), f)

@@ -186,25 +186,28 @@ _MOE = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_laye
             num_key_value_heads=1)
 
 
-@pytest.mark.parametrize("config, layout, missing", [
-    (MixtralConfig(**_MOE, num_local_experts=2), r"'\.block_sparse_moe\.' for '\.mlp\.'",
-     "model.layers.0.mlp.gate.weight"),
-    (Qwen2MoeConfig(**_MOE, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=2),
-     r"'mlp\.experts\.\*\.gate_proj\.weight', 'mlp\.experts\.\*\.up_proj\.weight' for "
-     r"'mlp\.experts\.gate_up_proj'",
-     "model.layers.0.mlp.experts.gate_up_proj"),
-], ids=["mixtral", "qwen2_moe"])
-def test_streamed_corda_on_a_converted_moe_layout_is_refused_up_front(tmp, config, layout, missing):
+@pytest.mark.parametrize("config", [MixtralConfig(**_MOE, num_local_experts=2),
+                                    Qwen2MoeConfig(**_MOE, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+                                                   num_experts=2, num_experts_per_tok=2)], ids=["mixtral", "qwen2_moe"])
+def test_streamed_corda_on_a_converted_moe_layout_equals_wrap(tmp, config, one_thread):
+    """A checkpoint in transformers' per-expert key layout (Mixtral's block_sparse_moe.experts.{e}.w1 and the
+    block_sparse_moe -> mlp renaming; Qwen2-MoE's experts.{e}.gate_proj / up_proj) is calibrated block by block
+    through stream/experts.ModuleView (each block's experts stacked as from_pretrained stacks them): the adapter and
+    the rewritten layers are wrap's on the loaded model, bit for bit, and the experts are copied as stored."""
+    from safetensors.torch import load_file
+
     model = _seeded(config)
     model.save_pretrained(tmp / "ck")  # per-expert tensors: transformers' conversion reversed
-    kind = f"{config.model_type}, {type(model).__name__}"
-    with pytest.raises(ValueError, match=rf"^checkpoint {tmp / 'ck'} \({kind}\) stores its tensors in "
-                                         rf"transformers' checkpoint key layout, not by module name \({layout}; "
-                                         rf"e\.g\. no tensor '{missing}'\): block-by-block calibration cannot load "
-                                         r"it; load the model and use svdadapt\.wrap$"):
-        svdadapt.init_checkpoint(tmp / "ck", tmp / "s", method="corda", rank=2, calibration=_calibration(),
-                                 progress=False)
-    assert not (tmp / "s").exists()  # before any work
+    kw = dict(rank=2, calibration=_calibration(), progress=False, exclude_modules=["shared_expert_gate"])  # (1, 16)
+    svdadapt.init_checkpoint(tmp / "ck", tmp / "s", method="corda", **kw)
+    pm = svdadapt.wrap(AutoModelForCausalLM.from_pretrained(tmp / "ck").eval(), "corda", **kw)
+    adapter = load_file(str(tmp / "s" / "adapter" / "adapter_model.safetensors"))
+    state = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    assert len(adapter) == len(state) > 0
+    assert all(torch.equal(v, state[k.replace(".weight", ".default.weight")]) for k, v in adapter.items())
+    base, stored = load_file(str(tmp / "s" / "base" / "model.safetensors")), load_file(str(tmp / "ck" / "model.safetensors"))
+    assert base.keys() == stored.keys()
+    assert all(torch.equal(base[k], stored[k]) for k in base if "experts" in k)
 
 
 def test_streamed_pissa_on_a_converted_moe_layout_copies_the_experts_in_it(tmp):

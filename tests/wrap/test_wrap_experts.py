@@ -226,18 +226,6 @@ def test_transposed_experts_are_read_as_peft_reads_them():
     assert pm.svdadapt.parameters["0"]["transposed"] and pm.svdadapt.parameters["0"]["shape"] == [7, 10]
 
 
-def test_streaming_init_refuses_target_parameters_with_calibration(tmp_path):
-    """PiSSA / MiLoRA stream experts (tests/stream/test_stream_experts.py); CorDA / EoRA not yet."""
-    moe("mixtral").save_pretrained(tmp_path / "m")
-    with raises_exactly(ValueError, "target_parameters=['experts.down_proj'] with init_checkpoint (streaming) of "
-                        "CorDA / EoRA or under torch.distributed is not supported yet; load the model and use "
-                        "svdadapt.wrap (docs/experts.md)"):
-        svdadapt.init_checkpoint(tmp_path / "m", tmp_path / "o", method="corda", rank=RANK,
-                                 calibration=[{"input_ids": torch.zeros(1, 4, dtype=torch.long)}],
-                                 target_parameters=["experts.down_proj"], progress=False)
-    assert not (tmp_path / "o").exists()
-
-
 def test_deterministic_and_independent_of_other_targets():
     """Each expert's sketch is seeded from (seed, expert name): the same adapter whatever else is targeted."""
     model = moe("qwen3_moe", seed=10)

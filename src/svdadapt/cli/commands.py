@@ -449,11 +449,7 @@ def _streamable(args: argparse.Namespace) -> bool:
 
     spec = METHODS[args.method]
     calibrated = spec.needs_calibration and args.calib and not any(f.endswith(".safetensors") for f in args.calib)
-    from ..engine.distributed import world
-
-    # target_parameters (MoE experts) stream for PiSSA / MiLoRA on one process (stream/experts.py)
-    params_ok = not args.target_parameters or (not spec.needs_calibration and world()[1] == 1)
-    return (not args.in_memory and not args.allocate and params_ok and (calibrated or not spec.needs_calibration) and args.quantize is None
+    return (not args.in_memory and not args.allocate and (calibrated or not spec.needs_calibration) and args.quantize is None
             and args.device is None and _safetensors_dir(args.model)
             and (not spec.needs_reference or _safetensors_dir(args.reference)))
 

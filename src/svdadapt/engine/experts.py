@@ -39,7 +39,7 @@ from ..modules.params import (ParamTarget, coverage_warning, expert_names, find_
                               write_expert)
 
 __all__ = ["ExpertPlan", "pack", "unpack", "param_job", "expert_covariances", "expert_references", "plan_experts",
-           "ParamApply", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "check_param_ranks", "select",
+           "ParamApply", "check_routable", "wrappers", "portable_factors", "refuse_unsupported", "param_checksums", "check_param_ranks", "select",
            "plan_parameters", "record_parameters", "is_wrapper", "recorded_targets", "split_factors", "param_of",
            "wrapper_checksum", "restore_original"]
 
@@ -84,7 +84,7 @@ def param_job(job: plan.Job, key: str) -> plan.Job:
 
 
 def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, rewrites_base: bool = True,
-                       target_modules: Any = None, allocate: Any = False, streaming: bool = False) -> None:
+                       target_modules: Any = None, allocate: Any = False) -> None:
     """What ``target_parameters`` does not combine with, each a ``ValueError`` (docs/experts.md). ``quantize=``
     applies to the layers of ``target_modules`` only (bitsandbytes, HQQ and torchao have no 3-D expert layer PEFT's
     ParamWrapper wraps, so the experts keep their float residual): fine for a method that rewrites the base
@@ -107,10 +107,6 @@ def refuse_unsupported(target_parameters: Any, *, quantize: Any = None, rewrites
                          "builds one ParamWrapper per parameter, whose rank all its experts share, while the "
                          "allocation chooses a rank per layer; drop allocate= and give the parameters' ranks with "
                          "rank_pattern= (docs/experts.md)")
-    if streaming:
-        raise ValueError(f"target_parameters={list(target_parameters)!r} with init_checkpoint (streaming) of "
-                         "CorDA / EoRA or under torch.distributed is not supported yet; load the model and use "
-                         "svdadapt.wrap (docs/experts.md)")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -327,6 +323,15 @@ def select(model: nn.Module, job: Any, module_targets: Mapping[str, nn.Module]) 
     return targets
 
 
+def check_routable(targets: Mapping[str, ParamTarget]) -> None:
+    """Every target an MoE expert parameter, whose covariances come from routed tokens; a 2-D one is a
+    ``ValueError``: it has no router, its covariance must be given."""
+    flat = [t.key for t in targets.values() if not t.stacked]
+    if flat:
+        raise ValueError(f"target parameter {flat[0]!r} is 2-D (not an MoE expert): its input covariance cannot be "
+                         "collected from routed tokens; pass calibration= a Covariances holding it")
+
+
 def routed_covariances(hook_model: nn.Module, batches: list, targets: Mapping[str, ParamTarget],
                        progress: bool = False) -> Covariances:
     """Every targeted expert's covariance from calibration ``batches`` run on ``hook_model``: the tokens the
@@ -335,10 +340,7 @@ def routed_covariances(hook_model: nn.Module, batches: list, targets: Mapping[st
     tokens than their input width (the parameter's pooled covariance, with a warning naming them).
 
     A 2-D parameter target (no router) has no routed tokens: its covariance must be given (a ``Covariances``)."""
-    flat = [t.key for t in targets.values() if not t.stacked]
-    if flat:
-        raise ValueError(f"target parameter {flat[0]!r} is 2-D (not an MoE expert): its input covariance cannot be "
-                         "collected from routed tokens; pass calibration= a Covariances holding it")
+    check_routable(targets)
     params = expert_parameters(hook_model, [t.key for t in targets.values()])
     mine = my_batches(batches) if world()[1] > 1 else batches
     covs = reduce_covariances(collect(hook_model, mine, {}, torch.float32, progress, params, "routing"))

@@ -4,6 +4,11 @@ The batches run block by block (``blockwise.plan_blockwise``, the path ``wrap`` 
 meta-device skeleton of the checkpoint, each block's weights read only while it runs (``lazy.LazyBlocks``). A block's
 targets are planned from its covariances while it is loaded and journaled (``journal.layer_base``); the base
 is then written from the journal as for the data-free methods.
+
+MoE experts (``target_parameters``): a pass of their own over the blocks of the model the method calibrates on
+(never sequential: the whole-model pass ``wrap`` makes, one block at a time), each block's per-expert covariances
+from the tokens routed to each expert; each parameter is planned from them while its block runs
+(``experts.StreamedParams.plan_with``), its residual written later with the base.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,7 +25,9 @@ from torch import nn
 from ..blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
 from ..engine.distributed import barrier, my_share
 from ..engine.plan import LayerInput, LayerPlan, Preparations, plan_layer
+from ..calibration.experts import expert_parameters, parse_expert_key
 from ..engine.job import Job, calibrates_on
+from .experts import ModuleView
 from .lazy import LazyBlocks
 from ..modules.layers import read_weight
 from .journal import Journal, journal_plan
@@ -78,11 +86,31 @@ def plan_calibrated(job: Job, ck: Any, journal: Journal, calibration: Iterable[A
         return {n: LayerPlan(n, entries[n].A, entries[n].B, entries[n].report) for n in block}
 
     with ExitStack() as lazy:
-        lazy_model = lazy.enter_context(LazyBlocks(ck.model, ck.reader, *stack))
+        lazy_model = lazy.enter_context(LazyBlocks(ck.model, ModuleView(ck.reader, ck.model), *stack))
         hook_model = ck.model
         if reference is not None:
-            lazy.enter_context(LazyBlocks(reference.model, reference.reader, *ref_stack))
+            lazy.enter_context(LazyBlocks(reference.model, ModuleView(reference.reader, reference.model), *ref_stack))
             hook_model = reference.model if calibrates_on(job) == "reference" else ck.model
-        plan_blockwise(hook_model, ck.targets, calibration, plan, options,
-                       compensation=Compensation(ck.model, job.scaling_of), progress=progress,
-                       centered=job.spec.centered)
+        if ck.params is not None:
+            _plan_experts(ck, hook_model, calibration, options, progress, reference)
+        if ck.targets:
+            plan_blockwise(hook_model, ck.targets, calibration, plan, options,
+                           compensation=Compensation(ck.model, job.scaling_of), progress=progress,
+                           centered=job.spec.centered)
+
+
+def _plan_experts(ck: Any, hook_model: nn.Module, calibration: Iterable[Any], options: BlockwiseOptions,
+                  progress: bool, reference: Any) -> None:
+    """Every targeted expert parameter planned from the covariances of the tokens routed to each expert, collected
+    block by block on ``hook_model`` (not sequential), each parameter while its block runs."""
+    params = ck.params
+    experts = expert_parameters(hook_model, params.parameters())
+
+    def plan(_block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+        keys = {parse_expert_key(k)[0] for k in covs}
+        for key in (k for k in params.parameters() if k in keys):
+            params.plan_with(key, covs, None if reference is None else reference.params)
+        return {}
+
+    plan_blockwise(hook_model, {}, calibration, plan, replace(options, sequential=False), progress=progress,
+                   experts=experts)

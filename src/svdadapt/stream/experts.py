@@ -1,6 +1,10 @@
 """``target_parameters`` (MoE experts) in ``init_checkpoint``: each targeted parameter read whole from the checkpoint,
 planned expert by expert as ``wrap`` plans it (``experts.plan_experts``, the same seeded plan per expert name), its
-residual written back in the checkpoint's own layout, its packed factors kept for the adapter (PiSSA / MiLoRA).
+residual written back in the checkpoint's own layout, its packed factors kept for the adapter. PiSSA / MiLoRA plan it
+data-free when the writer reaches it; CorDA / EoRA plan it during the block-by-block calibration (``plan_with``,
+from the covariances of the tokens routed to each expert, ``calibrated.py``), and under ``torch.distributed`` every
+parameter is planned up front by all ranks together (``plan_all``: each rank its share of the experts, the plans
+all-gathered), so that a rank writing a shard needs no other rank.
 
 A checkpoint stores a parameter either under its key (``<module>.<param>``, (E, out, in)) or, as transformers 5's
 ``save_pretrained`` writes Mixtral and Qwen3-MoE, in the legacy per-expert layout its conversion mapping describes
@@ -10,6 +14,10 @@ and ``up_proj``), and its residual is split back into them. Other conversions ar
 
 Memory: the targeted parameters of one layer (E·out·in each, twice: as read and its residual: a parameter's
 tensors interleave with the next one's in the checkpoint, Mixtral's w1, w2, w3), plus the packed factors.
+
+``ModuleView`` presents such a checkpoint by the model's module names (the expert parameters stacked from their
+per-expert tensors, renamed tensors under their new names), as the block-by-block calibration loads it
+(``lazy.LazyBlocks``): what transformers' ``from_pretrained`` does with the same conversion mapping.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import torch
 from torch import nn
 
 from ..core.record import weight_checksum
-from ..engine.experts import check_param_ranks, param_job, plan_experts, write_residuals
+from ..engine.experts import (ExpertPlan, check_param_ranks, expert_covariances, expert_references, param_job, plan_experts,
+                              write_residuals)
 from ..modules.params import ParamTarget, find_parameters
 from ..storage.shards import CheckpointReader
 from .inputs import _conversions as conversions
 
-__all__ = ["ParamResult", "StreamedParams"]
+__all__ = ["ParamResult", "StreamedParams", "ModuleView"]
 
 
 @dataclass
@@ -86,14 +95,17 @@ def _converter_sources(t: ParamTarget, reader: CheckpointReader, found: list[Any
     return None
 
 
-def _sources(t: ParamTarget, reader: CheckpointReader, found: list[Any]) -> list[list[str]] | None:
-    """None if the checkpoint holds ``t.key`` itself (checked: its shape), else per expert its source keys."""
+def _sources(t: ParamTarget, reader: CheckpointReader, found: list[Any]) -> str | list[list[str]]:
+    """The checkpoint key holding the whole parameter (``t.key``, or the name transformers renames it from:
+    checked, its shape), else per expert its source keys."""
     want = (t.experts, *t.shape[::-1]) if t.transposed else ((t.experts, *t.shape) if t.stacked else t.shape)
-    if t.key in reader:
-        if tuple(reader.shape(t.key)) != tuple(want) or not reader.dtype(t.key).is_floating_point:
-            raise ValueError(f"{t.key!r} in checkpoint {reader.path} is {reader.dtype(t.key)} {tuple(reader.shape(t.key))}; "
-                             f"target parameter {t.key!r} of the model's config is a float {tuple(want)}")
-        return None
+    stored = t.key if t.key in reader else _reverse_renamings(t.key, found)
+    if stored in reader:
+        if tuple(reader.shape(stored)) != tuple(want) or not reader.dtype(stored).is_floating_point:
+            raise ValueError(f"{stored!r} in checkpoint {reader.path} is {reader.dtype(stored)} "
+                             f"{tuple(reader.shape(stored))}; target parameter {t.key!r} of the model's config is a "
+                             f"float {tuple(want)}")
+        return stored
     sources = _converter_sources(t, reader, found) if t.stacked else None
     if sources is None:
         raise ValueError(f"target parameter {t.key!r} has no tensor in checkpoint {reader.path} (neither {t.key!r} "
@@ -117,13 +129,19 @@ class StreamedParams:
         check_param_ranks(job, module_targets, self.targets)
         found = conversions(skeleton)
         self.sources = {k: _sources(t, reader, found) for k, t in self.targets.items()}
-        self.owner = {ck: k for k, s in self.sources.items() for ck in ([k] if s is None else sum(s, []))}
+        self.owner = {ck: k for k, s in self.sources.items() for ck in ([s] if isinstance(s, str) else sum(s, []))}
         self.wrappers = wrapper_names(self.targets)
         self.pending: dict[str, torch.Tensor] = {}  # checkpoint key -> its new base, until the writer takes it
         self.results: dict[str, ParamResult] = {}
+        self.planned: dict[str, ExpertPlan] = {}  # key -> its plan, made before the writer reaches it
+        self.keep: set[str] | None = None  # the checkpoint keys this process writes (None: all)
 
     def owns(self, key: str) -> bool:
         return key in self.owner
+
+    def parameters(self) -> list[str]:
+        """The targeted keys, in model order."""
+        return list(self.targets)
 
     def base(self, key: str) -> torch.Tensor:
         """The new base of checkpoint tensor ``key`` (its parameter planned on first use)."""
@@ -131,32 +149,52 @@ class StreamedParams:
             self._run(self.owner[key])
         return self.pending.pop(key)
 
-    def _read(self, key: str) -> torch.Tensor:
-        """The parameter as the model holds it ((E, out, in); transposed / 2-D as stored)."""
-        src = self.sources[key]
-        if src is None:
-            return self.reader.get(key)
-        return torch.stack([torch.cat([self.reader.get(k) for k in keys], dim=0) for keys in src])
-
-    def _run(self, key: str) -> None:
-        t, stored = self.targets[key], self._read(key)
+    def read(self, key: str) -> torch.Tensor:
+        """Parameter ``key`` as the model holds it ((E, out, in); transposed / 2-D as stored), checked finite."""
+        stored = read_stacked(self.reader, key, self.sources[key])
         if not torch.isfinite(stored).all():
             raise ValueError(f"target parameter {key!r} contains NaN or inf")
-        plan = plan_experts(self.job, stored, {key: t})[key]
+        return stored
+
+    def plan_with(self, key: str, covariances: Mapping[str, torch.Tensor] | None,
+                  reference: "StreamedParams | None" = None) -> None:
+        """Plan parameter ``key`` now, as ``wrap`` plans it, with its experts' covariances (``"<key>[e]"`` ->
+        (in, in)) and EoRA's reference (the uncompressed checkpoint's parameter of the same key)."""
+        t = self.targets[key]
+        if covariances is not None:  # checked as wrap checks them: shape, finite, not zero
+            covariances = expert_covariances(covariances, {key: t})
+        refs = None if reference is None else expert_references({key: reference.read(key)}, {key: t})
+        self.planned[key] = plan_experts(self.job, self.read(key), {key: t}, covariances, refs)[key]
+
+    def plan_all(self) -> None:
+        """Every parameter planned now, in order (under ``torch.distributed``: by all ranks together)."""
+        for key in self.targets:
+            if key not in self.planned:
+                self.plan_with(key, None)
+
+    def _run(self, key: str) -> None:
+        t, stored = self.targets[key], self.read(key)
+        if key not in self.planned and self.job.spec.needs_calibration:
+            raise RuntimeError(f"target parameter {key!r} was not planned by the calibration")
+        plan = self.planned.get(key) or plan_experts(self.job, stored, {key: t})[key]
         A, B = plan.A, plan.B  # in the adapter dtype (PEFT's autocast: fp32 for a bf16 / fp16 parameter)
-        new = stored.clone()
-        write_residuals(new, t, A, B, float(param_job(self.job, key).scaling))
+        new = stored
+        if self.job.spec.rewrites_base:  # EoRA keeps the base: its tensors are copied through
+            new = stored.clone()
+            write_residuals(new, t, A, B, float(param_job(self.job, key).scaling))
         self.results[key] = ParamResult(A, B, plan.report, weight_checksum(stored, "crc32"),
                                         weight_checksum(new, "sha256"),
                                         {"key": key, "experts": t.experts, "stacked": t.stacked,
                                          "transposed": t.transposed, "shape": list(t.shape)})
         src = self.sources[key]
-        if src is None:
-            self.pending[key] = new
+        if isinstance(src, str):
+            if self.keep is None or src in self.keep:
+                self.pending[src] = new
             return
         for e, keys in enumerate(src):
             rows = [self.reader.shape(k)[0] for k in keys]
-            self.pending.update({k: p.contiguous() for k, p in zip(keys, new[e].split(rows, dim=0))})
+            self.pending.update({k: p.contiguous() for k, p in zip(keys, new[e].split(rows, dim=0))
+                                 if self.keep is None or k in self.keep})
 
     def finish(self) -> dict[str, ParamResult]:
         """Wrapper module name -> result, in the targets' order (a parameter whose tensors a resumed run found in
@@ -166,3 +204,48 @@ class StreamedParams:
                 self._run(key)
         self.pending.clear()
         return {self.wrappers[k]: self.results[k] for k in self.targets}
+
+
+def read_stacked(reader: Any, key: str, sources: str | list[list[str]]) -> torch.Tensor:
+    """Parameter ``key`` from ``reader``: stored whole under the key ``sources``, or stacked from its experts'
+    source tensors, each expert's rows concatenated (transformers' ``MergeModulelist`` then ``Concatenate``)."""
+    if isinstance(sources, str):
+        return reader.get(sources)
+    return torch.stack([torch.cat([reader.get(k) for k in keys], dim=0) for keys in sources])
+
+
+class ModuleView:
+    """A checkpoint as the model's module names read it, for ``lazy.LazyBlocks``: a tensor stored under its module
+    key is itself; an MoE expert parameter stored per expert (``experts.{e}.w1`` ...) is stacked from its sources
+    (``read_stacked``); a tensor transformers renames (Mixtral's ``block_sparse_moe`` -> ``mlp``) is read under its
+    stored name. Everything else is the reader's (``path``, ``names``, ``close``...)."""
+
+    def __init__(self, reader: Any, skeleton: nn.Module) -> None:
+        self.reader = reader
+        found = conversions(skeleton)
+        self.renamed: dict[str, str] = {}
+        self.stacked: dict[str, list[list[str]]] = {}
+        if not found:
+            return
+        for key, p in skeleton.named_parameters():
+            if key in reader:
+                continue
+            stored = _reverse_renamings(key, found)
+            if stored in reader:
+                self.renamed[key] = stored
+            elif p.dim() == 3:
+                (t,) = find_parameters(skeleton, [key]).values()
+                sources = _converter_sources(t, reader, found)
+                if sources is not None:
+                    self.stacked[key] = sources
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.reader or key in self.renamed or key in self.stacked
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.stacked:
+            return read_stacked(self.reader, key, self.stacked[key])
+        return self.reader.get(self.renamed.get(key, key))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)

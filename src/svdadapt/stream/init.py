@@ -17,9 +17,12 @@ takes on a loaded model); a block's targets are decomposed while it is loaded an
 written as for PiSSA, from the journal (EoRA: copied through). Memory: one block (per model), the hidden states (on
 disk past ``BlockwiseOptions.memory_budget_mb``) and the layers outside the stack (embeddings, head).
 
-``target_parameters`` (MoE experts; PiSSA / MiLoRA on one process): each targeted parameter is read whole when the
-writer reaches its first tensor, planned expert by expert as ``wrap`` plans it, and its residual written in the
-checkpoint's own layout (``experts.StreamedParams``); its packed factors go to the adapter after the layers'.
+``target_parameters`` (MoE experts): each targeted parameter is read whole, planned expert by expert as ``wrap``
+plans it (PiSSA / MiLoRA when the writer reaches its first tensor; CorDA / EoRA from the covariances of the tokens
+routed to each expert, in a block-by-block pass of their own; under ``torch.distributed`` all of them up front, by
+all ranks together), and its residual written in the checkpoint's own layout (``experts.StreamedParams``); its
+packed factors go to the adapter after the layers'. A checkpoint in transformers' per-expert layout is calibrated
+through ``experts.ModuleView`` (the blocks loaded by module name, as ``from_pretrained`` converts them).
 
 Several processes (``torch.distributed``): the base's shards (the files one process would write,
 ``shards.plan_shards``) are split over the ranks by cost; each rank decomposes the targets in its shards and writes
@@ -60,14 +63,14 @@ from ..blockwise import BlockwiseOptions
 from ..blockwise import resolve as resolve_blockwise
 from ..engine.distributed import barrier, fingerprint, layer_cost, same_job, split_by_cost, world
 from ..lifecycle.initdir import BASE_DIR, write_streamed
-from ..engine.experts import refuse_unsupported, warn_coverage
+from ..engine.experts import check_routable, warn_coverage
 from ..engine.job import Job, Request, build_job, calibrates_on, check_needs, keywords, select_targets
 from ..core.methods import get_method
 from ..storage.shards import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, JOURNAL_FILE, SINGLE_FILE, CheckpointReader,
                      ProgressJournalError, ShardWriter, copy_files, merge_parts, plan_shards, write_part)
 from ..engine.sources import CheckpointSource
 from .calibrated import plan_calibrated
-from .experts import StreamedParams
+from .experts import ModuleView, StreamedParams
 from .inputs import check_layout, check_reference, check_unchanged, input_stats
 from .journal import STREAM_DIR, Journal, layer_base, locked, open_journal
 from .quantized import DecompressedReader, check_keeps_base, check_unquantized, open_reader
@@ -137,15 +140,18 @@ def _open_checkpoint(src: Path, job: Job, target_modules: Any, exclude_modules: 
     check_keeps_base(job.spec, targets, reader)
     if job.spec.rewrites_base:
         checks.check_untied(model, targets)
-    check_layout(model, reader, job.spec.needs_calibration)
+    calibrated = job.spec.needs_calibration
+    check_layout(model, ModuleView(reader, model) if calibrated else reader, calibrated)
     source = CheckpointSource(reader, targets)
     checks.check_rank_fits(job.rank, source.shapes, job.rank_pattern)
     params = StreamedParams(job, model, targets, reader) if job.target_parameters else None
+    if params is not None and calibrated:  # their covariances come from routed tokens (calibrated.py)
+        check_routable(params.targets)
     warn_coverage(model, targets, () if params is None else params.targets)
     return _Checkpoint(src, model, targets, reader, source, params)
 
 
-def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
+def _open_reference(ref: str | os.PathLike, ck: _Checkpoint, job: Job) -> _Checkpoint:
     """EoRA's uncompressed checkpoint: the same targets (names, shapes) as the compressed model's."""
     src = _checkpoint_dir(ref)
     model = _skeleton(src)
@@ -160,10 +166,22 @@ def _open_reference(ref: str | os.PathLike, ck: _Checkpoint) -> _Checkpoint:
     targets = {n: modules[n] for n in ck.targets}
     reader = CheckpointReader(src)
     check_unquantized(reader)
-    check_layout(model, reader, True, "reference checkpoint")
+    check_layout(model, ModuleView(reader, model), True, "reference checkpoint")
     source = CheckpointSource(reader, targets)
     check_reference(ck.source, source, src)
-    return _Checkpoint(src, model, targets, reader, source)
+    params = None if ck.params is None else StreamedParams(job, model, targets, reader)
+    if params is not None:
+        _check_reference_params(ck.params, params, src)
+    return _Checkpoint(src, model, targets, reader, source, params)
+
+
+def _check_reference_params(params: StreamedParams, ref: StreamedParams, src: Path) -> None:
+    """EoRA's reference: every targeted parameter, of the shape the compressed model's has."""
+    for key, t in params.targets.items():
+        r = ref.targets.get(key)
+        if r is None or (r.experts, r.shape) != (t.experts, t.shape):
+            raise ValueError(f"the reference checkpoint {str(src)!r} has no target parameter {key!r} of "
+                             f"{t.experts} experts of (out, in) = {t.shape}")
 
 
 def _tensors_key(reader: CheckpointReader) -> str:
@@ -297,13 +315,21 @@ def _write_base_together(job: Job, ck: _Checkpoint, journal: Journal, base_dir: 
         flops = sum(layer_cost(source.shapes[n], job, job.rank_of(n)) for n in map(source.module_of, names) if n is not None)
         return flops + _IO_FLOPS_PER_BYTE * sum(reader.nbytes(key) for key in names)
 
+    params = ck.params
+    if params is not None:  # planned by all ranks together (each its share of the experts), before any shard
+        params.plan_all()
+
     def tensor(key: str) -> torch.Tensor:
         name = source.module_of(key)
-        return reader.get(key) if name is None else layer_base(job, source, journal, name)[0]
+        if name is None:
+            return params.base(key) if params is not None and params.owns(key) else reader.get(key)
+        return layer_base(job, source, journal, name)[0]
 
     if not journal.base_complete:
         share = split_by_cost({k: cost(names) for k, names in enumerate(plan, 1)}, size)[rank]
         mine = {int(k): plan[int(k) - 1] for k in share}
+        if params is not None:  # each rank writes its own shards' residuals
+            params.keep = {key for names in mine.values() for key in names}
         with tqdm(total=sum(map(len, mine.values())), desc=f"svdadapt {job.spec.name} (rank {rank})",
                   unit="tensor", disable=not progress) as bar:
             write_part(base_dir, mine, tensor, rank, max_shard_bytes, lambda _: bar.update(), layout=reader.layout)
@@ -383,8 +409,9 @@ def init_checkpoint(
             oversample, seed, mode, damping, options: as
             in :func:`svdadapt.wrap`; targets are resolved on a meta-device skeleton of the model, as ``wrap`` would
             on the loaded one (``"all-linear"`` leaves out the output head).
-        target_parameters: PEFT's (MoE experts, docs/experts.md), for PiSSA / MiLoRA on one process: each expert
-            decomposed as ``wrap`` does, the base written in the checkpoint's layout (``experts.StreamedParams``).
+        target_parameters: PEFT's (MoE experts, docs/experts.md), for every method: each expert decomposed as
+            ``wrap`` does (CorDA / EoRA from the tokens routed to it), the base written in the checkpoint's layout
+            (``experts.StreamedParams``).
         calibration: CorDA/EoRA's batches (as for ``wrap``), run one decoder block at a time, each block loaded
             from the checkpoint only while it runs (``svdadapt.lazy``): ``wrap``'s adapters, bit for bit.
         reference, calibrate_on: EoRA's uncompressed checkpoint directory (also read one block at a time) and
@@ -410,10 +437,8 @@ def init_checkpoint(
     check_needs(spec, request.calibration, request.reference, streaming=True)
     _check_run_options(request.progress, resume, max_shard_bytes, request.blockwise)
     job = build_job(spec, rank, request)
-    # MoE experts stream for the data-free methods on one process (stream/experts.py; docs/experts.md)
-    refuse_unsupported(job.target_parameters, streaming=spec.needs_calibration or world()[1] > 1)
     ck = _open_checkpoint(src, job, request.target_modules, request.exclude_modules)
-    ref = None if request.reference is None else _open_reference(request.reference, ck)
+    ref = None if request.reference is None else _open_reference(request.reference, ck, job)
     batches = None if request.calibration is None else list(request.calibration)
     blocks = None if batches is None else resolve_blockwise(request.blockwise or True, spec, batches, quantized=False)
     out = Path(out_dir)

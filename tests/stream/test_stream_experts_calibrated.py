@@ -1,0 +1,158 @@
+"""init_checkpoint with target_parameters for CorDA and EoRA: MoE experts calibrated one decoder block at a time.
+
+The key property (as for the data-free methods, tests/stream/test_stream_experts.py): the init directory the
+streamed run writes is the one ``svdadapt.wrap(model, ..., calibration=batches, target_parameters=...)`` + the
+in-memory init-dir writer give, bit for bit: each expert's covariance is collected from the tokens routed to it in a
+block-by-block pass on the skeleton (each block loaded from the checkpoint, the per-expert tensors of transformers'
+layout stacked as ``from_pretrained`` stacks them), which computes what wrap's whole-model pass computes, in the
+same order. Also: the adapter equals a brute-force per-expert reference from an independent routed-token covariance,
+a resumed run, the CLI, and EoRA against the uncompressed checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import svdadapt
+from svdadapt.cli import main as cli_main
+from svdadapt.lifecycle.initdir import write_init_dir
+
+from helpers import safetensors_dict
+from moe_models import EXPERTS, moe
+from test_stream_experts import _assert_same
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Bit-identity with the in-memory path holds at equal thread counts."""
+
+
+def _batches(vocab: int = 64, n: int = 3, seed: int = 5) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, 10), generator=g)} for _ in range(n)]
+
+
+def _wrapped_dir(ck: Path, out: Path, method: str, **kw) -> Path:
+    """What ``svdadapt init --in-memory`` does: the model (and EoRA's reference) loaded, wrapped, written."""
+    model, ref = AutoModelForCausalLM.from_pretrained(ck).eval(), kw.get("reference")
+    if ref is not None:
+        kw["reference"] = AutoModelForCausalLM.from_pretrained(ref).eval()
+    pm = svdadapt.wrap(model, method, rank=2, target_parameters=EXPERTS, calibration=_batches(), progress=False,
+                       **kw)
+    return write_init_dir(out, pm, model_path=ck, reference_path=ref)
+
+
+def _compressed(tmp: Path, family: str) -> tuple[Path, Path]:
+    """(the uncompressed checkpoint, the 3-bit one: attention and every expert quantized), both in transformers'
+    per-expert layout."""
+    model = moe(family)
+    model.save_pretrained(tmp / "ref", max_shard_size="20KB")
+    q = svdadapt.compress.quantize(model, bits=3, group_size=8, target_parameters=EXPERTS)
+    q.save_pretrained(tmp / "q", max_shard_size="20KB")
+    return tmp / "ref", tmp / "q"
+
+
+@pytest.mark.parametrize("family, mode", [("mixtral", "ipa"), ("mixtral", "kpa"), ("qwen3_moe", "ipa"),
+                                          ("olmoe", "kpa")])
+def test_streamed_corda_experts_equal_in_memory_init(tmp, family, mode):
+    ck = tmp / "ck"
+    moe(family).save_pretrained(ck, max_shard_size="20KB")
+    svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=2, mode=mode, target_parameters=EXPERTS,
+                             calibration=_batches(), progress=False, max_shard_bytes=30_000)
+    _wrapped_dir(ck, tmp / "m", "corda", mode=mode)
+    _assert_same(tmp / "s", tmp / "m")
+
+
+@pytest.mark.parametrize("family, calibrate_on", [("mixtral", "reference"), ("qwen3_moe", "reference"),
+                                                  ("mixtral", "compressed")])
+def test_streamed_eora_experts_equal_in_memory_init(tmp, family, calibrate_on):
+    ref, q = _compressed(tmp, family)
+    svdadapt.init_checkpoint(q, tmp / "s", method="eora", rank=2, reference=ref, calibrate_on=calibrate_on,
+                             target_parameters=EXPERTS, calibration=_batches(), progress=False)
+    _wrapped_dir(q, tmp / "m", "eora", reference=ref, calibrate_on=calibrate_on)
+    _assert_same(tmp / "s", tmp / "m")
+    # EoRA keeps the base: base/ holds the compressed checkpoint's tensors as stored
+    base, stored = safetensors_dict(tmp / "s" / "base" / "model.safetensors"), {}
+    for f in sorted(q.glob("*.safetensors")):
+        stored.update(safetensors_dict(f))
+    assert base.keys() == stored.keys() and all(torch.equal(base[k], stored[k]) for k in base)
+
+
+def test_streamed_experts_only_and_the_cli(tmp, capsys):
+    """target_modules=[] (no layer pass at all); the CLI's default init streams CorDA with --target-parameters."""
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck)
+    svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=2, target_modules=[], target_parameters=EXPERTS,
+                             calibration=_batches(), progress=False)
+    _wrapped_dir(ck, tmp / "m", "corda", target_modules=[])
+    _assert_same(tmp / "s", tmp / "m")
+
+
+def test_a_router_weight_streams_and_a_2d_target_needs_given_covariances(tmp):
+    """A 2-D parameter stored under the name transformers renames (Mixtral's block_sparse_moe.gate.weight for
+    mlp.gate.weight) streams for PiSSA as wrap computes it; CorDA on it has no routed tokens: the error wrap gives."""
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck)
+    router = ["mlp.gate.weight"]
+    svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=2, target_parameters=router, progress=False)
+    pm = svdadapt.wrap(AutoModelForCausalLM.from_pretrained(ck).eval(), "pissa", rank=2, target_parameters=router,
+                       progress=False)
+    write_init_dir(tmp / "m", pm, model_path=ck)
+    _assert_same(tmp / "s", tmp / "m")
+    message = ("target parameter 'model.layers.0.mlp.gate.weight' is 2-D (not an MoE expert): its input covariance "
+               "cannot be collected from routed tokens; pass calibration= a Covariances holding it")
+    with pytest.raises(ValueError) as e:
+        svdadapt.init_checkpoint(ck, tmp / "c", method="corda", rank=2, target_parameters=router,
+                                 calibration=_batches(), progress=False)
+    assert str(e.value) == message and not (tmp / "c").exists()
+    with pytest.raises(ValueError) as e:
+        svdadapt.wrap(AutoModelForCausalLM.from_pretrained(ck).eval(), "corda", rank=2, target_parameters=router,
+                      calibration=_batches(), progress=False)
+    assert str(e.value) == message
+
+
+def test_a_resumed_calibrated_run_equals_in_memory_init(tmp, monkeypatch):
+    """Killed while the base is written (after the first parameters' tensors went into a shard): the resumed run
+    calibrates again (the same covariances, the same plans) and keeps the verified shards, bit for bit."""
+    import svdadapt.stream.experts as stream_experts
+
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck, max_shard_size="20KB")
+    run, calls = stream_experts.StreamedParams._run, []
+
+    def crash(self, key):
+        calls.append(key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        run(self, key)
+
+    kw = dict(method="corda", rank=2, target_parameters=EXPERTS, progress=False, max_shard_bytes=6_000)
+    monkeypatch.setattr(stream_experts.StreamedParams, "_run", crash)
+    with pytest.raises(KeyboardInterrupt):
+        svdadapt.init_checkpoint(ck, tmp / "s", calibration=_batches(), **kw)
+    monkeypatch.setattr(stream_experts.StreamedParams, "_run", run)
+    svdadapt.init_checkpoint(ck, tmp / "s", calibration=_batches(), **kw)
+    _wrapped_dir(ck, tmp / "m", "corda")
+    _assert_same(tmp / "s", tmp / "m")
+
+
+def test_cli_init_streams_corda_experts(tmp, capsys):
+    """``svdadapt init --method corda --calib ... --target-parameters``: streamed (not loaded), and the directory
+    ``--in-memory`` writes, bit for bit."""
+    from helpers import tiny_tokenizer
+    from pydoc_data.topics import topics
+
+    ck = tmp / "ck"
+    moe("mixtral", vocab=300).save_pretrained(ck)
+    tiny_tokenizer(300).save_pretrained(ck)
+    (tmp / "calib.txt").write_text(topics["assignment"])
+    args = ["init", str(ck), "--method", "corda", "--rank", "2", "--no-progress", "--target-parameters", *EXPERTS,
+            "--calib", str(tmp / "calib.txt"), "--seq-len", "16", "--batch-size", "2", "--max-tokens", "96"]
+    assert cli_main([*args, "--out", str(tmp / "s")]) == 0
+    assert f"streaming {ck} one decoder block at a time" in capsys.readouterr().err
+    assert cli_main([*args, "--in-memory", "--out", str(tmp / "m")]) == 0
+    _assert_same(tmp / "s", tmp / "m")

@@ -65,6 +65,35 @@ def save_tiny_model(d, seed: int, vocab: int, tokenizer: bool = True):
     return d
 
 
+def save_compressed_llama(d, model: LlamaForCausalLM, symmetric: bool = True):
+    """``model`` (a tiny Llama, changed) W4A16 pack-quantized in groups of 32 (its Linears but lm_head), scales from
+    compressed-tensors' own ``compute_dynamic_scales_and_zp``, compressed by its ModelCompressor and saved into ``d``
+    as transformers saves it (config.json with the ``quantization_config``); returns ``d``."""
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    import svdadapt
+
+    names = list(svdadapt.resolve_targets(model))
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=symmetric)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for n in names:
+            m = model.get_submodule(n)
+            scale, zp = compute_dynamic_scales_and_zp(m.weight.detach(), m.quantization_scheme.weights, m)
+            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.copy_(zp.reshape(m.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(d)
+    compressor.update_config(d)
+    return d
+
+
 def toy(seed: int = 0, sizes: tuple[int, ...] = TOY_SIZES, dtype: torch.dtype = torch.float32,
         bias: bool = True) -> nn.Sequential:
     """Linears ``sizes[0] -> sizes[1] -> ...`` with a GELU between each two, weights from a private generator

@@ -19,7 +19,7 @@ import svdadapt
 from svdadapt.storage.shards import CheckpointReader
 from svdadapt.stream.quantized import open_reader
 
-from helpers import make_tiny_llama, token_ids
+from helpers import make_tiny_llama, save_compressed_llama, token_ids
 
 pytest.importorskip("compressed_tensors")
 RANK = 4
@@ -28,30 +28,6 @@ RANK = 4
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Bit-identity between runs holds at equal thread counts."""
-
-
-def _compressed_dir(d: Path, symmetric: bool = True) -> Path:
-    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
-
-    model = make_tiny_llama()
-    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=symmetric)
-    apply_quantization_config(model, QuantizationConfig(
-        config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
-    with torch.no_grad():
-        for n in svdadapt.resolve_targets(make_tiny_llama()):
-            m = model.get_submodule(n)
-            scale, zp = compute_dynamic_scales_and_zp(m.weight.detach(), m.quantization_scheme.weights, m)
-            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
-            if hasattr(m, "weight_zero_point"):
-                m.weight_zero_point.copy_(zp.reshape(m.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(d)
-    compressor.update_config(d)
-    return d
 
 
 def _loaded(d: Path):
@@ -75,7 +51,7 @@ def _calibration() -> list[dict]:
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ct")
     make_tiny_llama().save_pretrained(root / "ref")
-    return _compressed_dir(root / "q"), root / "ref"
+    return save_compressed_llama(root / "q", make_tiny_llama()), root / "ref"
 
 
 def _factors(d: Path) -> dict[str, torch.Tensor]:

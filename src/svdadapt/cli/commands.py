@@ -22,8 +22,9 @@ the method does not take, options that contradict each other such as ``--svd ran
 a ``--device`` this machine lacks, ``--quantize`` without bitsandbytes, a missing input path or one of the wrong kind
 (a directory without config.json / svdadapt.json / adapter files), an empty text file, an output that exists or
 cannot be created); 1 the run failed on what the inputs hold (e.g. rank above a layer's size, ``--seq-len`` beyond
-the model's positions, a truncated or foreign .gguf, a trained adapter that does not fit the init directory). Errors
-are one line on stderr, never a traceback (set ``SVDADAPT_DEBUG=1`` to get it).
+the model's positions, ``--quantize`` on a MODEL whose config.json has a quantization_config, a truncated or
+foreign .gguf, a trained adapter that does not fit the init directory). Errors are one line on stderr, never a
+traceback (set ``SVDADAPT_DEBUG=1`` to get it).
 """
 
 from __future__ import annotations
@@ -416,6 +417,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
         return _cmd_init_streaming(args)
     covs_path, texts = _calib_files(args.calib or [])
     out = _fresh_dir(args.out)
+    quantized = _quant_method(args.model) if args.quantize is not None else None
+    if quantized is not None:  # what MODEL's config holds: exit 1, after every usage error, before loading it
+        raise ValueError(f"--quantize {args.quantize} quantizes a full-precision MODEL, but {args.model!r} is "
+                         f"quantized already (config.json quantization_config: quant_method {quantized!r}); pass "
+                         "the full-precision model, or drop --quantize (eora: with --reference MODEL, the "
+                         "uncompressed one)")
     model, tokenizer, reference = _load_init_inputs(args, bool(texts), out)
     if texts:
         _check_seq_len(args.seq_len, model.config, args.model)
@@ -512,6 +519,18 @@ def _check_init_args(args: argparse.Namespace) -> None:
     args.rank_pattern = _patterns(args.rank_pattern, "--rank-pattern")
     args.alpha_pattern = _patterns(args.alpha_pattern, "--alpha-pattern")
     args.allocation = _allocation(args)
+
+
+def _quant_method(model: str) -> str | None:
+    """The ``quant_method`` of a model directory's config.json ``quantization_config`` ("?" if it names none), or
+    None for a model without one (a .gguf file: transformers dequantizes it to a float model) or an unreadable
+    config.json (loading it says what is wrong)."""
+    p = Path(model) / "config.json"
+    try:
+        qc = json.loads(p.read_text()).get("quantization_config") if p.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if not qc else str(qc.get("quant_method", "?")) if isinstance(qc, dict) else "?"
 
 
 def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:

@@ -266,9 +266,11 @@ def _write_base(job: Job, reader: CheckpointReader, source: CheckpointSource, ba
     if journal.base_complete or _finished_base(base_dir, reader, source, journal):
         journal.mark_base_complete()
         return
-    # a compressed target is copied as stored (EoRA keeps the base): only the targets stored as weights count
+    # a compressed target is copied as stored (EoRA keeps the base): only the targets stored as weights count, and
+    # with none (EoRA on a compressed-tensors checkpoint: every target was decomposed block by block, under the
+    # "svdadapt blocks" bar) there is no layer bar, rather than one counting 0 layers
     rewritten = sum(source.module_of(key) is not None for key in reader.names)
-    bar = tqdm(total=rewritten, desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress)
+    bar = tqdm(total=rewritten, desc=f"svdadapt {job.spec.name}", unit="layer", disable=not progress or not rewritten)
     with bar, _base_writer(base_dir, reader, max_shard_bytes, journal) as writer:
         for key in reader.names:
             name = source.module_of(key)

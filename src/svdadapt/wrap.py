@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from .engine import checks
-from .blockwise import BlockwiseOptions, BlockwiseUnsupported, Compensation, plan_blockwise
+from .blockwise import BlockwiseOptions, BlockwiseUnsupported, Compensation, plan_blockwise, routed_blockwise
 from .blockwise import resolve as resolve_blockwise
 from .calibration import as_covariances, caller_level
+from .calibration.experts import expert_parameters
 from .engine.distributed import gather_plans, my_batches, my_share, reduce_covariances, same_job, world
 from .engine.apply import apply
 from .engine import allocation, experts
@@ -233,7 +234,7 @@ def wrap(
     options = allocation.resolve(allocate, job, job.quant is not None and spec.rewrites_base)
     check_needs(spec, request.calibration, request.reference, job.quant)
     inputs = _inputs(job, model, request)
-    inputs, param_targets, checksums, param_plans = _expert_plans(job, model, inputs, request.reference)
+    inputs, param_targets, checksums, param_plans = _expert_plans(job, model, inputs, request)
     job, inputs, plans, allocated = _layer_plans(job, inputs, request.blockwise, options)
     params = experts.ParamApply(param_targets, {k: (p.A, p.B) for k, p in param_plans.items()},
                                 spec.rewrites_base) if param_targets else None
@@ -247,7 +248,7 @@ def wrap(
     return peft_model
 
 
-def _expert_plans(job: Job, model: nn.Module, inputs: _Inputs, reference: Any
+def _expert_plans(job: Job, model: nn.Module, inputs: _Inputs, request: Request
                   ) -> tuple[_Inputs, dict[str, Any], dict[str, str], dict[str, Any]]:
     """``target_parameters`` (engine/experts.py): the parameters selected (with the coverage warning), their
     checksums, and every expert planned; the inputs with the calibration batches read into a list if the experts
@@ -255,9 +256,9 @@ def _expert_plans(job: Job, model: nn.Module, inputs: _Inputs, reference: Any
     param_targets = experts.select(model, job, inputs.targets)
     experts.warn_coverage(model, inputs.targets, param_targets)
     checksums = experts.param_checksums(model, param_targets)
-    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets)
+    inputs, expert_calibration = _expert_calibration(job, inputs, param_targets, request.blockwise)
     return inputs, param_targets, checksums, experts.plan_parameters(job, model, param_targets, expert_calibration,
-                                                                     reference)
+                                                                     request.reference)
 
 
 def _layer_plans(job: Job, inputs: _Inputs, blockwise: Any, options: allocation.AllocateOptions | None
@@ -274,13 +275,27 @@ def _layer_plans(job: Job, inputs: _Inputs, blockwise: Any, options: allocation.
     return job, inputs, plans, allocated
 
 
-def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, Any]) -> tuple[_Inputs, Any]:
+def _expert_calibration(job: Job, inputs: _Inputs, param_targets: Mapping[str, Any], blockwise: Any
+                        ) -> tuple[_Inputs, Any]:
     """What the experts' plans read as calibration: given covariances as they are; from batches, the routed-token
-    covariances of every expert (``experts.routed_covariances``), collected in a pass of their own on the model
-    the method calibrates on. The batches are read once into a list, which the layers' calibration reuses."""
+    covariances of every expert, collected in a pass of their own on the model the method calibrates on: one
+    decoder block at a time where the layers' calibration would be (``blockwise.routed_blockwise``, never
+    sequential: what ``init_checkpoint`` computes), else on the whole model (``experts.routed_covariances``). The
+    batches are read once into a list, which the layers' calibration reuses."""
     calibration = inputs.calibration
     if not (param_targets and job.spec.needs_calibration) or isinstance(calibration, (Mapping, str, os.PathLike)):
         return inputs, calibration
     inputs = replace(inputs, calibration=list(calibration))
     hook_model = _hook_model(job, inputs, inputs.calibration)
+    options = resolve_blockwise(blockwise, job.spec, inputs.calibration, job.quant is not None)
+    if options is not None:
+        experts.check_routable(param_targets)
+        covs: dict[str, torch.Tensor] = {}
+        try:
+            routed_blockwise(hook_model, inputs.calibration, expert_parameters(hook_model, list(param_targets)),
+                             options, covs.update, inputs.progress)
+            return inputs, covs
+        except BlockwiseUnsupported:
+            if blockwise is not None:
+                raise
     return inputs, experts.routed_covariances(hook_model, inputs.calibration, param_targets, inputs.progress)

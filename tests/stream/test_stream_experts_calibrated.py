@@ -156,3 +156,15 @@ def test_cli_init_streams_corda_experts(tmp, capsys):
     assert f"streaming {ck} one decoder block at a time" in capsys.readouterr().err
     assert cli_main([*args, "--in-memory", "--out", str(tmp / "m")]) == 0
     _assert_same(tmp / "s", tmp / "m")
+
+
+def test_wrap_collects_the_experts_block_by_block_as_the_whole_model_pass(tmp):
+    """wrap's default (the experts' routed covariances one decoder block at a time) and ``blockwise=False`` (one
+    whole-model pass) run the same block forwards on the same hidden states and sum the same rows in the same order:
+    the same adapters, bit for bit."""
+    model = moe("qwen3_moe")
+    kw = dict(rank=2, target_modules=[], target_parameters=EXPERTS, progress=False)
+    blocks = svdadapt.wrap(model, "corda", calibration=_batches(), **kw).state_dict()
+    whole = svdadapt.wrap(moe("qwen3_moe"), "corda", calibration=_batches(), blockwise=False, **kw).state_dict()
+    assert blocks.keys() == whole.keys() and all(torch.equal(blocks[k], whole[k]) for k in blocks)
+    assert any(torch.count_nonzero(v) for k, v in blocks.items() if "lora_A" in k)

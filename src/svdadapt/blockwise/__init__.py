@@ -31,12 +31,12 @@ EoRA's default wherever the block-by-block path applies (``wrap``'s automatic ``
 
 Modules, each importing only those listed before it (and ``svdadapt.calibration``'s public names): ``stack`` (which
 models: the stack, the chain check, :class:`BlockwiseUnsupported`), ``hidden`` (the hidden-state store), ``capture``
-(block 0's inputs), ``stage`` (one block's covariances, plans and outputs), ``path`` (options and
-:func:`plan_blockwise`).
+(block 0's inputs), ``stage`` (one block's covariances, plans and outputs), ``path`` (options,
+:func:`plan_blockwise`, and :func:`routed_blockwise`: MoE experts' routed covariances block by block).
 """
 
-from .path import BlockwiseOptions, Compensation, plan_blockwise, resolve
+from .path import BlockwiseOptions, Compensation, plan_blockwise, resolve, routed_blockwise
 from .stack import BlockwiseUnsupported, block_of, find_stack
 
 __all__ = ["BlockwiseOptions", "BlockwiseUnsupported", "Compensation", "find_stack", "block_of", "resolve",
-           "plan_blockwise"]
+           "plan_blockwise", "routed_blockwise"]

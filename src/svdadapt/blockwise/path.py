@@ -166,6 +166,21 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     return plans
 
 
+def routed_blockwise(hook_model: nn.Module, batches: list[Any], experts: Mapping[str, Any],
+                     options: BlockwiseOptions, take: Callable[[dict[str, torch.Tensor]], None],
+                     progress: bool = True) -> None:
+    """Every expert's routed-token covariance of ``experts`` (``calibration.experts.expert_parameters``), collected
+    one decoder block at a time on ``hook_model`` (never sequential: the model's own forward, as a whole-model pass
+    computes it), handed block by block to ``take`` (``"<param>[e]"`` -> (in, in), after the fallback) and freed.
+    ``BlockwiseUnsupported`` as :func:`plan_blockwise`."""
+    def plan(_targets: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+        take(covs)
+        return {}
+
+    plan_blockwise(hook_model, {}, batches, plan, replace(options, sequential=False), progress=progress,
+                   experts=experts)
+
+
 def _run_blocks(stage: Stage, hook_model: nn.Module, batches: list[Any], stack: str, blocks: nn.ModuleList,
                 carriers: nn.ModuleList, progress: bool) -> dict[str, LayerPlan]:
     """The targets outside the stack (one whole-model pass with hooks on them alone), then block after block up to

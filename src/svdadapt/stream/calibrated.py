@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise
+from ..blockwise import BlockwiseOptions, Compensation, find_stack, plan_blockwise, routed_blockwise
 from ..engine.distributed import barrier, my_share
 from ..engine.plan import LayerInput, LayerPlan, Preparations, plan_layer
 from ..calibration.experts import expert_parameters, parse_expert_key
@@ -104,13 +103,11 @@ def _plan_experts(ck: Any, hook_model: nn.Module, calibration: Iterable[Any], op
     """Every targeted expert parameter planned from the covariances of the tokens routed to each expert, collected
     block by block on ``hook_model`` (not sequential), each parameter while its block runs."""
     params = ck.params
-    experts = expert_parameters(hook_model, params.parameters())
 
-    def plan(_block: dict[str, nn.Module], covs: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+    def plan(covs: dict[str, torch.Tensor]) -> None:
         keys = {parse_expert_key(k)[0] for k in covs}
         for key in (k for k in params.parameters() if k in keys):
             params.plan_with(key, covs, None if reference is None else reference.params)
-        return {}
 
-    plan_blockwise(hook_model, {}, calibration, plan, replace(options, sequential=False), progress=progress,
-                   experts=experts)
+    routed_blockwise(hook_model, list(calibration), expert_parameters(hook_model, params.parameters()), options, plan,
+                     progress)

@@ -11,6 +11,7 @@ a resumed run, the CLI, and EoRA against the uncompressed checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,17 @@ def test_streamed_corda_experts_equal_in_memory_init(tmp, family, mode):
                              calibration=_batches(), progress=False, max_shard_bytes=30_000)
     _wrapped_dir(ck, tmp / "m", "corda", mode=mode)
     _assert_same(tmp / "s", tmp / "m")
+    _assert_experts_adapted(tmp / "s")
+
+
+def _assert_experts_adapted(d: Path) -> None:
+    """Four targeted parameters (two layers x gate_up_proj, down_proj), each with a non-zero packed adapter."""
+    meta = json.loads((d / "svdadapt.json").read_text())
+    assert sorted(p["key"].rsplit(".", 1)[1] for p in meta["parameters"].values()) == ["down_proj"] * 2 + [
+        "gate_up_proj"] * 2
+    adapter = safetensors_dict(d / "adapter" / "adapter_model.safetensors")
+    experts = [v for k, v in adapter.items() if ".experts." in k]
+    assert len(experts) == 8 and all(torch.count_nonzero(v) > 0 for v in experts)
 
 
 @pytest.mark.parametrize("family, calibrate_on", [("mixtral", "reference"), ("qwen3_moe", "reference"),
@@ -82,14 +94,17 @@ def test_streamed_eora_experts_equal_in_memory_init(tmp, family, calibrate_on):
     assert base.keys() == stored.keys() and all(torch.equal(base[k], stored[k]) for k in base)
 
 
-def test_streamed_experts_only_and_the_cli(tmp, capsys):
-    """target_modules=[] (no layer pass at all); the CLI's default init streams CorDA with --target-parameters."""
+def test_streamed_experts_only(tmp):
+    """target_modules=[]: no layer pass at all, the experts' pass alone."""
     ck = tmp / "ck"
     moe("mixtral").save_pretrained(ck)
     svdadapt.init_checkpoint(ck, tmp / "s", method="corda", rank=2, target_modules=[], target_parameters=EXPERTS,
                              calibration=_batches(), progress=False)
     _wrapped_dir(ck, tmp / "m", "corda", target_modules=[])
     _assert_same(tmp / "s", tmp / "m")
+    _assert_experts_adapted(tmp / "s")
+    assert json.loads((tmp / "s" / "svdadapt.json").read_text())["targets"] == list(
+        json.loads((tmp / "s" / "svdadapt.json").read_text())["parameters"])  # the experts' wrappers only
 
 
 def test_a_router_weight_streams_and_a_2d_target_needs_given_covariances(tmp):

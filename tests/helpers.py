@@ -65,6 +65,20 @@ def save_tiny_model(d, seed: int, vocab: int, tokenizer: bool = True):
     return d
 
 
+@torch.no_grad()
+def set_dynamic_scales(model: nn.Module, names) -> None:
+    """Each module of ``names`` (quantization scheme applied by compressed-tensors) given the scale and zero point
+    of its own weight by the library's ``compute_dynamic_scales_and_zp``."""
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    for n in names:
+        m = model.get_submodule(n)
+        scale, zp = compute_dynamic_scales_and_zp(m.weight.detach(), m.quantization_scheme.weights, m)
+        m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
+        if hasattr(m, "weight_zero_point"):
+            m.weight_zero_point.copy_(zp.reshape(m.weight_zero_point.shape))
+
+
 def save_compressed_llama(d, model: LlamaForCausalLM, symmetric: bool = True):
     """``model`` (a tiny Llama, changed) W4A16 pack-quantized in groups of 32 (its Linears but lm_head), scales from
     compressed-tensors' own ``compute_dynamic_scales_and_zp``, compressed by its ModelCompressor and saved into ``d``
@@ -72,7 +86,6 @@ def save_compressed_llama(d, model: LlamaForCausalLM, symmetric: bool = True):
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
     import svdadapt
 
@@ -80,13 +93,7 @@ def save_compressed_llama(d, model: LlamaForCausalLM, symmetric: bool = True):
     args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=symmetric)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
-    with torch.no_grad():
-        for n in names:
-            m = model.get_submodule(n)
-            scale, zp = compute_dynamic_scales_and_zp(m.weight.detach(), m.quantization_scheme.weights, m)
-            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
-            if hasattr(m, "weight_zero_point"):
-                m.weight_zero_point.copy_(zp.reshape(m.weight_zero_point.shape))
+    set_dynamic_scales(model, names)
     compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
     compressor.compress_model(model)
     model.save_pretrained(d)

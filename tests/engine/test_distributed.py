@@ -79,13 +79,37 @@ def test_split_balances_cost_not_count() -> None:
     assert split_by_cost(costs, 1) == [list(shapes)]
 
 
-def _init_checkpoint(src, out, method: str) -> None:
-    kw = {"calibration": BATCHES} if method == "corda" else {}
-    svdadapt.init_checkpoint(src, out, method=method, rank=RANK, max_shard_bytes=1 << 20, progress=False, **kw)
+MOE_BATCHES = [{"input_ids": token_ids(2, 10, seed=s, vocab=64)} for s in range(4)]
 
 
-def _stream_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
-    as_rank(rank, size, port, lambda: _init_checkpoint(src, out, method))
+def _init_checkpoint(src, out, method: str, experts: bool = False) -> None:
+    """The tiny Llama at RANK, or (``experts``) a tiny Mixtral's experts and layers at rank 2."""
+    from moe_models import EXPERTS
+
+    kw = {"calibration": MOE_BATCHES if experts else BATCHES} if method == "corda" else {}
+    if experts:
+        kw.update(target_parameters=EXPERTS)
+    svdadapt.init_checkpoint(src, out, method=method, rank=2 if experts else RANK,
+                             max_shard_bytes=8_000 if experts else 1 << 20, progress=False, **kw)
+
+
+def _stream_worker(rank: int, size: int, port: int, src: str, out: str, method: str, experts: bool = False) -> None:
+    as_rank(rank, size, port, lambda: _init_checkpoint(src, out, method, experts))
+
+
+def _assert_one_process_files(one, two, method: str, min_shards: int) -> None:
+    """The same files in ``one`` (one process) and ``two`` (two ranks), several base shards: byte for byte for
+    PiSSA, for CorDA within ``_assert_close_corda``."""
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert sum(f.name.startswith("model-") for f in files) >= min_shards  # several shards, split over the ranks
+    for f in files:
+        if f.name == "adapter_config.json":  # names its own base directory
+            continue
+        if method == "pissa":
+            assert output_bytes(one / f) == output_bytes(two / f), f
+        elif f.suffix == ".safetensors":
+            _assert_close_corda(_safetensors(one / f), _safetensors(two / f), f)
 
 
 def _safetensors(path) -> dict[str, torch.Tensor]:
@@ -102,17 +126,7 @@ def test_init_checkpoint_on_two_ranks_writes_the_one_process_files(method: str, 
     make_tiny_llama(hidden_size=256, intermediate_size=512).save_pretrained(src, max_shard_size="1MB")
     mp.spawn(_stream_worker, args=(2, free_port(), str(src), str(tmp_path / "two"), method), nprocs=2, join=True)
     _init_checkpoint(src, tmp_path / "one", method)
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
-    assert sum(f.name.startswith("model-") for f in files) >= 4  # several shards, split over the ranks
-    for f in files:
-        one, two = tmp_path / "one" / f, tmp_path / "two" / f
-        if f.name == "adapter_config.json":  # names its own base directory
-            continue
-        if method == "pissa":
-            assert output_bytes(one) == output_bytes(two), f
-        elif f.suffix == ".safetensors":
-            _assert_close_corda(_safetensors(one), _safetensors(two), f)
+    _assert_one_process_files(tmp_path / "one", tmp_path / "two", method, min_shards=4)
 
 
 _PAIRS = {"lora_A.weight": "lora_B.weight", ".A0": ".B0", ".A": ".B"}  # adapter file; svdadapt_state: init, current
@@ -188,20 +202,6 @@ def test_two_ranks_split_the_experts_and_build_the_one_process_model(tmp_path, o
         assert got["report"] == single.svdadapt.report
 
 
-MOE_BATCHES = [{"input_ids": token_ids(2, 10, seed=s, vocab=64)} for s in range(4)]
-
-
-def _init_experts(src, out, method: str) -> None:
-    from moe_models import EXPERTS
-
-    kw = {"calibration": MOE_BATCHES} if method == "corda" else {}
-    svdadapt.init_checkpoint(src, out, method=method, rank=2, target_parameters=EXPERTS, max_shard_bytes=8_000,
-                             progress=False, **kw)
-
-
-def _stream_experts_worker(rank: int, size: int, port: int, src: str, out: str, method: str) -> None:
-    as_rank(rank, size, port, lambda: _init_experts(src, out, method))
-
 
 @pytest.mark.parametrize("method", ["pissa", "corda"])
 def test_init_checkpoint_of_experts_on_two_ranks_writes_the_one_process_files(method: str, tmp_path,
@@ -214,17 +214,7 @@ def test_init_checkpoint_of_experts_on_two_ranks_writes_the_one_process_files(me
 
     src = tmp_path / "model"
     moe("mixtral", seed=3).save_pretrained(src, max_shard_size="20KB")
-    mp.spawn(_stream_experts_worker, args=(2, free_port(), str(src), str(tmp_path / "two"), method), nprocs=2,
+    mp.spawn(_stream_worker, args=(2, free_port(), str(src), str(tmp_path / "two"), method, True), nprocs=2,
              join=True)
-    _init_experts(src, tmp_path / "one", method)
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
-    assert sum(f.name.startswith("model-") for f in files) >= 3  # several shards, split over the ranks
-    for f in files:
-        one, two = tmp_path / "one" / f, tmp_path / "two" / f
-        if f.name == "adapter_config.json":  # names its own base directory
-            continue
-        if method == "pissa":
-            assert output_bytes(one) == output_bytes(two), f
-        elif f.suffix == ".safetensors":
-            _assert_close_corda(_safetensors(one), _safetensors(two), f)
+    _init_checkpoint(src, tmp_path / "one", method, experts=True)
+    _assert_one_process_files(tmp_path / "one", tmp_path / "two", method, min_shards=3)

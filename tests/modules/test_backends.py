@@ -17,7 +17,7 @@ import torch
 
 import svdadapt
 from bounds import gamma
-from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, token_ids
+from helpers import lora_layers, lora_product, make_tiny_llama, raises_exactly, set_dynamic_scales, token_ids
 from quant_helpers import eora_optimum, fro, layer_inputs
 from svdadapt.modules.layers import kind_of
 
@@ -72,18 +72,11 @@ def _compressed(model, names):
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
     args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=GROUP, symmetric=True)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"g": QuantizationScheme(targets=list(names), weights=args)}))
-    with torch.no_grad():
-        for n in names:
-            m = model.get_submodule(n)
-            scale, zp = compute_dynamic_scales_and_zp(m.weight.detach(), m.quantization_scheme.weights, m)
-            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
-            if hasattr(m, "weight_zero_point"):
-                m.weight_zero_point.copy_(zp.reshape(m.weight_zero_point.shape))
+    set_dynamic_scales(model, names)
     ModelCompressor.from_pretrained_model(model, "pack-quantized").compress_model(model)
     return model
 

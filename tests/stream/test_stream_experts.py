@@ -154,13 +154,11 @@ def test_cli_init_streams_target_parameters(tmp, capsys):
     _assert_same(tmp / "c", tmp / "m")
 
 
-def test_a_resumed_run_equals_in_memory_init(tmp, monkeypatch):
-    """Killed after the first parameter's tensors went into a shard: the resumed run keeps the verified shards and
-    plans the parameters whose tensors it finds there again (data-free: the same factors), bit for bit."""
+def interrupted_then_resumed(monkeypatch, run_init) -> None:
+    """``run_init()`` killed as the third targeted parameter's base is made (after the first parameters' tensors
+    went into a shard), then run again to its end."""
     import svdadapt.stream.experts as stream_experts
 
-    ck = tmp / "ck"
-    moe("mixtral").save_pretrained(ck, max_shard_size="20KB")
     run, calls = stream_experts.StreamedParams._run, []
 
     def crash(self, key):
@@ -171,11 +169,18 @@ def test_a_resumed_run_equals_in_memory_init(tmp, monkeypatch):
 
     monkeypatch.setattr(stream_experts.StreamedParams, "_run", crash)
     with pytest.raises(KeyboardInterrupt):
-        svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=2, target_parameters=EXPERTS, progress=False,
-                                 max_shard_bytes=6_000)
+        run_init()
     monkeypatch.setattr(stream_experts.StreamedParams, "_run", run)
-    svdadapt.init_checkpoint(ck, tmp / "s", method="pissa", rank=2, target_parameters=EXPERTS, progress=False,
-                             max_shard_bytes=6_000)
+    run_init()
+
+
+def test_a_resumed_run_equals_in_memory_init(tmp, monkeypatch):
+    """Killed after the first parameter's tensors went into a shard: the resumed run keeps the verified shards and
+    plans the parameters whose tensors it finds there again (data-free: the same factors), bit for bit."""
+    ck = tmp / "ck"
+    moe("mixtral").save_pretrained(ck, max_shard_size="20KB")
+    interrupted_then_resumed(monkeypatch, lambda: svdadapt.init_checkpoint(
+        ck, tmp / "s", method="pissa", rank=2, target_parameters=EXPERTS, progress=False, max_shard_bytes=6_000))
     _in_memory(ck, tmp / "m", "pissa")
     _assert_same(tmp / "s", tmp / "m")
 

@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM
 import svdadapt
 from svdadapt.cli import main as cli_main
 from svdadapt.lifecycle.initdir import write_init_dir
+from svdadapt.stream.init import STREAM_DIR
 
 from helpers import safetensors_dict
 from moe_models import EXPERTS, moe
-from test_stream_experts import _assert_same
+from test_stream_experts import _assert_same, interrupted_then_resumed
 
 
 @pytest.fixture(autouse=True)
@@ -133,24 +134,12 @@ def test_a_router_weight_streams_and_a_2d_target_needs_given_covariances(tmp):
 def test_a_resumed_calibrated_run_equals_in_memory_init(tmp, monkeypatch):
     """Killed while the base is written (after the first parameters' tensors went into a shard): the resumed run
     calibrates again (the same covariances, the same plans) and keeps the verified shards, bit for bit."""
-    import svdadapt.stream.experts as stream_experts
-
     ck = tmp / "ck"
     moe("mixtral").save_pretrained(ck, max_shard_size="20KB")
-    run, calls = stream_experts.StreamedParams._run, []
-
-    def crash(self, key):
-        calls.append(key)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        run(self, key)
-
-    kw = dict(method="corda", rank=2, target_parameters=EXPERTS, progress=False, max_shard_bytes=6_000)
-    monkeypatch.setattr(stream_experts.StreamedParams, "_run", crash)
-    with pytest.raises(KeyboardInterrupt):
-        svdadapt.init_checkpoint(ck, tmp / "s", calibration=_batches(), **kw)
-    monkeypatch.setattr(stream_experts.StreamedParams, "_run", run)
-    svdadapt.init_checkpoint(ck, tmp / "s", calibration=_batches(), **kw)
+    interrupted_then_resumed(monkeypatch, lambda: svdadapt.init_checkpoint(
+        ck, tmp / "s", method="corda", rank=2, target_parameters=EXPERTS, calibration=_batches(), progress=False,
+        max_shard_bytes=6_000))
+    assert not (tmp / "s" / STREAM_DIR).exists()  # the resumed run completed: its journal is gone
     _wrapped_dir(ck, tmp / "m", "corda")
     _assert_same(tmp / "s", tmp / "m")
 

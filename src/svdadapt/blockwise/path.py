@@ -166,7 +166,7 @@ def plan_blockwise(hook_model: nn.Module, targets: Mapping[str, nn.Module], batc
     return plans
 
 
-def routed_blockwise(hook_model: nn.Module, batches: list[Any], experts: Mapping[str, Any],
+def routed_blockwise(hook_model: nn.Module, batches: Iterable[Any], experts: Mapping[str, Any],
                      options: BlockwiseOptions, take: Callable[[dict[str, torch.Tensor]], None],
                      progress: bool = True) -> None:
     """Every expert's routed-token covariance of ``experts`` (``calibration.experts.expert_parameters``), collected

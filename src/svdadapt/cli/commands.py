@@ -530,7 +530,9 @@ def _quant_method(model: str) -> str | None:
         qc = json.loads(p.read_text()).get("quantization_config") if p.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None
-    return None if not qc else str(qc.get("quant_method", "?")) if isinstance(qc, dict) else "?"
+    if not qc:
+        return None
+    return str(qc.get("quant_method", "?")) if isinstance(qc, dict) else "?"
 
 
 def _check_init_needs(spec: Any, args: argparse.Namespace) -> None:

@@ -109,5 +109,5 @@ def _plan_experts(ck: Any, hook_model: nn.Module, calibration: Iterable[Any], op
         for key in (k for k in params.parameters() if k in keys):
             params.plan_with(key, covs, None if reference is None else reference.params)
 
-    routed_blockwise(hook_model, list(calibration), expert_parameters(hook_model, params.parameters()), options, plan,
+    routed_blockwise(hook_model, calibration, expert_parameters(hook_model, params.parameters()), options, plan,
                      progress)

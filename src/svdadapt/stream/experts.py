@@ -95,12 +95,18 @@ def _converter_sources(t: ParamTarget, reader: CheckpointReader, found: list[Any
     return None
 
 
+def _stored_name(key: str, reader: Any, found: list[Any]) -> str | None:
+    """The checkpoint key holding module key ``key`` whole: itself, or the name transformers renames it from."""
+    stored = key if key in reader else _reverse_renamings(key, found)
+    return stored if stored in reader else None
+
+
 def _sources(t: ParamTarget, reader: CheckpointReader, found: list[Any]) -> str | list[list[str]]:
-    """The checkpoint key holding the whole parameter (``t.key``, or the name transformers renames it from:
-    checked, its shape), else per expert its source keys."""
+    """The checkpoint key holding the whole parameter (``_stored_name``: checked, its shape), else per expert its
+    source keys."""
     want = (t.experts, *t.shape[::-1]) if t.transposed else ((t.experts, *t.shape) if t.stacked else t.shape)
-    stored = t.key if t.key in reader else _reverse_renamings(t.key, found)
-    if stored in reader:
+    stored = _stored_name(t.key, reader, found)
+    if stored is not None:
         if tuple(reader.shape(stored)) != tuple(want) or not reader.dtype(stored).is_floating_point:
             raise ValueError(f"{stored!r} in checkpoint {reader.path} is {reader.dtype(stored)} "
                              f"{tuple(reader.shape(stored))}; target parameter {t.key!r} of the model's config is a "
@@ -151,7 +157,7 @@ class StreamedParams:
 
     def read(self, key: str) -> torch.Tensor:
         """Parameter ``key`` as the model holds it ((E, out, in); transposed / 2-D as stored), checked finite."""
-        stored = read_stacked(self.reader, key, self.sources[key])
+        stored = read_stacked(self.reader, self.sources[key])
         if not torch.isfinite(stored).all():
             raise ValueError(f"target parameter {key!r} contains NaN or inf")
         return stored
@@ -206,9 +212,9 @@ class StreamedParams:
         return {self.wrappers[k]: self.results[k] for k in self.targets}
 
 
-def read_stacked(reader: Any, key: str, sources: str | list[list[str]]) -> torch.Tensor:
-    """Parameter ``key`` from ``reader``: stored whole under the key ``sources``, or stacked from its experts'
-    source tensors, each expert's rows concatenated (transformers' ``MergeModulelist`` then ``Concatenate``)."""
+def read_stacked(reader: Any, sources: str | list[list[str]]) -> torch.Tensor:
+    """A parameter from ``reader``: stored whole under the key ``sources``, or stacked from its experts' source
+    tensors, each expert's rows concatenated (transformers' ``MergeModulelist`` then ``Concatenate``)."""
     if isinstance(sources, str):
         return reader.get(sources)
     return torch.stack([torch.cat([reader.get(k) for k in keys], dim=0) for keys in sources])
@@ -222,29 +228,26 @@ class ModuleView:
 
     def __init__(self, reader: Any, skeleton: nn.Module) -> None:
         self.reader = reader
-        found = conversions(skeleton)
         self.renamed: dict[str, str] = {}
         self.stacked: dict[str, list[list[str]]] = {}
+        found = conversions(skeleton)
         if not found:
             return
-        for key, p in skeleton.named_parameters():
-            if key in reader:
-                continue
-            stored = _reverse_renamings(key, found)
-            if stored in reader:
-                self.renamed[key] = stored
-            elif p.dim() == 3:
-                (t,) = find_parameters(skeleton, [key]).values()
-                sources = _converter_sources(t, reader, found)
-                if sources is not None:
-                    self.stacked[key] = sources
+        missing = {k: p for k, p in skeleton.named_parameters() if k not in reader}
+        stored = {k: _stored_name(k, reader, found) for k in missing}
+        self.renamed = {k: s for k, s in stored.items() if s is not None}
+        experts = [k for k, p in missing.items() if stored[k] is None and p.dim() == 3]
+        for key, t in (find_parameters(skeleton, experts) if experts else {}).items():
+            sources = _converter_sources(t, reader, found)
+            if sources is not None:
+                self.stacked[key] = sources
 
     def __contains__(self, key: str) -> bool:
         return key in self.reader or key in self.renamed or key in self.stacked
 
     def get(self, key: str) -> torch.Tensor:
         if key in self.stacked:
-            return read_stacked(self.reader, key, self.stacked[key])
+            return read_stacked(self.reader, self.stacked[key])
         return self.reader.get(self.renamed.get(key, key))
 
     def __getattr__(self, name: str) -> Any:
